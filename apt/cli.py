@@ -1,0 +1,47 @@
+"""The ``apt`` command: ``apt plan`` (more subcommands join as they land)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from apt.core.config import ConfigError, load_profile
+
+EXIT_CONFIG_ERROR = 2
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="tiny", help="profile name or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a profile key (repeatable)")
+
+
+def _plan(args) -> int:
+    from apt.trainops.distributed.plan import make_plan
+    cfg = load_profile(args.profile, args.overrides)
+    gpus = args.gpus_per_node or cfg.hardware.gpus_per_node
+    plan = make_plan(cfg, args.nodes * gpus, gpus, device_type=args.device)
+    print(f"profile      {cfg.name} ({' <- '.join(reversed(cfg.sources))}), hash {cfg.config_hash}")
+    print(plan.describe())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
+    commands = parser.add_subparsers(dest="command", required=True)
+    plan = commands.add_parser("plan", help="print the parallel plan and memory per GPU")
+    add_profile_arguments(plan)
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=None,
+                      help="default: the profile's hardware.gpus_per_node")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    plan.set_defaults(func=_plan)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"apt: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

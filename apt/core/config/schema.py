@@ -1,0 +1,247 @@
+"""The typed schema of an APT profile.
+
+Every section is a frozen dataclass. Field metadata carries the value rules (``gt``, ``ge``,
+``le``, ``choices``) so that one generic validator (``validate.py``) checks every profile the
+same way and names the key that is wrong. Rules that relate several keys live in
+``cross_checks`` below; rules that need the world size live in the parallel plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def rule(default, **constraints):
+    """A dataclass field with value constraints the validator enforces."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=constraints)
+    return field(default=default, metadata=constraints)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional MoE."""
+    hidden_size: int = rule(128, gt=0)
+    num_layers: int = rule(4, gt=0)
+    num_attention_heads: int = rule(4, gt=0)
+    # Key/value heads for grouped-query attention; equal to num_attention_heads means plain MHA.
+    num_query_groups: Optional[int] = rule(None, gt=0)
+    ffn_hidden_size: Optional[int] = rule(None, gt=0)
+    vocab_size: int = rule(512, gt=0)
+    max_seq_len: int = rule(128, gt=0)
+    rope_base: float = rule(10000.0, gt=0)
+    norm_eps: float = rule(1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = rule(0.02, gt=0)
+    num_experts: Optional[int] = rule(None, gt=1)
+    moe_top_k: int = rule(2, gt=0)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """SwiGLU width: Llama's 8/3 * hidden rounded up to a multiple of 64 unless given."""
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return ((8 * self.hidden_size // 3) + 63) // 64 * 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "stdlib": the Python standard library's own sources, present offline on every machine.
+    # "text": every *.txt/*.py file under `path` (a file or a directory).
+    corpus: Literal["stdlib", "text"] = "stdlib"
+    path: Optional[str] = None
+    tokenizer: Literal["byte"] = "byte"
+    seq_length: int = rule(128, gt=0)
+    # Fraction of documents held out for validation (chosen by a stable hash of the document).
+    val_fraction: float = rule(0.02, gt=0, lt=1)
+    max_corpus_bytes: int = rule(8_000_000, gt=0)
+    num_workers: int = rule(0, ge=0)
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    enabled: bool = True
+    # auto follows the seed README's size table; ddp = DP only, fsdp = ZeRO-3 over DP,
+    # hybrid = TP x PP x DP (+EP, SP, CP) with the degrees below.
+    strategy: Literal["auto", "ddp", "fsdp", "hybrid"] = "auto"
+    # Expected world size; when set, a launch with another size is refused.
+    world_size: Optional[int] = rule(None, gt=0)
+    tensor_parallel: int = rule(1, gt=0)
+    pipeline_parallel: int = rule(1, gt=0)
+    virtual_pipeline_stages: int = rule(1, gt=0)
+    data_parallel: Optional[int] = rule(None, gt=0)
+    expert_parallel: int = rule(1, gt=0)
+    context_parallel: int = rule(1, gt=0)
+    sequence_parallel: bool = False
+    # None lets the plan choose (0 for ddp, 3 for fsdp, 1 where pipelines forbid 2/3).
+    zero_stage: Optional[int] = rule(None, ge=0, le=3)
+    recompute: Literal["none", "selective", "full"] = "none"
+    offload_optimizer: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_interval: int = rule(500, ge=0)
+    keep_last_n: int = rule(5, gt=0)
+    dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    # Global batch in sequences (all data-parallel ranks, all accumulation steps together).
+    batch_size: int = rule(32, gt=0)
+    # Per-rank micro-batch; None means global batch / data-parallel size (no accumulation).
+    micro_batch_size: Optional[int] = rule(None, gt=0)
+    learning_rate: float = rule(3e-4, gt=0, le=1)
+    min_learning_rate: float = rule(3e-5, ge=0)
+    warmup_steps: int = rule(100, ge=0)
+    max_steps: int = rule(1000, gt=0)
+    weight_decay: float = rule(0.1, ge=0)
+    adam_beta1: float = rule(0.9, ge=0, lt=1)
+    adam_beta2: float = rule(0.95, ge=0, lt=1)
+    adam_eps: float = rule(1e-8, gt=0)
+    grad_clip: float = rule(1.0, ge=0)
+    # auto: bf16 on GPUs that have it, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = rule(1234, ge=0)
+    log_interval: int = rule(10, gt=0)
+    eval_interval: int = rule(200, ge=0)
+    eval_batches: int = rule(10, gt=0)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    """What the plan assumes about each accelerator (used for memory checks, not detection)."""
+    gpu_memory_gb: float = rule(80.0, gt=0)
+    gpus_per_node: int = rule(8, gt=0)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs"
+    experiment_name: Optional[str] = None
+    sample_tokens: int = rule(200, ge=0)
+    sample_prompt: str = "def "
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    mlflow: bool = False
+
+
+@dataclass(frozen=True)
+class APTConfig:
+    name: str = "unnamed"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    # Filled by the loader: the files this profile was resolved from, and its content hash.
+    sources: tuple = field(default=(), compare=False)
+    config_hash: str = field(default="", compare=False)
+
+
+BYTE_VOCAB = 258  # 256 bytes + end-of-document + padding (apt.trainops.data.tokenizer)
+
+# Short names people type that are not keys: the "did you mean" hint names the real key.
+KEY_ALIASES = {
+    "lr": "learning_rate",
+    "min_lr": "min_learning_rate",
+    "steps": "max_steps",
+    "train_steps": "max_steps",
+    "global_batch_size": "batch_size",
+    "micro_batch": "micro_batch_size",
+    "clip_grad": "grad_clip",
+    "gradient_clipping": "grad_clip",
+    "tp": "tensor_parallel",
+    "pp": "pipeline_parallel",
+    "dp": "data_parallel",
+    "ep": "expert_parallel",
+    "cp": "context_parallel",
+    "layers": "num_layers",
+    "heads": "num_attention_heads",
+    "n_heads": "num_attention_heads",
+    "n_layers": "num_layers",
+    "dim": "hidden_size",
+    "kv_heads": "num_query_groups",
+    "num_kv_heads": "num_query_groups",
+    "seq_len": "seq_length",
+}
+
+
+def cross_checks(cfg: APTConfig):
+    """Rules between keys. Yields (dotted key, message) for each violation."""
+    m, t, d = cfg.model, cfg.training, cfg.training.distributed
+    if m.hidden_size % m.num_attention_heads:
+        yield "model.hidden_size", (f"{m.hidden_size} is not divisible by "
+                                    f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_attention_heads % m.kv_heads:
+        yield "model.num_query_groups", (f"{m.kv_heads} must divide "
+                                         f"model.num_attention_heads={m.num_attention_heads}")
+    if (m.hidden_size // m.num_attention_heads) % 2:
+        yield "model.hidden_size", "head dimension (hidden_size / heads) must be even for RoPE"
+    if m.num_experts is not None and m.moe_top_k > m.num_experts:
+        yield "model.moe_top_k", f"{m.moe_top_k} exceeds model.num_experts={m.num_experts}"
+    if cfg.data.seq_length > m.max_seq_len:
+        yield "data.seq_length", (f"{cfg.data.seq_length} exceeds model.max_seq_len="
+                                  f"{m.max_seq_len}")
+    if cfg.data.tokenizer == "byte" and m.vocab_size < BYTE_VOCAB:
+        yield "model.vocab_size", (f"{m.vocab_size} is smaller than the byte tokenizer's "
+                                   f"{BYTE_VOCAB} tokens")
+    if cfg.data.corpus == "text" and not cfg.data.path:
+        yield "data.path", "required when data.corpus is 'text'"
+    if t.min_learning_rate > t.learning_rate:
+        yield "training.min_learning_rate", (f"{t.min_learning_rate} exceeds "
+                                             f"training.learning_rate={t.learning_rate}")
+    if t.warmup_steps > t.max_steps:
+        yield "training.warmup_steps", f"{t.warmup_steps} exceeds training.max_steps={t.max_steps}"
+    if t.micro_batch_size and t.micro_batch_size > t.batch_size:
+        yield "training.micro_batch_size", (f"{t.micro_batch_size} exceeds the global "
+                                            f"training.batch_size={t.batch_size}")
+    if m.num_attention_heads % d.tensor_parallel:
+        yield "training.distributed.tensor_parallel", (
+            f"{d.tensor_parallel} does not divide model.num_attention_heads={m.num_attention_heads}")
+    elif m.kv_heads % d.tensor_parallel:
+        yield "training.distributed.tensor_parallel", (
+            f"{d.tensor_parallel} does not divide the {m.kv_heads} key/value heads "
+            f"(model.num_query_groups)")
+    stages = d.pipeline_parallel * d.virtual_pipeline_stages
+    if m.num_layers % stages:
+        yield "training.distributed.pipeline_parallel", (
+            f"model.num_layers={m.num_layers} is not divisible by pipeline_parallel x "
+            f"virtual_pipeline_stages = {d.pipeline_parallel} x {d.virtual_pipeline_stages}")
+    if d.virtual_pipeline_stages > 1 and d.pipeline_parallel == 1:
+        yield "training.distributed.virtual_pipeline_stages", "needs pipeline_parallel > 1"
+    if d.sequence_parallel and d.tensor_parallel == 1:
+        yield "training.distributed.sequence_parallel", "needs tensor_parallel > 1"
+    if d.expert_parallel > 1:
+        if m.num_experts is None:
+            yield "training.distributed.expert_parallel", "needs an MoE model (model.num_experts)"
+        elif m.num_experts % d.expert_parallel:
+            yield "training.distributed.expert_parallel", (
+                f"{d.expert_parallel} does not divide model.num_experts={m.num_experts}")
+    if cfg.data.seq_length % d.context_parallel:
+        yield "training.distributed.context_parallel", (
+            f"{d.context_parallel} does not divide data.seq_length={cfg.data.seq_length}")
+    if d.strategy in ("ddp", "fsdp") and (d.tensor_parallel > 1 or d.pipeline_parallel > 1
+                                   or d.expert_parallel > 1 or d.context_parallel > 1):
+        yield "training.distributed.strategy", (
+            f"'{d.strategy}' takes no model parallelism; set strategy: hybrid to use "
+            f"tensor/pipeline/expert/context parallel degrees")
+    if d.strategy == "ddp" and d.zero_stage not in (None, 0, 1, 2):
+        yield "training.distributed.zero_stage", "ddp shards no parameters: use 0, 1 or 2 (3 is fsdp)"
+    if d.offload_optimizer and d.zero_stage == 0:
+        yield "training.distributed.offload_optimizer", "needs ZeRO stage >= 1"

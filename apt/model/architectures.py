@@ -1,0 +1,106 @@
+"""APTModel / APTLargeModel: the Llama-style decoder as a real Megatron-core ``GPTModel``.
+
+Construction needs Megatron's parallel groups: inside a launched run they come from
+``setup_distributed(plan=...)``; in a notebook or a plain script a one-process group is
+started on first use, so ``APTLargeModel(hidden_size=2048, num_layers=32)`` just works.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from apt.core.config import ConfigError, ModelConfig
+from apt.core.config.schema import cross_checks, APTConfig
+from .megatron_gpt import check_tensor_parallel_marks, gpt_model_kwargs, make_transformer_config
+
+
+def resolve_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
+    """Apply keyword overrides with the same checks a profile gets."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown model argument(s) {', '.join(unknown)}", key="model")
+    config = dataclasses.replace(base, **overrides)
+    for key, message in cross_checks(APTConfig(model=config)):
+        if key.startswith("model."):
+            raise ConfigError(message, key=key)
+    return config
+
+
+class APTModel(GPTModel):
+    """The decoder for one pipeline stage (the whole model when PP = 1).
+
+    ``plan`` (from ``make_plan``) supplies the parallel layout, precision and recompute policy;
+    without one the model is built for a single process in fp32."""
+
+    default_config = ModelConfig()
+
+    def __init__(self, config: ModelConfig | None = None, *, plan=None, vp_stage=None,
+                 **overrides):
+        from apt.trainops.distributed.runtime import ensure_runtime
+        ensure_runtime()
+        arch = resolve_model_config(config or self.default_config, overrides)
+        bf16 = plan is not None and plan.precision == "bf16"
+        transformer_config = make_transformer_config(
+            num_layers=arch.num_layers, hidden_size=arch.hidden_size,
+            num_attention_heads=arch.num_attention_heads, num_query_groups=arch.kv_heads,
+            ffn_hidden_size=arch.ffn_size, norm_eps=arch.norm_eps,
+            init_method_std=arch.init_std, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            tensor_model_parallel_size=plan.tp if plan else 1,
+            pipeline_model_parallel_size=plan.pp if plan else 1,
+            virtual_pipeline_model_parallel_size=plan.vp if plan and plan.vp > 1 else None,
+            sequence_parallel=plan.sequence_parallel if plan else False,
+            expert_model_parallel_size=plan.ep if plan else 1,
+            num_moe_experts=arch.num_experts, moe_router_topk=arch.moe_top_k,
+            recompute=None if not plan or plan.recompute == "none" else plan.recompute)
+        super().__init__(**gpt_model_kwargs(
+            transformer_config, vocab_size=arch.vocab_size, max_sequence_length=arch.max_seq_len,
+            tie_embeddings=arch.tie_embeddings, rotary_base=arch.rope_base,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage))
+        check_tensor_parallel_marks(self)
+        self.arch = arch
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,
+                 top_k: int = 20, valid_vocab: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample a continuation of ``prompt`` (1-D token ids), one process, no KV cache.
+
+        ``valid_vocab`` masks the padded embedding rows the tokenizer never produces."""
+        if parallel_state.get_tensor_model_parallel_world_size() > 1 or \
+                parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError("generate() runs on an unsharded model (TP = PP = 1)")
+        was_training = self.training
+        self.eval()
+        tokens = prompt.to(torch.long).unsqueeze(0)
+        for _ in range(max_new_tokens):
+            context = tokens[:, -self.arch.max_seq_len:]
+            positions = torch.arange(context.shape[1]).unsqueeze(0)
+            logits = self(context, positions, None)[:, -1, :].float()
+            if valid_vocab:
+                logits[:, valid_vocab:] = float("-inf")
+            logits = logits / max(temperature, 1e-5)
+            if top_k:
+                kth = torch.topk(logits, top_k).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            tokens = torch.cat([tokens, next_token], dim=1)
+        self.train(was_training)
+        return tokens[0, prompt.numel():]
+
+
+class APTLargeModel(APTModel):
+    """The same decoder with 1B-class defaults (Llama-3.2-1B shape); override any field."""
+
+    default_config = ModelConfig(hidden_size=2048, num_layers=16, num_attention_heads=32,
+                                 num_query_groups=8, ffn_hidden_size=8192, vocab_size=128256,
+                                 max_seq_len=4096, rope_base=500000.0, tie_embeddings=True)

@@ -1,0 +1,206 @@
+"""Llama-style decoder built as a Megatron-core ``GPTModel``.
+
+Llama = pre-norm RMSNorm, SwiGLU MLP (gated linear unit + SiLU), no biases, rotary position
+embeddings, grouped-query attention, no dropout, untied output layer (by default).
+On a CUDA machine with Transformer Engine installed we use Megatron's TE layer spec; otherwise
+the local (pure torch) spec with our ``RMSNorm`` (see its docstring for why).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+
+def make_transformer_config(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    ffn_hidden_size: int,
+    norm_eps: float = 1e-5,
+    params_dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    sequence_parallel: bool = False,
+    expert_model_parallel_size: int = 1,
+    num_moe_experts: Optional[int] = None,
+    moe_router_topk: int = 2,
+    moe_token_dispatcher_type: str = "alltoall",
+    recompute: Optional[Literal["full", "selective"]] = None,
+    init_method_std: float = 0.02,
+    deterministic: bool = True,
+) -> TransformerConfig:
+    """A ``TransformerConfig`` with the Llama architecture choices."""
+    on_cpu = not torch.cuda.is_available()
+    recompute_kwargs = {}
+    if recompute == "full":
+        # Recompute every layer's forward in backward ("uniform", 1 layer per checkpoint).
+        recompute_kwargs = dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
+    elif recompute == "selective":
+        # Megatron's default selective set: core attention only.
+        recompute_kwargs = dict(recompute_granularity="selective")
+    elif recompute is not None:
+        raise ValueError(f"recompute must be 'full', 'selective' or None, got {recompute!r}")
+
+    moe_kwargs = {}
+    if num_moe_experts:
+        moe_kwargs = dict(
+            num_moe_experts=num_moe_experts,
+            moe_router_topk=moe_router_topk,
+            moe_token_dispatcher_type=moe_token_dispatcher_type,
+            moe_router_dtype="fp32",  # stable routing decisions in bf16 runs
+        )
+
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups,  # < heads: grouped-query attention
+        ffn_hidden_size=ffn_hidden_size,
+        # Llama: RMSNorm, SwiGLU (gated unit whose gate uses SiLU), no bias in any linear.
+        normalization="RMSNorm",
+        layernorm_epsilon=norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        # Llama pretraining uses no dropout; it also keeps runs reproducible across layouts.
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        # p2p sends between pipeline stages need the activation dtype up front.
+        pipeline_dtype=params_dtype if not bf16 else torch.bfloat16,
+        # Initialise the full weight on CPU then slice it per TP rank: the CUDA init path needs
+        # a GPU, and the CPU path gives identical weights for any TP size (same seed).
+        use_cpu_initialization=on_cpu,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        # On gloo, batched p2p with interleaved (virtual) pipelining silently gives WRONG
+        # losses (FEASIBILITY.md); unbatched isend/irecv is correct.
+        batch_p2p_comm=not (on_cpu and virtual_pipeline_model_parallel_size),
+        sequence_parallel=sequence_parallel,
+        expert_model_parallel_size=expert_model_parallel_size,
+        # Deterministic embedding backward. NOTE: with Transformer Engine attention this also
+        # requires NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 in the environment (Megatron checks it).
+        deterministic_mode=deterministic,
+        **recompute_kwargs,
+        **moe_kwargs,
+    )
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm whose weight is marked ``sequence_parallel`` when the config says so.
+
+    Megatron's local spec uses ``WrappedTorchNorm``, which asserts ``not sequence_parallel``
+    (FusedLayerNorm would need Apex). With sequence parallelism each TP rank normalises a
+    different slice of the sequence, so the norm weight's gradient is partial per rank and must
+    be all-reduced over TP: ``finalize_model_grads`` does that for params carrying
+    ``sequence_parallel=True``.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device=_init_device(config))
+        )
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def _init_device(config: TransformerConfig) -> str:
+    return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+
+
+def _use_te(use_transformer_engine: Optional[bool]) -> bool:
+    if use_transformer_engine is not None:
+        return use_transformer_engine
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
+    """The transformer-layer spec: TE when CUDA + transformer_engine, else local + our RMSNorm."""
+    num_experts = config.num_moe_experts  # None -> dense MLP
+    if _use_te(use_transformer_engine):
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
+    spec = copy.deepcopy(spec)  # specs may be shared objects: do not edit Megatron's
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    return spec
+
+
+def build_gpt_model(
+    config: TransformerConfig,
+    *,
+    vocab_size: int,
+    max_sequence_length: int,
+    tie_embeddings: bool = False,
+    rotary_base: int = 10000,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    use_transformer_engine: Optional[bool] = None,
+) -> GPTModel:
+    """Build this pipeline stage's part of the model (needs parallel_state initialised)."""
+    use_te = _use_te(use_transformer_engine)
+    spec = layer_spec(config, use_transformer_engine=use_te)
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = RMSNorm  # the block's final norm must honour sequence_parallel too
+    block = TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=final_norm,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=rotary_base,
+        vp_stage=vp_stage,
+    )
+    # Megatron marks TP-sharded weights (tensor_model_parallel=True, partition_dim) in
+    # tensor_parallel.layers; DeepSpeed and grad clipping rely on it. Fail loudly if not.
+    if config.tensor_model_parallel_size > 1:
+        for name, p in model.named_parameters():
+            if "linear_" in name or "word_embeddings" in name or "output_layer" in name:
+                if not getattr(p, "tensor_model_parallel", False):
+                    raise AssertionError(f"TP-sharded parameter {name} lacks tensor_model_parallel")
+    return model

@@ -1,0 +1,3 @@
+from .manager import ArtifactManager
+
+__all__ = ["ArtifactManager"]

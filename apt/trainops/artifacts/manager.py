@@ -1,0 +1,78 @@
+"""ArtifactManager: one directory per run, a stable layout, only the main rank writes.
+
+    <output_dir>/<experiment>-<YYYYmmdd-HHMMSS>/
+        config.yaml      resolved profile (every key), with its hash
+        plan.txt         the parallel plan as `apt plan` prints it
+        metrics.jsonl    one JSON object per logged step / evaluation
+        logs.txt         human-readable log lines
+        model/           final weights (model.pt: tensors only, loads with weights_only=True)
+        sample.txt       generated text at the end of training
+        summary.json     final numbers of the run
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+
+class ArtifactManager:
+    def __init__(self, output_dir: str | os.PathLike = "outputs", experiment_name: str = "run",
+                 *, run_dir: str | os.PathLike | None = None, enabled: bool = True):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(run_dir) if run_dir else Path(output_dir) / f"{experiment_name}-{stamp}"
+        self.enabled = enabled
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def save_config(self, config_dict: dict, config_hash: str) -> None:
+        self._write("config.yaml", f"# config hash {config_hash}\n"
+                    + yaml.safe_dump(config_dict, sort_keys=False))
+
+    def save_text(self, name: str, text: str) -> None:
+        self._write(name, text if text.endswith("\n") else text + "\n")
+
+    def save_metrics(self, metrics: dict) -> None:
+        """Append one record to metrics.jsonl (a dict of numbers, with its step)."""
+        if self.enabled:
+            with open(self.path("metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics, sort_keys=True) + "\n")
+
+    def save_logs(self, logs: str | list[str]) -> None:
+        lines = [logs] if isinstance(logs, str) else logs
+        if self.enabled:
+            with open(self.path("logs.txt"), "a") as f:
+                f.writelines(line.rstrip("\n") + "\n" for line in lines)
+
+    def save_summary(self, summary: dict) -> None:
+        self._write("summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+    def save_model(self, model_or_state: torch.nn.Module | dict, name: str = "model") -> Path:
+        """Tensors only, so ``torch.load(..., weights_only=True)`` reads it (no pickled code)."""
+        state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) \
+            else model_or_state
+        tensors = {k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        target = self.path(name) / "model.pt"
+        if self.enabled:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            torch.save(tensors, tmp)
+            os.replace(tmp, target)  # never leave a half-written model.pt behind
+        return target
+
+    def read_metrics(self) -> list[dict]:
+        with open(self.path("metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    def _write(self, name: str, text: str) -> None:
+        if self.enabled:
+            tmp = self.path(name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path(name))

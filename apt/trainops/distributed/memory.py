@@ -1,0 +1,110 @@
+"""Per-GPU memory estimate for a parallel layout.
+
+Static part (exact for the layout, up to allocator rounding): weights, gradients and optimizer
+state of the busiest pipeline stage after TP/PP/EP splitting and ZeRO / distributed-optimizer
+sharding over data-parallel ranks.
+
+Activations (an estimate): bytes saved for backward per transformer layer and micro-batch,
+counted for the Llama block (RMSNorm, GQA attention, SwiGLU), with s = sequence, b =
+micro-batch, h = hidden, f = FFN width, k = key/value width, a = heads, t = TP, in 16-bit units:
+  boundary tensors (norm inputs/outputs)      8 s b h          (/t with sequence parallel)
+  inside the TP region (q, k, v, attention out) s b (4h + 4k) / t
+  SwiGLU (gate, up, silu(gate), product)      8 s b f / t
+  attention probabilities (no fused attention) 2 a s^2 b / t   (dropped by selective recompute
+                                                              and by fused/flash attention)
+Full recompute keeps only each layer's input (2 s b h, /t with SP). 1F1B keeps up to PP
+micro-batches in flight on the first stage (so about L layers' worth), interleaving adds the
+factor 1 + (PP-1)/(PP*VP). fp32 training doubles every activation byte. The loss keeps fp32
+logits of the last stage: 4 s b V / t.
+Communication buffers: gradient-reduce bucket (fp32) plus, under ZeRO-3, the gathered
+parameters of two layers (current and prefetched).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from apt.model.sizing import ParamCounts
+
+GIB = 1024 ** 3
+REDUCE_BUCKET_ELEMENTS = 50_000_000  # the bucket size APT configures for DeepSpeed/Megatron DDP
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    communication: float
+    params_per_gpu: int
+    host_optimizer: float = 0.0  # bytes kept in CPU memory with optimizer offload
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.static + self.activations + self.communication
+
+    def as_gib(self) -> dict:
+        out = {k: v / GIB for k, v in asdict(self).items() if k != "params_per_gpu"}
+        out["total"] = self.total / GIB
+        return out
+
+
+def stage_params(counts: ParamCounts, *, tp: int, pp: int, ep: int) -> int:
+    """Parameters held by one GPU of the busiest pipeline stage."""
+    dense_per_layer = counts.attention_per_layer // tp + counts.norms_per_layer
+    expert_per_layer = counts.mlp_per_layer // (tp * ep if counts.router_per_layer else tp)
+    per_layer = dense_per_layer + expert_per_layer + counts.router_per_layer
+    layers = math.ceil(counts.num_layers / pp) * per_layer
+    embedding = counts.embedding // tp
+    # With PP > 1 a tied embedding needs a copy of the embedding on the last stage too.
+    output = (counts.output or (counts.embedding if pp > 1 else 0)) // tp
+    if pp == 1:
+        return layers + embedding + output + counts.final_norm
+    return layers + max(embedding, output + counts.final_norm)
+
+
+def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, heads: int,
+                    vocab: int, seq: int, micro_batch: int, grad_accum: int, tp: int, pp: int,
+                    vp: int, dp: int, ep: int, cp: int, sequence_parallel: bool, zero_stage: int,
+                    distributed_optimizer: bool, precision: str, recompute: str,
+                    offload_optimizer: bool, fused_attention: bool) -> MemoryEstimate:
+    params = stage_params(counts, tp=tp, pp=pp, ep=ep)
+    mixed = precision in ("bf16", "fp16")
+    weight_bytes = 2 if mixed else 4
+    # Gradients accumulate in fp32 (Megatron main_grad, DeepSpeed grad_accum_dtype fp32).
+    grad_bytes = 4
+    # Adam: exp_avg + exp_avg_sq (+ fp32 master weights in mixed precision).
+    optim_bytes = 8 + (4 if mixed else 0)
+    shard_optimizer = zero_stage >= 1 or distributed_optimizer
+    weights = params * weight_bytes / (dp if zero_stage >= 3 else 1)
+    gradients = params * grad_bytes / (dp if zero_stage >= 2 else 1)
+    optimizer = params * optim_bytes / (dp if shard_optimizer else 1)
+    host_optimizer = 0.0
+    if offload_optimizer:
+        host_optimizer, optimizer = optimizer, 0.0
+
+    s, b, h = seq / cp, micro_batch, hidden
+    boundary = 8 * s * b * h / (tp if sequence_parallel else 1)
+    inside = s * b * (4 * h + 4 * kv_dim) / tp + 8 * s * b * ffn / tp
+    attention_probs = 0 if (fused_attention or recompute != "none") else 2 * heads * s * s * b / tp
+    per_layer = boundary + inside + attention_probs
+    if recompute == "full":
+        per_layer = 2 * s * b * h / (tp if sequence_parallel else 1)
+    if not mixed:
+        per_layer *= 2
+    layers_per_stage = counts.num_layers / pp
+    in_flight = min(pp, grad_accum) if pp > 1 else 1
+    interleave = 1 + (pp - 1) / (pp * vp) if vp > 1 else 1
+    logits = 4 * s * b * vocab / tp
+    activations = per_layer * layers_per_stage * in_flight * interleave + logits
+
+    bucket = min(params, REDUCE_BUCKET_ELEMENTS) * 4 if dp > 1 else 0
+    gathered = 2 * counts.per_layer // tp * weight_bytes if zero_stage >= 3 else 0
+    return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer,
+                          activations=activations, communication=bucket + gathered,
+                          params_per_gpu=params, host_optimizer=host_optimizer)

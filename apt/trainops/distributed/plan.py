@@ -1,0 +1,268 @@
+"""The parallel plan: a pure function of (config, world size, GPUs per node, device type).
+
+It decides the strategy, every parallel degree, the ZeRO stage / optimizer sharding and the
+engine, the micro-batch and accumulation, and estimates memory per GPU. Everything downstream
+reads these numbers from the plan instead of re-deriving them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from apt.core.config import APTConfig, ConfigError
+from apt.model.sizing import count_parameters
+from .memory import GIB, MemoryEstimate, estimate_memory
+
+BILLION = 1e9
+DIST = "training.distributed"
+
+
+class PlanError(ConfigError):
+    """A layout that cannot work for this config and cluster."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    gpus_per_node: int
+    device_type: str
+    strategy: str            # ddp | fsdp | hybrid
+    tp: int
+    pp: int
+    vp: int
+    dp: int
+    ep: int
+    cp: int
+    sequence_parallel: bool
+    zero_stage: int
+    # "deepspeed": ZeRO engine over DP ranks; "megatron": Megatron DDP + distributed optimizer
+    # (pipelines, where ZeRO 2/3 cannot run).
+    engine: str
+    distributed_optimizer: bool
+    precision: str
+    recompute: str
+    offload_optimizer: bool
+    global_batch: int
+    seq_length: int
+    micro_batch: int
+    grad_accum: int
+    params_total: int
+    params_active: int
+    memory: MemoryEstimate
+    notes: tuple = field(default=())
+
+    @property
+    def nodes(self) -> int:
+        return max(1, -(-self.world_size // self.gpus_per_node))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_length
+
+    def describe(self) -> str:
+        mem = self.memory.as_gib()
+        layout = f"TP={self.tp} PP={self.pp} DP={self.dp}"
+        extras = [f"VP={self.vp}" if self.vp > 1 else "", f"EP={self.ep}" if self.ep > 1 else "",
+                  f"CP={self.cp}" if self.cp > 1 else "", "SP" if self.sequence_parallel else ""]
+        layout += "".join(f" {e}" for e in extras if e)
+        sharding = (f"ZeRO-{self.zero_stage} (DeepSpeed)" if self.engine == "deepspeed" else
+                    "Megatron distributed optimizer" if self.distributed_optimizer else
+                    "Megatron DDP")
+        lines = [
+            f"world        {self.world_size} = {self.nodes} node(s) x {self.gpus_per_node} "
+            f"{self.device_type.upper()}(s)/node",
+            f"strategy     {self.strategy}: {layout}",
+            f"sharding     {sharding}; precision {self.precision}; recompute {self.recompute}"
+            + ("; optimizer offloaded to CPU" if self.offload_optimizer else ""),
+            f"batch        global {self.global_batch} = micro {self.micro_batch} x accumulation "
+            f"{self.grad_accum} x DP {self.dp} ({self.tokens_per_step:,} tokens/step)",
+            f"parameters   {_human(self.params_total)} total, {_human(self.params_active)} "
+            f"active, {_human(self.memory.params_per_gpu)} per GPU",
+            "memory/GPU   weights {weights:.2f} GiB, gradients {gradients:.2f} GiB, optimizer "
+            "{optimizer:.2f} GiB, activations {activations:.2f} GiB, communication "
+            "{communication:.2f} GiB = total {total:.2f} GiB".format(**mem),
+        ]
+        if self.offload_optimizer:
+            lines.append(f"host memory  optimizer state {mem['host_optimizer']:.2f} GiB per rank")
+        lines += [f"note         {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def make_plan(cfg: APTConfig, world_size: int, gpus_per_node: int | None = None,
+              device_type: str = "cuda") -> Plan:
+    """Decide the layout; raise PlanError (naming the key) when it cannot work."""
+    d, m = cfg.training.distributed, cfg.model
+    gpus_per_node = gpus_per_node or min(world_size, cfg.hardware.gpus_per_node)
+    if world_size < 1:
+        raise PlanError(f"world size must be >= 1, got {world_size}")
+    if d.world_size and d.world_size != world_size:
+        raise PlanError(f"profile expects {d.world_size} processes, launched with {world_size}",
+                        key=f"{DIST}.world_size")
+    counts = count_parameters(m)
+    notes: list[str] = []
+    strategy = d.strategy
+    explicit_layout = any(x > 1 for x in (d.tensor_parallel, d.pipeline_parallel,
+                                          d.expert_parallel, d.context_parallel))
+    if strategy == "auto" and explicit_layout:
+        strategy = "hybrid"
+    if strategy == "auto":
+        strategy, tp, pp, ep = _auto_layout(cfg, counts, world_size, gpus_per_node, device_type)
+        sp = tp > 1
+        notes.append(f"strategy auto: {_human(counts.total)} parameters on {world_size} "
+                     f"device(s) -> {strategy} (seed size table)")
+        cp, vp = 1, 1
+    else:
+        tp, pp, ep, cp = d.tensor_parallel, d.pipeline_parallel, d.expert_parallel, d.context_parallel
+        vp, sp = d.virtual_pipeline_stages, d.sequence_parallel
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise PlanError(f"TP x PP x CP = {tp} x {pp} x {cp} = {model_parallel} does not divide "
+                        f"the world size {world_size}", key=f"{DIST}.tensor_parallel")
+    dp = world_size // model_parallel
+    if d.data_parallel and d.data_parallel != dp:
+        raise PlanError(f"{d.data_parallel} does not match world size / (TP x PP x CP) = "
+                        f"{world_size} / {model_parallel} = {dp}", key=f"{DIST}.data_parallel")
+    if tp > gpus_per_node:
+        notes.append(f"TP={tp} spans nodes ({gpus_per_node} GPUs/node): expect slow all-reduces")
+    if ep > 1 and dp * cp % ep:
+        raise PlanError(f"expert_parallel={ep} must divide DP x CP = {dp * cp}",
+                        key=f"{DIST}.expert_parallel")
+    if cp > 1 and device_type != "cuda":
+        raise PlanError("context parallel needs CUDA with Transformer Engine (Megatron-core's "
+                        "local attention has no context-parallel path)",
+                        key=f"{DIST}.context_parallel")
+
+    zero_stage, engine, dist_opt = _sharding(cfg, strategy, pp, ep, notes)
+    precision = _precision(cfg.training.precision, device_type)
+    global_batch, micro, accum = _batch(cfg, dp, pp, vp)
+    if vp > 1:
+        notes.append("interleaved pipeline: p2p sends run unbatched (batch_p2p_comm=False); "
+                     "the batched default silently gives wrong losses on gloo")
+    if sp:
+        notes.append("sequence parallel: norm weights are marked sequence_parallel so their "
+                     "gradients are all-reduced over TP")
+    memory = estimate_memory(
+        counts, hidden=m.hidden_size, ffn=m.ffn_size,
+        kv_dim=m.kv_heads * (m.hidden_size // m.num_attention_heads),
+        heads=m.num_attention_heads, vocab=m.vocab_size, seq=cfg.data.seq_length,
+        micro_batch=micro, grad_accum=accum, tp=tp, pp=pp, vp=vp, dp=dp, ep=ep, cp=cp,
+        sequence_parallel=sp, zero_stage=zero_stage, distributed_optimizer=dist_opt,
+        precision=precision, recompute=d.recompute, offload_optimizer=d.offload_optimizer,
+        fused_attention=device_type == "cuda")
+    if device_type == "cuda" and memory.total > cfg.hardware.gpu_memory_gb * GIB:
+        notes.append(f"WARNING: estimated {memory.total / GIB:.1f} GiB per GPU exceeds "
+                     f"hardware.gpu_memory_gb={cfg.hardware.gpu_memory_gb:g}")
+    return Plan(world_size=world_size, gpus_per_node=gpus_per_node, device_type=device_type,
+                strategy=strategy, tp=tp, pp=pp, vp=vp, dp=dp, ep=ep, cp=cp,
+                sequence_parallel=sp, zero_stage=zero_stage, engine=engine,
+                distributed_optimizer=dist_opt, precision=precision, recompute=d.recompute,
+                offload_optimizer=d.offload_optimizer, global_batch=global_batch,
+                seq_length=cfg.data.seq_length, micro_batch=micro, grad_accum=accum,
+                params_total=counts.total, params_active=counts.active, memory=memory,
+                notes=tuple(notes))
+
+
+def _auto_layout(cfg, counts, world_size, gpus_per_node, device_type):
+    """The seed README's table: <1B DDP, 1-7B FSDP, 7-30B FSDP+PP, 30-100B +TP, >100B +EP.
+
+    Within a row, the smallest model-parallel degrees whose memory estimate fits are chosen.
+    """
+    n = counts.total
+    if n < 1 * BILLION or world_size == 1:
+        return "ddp", 1, 1, 1
+    if n < 7 * BILLION:
+        return "fsdp", 1, 1, 1
+    m = cfg.model
+    tps = [1]
+    if n >= 30 * BILLION:
+        tps = [t for t in (8, 4, 2) if t <= gpus_per_node and m.num_attention_heads % t == 0
+               and m.kv_heads % t == 0 and world_size % t == 0] or [1]
+    ep = 1
+    if m.num_experts and n >= 100 * BILLION:
+        ep = max(e for e in (1, 2, 4, 8) if m.num_experts % e == 0 and e <= world_size)
+    budget = cfg.hardware.gpu_memory_gb * GIB
+    fallback = None
+    for tp in tps:
+        for pp in (2, 4, 8, 16, 32):
+            if m.num_layers % pp or world_size % (tp * pp) or (world_size // (tp * pp)) % ep:
+                continue
+            dp = world_size // (tp * pp)
+            try:
+                _, micro, accum = _batch(cfg, dp, pp, 1)
+            except PlanError:
+                continue
+            mem = estimate_memory(
+                counts, hidden=m.hidden_size, ffn=m.ffn_size,
+                kv_dim=m.kv_heads * (m.hidden_size // m.num_attention_heads),
+                heads=m.num_attention_heads, vocab=m.vocab_size, seq=cfg.data.seq_length,
+                micro_batch=micro, grad_accum=accum, tp=tp, pp=pp, vp=1, dp=dp, ep=ep, cp=1,
+                sequence_parallel=tp > 1, zero_stage=1, distributed_optimizer=True,
+                precision=_precision(cfg.training.precision, device_type),
+                recompute=cfg.training.distributed.recompute,
+                offload_optimizer=cfg.training.distributed.offload_optimizer,
+                fused_attention=device_type == "cuda")
+            fallback = fallback or (tp, pp)
+            if mem.total <= budget:
+                return "hybrid", tp, pp, ep
+    if fallback is None:
+        raise PlanError(f"no pipeline layout divides {m.num_layers} layers over {world_size} "
+                        f"devices; set {DIST}.strategy and the degrees explicitly",
+                        key=f"{DIST}.strategy")
+    return "hybrid", fallback[0], fallback[1], ep
+
+
+def _sharding(cfg, strategy, pp, ep, notes):
+    """One place decides ZeRO stage and engine (DeepSpeed ZeRO vs Megatron distributed optimizer)."""
+    requested = cfg.training.distributed.zero_stage
+    key = f"{DIST}.zero_stage"
+    if pp > 1:
+        # DeepSpeed refuses ZeRO 2/3 with pipelines (runtime/pipe/engine.py) and our pipeline
+        # runs Megatron's schedules: shard optimizer state with Megatron's distributed optimizer.
+        if requested in (2, 3):
+            raise PlanError(f"ZeRO-{requested} cannot be combined with pipeline parallel; use "
+                            f"zero_stage 0 or 1 (or leave it unset)", key=key)
+        dist_opt = requested != 0
+        notes.append("pipeline parallel: Megatron DDP" + (" + distributed optimizer "
+                     "(optimizer state sharded over DP, like ZeRO-1)" if dist_opt else ""))
+        return (1 if dist_opt else 0), "megatron", dist_opt
+    default = {"ddp": 0, "fsdp": 3, "hybrid": 1}[strategy]
+    stage = default if requested is None else requested
+    if strategy == "fsdp" and stage != 3:
+        raise PlanError(f"fsdp means fully sharded parameters (ZeRO-3), got zero_stage {stage}",
+                        key=key)
+    if ep > 1 and stage == 3:
+        raise PlanError("ZeRO-3 cannot shard expert-parallel MoE layers (DeepSpeed refuses); "
+                        "use zero_stage <= 2", key=key)
+    return stage, "deepspeed", False
+
+
+def _precision(requested: str, device_type: str) -> str:
+    if requested == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if requested == "fp16" and device_type != "cuda":
+        raise PlanError("fp16 needs a GPU (DeepSpeed: 'Type fp16 is not supported' on CPU); "
+                        "use fp32 or bf16", key="training.precision")
+    return requested
+
+
+def _batch(cfg, dp, pp, vp):
+    t = cfg.training
+    if t.batch_size % dp:
+        raise PlanError(f"global batch {t.batch_size} is not divisible by data-parallel size "
+                        f"{dp}", key="training.batch_size")
+    per_rank = t.batch_size // dp
+    micro = t.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise PlanError(f"{micro} does not divide the per-rank batch {per_rank} "
+                        f"(global {t.batch_size} / DP {dp})", key="training.micro_batch_size")
+    accum = per_rank // micro
+    if vp > 1 and accum % pp:
+        raise PlanError(f"interleaved pipeline needs micro-batches per step ({accum}) divisible "
+                        f"by pipeline_parallel={pp}", key="training.micro_batch_size")
+    return t.batch_size, micro, accum

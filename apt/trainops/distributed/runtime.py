@@ -1,0 +1,130 @@
+"""setup_distributed: process group, Megatron-core parallel groups from the plan, seeded RNGs."""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .launcher_env import LaunchEnv, detect_launch_env, export
+
+_RUNTIME: "Runtime | None" = None
+
+
+@dataclass
+class Runtime:
+    env: LaunchEnv
+    device: torch.device
+    backend: str
+    tp: int = 1
+    pp: int = 1
+    vp: int = 1
+    ep: int = 1
+    cp: int = 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_world_size()
+
+
+def setup_distributed(backend: str | None = None, world_size: int | None = None,
+                      rank: int | None = None, plan=None, seed: int = 1234) -> Runtime:
+    """Start (or join) the process group and build Megatron-core's groups from ``plan``.
+
+    Works under ``deepspeed``, ``torchrun``, ``srun`` and plain ``python`` (a one-process
+    group). ``backend`` defaults to NCCL on CUDA and gloo on CPU. Idempotent."""
+    global _RUNTIME
+    if _RUNTIME is not None:
+        return _RUNTIME
+    env = detect_launch_env()
+    if rank is not None or world_size is not None:
+        env = LaunchEnv(env.launcher, env.rank if rank is None else rank, env.local_rank,
+                        env.world_size if world_size is None else world_size,
+                        env.master_addr, env.master_port)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        from apt.core import cpu_compat
+        cpu_compat.activate()
+        device = torch.device("cpu")
+    backend = backend or ("nccl" if cuda else "gloo")
+    if not dist.is_initialized():
+        export(env)
+        timeout = datetime.timedelta(minutes=int(os.environ.get("APT_DIST_TIMEOUT_MIN", 30)))
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
+    degrees = dict(tp=1, pp=1, vp=1, ep=1, cp=1)
+    if plan is not None:
+        degrees = dict(tp=plan.tp, pp=plan.pp, vp=plan.vp, ep=plan.ep, cp=plan.cp)
+    _init_megatron_groups(**degrees)
+    runtime = Runtime(env=env, device=device, backend=backend, **degrees)
+    seed_everything(seed)
+    _RUNTIME = runtime
+    return runtime
+
+
+def ensure_runtime() -> Runtime:
+    """The running runtime, or a one-process one (so ``APTModel()`` works in a notebook)."""
+    return _RUNTIME or setup_distributed()
+
+
+def current_runtime() -> Runtime | None:
+    return _RUNTIME
+
+
+def _init_megatron_groups(tp, pp, vp, ep, cp) -> None:
+    from megatron.core import parallel_state
+    if parallel_state.model_parallel_is_initialized():
+        return
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
+        context_parallel_size=cp, expert_model_parallel_size=ep)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every data-parallel rank (identical initial weights); pipeline stages
+    differ so their layers are not initialised alike (Megatron-LM's convention)."""
+    from megatron.core import parallel_state, tensor_parallel
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown_distributed() -> None:
+    """Tear down groups. Every process must call this: without destroy_process_group about one
+    run in five dies at exit on gloo ("terminate called without an active exception")."""
+    global _RUNTIME
+    from megatron.core import parallel_state
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _RUNTIME = None

@@ -1,0 +1,267 @@
+"""The training loop: plan -> runtime -> model -> engine -> steps, evaluation, artifacts.
+
+Reads top to bottom: ``Trainer.__init__`` resolves the config and plan (a bad config fails
+here, before any process group exists), ``train()`` runs the loop. Numbers the plan decided
+(micro-batch, accumulation, ZeRO stage, precision) are read from ``self.plan``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from apt.core.config import APTConfig, config_to_dict, with_overrides
+from apt.trainops.artifacts import ArtifactManager
+from apt.trainops.data import APTDataLoader, create_dataloader, nats_to_bits
+from apt.trainops.data.build import build_datasets
+from apt.trainops.distributed.engine import build_engine
+from apt.trainops.distributed.launcher_env import detect_launch_env
+from apt.trainops.distributed.plan import make_plan
+from apt.trainops.distributed.runtime import setup_distributed
+from .progress import Progress, format_duration
+from .schedule import warmup_cosine
+
+
+class Trainer:
+    def __init__(self, model=None, train_dataloader=None, eval_dataloader=None, *,
+                 config: APTConfig | None = None, max_steps: int | None = None,
+                 learning_rate: float | None = None, train_dataset=None, eval_dataset=None,
+                 distributed_config: dict | None = None, distributed: bool | None = None,
+                 monitoring: dict | None = None, tokenizer=None, output_dir: str | None = None,
+                 experiment_name: str | None = None):
+        cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
+        cfg = with_overrides(cfg, self._argument_overrides(
+            cfg, max_steps, learning_rate, distributed_config, distributed, monitoring,
+            output_dir, experiment_name, train_dataloader))
+        self.config = cfg
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.plan = make_plan(cfg, detect_launch_env().world_size, device_type=device_type)
+        self.runtime = setup_distributed(plan=self.plan, seed=cfg.training.seed)
+        if model is None:
+            from apt.model.architectures import APTModel
+            model = APTModel(cfg.model, plan=self.plan)
+        self.model = model.to(self.runtime.device)
+        self.tokenizer = tokenizer
+        if train_dataloader is None or eval_dataloader is None:
+            if train_dataset is None:
+                train_dataset, built_eval, self.tokenizer = build_datasets(cfg.data)
+                eval_dataset = eval_dataset or built_eval
+            train_dataloader = train_dataloader or self._loader(train_dataset, train=True)
+            if eval_dataset is not None:
+                eval_dataloader = eval_dataloader or self._loader(eval_dataset, train=False)
+        self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
+        self.step = 0
+        self.engine = None
+        self.history: list[dict] = []
+
+    @classmethod
+    def from_config(cls, config: APTConfig, **kwargs) -> "Trainer":
+        return cls(config=config, **kwargs)
+
+    @staticmethod
+    def _argument_overrides(cfg, max_steps, learning_rate, distributed_config, distributed,
+                            monitoring, output_dir, experiment_name, train_dataloader) -> dict:
+        """Keyword arguments of the seed API, as dotted config keys (checked like a profile)."""
+        out = {}
+        if max_steps is not None:
+            out["training.max_steps"] = max_steps
+            out["training.warmup_steps"] = min(cfg.training.warmup_steps, max_steps)
+        if learning_rate is not None:
+            out["training.learning_rate"] = learning_rate
+            out["training.min_learning_rate"] = min(cfg.training.min_learning_rate,
+                                                    learning_rate / 10)
+        for key, value in (distributed_config or {}).items():
+            out[f"training.distributed.{key}"] = value
+        if distributed is not None:
+            out["training.distributed.enabled"] = distributed
+        for key, value in (monitoring or {}).items():
+            out[f"monitoring.{key}"] = value
+        if output_dir is not None:
+            out["output.dir"] = output_dir
+        if experiment_name is not None:
+            out["output.experiment_name"] = experiment_name
+        if isinstance(train_dataloader, APTDataLoader):
+            # A loader built by the caller fixes the batch; the plan must agree with it.
+            out["training.batch_size"] = train_dataloader.global_batch
+            out["training.micro_batch_size"] = train_dataloader.batch_sampler.micro_batch
+        return out
+
+    def _loader(self, dataset, train: bool) -> APTDataLoader:
+        return create_dataloader(
+            dataset, self.plan.micro_batch, self.config.data.num_workers,
+            shuffle=self.config.data.shuffle and train, seed=self.config.training.seed,
+            global_batch_size=self.plan.global_batch, data_parallel_rank=self.runtime.dp_rank,
+            data_parallel_size=self.runtime.dp_size, infinite=train)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        cfg, plan, t = self.config, self.plan, self.config.training
+        main = self.runtime.is_main
+        self.artifacts = self._artifacts()
+        self.artifacts.save_config(config_to_dict(cfg), cfg.config_hash)
+        self.artifacts.save_text("plan.txt", plan.describe())
+        lr_lambda = partial(self._lr_multiplier)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg, plan, lr_lambda)
+        progress = Progress(t.max_steps, self.step, enabled=main, sink=self.artifacts.save_logs)
+        progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
+                      f"{self.artifacts.run_dir}")
+        progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
+        tokens_per_step = plan.global_batch * cfg.data.seq_length
+        batches = iter(self.train_dataloader)
+        pending: list[tuple[int, torch.Tensor, float, float, float]] = []
+        started = time.perf_counter()
+        while self.step < t.max_steps:
+            step_start = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            step_loss = torch.zeros((), device=self.runtime.device)
+            for _ in range(plan.grad_accum):
+                batch = self._to_device(next(batches))
+                loss = self._loss(batch)
+                self.engine.backward(loss)
+                self.engine.step()
+                step_loss += loss.detach().float() / plan.grad_accum
+            self.step += 1
+            grad_norm = self.engine.get_global_grad_norm()
+            pending.append((self.step, step_loss, lr, float(grad_norm or 0.0),
+                            time.perf_counter() - step_start))
+            last = self.step == t.max_steps
+            if self.step % t.log_interval == 0 or last:
+                self._flush(pending, tokens_per_step, progress)
+                pending = []
+            if t.eval_interval and self.step % t.eval_interval == 0 and not last:
+                self._log_eval(progress)
+        eval_result = self._log_eval(progress)
+        elapsed = time.perf_counter() - started
+        summary = self._finish(eval_result, elapsed, tokens_per_step, progress)
+        progress.close()
+        return summary
+
+    def _lr_multiplier(self, step: int) -> float:
+        t = self.config.training
+        return warmup_cosine(step, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
+                             lr=t.learning_rate, min_lr=t.min_learning_rate) / t.learning_rate
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """Mean next-token cross-entropy over the unmasked tokens of one micro-batch."""
+        per_token = self.engine(batch["tokens"], batch["position_ids"], None,
+                                labels=batch["labels"])
+        mask = batch["loss_mask"]
+        return (per_token.float() * mask).sum() / mask.sum()
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
+
+    def _flush(self, pending, tokens_per_step, progress) -> None:
+        """Average the buffered per-step losses over data-parallel ranks (one all-reduce per
+        log interval, not per step) and record them."""
+        from megatron.core import parallel_state
+        losses = torch.stack([p[1] for p in pending])
+        dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
+        losses /= self.runtime.dp_size
+        for (step, _, lr, grad_norm, seconds), loss in zip(pending, losses.tolist()):
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "step_time": seconds, "tokens_per_s": tokens_per_step / seconds}
+            self.history.append(record)
+            if self.runtime.is_main:
+                self.artifacts.save_metrics(record)
+        mean_time = sum(p[4] for p in pending) / len(pending)
+        progress.update(self.step, record["loss"], tokens_per_step / mean_time)
+        progress.line(f"step {self.step}/{self.config.training.max_steps} | loss "
+                      f"{record['loss']:.4f} | lr {record['lr']:.2e} | grad norm "
+                      f"{record['grad_norm']:.3f} | {tokens_per_step / mean_time:,.0f} tok/s | "
+                      f"{mean_time * 1000:.0f} ms/step | eta "
+                      f"{format_duration(progress.eta(self.step))}")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict:
+        """Mean validation loss over ``max_batches`` micro-batches per rank, all DP ranks."""
+        from megatron.core import parallel_state
+        if self.eval_dataloader is None:
+            return {}
+        module = self.engine.module if self.engine is not None else self.model
+        was_training = module.training
+        module.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
+        limit = max_batches or self.config.training.eval_batches
+        for i, batch in enumerate(self.eval_dataloader):
+            if i >= limit:
+                break
+            batch = self._to_device(batch)
+            per_token = module(batch["tokens"], batch["position_ids"], None,
+                               labels=batch["labels"])
+            totals[0] += (per_token.double() * batch["loss_mask"]).sum()
+            totals[1] += batch["loss_mask"].sum()
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        module.train(was_training)
+        loss = (totals[0] / totals[1]).item()
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50)),
+                "val_bits_per_token": nats_to_bits(loss), "val_tokens": int(totals[1].item())}
+
+    def _log_eval(self, progress) -> dict:
+        result = self.evaluate()
+        if result:
+            if self.runtime.is_main:
+                self.artifacts.save_metrics({"step": self.step, **result})
+            progress.line(f"eval @ step {self.step} | val loss {result['val_loss']:.4f} nats "
+                          f"({result['val_bits_per_token']:.3f} bits/token) | perplexity "
+                          f"{result['val_perplexity']:.2f}")
+        return result
+
+    # ------------------------------------------------------------------ the end of a run
+    def _finish(self, eval_result, elapsed, tokens_per_step, progress) -> dict:
+        summary = {"steps": self.step, "config_hash": self.config.config_hash,
+                   "train_seconds": elapsed, "final_train_loss": self.history[-1]["loss"],
+                   "tokens_per_s": self.step * tokens_per_step / elapsed, **eval_result}
+        train_set = getattr(self.train_dataloader, "dataset", None)
+        if hasattr(train_set, "unigram_entropy"):
+            entropy = train_set.unigram_entropy()
+            summary.update(unigram_entropy_nats=entropy,
+                           unigram_entropy_bits=nats_to_bits(entropy))
+            if "val_loss" in eval_result:
+                progress.line(f"result | validation loss {eval_result['val_loss']:.4f} nats "
+                              f"({eval_result['val_bits_per_token']:.3f} bits/token) vs unigram "
+                              f"entropy {entropy:.4f} nats ({nats_to_bits(entropy):.3f} bits)")
+        state = self._full_state_dict()
+        if self.runtime.is_main:
+            summary["model_path"] = str(self.artifacts.save_model(state))
+            sample = self._sample()
+            if sample is not None:
+                self.artifacts.save_text("sample.txt", sample)
+                progress.line("sample | " + sample.replace("\n", "\n       | "))
+            self.artifacts.save_summary(summary)
+        dist.barrier()
+        return summary
+
+    def _full_state_dict(self) -> dict:
+        """Weights gathered when ZeRO-3 partitioned them (collective: every rank calls it)."""
+        module = self.engine.module
+        if self.plan.zero_stage == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                return {k: v.clone() for k, v in module.state_dict().items()}
+        return module.state_dict()
+
+    def _sample(self) -> str | None:
+        out = self.config.output
+        if not out.sample_tokens or self.tokenizer is None or self.plan.zero_stage == 3 \
+                or self.plan.tp > 1 or self.plan.pp > 1:
+            return None
+        generator = torch.Generator().manual_seed(self.config.training.seed)
+        prompt = torch.as_tensor(self.tokenizer.encode(out.sample_prompt))
+        new = self.engine.module.generate(prompt.to(self.runtime.device), out.sample_tokens,
+                                          valid_vocab=self.tokenizer.vocab_size,
+                                          generator=generator)
+        return out.sample_prompt + self.tokenizer.decode(new.tolist())
+
+    def _artifacts(self) -> ArtifactManager:
+        out = self.config.output
+        manager = ArtifactManager(out.dir, out.experiment_name or self.config.name,
+                                  enabled=self.runtime.is_main)
+        shared = [str(manager.run_dir)]
+        dist.broadcast_object_list(shared, src=0)  # every rank agrees on rank 0's directory
+        manager.run_dir = type(manager.run_dir)(shared[0])
+        return manager

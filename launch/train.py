@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""APT's training entry point, the same under every launcher:
+
+    python launch/train.py --profile tiny                                   # one process
+    torchrun --nproc_per_node=2 launch/train.py --profile tiny              # CPU: gloo
+    deepspeed --num_gpus 2 launch/train.py --profile tiny                   # CPU or GPU
+    deepspeed --hostfile hosts launch/train.py --profile 70b                # a cluster
+    srun python launch/train.py --profile 70b                               # SLURM
+
+The profile is resolved and the parallel plan checked before any process group starts: a
+wrong profile exits with code 2 and a one-line reason.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
+
+from apt.cli import EXIT_CONFIG_ERROR, add_profile_arguments  # noqa: E402
+from apt.core.config import ConfigError, load_profile  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_profile_arguments(parser)
+    # The deepspeed launcher appends --local_rank=N; torchrun and srun do not.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_profile(args.profile, args.overrides)
+        from apt.trainops.engine import Trainer
+        trainer = Trainer.from_config(config)
+    except ConfigError as exc:
+        print(f"apt: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    from apt.trainops.distributed import shutdown_distributed
+    try:
+        trainer.train()
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

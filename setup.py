@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="apt-trainops",
+    version="0.1.0",
+    description="APT TrainOps: LLM training orchestration over Megatron-core and DeepSpeed",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["apt", "apt.*"]),
+    # torch is left unpinned here so GPU installs get their CUDA build; CPU installs pin it
+    # through constraints/cpu.txt (see the Makefile).
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.17",
+        "deepspeed>=0.19.8,<0.20",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "psutil",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # Transformer Engine is optional and used only on CUDA (layer spec, fused attention).
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["apt=apt.cli:main"]},
+)
