@@ -13,7 +13,6 @@ wrong profile exits with code 2 and a one-line reason.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from apt.cli import EXIT_CONFIG_ERROR, add_profile_arguments  # noqa: E402
 from apt.core.config import ConfigError, load_profile  # noqa: E402
+from apt.core.logging import configure_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         config = load_profile(args.profile, args.overrides)
         from apt.trainops.engine import Trainer

@@ -159,19 +159,22 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool]
     return spec
 
 
-def build_gpt_model(
+def gpt_model_kwargs(
     config: TransformerConfig,
     *,
     vocab_size: int,
     max_sequence_length: int,
     tie_embeddings: bool = False,
-    rotary_base: int = 10000,
+    rotary_base: float = 10000,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
     use_transformer_engine: Optional[bool] = None,
-) -> GPTModel:
-    """Build this pipeline stage's part of the model (needs parallel_state initialised)."""
+) -> dict:
+    """``GPTModel.__init__`` arguments for this pipeline stage of a Llama-style decoder.
+
+    A dict rather than a model so that ``APTModel`` (a ``GPTModel`` subclass) and
+    ``build_gpt_model`` construct from the same description."""
     use_te = _use_te(use_transformer_engine)
     spec = layer_spec(config, use_transformer_engine=use_te)
     if use_te:
@@ -184,7 +187,7 @@ def build_gpt_model(
         layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=final_norm,
     )
-    model = GPTModel(
+    return dict(
         config=config,
         transformer_layer_spec=block,
         vocab_size=vocab_size,
@@ -196,11 +199,22 @@ def build_gpt_model(
         rotary_base=rotary_base,
         vp_stage=vp_stage,
     )
-    # Megatron marks TP-sharded weights (tensor_model_parallel=True, partition_dim) in
-    # tensor_parallel.layers; DeepSpeed and grad clipping rely on it. Fail loudly if not.
-    if config.tensor_model_parallel_size > 1:
-        for name, p in model.named_parameters():
-            if "linear_" in name or "word_embeddings" in name or "output_layer" in name:
-                if not getattr(p, "tensor_model_parallel", False):
-                    raise AssertionError(f"TP-sharded parameter {name} lacks tensor_model_parallel")
+
+
+def check_tensor_parallel_marks(model: torch.nn.Module) -> None:
+    """Megatron marks TP-sharded weights (tensor_model_parallel=True, partition_dim) in
+    tensor_parallel.layers; DeepSpeed and grad clipping rely on it (unmarked: clipping is
+    wrong, FEASIBILITY.md). Fail loudly if a Megatron change drops the mark."""
+    if model.config.tensor_model_parallel_size == 1:
+        return
+    for name, p in model.named_parameters():
+        sharded = "linear_" in name or "word_embeddings" in name or "output_layer" in name
+        if sharded and "router" not in name and not getattr(p, "tensor_model_parallel", False):
+            raise AssertionError(f"TP-sharded parameter {name} lacks tensor_model_parallel")
+
+
+def build_gpt_model(config: TransformerConfig, **kwargs) -> GPTModel:
+    """Build this pipeline stage's part of the model (needs parallel_state initialised)."""
+    model = GPTModel(**gpt_model_kwargs(config, **kwargs))
+    check_tensor_parallel_marks(model)
     return model

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -80,7 +79,7 @@ def main() -> None:
         batch = next(data_iterator)
         # attention_mask=None: the causal mask is built by Megatron (device="cuda" literal).
         out = model(batch[:, :-1], position_ids, None, labels=batch[:, 1:])
-        return out, partial(loss_func)
+        return out, loss_func
 
     # Plain SGD: the update is linear in the gradient, so TP/PP reduction-order noise (~1e-7)
     # stays that small. (Measured: AdamW lr 1e-2 amplifies it to 3e-6 by step 3; lr 3e-3 4.8e-7.)

@@ -231,7 +231,10 @@ def _sharding(cfg, strategy, pp, ep, notes):
         notes.append("pipeline parallel: Megatron DDP" + (" + distributed optimizer "
                      "(optimizer state sharded over DP, like ZeRO-1)" if dist_opt else ""))
         return (1 if dist_opt else 0), "megatron", dist_opt
-    default = {"ddp": 0, "fsdp": 3, "hybrid": 1}[strategy]
+    # ddp defaults to ZeRO-1: the same communication volume as an all-reduce (reduce-scatter +
+    # all-gather) with optimizer state sharded over DP, and DeepSpeed reports the gradient norm
+    # (its stage-0 fp32 path computes it for clipping and drops it).
+    default = {"ddp": 1, "fsdp": 3, "hybrid": 1}[strategy]
     stage = default if requested is None else requested
     if strategy == "fsdp" and stage != 3:
         raise PlanError(f"fsdp means fully sharded parameters (ZeRO-3), got zero_stage {stage}",

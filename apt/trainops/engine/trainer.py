@@ -25,6 +25,10 @@ from .progress import Progress, format_duration
 from .schedule import warmup_cosine
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 class Trainer:
     def __init__(self, model=None, train_dataloader=None, eval_dataloader=None, *,
                  config: APTConfig | None = None, max_steps: int | None = None,
@@ -125,7 +129,7 @@ class Trainer:
                 step_loss += loss.detach().float() / plan.grad_accum
             self.step += 1
             grad_norm = self.engine.get_global_grad_norm()
-            pending.append((self.step, step_loss, lr, float(grad_norm or 0.0),
+            pending.append((self.step, step_loss, lr, grad_norm,
                             time.perf_counter() - step_start))
             last = self.step == t.max_steps
             if self.step % t.log_interval == 0 or last:
@@ -162,7 +166,8 @@ class Trainer:
         dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
         losses /= self.runtime.dp_size
         for (step, _, lr, grad_norm, seconds), loss in zip(pending, losses.tolist()):
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            record = {"step": step, "loss": loss, "lr": lr,
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
                       "step_time": seconds, "tokens_per_s": tokens_per_step / seconds}
             self.history.append(record)
             if self.runtime.is_main:
@@ -171,7 +176,7 @@ class Trainer:
         progress.update(self.step, record["loss"], tokens_per_step / mean_time)
         progress.line(f"step {self.step}/{self.config.training.max_steps} | loss "
                       f"{record['loss']:.4f} | lr {record['lr']:.2e} | grad norm "
-                      f"{record['grad_norm']:.3f} | {tokens_per_step / mean_time:,.0f} tok/s | "
+                      f"{_fmt(record['grad_norm'])} | {tokens_per_step / mean_time:,.0f} tok/s | "
                       f"{mean_time * 1000:.0f} ms/step | eta "
                       f"{format_duration(progress.eta(self.step))}")
 
@@ -242,7 +247,8 @@ class Trainer:
         if self.plan.zero_stage == 3:
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                return {k: v.clone() for k, v in module.state_dict().items()}
+                return {k: v.clone() for k, v in module.state_dict().items()
+                        if isinstance(v, torch.Tensor)}
         return module.state_dict()
 
     def _sample(self) -> str | None:
