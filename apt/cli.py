@@ -1,4 +1,4 @@
-"""The ``apt`` command: ``apt plan`` (more subcommands join as they land)."""
+"""The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,16 @@ def _plan(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    import yaml
+    from apt.core.config import config_to_dict
+    cfg = load_profile(args.profile, args.overrides)
+    print(f"# {cfg.name}: resolved from {' <- '.join(reversed(cfg.sources))}")
+    print(f"# config hash {cfg.config_hash}")
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="default: the profile's hardware.gpus_per_node")
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     plan.set_defaults(func=_plan)
+    profile = commands.add_parser("profile", help="print a profile fully resolved")
+    add_profile_arguments(profile)
+    profile.set_defaults(func=_profile)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -4,7 +4,7 @@ Megatron-core assumes CUDA everywhere: it asks for ``torch.cuda.current_device()
 tensors with ``device="cuda"``, forks the CUDA RNG, records CUDA streams/events and checks
 ``param.type() == "torch.cuda.FloatTensor"``. On a CPU-only torch build each of these raises.
 ``activate()`` installs the smallest set of shims we measured to be sufficient (see
-/work/shared/FEASIBILITY.md, "Megatron-core 0.16.1 on CPU with gloo"). It is a no-op when CUDA
+shared/FEASIBILITY.md, "Megatron-core 0.16.1 on CPU with gloo"). It is a no-op when CUDA
 is available, so the same training code picks the real CUDA paths on a GPU machine.
 
 Every shim is a small named function below with the Megatron call site it serves. The layer

@@ -20,7 +20,7 @@ from apt.trainops.data.build import build_datasets
 from apt.trainops.distributed.engine import build_engine
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
-from apt.trainops.distributed.runtime import setup_distributed
+from apt.trainops.distributed.runtime import seed_everything, setup_distributed
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
 
@@ -46,6 +46,7 @@ class Trainer:
         self.runtime = setup_distributed(plan=self.plan, seed=cfg.training.seed)
         if model is None:
             from apt.model.architectures import APTModel
+            seed_everything(cfg.training.seed)  # same config, same initial weights, always
             model = APTModel(cfg.model, plan=self.plan)
         self.model = model.to(self.runtime.device)
         self.tokenizer = tokenizer
@@ -91,6 +92,9 @@ class Trainer:
             # A loader built by the caller fixes the batch; the plan must agree with it.
             out["training.batch_size"] = train_dataloader.global_batch
             out["training.micro_batch_size"] = train_dataloader.batch_sampler.micro_batch
+        seq_length = getattr(getattr(train_dataloader, "dataset", None), "seq_length", None)
+        if seq_length:
+            out["data.seq_length"] = seq_length
         return out
 
     def _loader(self, dataset, train: bool) -> APTDataLoader:
@@ -115,7 +119,7 @@ class Trainer:
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
         tokens_per_step = plan.global_batch * cfg.data.seq_length
         batches = iter(self.train_dataloader)
-        pending: list[tuple[int, torch.Tensor, float, float, float]] = []
+        pending: list[tuple] = []  # (step, loss tensor, lr, grad norm, seconds, end time)
         started = time.perf_counter()
         while self.step < t.max_steps:
             step_start = time.perf_counter()
@@ -130,7 +134,7 @@ class Trainer:
             self.step += 1
             grad_norm = self.engine.get_global_grad_norm()
             pending.append((self.step, step_loss, lr, grad_norm,
-                            time.perf_counter() - step_start))
+                            time.perf_counter() - step_start, time.time()))
             last = self.step == t.max_steps
             if self.step % t.log_interval == 0 or last:
                 self._flush(pending, tokens_per_step, progress)
@@ -165,10 +169,11 @@ class Trainer:
         losses = torch.stack([p[1] for p in pending])
         dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
         losses /= self.runtime.dp_size
-        for (step, _, lr, grad_norm, seconds), loss in zip(pending, losses.tolist()):
+        for (step, _, lr, grad_norm, seconds, ended), loss in zip(pending, losses.tolist()):
             record = {"step": step, "loss": loss, "lr": lr,
                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "step_time": seconds, "tokens_per_s": tokens_per_step / seconds}
+                      "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
+                      "time": ended}
             self.history.append(record)
             if self.runtime.is_main:
                 self.artifacts.save_metrics(record)

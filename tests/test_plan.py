@@ -1,0 +1,67 @@
+"""The parallel plan: strategy table, divisibility, batch arithmetic, memory breakdown."""
+import pytest
+
+from apt.core.config import load_profile
+from apt.model.sizing import count_parameters
+from apt.trainops.distributed.memory import GIB
+from apt.trainops.distributed.plan import PlanError, make_plan
+
+
+def plan(profile, world, gpus=8, device="cuda", overrides=()):
+    return make_plan(load_profile(profile, list(overrides)), world, gpus, device_type=device)
+
+
+def test_seed_size_table():
+    assert plan("tiny", 2, device="cpu").strategy == "ddp"
+    p1b = plan("1b", 8)
+    assert (p1b.strategy, p1b.zero_stage, p1b.engine) == ("fsdp", 3, "deepspeed")
+    p13 = plan("13b", 64)
+    assert p13.strategy == "hybrid" and p13.pp > 1 and p13.tp == 1 and p13.distributed_optimizer
+    p70 = plan("70b", 64)
+    assert (p70.tp, p70.sequence_parallel, p70.engine) == (8, True, "megatron")
+    assert p70.tp * p70.pp * p70.dp == 64
+    assert p70.memory.total < 80 * GIB        # the search picked a layout that fits
+
+
+def test_batch_arithmetic_and_explicit_layout():
+    p = plan("70b", 64, overrides=["training.distributed.strategy=hybrid",
+                                   "training.distributed.tensor_parallel=8",
+                                   "training.distributed.pipeline_parallel=4",
+                                   "training.distributed.virtual_pipeline_stages=2"])
+    assert (p.tp, p.pp, p.vp, p.dp) == (8, 4, 2, 2)
+    assert p.global_batch == p.micro_batch * p.grad_accum * p.dp == 1024
+    assert any("batch_p2p_comm=False" in n for n in p.notes)
+
+
+def test_static_memory_is_exact_for_a_simple_layout():
+    cfg = load_profile("tiny", ["training.distributed.zero_stage=0"])
+    p = make_plan(cfg, 1, 1, device_type="cpu")
+    params = count_parameters(cfg.model).total
+    assert p.memory.params_per_gpu == params
+    # fp32 Adam without sharding: 4 B weights, 4 B grads, 8 B moments per parameter.
+    assert (p.memory.weights, p.memory.gradients, p.memory.optimizer) == (4 * params, 4 * params,
+                                                                        8 * params)
+    sharded = make_plan(load_profile("tiny", ["training.distributed.strategy=fsdp"]), 2, 2,
+                        device_type="cpu")
+    assert sharded.memory.static == pytest.approx(16 * params / 2)
+
+
+@pytest.mark.parametrize("overrides,world,key", [
+    (["training.distributed.pipeline_parallel=2", "training.distributed.zero_stage=3"], 4,
+     "zero_stage"),
+    (["training.distributed.context_parallel=2"], 2, "context_parallel"),
+    (["training.batch_size=30"], 4, "batch_size"),
+    (["training.distributed.data_parallel=3"], 4, "data_parallel"),
+    (["training.distributed.world_size=8"], 4, "world_size"),
+])
+def test_refused_layouts_name_the_key(overrides, world, key):
+    with pytest.raises(PlanError) as err:
+        plan("tiny", world, gpus=world, device="cpu", overrides=overrides)
+    assert key in str(err.value)
+
+
+def test_moe_expert_parallel_and_zero3_refused():
+    with pytest.raises(PlanError, match="ZeRO-3 cannot shard expert-parallel"):
+        plan("moe", 16, overrides=["training.distributed.strategy=hybrid",
+                                   "training.distributed.expert_parallel=8",
+                                   "training.distributed.zero_stage=3"])
