@@ -21,6 +21,7 @@ from apt.trainops.distributed.engine import build_engine
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from .callbacks import Callback
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
 
@@ -35,7 +36,7 @@ class Trainer:
                  learning_rate: float | None = None, train_dataset=None, eval_dataset=None,
                  distributed_config: dict | None = None, distributed: bool | None = None,
                  monitoring: dict | None = None, tokenizer=None, output_dir: str | None = None,
-                 experiment_name: str | None = None):
+                 experiment_name: str | None = None, callbacks: list[Callback] | None = None):
         cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
         cfg = with_overrides(cfg, self._argument_overrides(
             cfg, max_steps, learning_rate, distributed_config, distributed, monitoring,
@@ -58,6 +59,7 @@ class Trainer:
             if eval_dataset is not None:
                 eval_dataloader = eval_dataloader or self._loader(eval_dataset, train=False)
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
+        self.callbacks = list(callbacks or [])
         self.step = 0
         self.engine = None
         self.history: list[dict] = []
@@ -117,6 +119,7 @@ class Trainer:
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
                       f"{self.artifacts.run_dir}")
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
+        self._emit("on_train_start")
         tokens_per_step = plan.global_batch * cfg.data.seq_length
         batches = iter(self.train_dataloader)
         pending: list[tuple] = []  # (step, loss tensor, lr, grad norm, seconds, end time)
@@ -169,11 +172,14 @@ class Trainer:
         losses = torch.stack([p[1] for p in pending])
         dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
         losses /= self.runtime.dp_size
-        for (step, _, lr, grad_norm, seconds, ended), loss in zip(pending, losses.tolist()):
-            record = {"step": step, "loss": loss, "lr": lr,
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
-                      "time": ended}
+        records = [{"step": step, "loss": loss, "lr": lr,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
+                    "time": ended}
+                   for (step, _, lr, grad_norm, seconds, ended), loss in zip(pending,
+                                                                           losses.tolist())]
+        self._emit("on_log", records)
+        for record in records:
             self.history.append(record)
             if self.runtime.is_main:
                 self.artifacts.save_metrics(record)
@@ -214,8 +220,10 @@ class Trainer:
     def _log_eval(self, progress) -> dict:
         result = self.evaluate()
         if result:
+            result = {"step": self.step, **result}
+            self._emit("on_evaluate", result)
             if self.runtime.is_main:
-                self.artifacts.save_metrics({"step": self.step, **result})
+                self.artifacts.save_metrics(result)
             progress.line(f"eval @ step {self.step} | val loss {result['val_loss']:.4f} nats "
                           f"({result['val_bits_per_token']:.3f} bits/token) | perplexity "
                           f"{result['val_perplexity']:.2f}")
@@ -225,7 +233,8 @@ class Trainer:
     def _finish(self, eval_result, elapsed, tokens_per_step, progress) -> dict:
         summary = {"steps": self.step, "config_hash": self.config.config_hash,
                    "train_seconds": elapsed, "final_train_loss": self.history[-1]["loss"],
-                   "tokens_per_s": self.step * tokens_per_step / elapsed, **eval_result}
+                   "tokens_per_s": self.step * tokens_per_step / elapsed,
+                   **{k: v for k, v in eval_result.items() if k != "step"}}
         train_set = getattr(self.train_dataloader, "dataset", None)
         if hasattr(train_set, "unigram_entropy"):
             entropy = train_set.unigram_entropy()
@@ -242,9 +251,15 @@ class Trainer:
             if sample is not None:
                 self.artifacts.save_text("sample.txt", sample)
                 progress.line("sample | " + sample.replace("\n", "\n       | "))
+        self._emit("on_train_end", summary)
+        if self.runtime.is_main:
             self.artifacts.save_summary(summary)
         dist.barrier()
         return summary
+
+    def _emit(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     def _full_state_dict(self) -> dict:
         """Weights gathered when ZeRO-3 partitioned them (collective: every rank calls it)."""

@@ -1,0 +1,20 @@
+"""Hooks around the loop: monitoring, evaluation extras, anomaly guards plug in here.
+
+Every rank calls every hook (a hook that writes files checks ``trainer.runtime.is_main``);
+hooks may add keys to the records they receive before those are written to metrics.jsonl.
+"""
+from __future__ import annotations
+
+
+class Callback:
+    def on_train_start(self, trainer) -> None:
+        """After the engine and run directory exist, before the first step."""
+
+    def on_log(self, trainer, records: list[dict]) -> None:
+        """Once per log interval with one record per step since the last call."""
+
+    def on_evaluate(self, trainer, result: dict) -> None:
+        """After each evaluation; ``result`` has the step and the metrics."""
+
+    def on_train_end(self, trainer, summary: dict) -> None:
+        """After the final evaluation, before the summary is written."""
