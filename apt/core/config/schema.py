@@ -82,6 +82,9 @@ class DistributedConfig:
     zero_stage: Optional[int] = rule(None, ge=0, le=3)
     recompute: Literal["none", "selective", "full"] = "none"
     offload_optimizer: bool = False
+    # auto: DeepSpeed ZeRO for data/tensor parallel, Megatron DDP + distributed optimizer for
+    # pipeline, sequence and expert parallel (the plan says which and why).
+    engine: Literal["auto", "deepspeed", "megatron"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
@@ -113,6 +116,8 @@ class TrainingConfig:
     log_interval: int = rule(10, gt=0)
     eval_interval: int = rule(200, ge=0)
     eval_batches: int = rule(10, gt=0)
+    # Initial weights: a dist_checkpointing directory (e.g. a run's model/dist), any layout.
+    init_from: Optional[str] = None
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -245,3 +250,5 @@ def cross_checks(cfg: APTConfig):
         yield "training.distributed.zero_stage", "ddp shards no parameters: use 0, 1 or 2 (3 is fsdp)"
     if d.offload_optimizer and d.zero_stage == 0:
         yield "training.distributed.offload_optimizer", "needs ZeRO stage >= 1"
+    if d.offload_optimizer and d.engine == "megatron":
+        yield "training.distributed.offload_optimizer", "is a DeepSpeed ZeRO feature (engine: deepspeed)"

@@ -138,7 +138,7 @@ def make_plan(cfg: APTConfig, world_size: int, gpus_per_node: int | None = None,
                         "local attention has no context-parallel path)",
                         key=f"{DIST}.context_parallel")
 
-    zero_stage, engine, dist_opt = _sharding(cfg, strategy, pp, ep, notes)
+    zero_stage, engine, dist_opt = _sharding(cfg, strategy, pp, ep, sp, notes)
     precision = _precision(cfg.training.precision, device_type)
     global_batch, micro, accum = _batch(cfg, dp, pp, vp)
     if vp > 1:
@@ -217,19 +217,33 @@ def _auto_layout(cfg, counts, world_size, gpus_per_node, device_type):
     return "hybrid", fallback[0], fallback[1], ep
 
 
-def _sharding(cfg, strategy, pp, ep, notes):
-    """One place decides ZeRO stage and engine (DeepSpeed ZeRO vs Megatron distributed optimizer)."""
-    requested = cfg.training.distributed.zero_stage
-    key = f"{DIST}.zero_stage"
-    if pp > 1:
-        # DeepSpeed refuses ZeRO 2/3 with pipelines (runtime/pipe/engine.py) and our pipeline
-        # runs Megatron's schedules: shard optimizer state with Megatron's distributed optimizer.
+def _sharding(cfg, strategy, pp, ep, sp, notes):
+    """The one place that picks the engine and how optimizer state is sharded.
+
+    DeepSpeed ZeRO runs data and tensor parallel layouts. Pipelines (DeepSpeed refuses ZeRO
+    2/3 with them and cannot drive Megatron's schedules), sequence-parallel norms and Megatron
+    expert parallel need Megatron's engine: DDP + distributed optimizer (ZeRO-1-like)."""
+    d = cfg.training.distributed
+    requested, key = d.zero_stage, f"{DIST}.zero_stage"
+    reasons = [why for cond, why in ((pp > 1, "pipeline parallel"),
+                                     (sp, "sequence parallel"),
+                                     (ep > 1, "expert parallel")) if cond]
+    if d.engine == "deepspeed" and reasons:
+        raise PlanError(f"the DeepSpeed engine cannot run {' + '.join(reasons)} with Megatron "
+                        f"layers; use engine: megatron (or auto)", key=f"{DIST}.engine")
+    if d.engine == "megatron" or reasons:
+        if d.offload_optimizer:
+            raise PlanError(f"optimizer offload is a DeepSpeed ZeRO feature; "
+                            f"{' + '.join(reasons) or 'engine megatron'} runs on Megatron's "
+                            f"engine", key=f"{DIST}.offload_optimizer")
         if requested in (2, 3):
-            raise PlanError(f"ZeRO-{requested} cannot be combined with pipeline parallel; use "
-                            f"zero_stage 0 or 1 (or leave it unset)", key=key)
+            raise PlanError(f"ZeRO-{requested} cannot be combined with "
+                            f"{' + '.join(reasons) or 'the Megatron engine'}; use zero_stage 0 "
+                            f"or 1 (1 = Megatron distributed optimizer)", key=key)
         dist_opt = requested != 0
-        notes.append("pipeline parallel: Megatron DDP" + (" + distributed optimizer "
-                     "(optimizer state sharded over DP, like ZeRO-1)" if dist_opt else ""))
+        notes.append(f"engine megatron ({', '.join(reasons) or 'requested'}): Megatron DDP"
+                     + (" + distributed optimizer (optimizer state sharded over DP, like "
+                        "ZeRO-1)" if dist_opt else ""))
         return (1 if dist_opt else 0), "megatron", dist_opt
     # ddp defaults to ZeRO-1: the same communication volume as an all-reduce (reduce-scatter +
     # all-gather) with optimizer state sharded over DP, and DeepSpeed reports the gradient norm
@@ -239,9 +253,6 @@ def _sharding(cfg, strategy, pp, ep, notes):
     if strategy == "fsdp" and stage != 3:
         raise PlanError(f"fsdp means fully sharded parameters (ZeRO-3), got zero_stage {stage}",
                         key=key)
-    if ep > 1 and stage == 3:
-        raise PlanError("ZeRO-3 cannot shard expert-parallel MoE layers (DeepSpeed refuses); "
-                        "use zero_stage <= 2", key=key)
     return stage, "deepspeed", False
 
 

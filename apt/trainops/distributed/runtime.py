@@ -57,6 +57,8 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
     group). ``backend`` defaults to NCCL on CUDA and gloo on CPU. Idempotent."""
     global _RUNTIME
     if _RUNTIME is not None:
+        if plan is not None:
+            _reconfigure(_RUNTIME, plan)
         return _RUNTIME
     env = detect_launch_env()
     if rank is not None or world_size is not None:
@@ -94,6 +96,20 @@ def ensure_runtime() -> Runtime:
 
 def current_runtime() -> Runtime | None:
     return _RUNTIME
+
+
+def _reconfigure(runtime: Runtime, plan) -> None:
+    """A later plan in the same process (a notebook, a test sweeping layouts): rebuild
+    Megatron's groups when its degrees differ from the ones in place."""
+    from megatron.core import parallel_state
+    wanted = dict(tp=plan.tp, pp=plan.pp, vp=plan.vp, ep=plan.ep, cp=plan.cp)
+    current = dict(tp=runtime.tp, pp=runtime.pp, vp=runtime.vp, ep=runtime.ep, cp=runtime.cp)
+    if wanted == current:
+        return
+    parallel_state.destroy_model_parallel()
+    _init_megatron_groups(**wanted)
+    for name, value in wanted.items():
+        setattr(runtime, name, value)
 
 
 def _init_megatron_groups(tp, pp, vp, ep, cp) -> None:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from apt.core.config import APTConfig, config_to_dict, with_overrides
 from apt.trainops.artifacts import ArtifactManager
+from apt.trainops.checkpoints import load_model_weights, save_model_weights
 from apt.trainops.data import APTDataLoader, create_dataloader, nats_to_bits
 from apt.trainops.data.build import build_datasets
-from apt.trainops.distributed.engine import build_engine
+from apt.trainops.distributed.engines import build_engine
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
@@ -48,8 +48,16 @@ class Trainer:
         if model is None:
             from apt.model.architectures import APTModel
             seed_everything(cfg.training.seed)  # same config, same initial weights, always
-            model = APTModel(cfg.model, plan=self.plan)
-        self.model = model.to(self.runtime.device)
+            # One model chunk per virtual pipeline stage (one chunk without interleaving).
+            self.modules = [APTModel(cfg.model, plan=self.plan,
+                                     vp_stage=i if self.plan.vp > 1 else None)
+                            for i in range(self.plan.vp)]
+        else:
+            self.modules = [model]
+        self.modules = [m.to(self.runtime.device) for m in self.modules]
+        if cfg.training.init_from:
+            load_model_weights(self.modules, cfg.training.init_from)
+        self.model = self.modules[0]
         self.tokenizer = tokenizer
         if train_dataloader is None or eval_dataloader is None:
             if train_dataset is None:
@@ -113,30 +121,22 @@ class Trainer:
         self.artifacts = self._artifacts()
         self.artifacts.save_config(config_to_dict(cfg), cfg.config_hash)
         self.artifacts.save_text("plan.txt", plan.describe())
-        lr_lambda = partial(self._lr_multiplier)
-        self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg, plan, lr_lambda)
+        self.engine = build_engine(self.modules, cfg, plan)
         progress = Progress(t.max_steps, self.step, enabled=main, sink=self.artifacts.save_logs)
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
                       f"{self.artifacts.run_dir}")
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
         self._emit("on_train_start")
         tokens_per_step = plan.global_batch * cfg.data.seq_length
-        batches = iter(self.train_dataloader)
+        batches = (self._to_device(b) for b in self.train_dataloader)
         pending: list[tuple] = []  # (step, loss tensor, lr, grad norm, seconds, end time)
         started = time.perf_counter()
         while self.step < t.max_steps:
             step_start = time.perf_counter()
-            lr = self.scheduler.get_last_lr()[0]
-            step_loss = torch.zeros((), device=self.runtime.device)
-            for _ in range(plan.grad_accum):
-                batch = self._to_device(next(batches))
-                loss = self._loss(batch)
-                self.engine.backward(loss)
-                self.engine.step()
-                step_loss += loss.detach().float() / plan.grad_accum
+            lr = self.learning_rate(self.step)
+            result = self.engine.train_step(batches, lr)
             self.step += 1
-            grad_norm = self.engine.get_global_grad_norm()
-            pending.append((self.step, step_loss, lr, grad_norm,
+            pending.append((self.step, result.loss, lr, result.grad_norm,
                             time.perf_counter() - step_start, time.time()))
             last = self.step == t.max_steps
             if self.step % t.log_interval == 0 or last:
@@ -150,17 +150,10 @@ class Trainer:
         progress.close()
         return summary
 
-    def _lr_multiplier(self, step: int) -> float:
+    def learning_rate(self, step: int) -> float:
         t = self.config.training
         return warmup_cosine(step, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
-                             lr=t.learning_rate, min_lr=t.min_learning_rate) / t.learning_rate
-
-    def _loss(self, batch: dict) -> torch.Tensor:
-        """Mean next-token cross-entropy over the unmasked tokens of one micro-batch."""
-        per_token = self.engine(batch["tokens"], batch["position_ids"], None,
-                                labels=batch["labels"])
-        mask = batch["loss_mask"]
-        return (per_token.float() * mask).sum() / mask.sum()
+                             lr=t.learning_rate, min_lr=t.min_learning_rate)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
@@ -196,9 +189,9 @@ class Trainer:
     def evaluate(self, max_batches: int | None = None) -> dict:
         """Mean validation loss over ``max_batches`` micro-batches per rank, all DP ranks."""
         from megatron.core import parallel_state
-        if self.eval_dataloader is None:
-            return {}
-        module = self.engine.module if self.engine is not None else self.model
+        if self.eval_dataloader is None or self.plan.pp > 1:
+            return {}  # pipeline evaluation needs the forward-only schedule: not wired yet
+        module = self.model
         was_training = module.training
         module.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
@@ -244,8 +237,13 @@ class Trainer:
                 progress.line(f"result | validation loss {eval_result['val_loss']:.4f} nats "
                               f"({eval_result['val_bits_per_token']:.3f} bits/token) vs unigram "
                               f"entropy {entropy:.4f} nats ({nats_to_bits(entropy):.3f} bits)")
-        state = self._full_state_dict()
-        if self.runtime.is_main:
+        plan = self.plan
+        summary["model_dist_path"] = str(save_model_weights(
+            self.modules, self.artifacts.path("model") / "dist",
+            zero3=plan.engine == "deepspeed" and plan.zero_stage == 3))
+        sharded = max(plan.tp, plan.pp, plan.ep, plan.vp) > 1
+        state = None if sharded else self._full_state_dict()
+        if self.runtime.is_main and state is not None:
             summary["model_path"] = str(self.artifacts.save_model(state))
             sample = self._sample()
             if sample is not None:
@@ -263,7 +261,7 @@ class Trainer:
 
     def _full_state_dict(self) -> dict:
         """Weights gathered when ZeRO-3 partitioned them (collective: every rank calls it)."""
-        module = self.engine.module
+        module = self.model
         if self.plan.zero_stage == 3:
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(module.parameters())):
@@ -278,7 +276,7 @@ class Trainer:
             return None
         generator = torch.Generator().manual_seed(self.config.training.seed)
         prompt = torch.as_tensor(self.tokenizer.encode(out.sample_prompt))
-        new = self.engine.module.generate(prompt.to(self.runtime.device), out.sample_tokens,
+        new = self.model.generate(prompt.to(self.runtime.device), out.sample_tokens,
                                           valid_vocab=self.tokenizer.vocab_size,
                                           generator=generator)
         return out.sample_prompt + self.tokenizer.decode(new.tolist())

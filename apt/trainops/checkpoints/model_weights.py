@@ -1,0 +1,53 @@
+"""Model weights as a Megatron ``dist_checkpointing`` checkpoint: any layout writes it, any
+layout reads it (TP/PP/VP/EP resharding happens on load).
+
+Each sharded tensor is stored under its global key (layer numbers are global, TP shards are
+slices of the full tensor), so a checkpoint written by TP2 x PP2 loads into one process and
+the other way round.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _sharded_state(modules: list[torch.nn.Module]) -> dict:
+    # Chunk dicts are only containers: storage is keyed by each ShardedTensor's global key.
+    return {f"chunk{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+
+
+def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
+                       zero3: bool = False) -> Path:
+    """Collective: every rank calls it. ``zero3`` gathers DeepSpeed-partitioned params first."""
+    from megatron.core import dist_checkpointing
+    directory = Path(directory)
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    with _gathered(modules, zero3):
+        dist_checkpointing.save(_sharded_state(modules), str(directory))
+    return directory
+
+
+def load_model_weights(modules: list[torch.nn.Module], directory: str | Path) -> None:
+    from megatron.core import dist_checkpointing
+    if not Path(directory, "metadata.json").is_file():
+        raise FileNotFoundError(f"{directory}: not a dist_checkpointing checkpoint "
+                                f"(no metadata.json)")
+    state = dist_checkpointing.load(_sharded_state(modules), str(directory))
+    for i, module in enumerate(modules):
+        module.load_state_dict(state[f"chunk{i}"])
+
+
+@contextlib.contextmanager
+def _gathered(modules, zero3: bool):
+    if not zero3:
+        yield
+        return
+    import deepspeed
+    params = [p for m in modules for p in m.parameters()]
+    with deepspeed.zero.GatheredParameters(params):
+        yield

@@ -1,0 +1,78 @@
+"""DeepSpeed ZeRO 0-3 over the data-parallel group, with Megatron's groups as ``mpu``.
+
+Handles data parallel and tensor parallel (TP-sharded params carry ``tensor_model_parallel``,
+so DeepSpeed's gradient norm is right). Layouts DeepSpeed cannot reduce correctly (pipelines,
+sequence-parallel norms, Megatron expert parallel) go to the Megatron engine: see
+``engines.select``."""
+from __future__ import annotations
+
+import torch
+
+from apt.core.config import APTConfig
+from ..memory import REDUCE_BUCKET_ELEMENTS
+from ..mpu_adapter import MegatronMPU
+from ..plan import Plan
+from .base import StepResult, TrainEngine, masked_mean_loss, model_forward
+
+
+def deepspeed_config(cfg: APTConfig, plan: Plan) -> dict:
+    t = cfg.training
+    zero = {"stage": plan.zero_stage, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
+            "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS}
+    if plan.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": plan.device_type == "cuda"}
+    config = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.learning_rate, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
+            "weight_decay": t.weight_decay,
+            # torch's AdamW needs no compiled op; offload needs DeepSpeed's CPUAdam.
+            "torch_adam": not plan.offload_optimizer}},
+        "bf16": {"enabled": plan.precision == "bf16"},
+        "fp16": {"enabled": plan.precision == "fp16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if plan.precision == "bf16" and plan.zero_stage >= 1:
+        # Accumulate gradients in fp32 (only possible with ZeRO >= 1, FEASIBILITY.md).
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases (1-D tensors), as Megatron's optimizer does."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class DeepSpeedEngine(TrainEngine):
+    def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan):
+        import deepspeed
+        (model,) = modules
+        self.plan = plan
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=parameter_groups(model, cfg.training.weight_decay),
+            config=deepspeed_config(cfg, plan), mpu=MegatronMPU())
+        self.modules = [self.engine.module]
+
+    def train_step(self, batches, lr: float) -> StepResult:
+        self.set_lr(self.optimizer.param_groups, lr)
+        total = torch.zeros((), device=self.engine.device)
+        for _ in range(self.plan.grad_accum):
+            batch = next(batches)
+            loss = masked_mean_loss(model_forward(self.engine, batch), batch["loss_mask"])
+            self.engine.backward(loss)   # scales by 1/accumulation itself
+            self.engine.step()           # steps the optimizer at the accumulation boundary
+            total += loss.detach()
+        scale = None
+        if self.plan.precision == "fp16":  # ZeRO optimizers name it loss_scale, FP16 cur_scale
+            scale = getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", None))
+        return StepResult(total / self.plan.grad_accum, self.engine.get_global_grad_norm(), scale)

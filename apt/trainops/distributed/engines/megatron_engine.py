@@ -1,0 +1,99 @@
+"""Megatron-core's own engine: DDP + (distributed) optimizer + pipeline schedules.
+
+Used for pipelines (DeepSpeed refuses ZeRO 2/3 with them and cannot drive Megatron's
+schedules), sequence parallel (norm gradients must be all-reduced over TP:
+``finalize_model_grads`` does it for params marked ``sequence_parallel``), and Megatron expert
+parallel (expert gradients reduce over the expert-data-parallel group, not the whole DP group).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from apt.core.config import APTConfig
+from ..memory import REDUCE_BUCKET_ELEMENTS
+from ..plan import Plan
+from .base import StepResult, TrainEngine, masked_mean_loss, model_forward
+
+
+class MegatronEngine(TrainEngine):
+    def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan):
+        t = cfg.training
+        self.plan, self.seq_length = plan, cfg.data.seq_length
+        self.weight_decay = t.weight_decay
+        config = modules[0].config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=plan.distributed_optimizer,
+            bucket_size=REDUCE_BUCKET_ELEMENTS)
+        self.chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m,
+                                               # every chunk after the first starts un-bucketed,
+                                               # as Megatron-LM does with virtual stages
+                                               disable_bucketing=i > 0)
+                       for i, m in enumerate(modules)]
+        self.modules = modules
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=t.learning_rate, min_lr=t.min_learning_rate,
+            weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps, clip_grad=t.grad_clip, bf16=plan.precision == "bf16",
+            fp16=plan.precision == "fp16", params_dtype=config.params_dtype,
+            use_distributed_optimizer=plan.distributed_optimizer), self.chunks)
+        # The schedule calls these: loss scaling, the end-of-backward gradient reductions
+        # (DP, TP for sequence-parallel norms, embeddings shared across pipeline stages).
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = ([c.no_sync for c in self.chunks] if len(self.chunks) > 1
+                               else self.chunks[0].no_sync)
+        self.forward_backward = get_forward_backward_func()
+
+    def set_lr(self, param_groups, lr: float) -> None:
+        # Megatron's groups carry multipliers that its own scheduler applies (wd_mult = 0 for
+        # norms and biases): without that scheduler we apply them, or norms get decayed.
+        for group in param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+
+    def train_step(self, batches, lr: float) -> StepResult:
+        self.set_lr(self.optimizer.param_groups, lr)
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        micro_batches = [next(batches) for _ in range(self.plan.grad_accum)]
+        # Every virtual stage walks the same micro-batches: one iterator per chunk.
+        iterators = [iter(micro_batches) for _ in self.chunks]
+        losses = self.forward_backward(
+            forward_step_func=_forward_step, data_iterator=iterators if len(iterators) > 1
+            else iterators[0], model=self.chunks, num_microbatches=self.plan.grad_accum,
+            seq_length=self.seq_length, micro_batch_size=self.plan.micro_batch,
+            forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        return StepResult(_pipeline_mean_loss(losses, micro_batches[0]["tokens"].device),
+                          grad_norm, self.optimizer.get_loss_scale().item()
+                          if self.plan.precision == "fp16" else None)
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model_forward(model, batch)
+
+    def loss_func(per_token):
+        loss = masked_mean_loss(per_token, batch["loss_mask"])
+        # clone: the schedule divides the returned loss in place by the micro-batch count
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def _pipeline_mean_loss(losses: list[dict], device) -> torch.Tensor:
+    """Only the last pipeline stage sees losses: share its mean with every stage."""
+    loss = torch.zeros((), device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        loss = torch.stack([entry["loss"] for entry in losses]).float().mean()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
+    return loss

@@ -1,0 +1,46 @@
+"""Train several parallel layouts in one launch, each from the same initial weights.
+
+    torchrun --nproc_per_node N tests/workers/train_layouts.py --spec spec.json --out out.json
+
+spec.json: {"common": [overrides...], "layouts": {name: {"set": [...], "sabotage_sp": bool}}}
+Rank 0 writes {name: {"losses": [...], "grad_norms": [...], "engine": ..., "layout": ...}}.
+``sabotage_sp`` unmarks sequence-parallel params, so their gradients are not all-reduced over
+TP: the matrix must catch that wiring bug.
+"""
+import argparse
+import json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from apt.core.logging import configure_logging
+    configure_logging()
+    from apt.core.config import load_profile
+    from apt.trainops.distributed import shutdown_distributed
+    from apt.trainops.engine import Trainer
+
+    spec = json.load(open(args.spec))
+    results = {}
+    for name, layout in spec["layouts"].items():
+        trainer = Trainer.from_config(load_profile("tiny", spec["common"] + layout["set"]))
+        if layout.get("sabotage_sp"):
+            for module in trainer.modules:
+                for param in module.parameters():
+                    param.sequence_parallel = False
+        trainer.train()
+        plan = trainer.plan
+        results[name] = {"losses": [r["loss"] for r in trainer.history],
+                         "grad_norms": [r["grad_norm"] for r in trainer.history],
+                         "engine": plan.engine, "zero_stage": plan.zero_stage,
+                         "layout": [plan.tp, plan.pp, plan.vp, plan.dp, plan.ep,
+                                    plan.sequence_parallel]}
+    if trainer.runtime.is_main:
+        json.dump(results, open(args.out, "w"))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":  # dist_checkpointing's async writer uses spawn: guard the entry
+    main()
