@@ -106,6 +106,16 @@ def _check(results, refs, layouts):
     assert not failures, "\n".join(failures)
 
 
+def _check_memory(results, names):
+    """The plan's static estimate against the bytes the busiest rank really holds."""
+    for name in names:
+        measured, estimated = results[name]["memory_measured"], results[name]["memory_estimated"]
+        for kind, real in measured.items():
+            print(f"{name:18s} {kind:9s} estimated {estimated[kind]:>10,.0f} B, "
+                  f"measured {real:>10,.0f} B")
+            assert abs(real - estimated[kind]) <= 0.01 * estimated[kind], (name, kind)
+
+
 def test_two_process_layouts_match_single_process(references):
     tmp, refs = references
     sabotaged = {"tp2_sp_no_sp_allreduce": {
@@ -113,6 +123,7 @@ def test_two_process_layouts_match_single_process(references):
         "sabotage_sp": True}}
     results = _launch(tmp, 2, LAYOUTS_2, sabotaged)
     _check(results, refs, LAYOUTS_2)
+    _check_memory(results, ["dp2_zero1", "dp2_zero2", "dp2_zero3", "pp2"])
     # The same layout with the sequence-parallel gradient all-reduce removed must NOT match:
     broken = results["tp2_sp_no_sp_allreduce"]["losses"]
     assert max(abs(a - b) for a, b in zip(refs["dense"], broken)) > 2 * TOLERANCE, broken
@@ -120,4 +131,6 @@ def test_two_process_layouts_match_single_process(references):
 
 def test_four_process_layouts_match_single_process(references):
     tmp, refs = references
-    _check(_launch(tmp, 4, LAYOUTS_4), refs, LAYOUTS_4)
+    results = _launch(tmp, 4, LAYOUTS_4)
+    _check(results, refs, LAYOUTS_4)
+    _check_memory(results, ["tp2_pp2", "dp2_tp2_distopt"])

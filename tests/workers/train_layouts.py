@@ -11,6 +11,16 @@ import argparse
 import json
 
 
+def _max_over_ranks(sizes: dict) -> dict:
+    """The busiest rank's bytes per kind (the plan estimates the busiest pipeline stage)."""
+    import torch
+    import torch.distributed as dist
+    keys = sorted(k for k, v in sizes.items() if v is not None)
+    values = torch.tensor([float(sizes[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, values.tolist()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True)
@@ -32,7 +42,11 @@ def main() -> None:
                     param.sequence_parallel = False
         trainer.train()
         plan = trainer.plan
-        results[name] = {"losses": [r["loss"] for r in trainer.history],
+        measured = _max_over_ranks(trainer.engine.static_memory())
+        results[name] = {"memory_measured": measured,
+                         "memory_estimated": {"weights": plan.memory.weights,
+                                              "gradients": plan.memory.gradients,
+                                              "optimizer": plan.memory.optimizer},"losses": [r["loss"] for r in trainer.history],
                          "grad_norms": [r["grad_norm"] for r in trainer.history],
                          "engine": plan.engine, "zero_stage": plan.zero_stage,
                          "layout": [plan.tp, plan.pp, plan.vp, plan.dp, plan.ep,

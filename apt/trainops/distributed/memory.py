@@ -1,8 +1,9 @@
 """Per-GPU memory estimate for a parallel layout.
 
-Static part (exact for the layout, up to allocator rounding): weights, gradients and optimizer
-state of the busiest pipeline stage after TP/PP/EP splitting and ZeRO / distributed-optimizer
-sharding over data-parallel ranks.
+Static part (exact for the layout, up to padding of flat buffers): weights, gradients and
+optimizer state (fp32 master copies + Adam moments) of the busiest pipeline stage after TP/PP/EP
+splitting and ZeRO / distributed-optimizer sharding over data-parallel ranks. Checked against
+the tensors each rank really holds in tests/test_parallel_matrix.py.
 
 Activations (an estimate): bytes saved for backward per transformer layer and micro-batch,
 counted for the Llama block (RMSNorm, GQA attention, SwiGLU), with s = sequence, b =
@@ -78,8 +79,11 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
     weight_bytes = 2 if mixed else 4
     # Gradients accumulate in fp32 (Megatron main_grad, DeepSpeed grad_accum_dtype fp32).
     grad_bytes = 4
-    # Adam: exp_avg + exp_avg_sq (+ fp32 master weights in mixed precision).
-    optim_bytes = 8 + (4 if mixed else 0)
+    # Adam: exp_avg + exp_avg_sq, plus an fp32 master copy of the weights in mixed precision,
+    # and also in fp32 under DeepSpeed ZeRO >= 1 (it clones its fp32 partition), while
+    # Megatron's distributed optimizer works on views of fp32 parameters.
+    deepspeed_zero = zero_stage >= 1 and not distributed_optimizer
+    optim_bytes = 8 + (4 if mixed or deepspeed_zero else 0)
     shard_optimizer = zero_stage >= 1 or distributed_optimizer
     weights = params * weight_bytes / (dp if zero_stage >= 3 else 1)
     gradients = params * grad_bytes / (dp if zero_stage >= 2 else 1)

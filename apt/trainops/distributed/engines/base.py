@@ -32,9 +32,34 @@ class TrainEngine:
     def train_step(self, batches: Iterator[dict], lr: float) -> StepResult:
         raise NotImplementedError
 
+    def static_memory(self) -> dict:
+        """Bytes this rank holds for weights, gradient buffers (None where they are transient)
+        and optimizer state (fp32 master copies + moments): what the plan's estimate predicts."""
+        raise NotImplementedError
+
     @staticmethod
     def set_lr(param_groups, lr: float) -> None:
         # The schedule is a pure function of the step (schedule.py): setting it each step needs
         # no scheduler state, so resuming at step N sets the same rate.
         for group in param_groups:
             group["lr"] = lr
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside DeepSpeed / Megatron wrappers (Megatron chains one per
+    parameter kind, e.g. dense and expert)."""
+    if isinstance(optimizer, torch.optim.Optimizer) and not hasattr(optimizer, "optimizer"):
+        return [optimizer]
+    if hasattr(optimizer, "chained_optimizers"):
+        return [o for inner in optimizer.chained_optimizers for o in torch_optimizers(inner)]
+    return torch_optimizers(optimizer.optimizer)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Adam moments (and step counters) actually held by this rank."""
+    return sum(tensor_bytes(state.values()) for opt in torch_optimizers(optimizer)
+               for state in opt.state.values())

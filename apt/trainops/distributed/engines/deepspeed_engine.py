@@ -12,7 +12,8 @@ from apt.core.config import APTConfig
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
-from .base import StepResult, TrainEngine, masked_mean_loss, model_forward
+from .base import (StepResult, TrainEngine, masked_mean_loss, model_forward,
+                   optimizer_state_bytes, tensor_bytes)
 
 
 def deepspeed_config(cfg: APTConfig, plan: Plan) -> dict:
@@ -76,3 +77,15 @@ class DeepSpeedEngine(TrainEngine):
         if self.plan.precision == "fp16":  # ZeRO optimizers name it loss_scale, FP16 cur_scale
             scale = getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", None))
         return StepResult(total / self.plan.grad_accum, self.engine.get_global_grad_norm(), scale)
+
+    def static_memory(self) -> dict:
+        params = list(self.engine.module.parameters())
+        if self.plan.zero_stage == 3:   # each rank keeps its partition of every parameter
+            weights = tensor_bytes(p.ds_tensor for p in params)
+            masters = getattr(self.optimizer, "fp32_partitioned_groups_flat", [])
+        else:
+            weights = tensor_bytes(params)
+            masters = getattr(self.optimizer, "single_partition_of_fp32_groups", [])
+        # ZeRO gradients live in transient buckets/partitions: not measured here.
+        return {"weights": weights, "gradients": None,
+                "optimizer": tensor_bytes(masters) + optimizer_state_bytes(self.optimizer)}

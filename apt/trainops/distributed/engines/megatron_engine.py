@@ -18,7 +18,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from apt.core.config import APTConfig
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..plan import Plan
-from .base import StepResult, TrainEngine, masked_mean_loss, model_forward
+from .base import (StepResult, TrainEngine, masked_mean_loss, model_forward,
+                   optimizer_state_bytes, tensor_bytes)
 
 
 class MegatronEngine(TrainEngine):
@@ -75,6 +76,16 @@ class MegatronEngine(TrainEngine):
         return StepResult(_pipeline_mean_loss(losses, micro_batches[0]["tokens"].device),
                           grad_norm, self.optimizer.get_loss_scale().item()
                           if self.plan.precision == "fp16" else None)
+
+
+    def static_memory(self) -> dict:
+        buffers = [b for c in self.chunks for b in c.buffers + c.expert_parallel_buffers]
+        masters = [t for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                   for group in getattr(opt, "shard_fp32_from_float16_groups", [])
+                   for t in group]
+        return {"weights": tensor_bytes(p for m in self.modules for p in m.parameters()),
+                "gradients": tensor_bytes(b.grad_data for b in buffers),
+                "optimizer": tensor_bytes(masters) + optimizer_state_bytes(self.optimizer)}
 
 
 def _forward_step(data_iterator, model):
