@@ -97,10 +97,11 @@ def _indexed_splits(data, tokenizer, options, seed):
                 per_split[s].append(None)
                 continue
             if last - first < data.seq_length + 1:
-                raise DataError(reader.bin_path, f"the {SPLITS[s]} split ({fractions[s]:.0%} of "
+                raise DataError(reader.bin_path, f"the {SPLITS[s]} split ({fractions[s]:.1%} of "
                                                  f"{reader.num_documents} documents) has "
                                                  f"{last - first} tokens, fewer than one sample "
-                                                 f"of {data.seq_length + 1}", key="data.split")
+                                                 f"of {data.seq_length + 1}",
+                                key="data.split" if s else None)
             transforms = (build_transforms(data.augment, tokenizer, seed,
                                            data.span_corruption_rate) if s == 0 else ())
             ds = TokenDataset(reader.tokens[first:last], data.seq_length,
