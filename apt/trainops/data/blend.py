@@ -81,7 +81,9 @@ class BlendedDataset(Dataset):
             where.append(mine)
         where = np.concatenate(where)
         inverse = torch.from_numpy(np.argsort(where))
-        batch = {key: torch.cat([p[key] for p in parts])[inverse] for key in parts[0]}
+        # index_select: plain tensor[index] is orders of magnitude slower on CPU here
+        batch = {key: torch.cat([p[key] for p in parts]).index_select(0, inverse)
+                 for key in parts[0]}
         batch["sample_id"] = torch.from_numpy(indices)
         batch["dataset_id"] = torch.from_numpy(rows[:, 0].copy())
         return batch
