@@ -23,7 +23,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # Tokenizers and Parquet input for the data pipeline (apt preprocess, data.tokenizer).
+        "data": ["tokenizers>=0.19", "sentencepiece>=0.2", "pyarrow>=14"],
+        "test": ["pytest>=8", "tokenizers>=0.19", "sentencepiece>=0.2", "pyarrow>=14"],
         # Transformer Engine is optional and used only on CUDA (layer spec, fused attention).
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -1,4 +1,5 @@
-"""The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config)."""
+"""The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config),
+``apt preprocess`` (text/JSONL/Parquet -> indexed token files)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,11 @@ def _profile(args) -> int:
     return 0
 
 
+def _preprocess(args) -> int:
+    from apt.trainops.data.preprocess import run
+    return run(args)  # a DataError is a ConfigError: one line, exit 2 (below)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = commands.add_parser("profile", help="print a profile fully resolved")
     add_profile_arguments(profile)
     profile.set_defaults(func=_profile)
+    preprocess = commands.add_parser("preprocess", help="tokenize a corpus into .bin/.idx")
+    from apt.trainops.data.preprocess import add_arguments as add_preprocess_arguments
+    add_preprocess_arguments(preprocess)
+    preprocess.set_defaults(func=_preprocess)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -52,15 +52,36 @@ class ModelConfig:
 class DataConfig:
     # "stdlib": the Python standard library's own sources, present offline on every machine.
     # "text": every *.txt/*.py file under `path` (a file or a directory).
-    corpus: Literal["stdlib", "text"] = "stdlib"
+    # "indexed": Megatron .bin/.idx written by `apt preprocess` (or Megatron-LM): `path` is the
+    #   prefix, or `blend: [[0.7, prefix_a], [0.3, prefix_b]]` mixes several by weight.
+    # "sft": chat/instruction JSONL at `path`, loss on the responses only.
+    corpus: Literal["stdlib", "text", "indexed", "sft"] = "stdlib"
     path: Optional[str] = None
-    tokenizer: Literal["byte"] = "byte"
+    blend: Optional[list] = None
+    # "byte" needs no file; "hf" reads a tokenizer.json, "sentencepiece" a .model (tokenizer_path).
+    tokenizer: Literal["byte", "hf", "sentencepiece"] = "byte"
+    tokenizer_path: Optional[str] = None
     seq_length: int = rule(128, gt=0)
     # Fraction of documents held out for validation (chosen by a stable hash of the document).
     val_fraction: float = rule(0.02, gt=0, lt=1)
+    # indexed: train,validation,test shares of each file's documents (contiguous ranges).
+    split: str = "98,2,0"
     max_corpus_bytes: int = rule(8_000_000, gt=0)
     num_workers: int = rule(0, ge=0)
     shuffle: bool = True
+    # Global sample order: "full" permutation per epoch, "feistel" (O(1) memory and resume at
+    # any size), "auto" = full up to 4M samples.
+    shuffle_method: Literal["auto", "full", "feistel"] = "auto"
+    # Restart position ids / confine attention at each end-of-document token.
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    # sft: pack several records into one sample.
+    packing: bool = False
+    # Opt-in augmentations of training samples: doc_shuffle, span_corruption.
+    augment: list = rule([])
+    span_corruption_rate: float = rule(0.15, gt=0, lt=1)
+    # Where index files (blend order, token-range scans) are cached; default <data dir>/.apt_cache.
+    cache_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -206,8 +227,7 @@ def cross_checks(cfg: APTConfig):
     if cfg.data.tokenizer == "byte" and m.vocab_size < BYTE_VOCAB:
         yield "model.vocab_size", (f"{m.vocab_size} is smaller than the byte tokenizer's "
                                    f"{BYTE_VOCAB} tokens")
-    if cfg.data.corpus == "text" and not cfg.data.path:
-        yield "data.path", "required when data.corpus is 'text'"
+    yield from _data_checks(cfg.data)
     if t.min_learning_rate > t.learning_rate:
         yield "training.min_learning_rate", (f"{t.min_learning_rate} exceeds "
                                              f"training.learning_rate={t.learning_rate}")
@@ -252,3 +272,46 @@ def cross_checks(cfg: APTConfig):
         yield "training.distributed.offload_optimizer", "needs ZeRO stage >= 1"
     if d.offload_optimizer and d.engine == "megatron":
         yield "training.distributed.offload_optimizer", "is a DeepSpeed ZeRO feature (engine: deepspeed)"
+
+
+AUGMENTATIONS = ("doc_shuffle", "span_corruption")
+
+
+def _data_checks(data: DataConfig):
+    if data.corpus in ("text", "sft") and not data.path:
+        yield "data.path", f"required when data.corpus is '{data.corpus}'"
+    if data.corpus == "indexed":
+        if not data.path and not data.blend:
+            yield "data.path", "data.corpus 'indexed' needs data.path (a .bin/.idx prefix) or data.blend"
+        elif data.path and data.blend:
+            yield "data.blend", "give data.path or data.blend, not both"
+    if data.blend is not None:
+        if data.corpus != "indexed":
+            yield "data.blend", "only data.corpus 'indexed' can be blended"
+        if not isinstance(data.blend, list) or not data.blend:
+            yield "data.blend", "expected a list of [weight, path] pairs"
+            return
+        for i, entry in enumerate(data.blend):
+            if (not isinstance(entry, (list, tuple)) or len(entry) != 2
+                    or isinstance(entry[0], bool) or not isinstance(entry[0], (int, float))
+                    or not isinstance(entry[1], str)):
+                yield "data.blend", f"entry {i} is {entry!r}; expected [weight, path]"
+            elif entry[0] < 0:
+                yield "data.blend", f"weight {entry[0]} of {entry[1]} is negative"
+        if all(isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], (int, float))
+               for e in data.blend) and sum(e[0] for e in data.blend) <= 0:
+            yield "data.blend", "weights sum to zero"
+    if data.tokenizer != "byte" and not data.tokenizer_path:
+        yield "data.tokenizer_path", f"required for data.tokenizer '{data.tokenizer}'"
+    parts = data.split.replace("/", ",").split(",")
+    try:
+        shares = [float(p) for p in parts]
+        if len(shares) > 3 or min(shares) < 0 or shares[0] <= 0:
+            raise ValueError
+    except ValueError:
+        yield "data.split", (f"{data.split!r}: expected up to 3 non-negative numbers, train "
+                             f"first and positive (e.g. 98,2,0)")
+    if not isinstance(data.augment, list) or any(a not in AUGMENTATIONS for a in data.augment):
+        yield "data.augment", f"{data.augment!r}: expected a list of {', '.join(AUGMENTATIONS)}"
+    if data.packing and data.corpus != "sft":
+        yield "data.packing", "packs SFT records: needs data.corpus 'sft'"

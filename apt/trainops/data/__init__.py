@@ -1,10 +1,20 @@
-"""Data: offline corpora, tokenizers, token datasets, the global resumable sampler, loaders."""
+"""Data: corpora, tokenizers, indexed (Megatron .bin/.idx) token datasets, blending, SFT and
+preference data, augmentations, the global resumable sampler, loaders, preprocessing."""
+from .augment import DocumentShuffle, SpanCorruption
+from .blend import BlendedDataset
 from .corpus import is_validation, stdlib_documents, text_documents
 from .datasets import TokenDataset, nats_to_bits
+from .errors import DataError
+from .indexed import IndexedReader, IndexedWriter
 from .loader import APTDataLoader, create_dataloader
-from .sampler import GlobalBatchSampler
-from .tokenizer import ByteTokenizer, build_tokenizer
+from .sampler import FeistelPermutation, GlobalBatchSampler
+from .sft import PreferenceDataset, SFTDataset
+from .tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, build_tokenizer,
+                        load_tokenizer, train_bpe)
 
-__all__ = ["APTDataLoader", "ByteTokenizer", "GlobalBatchSampler", "TokenDataset",
-           "build_tokenizer", "create_dataloader", "is_validation", "nats_to_bits",
-           "stdlib_documents", "text_documents"]
+__all__ = ["APTDataLoader", "BlendedDataset", "ByteTokenizer", "DataError", "DocumentShuffle",
+           "FeistelPermutation", "GlobalBatchSampler", "HFTokenizer", "IndexedReader",
+           "IndexedWriter", "PreferenceDataset", "SFTDataset", "SentencePieceTokenizer",
+           "SpanCorruption", "TokenDataset", "build_tokenizer", "create_dataloader",
+           "is_validation", "load_tokenizer", "nats_to_bits", "stdlib_documents",
+           "text_documents", "train_bpe"]

@@ -1,15 +1,50 @@
-"""Datasets for a profile's ``data:`` section."""
+"""Datasets for a profile's ``data:`` section: ``build_datasets(cfg.data)``.
+
+Everything that can be wrong with the data (missing or corrupt files, an empty split, token ids
+the vocabulary does not have, bad blend weights) is a ``DataError`` raised here, before the
+first training step."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
+
 from apt.core.config import DataConfig
+from .augment import build_transforms
+from .blend import BlendedDataset, normalise_weights
+from .cache import cache_key, cached_json, file_fingerprint
 from .corpus import is_validation, stdlib_documents, text_documents
 from .datasets import TokenDataset
+from .errors import DataError
+from .indexed import IndexedReader
+from .sft import SFTDataset, read_jsonl
 from .tokenizer import build_tokenizer
 
+SPLITS = ("train", "validation", "test")
 
-def build_datasets(data: DataConfig):
-    """Return (train, validation, tokenizer), split by a stable hash of each document's name."""
-    tokenizer = build_tokenizer(data.tokenizer)
+
+def build_datasets(data: DataConfig, model_vocab_size: int | None = None, seed: int = 0,
+                   with_test: bool = False):
+    """Return (train, validation, tokenizer) (and test when ``with_test``)."""
+    tokenizer = build_tokenizer(data.tokenizer, data.tokenizer_path)
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise DataError(data.tokenizer_path or data.tokenizer,
+                        f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                        f"{model_vocab_size}", key="model.vocab_size")
+    options = dict(eod_id=tokenizer.eod_id, reset_position_ids=data.reset_position_ids,
+                   reset_attention_mask=data.reset_attention_mask)
+    if data.corpus == "indexed":
+        splits = _indexed_splits(data, tokenizer, options, seed)
+    elif data.corpus == "sft":
+        splits = _sft_splits(data, tokenizer)
+    else:
+        splits = _document_splits(data, tokenizer, options, seed)
+    train, val, test = splits
+    return (train, val, test, tokenizer) if with_test else (train, val, tokenizer)
+
+
+def _document_splits(data, tokenizer, options, seed):
     if data.corpus == "stdlib":
         documents = stdlib_documents(data.max_corpus_bytes)
     else:
@@ -18,6 +53,96 @@ def build_datasets(data: DataConfig):
     val_docs = [d for d in documents if is_validation(d[0], data.val_fraction)]
     if not val_docs:  # a tiny corpus: hold out its last document
         train_docs, val_docs = train_docs[:-1], train_docs[-1:]
-    train = TokenDataset.from_documents(train_docs, tokenizer, data.seq_length, "train")
-    val = TokenDataset.from_documents(val_docs, tokenizer, data.seq_length, "validation")
-    return train, val, tokenizer
+    transforms = build_transforms(data.augment, tokenizer, seed, data.span_corruption_rate)
+    train = TokenDataset.from_documents(train_docs, tokenizer, data.seq_length, "train",
+                                        transforms=transforms, **options)
+    val = TokenDataset.from_documents(val_docs, tokenizer, data.seq_length, "validation",
+                                      **options)
+    return train, val, None
+
+
+def split_fractions(split: str) -> np.ndarray:
+    """``"98,2,0"`` -> fractions of documents for train, validation, test."""
+    try:
+        parts = [float(p) for p in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise DataError(None, f"{split!r} is not comma-separated numbers (e.g. 98,2,0)",
+                        key="data.split") from None
+    parts += [0.0] * (3 - len(parts))
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0 or parts[0] <= 0:
+        raise DataError(None, f"{split!r}: need up to 3 non-negative numbers with a positive "
+                              f"train share", key="data.split")
+    return np.asarray(parts) / sum(parts)
+
+
+def _indexed_splits(data, tokenizer, options, seed):
+    entries = data.blend or [[1.0, data.path]]
+    paths = [str(path) for _, path in entries]
+    for weight, path in entries:
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise DataError(path, f"blend weight {weight!r} is negative or not a number",
+                            key="data.blend")
+    weights = normalise_weights([w for w, _ in entries])
+    fractions = split_fractions(data.split)
+    cache_dir = data.cache_dir or str(Path(paths[0]).resolve().parent / ".apt_cache")
+    per_split: list[list] = [[], [], []]
+    for path in paths:
+        reader = IndexedReader(path)
+        check_token_range(reader, tokenizer, cache_dir)
+        bounds = np.round(np.cumsum(np.concatenate([[0], fractions])) * reader.num_documents)
+        bounds = bounds.astype(np.int64)
+        for s in range(3):
+            first, last = reader.document_offsets[bounds[s]], reader.document_offsets[bounds[s + 1]]
+            if fractions[s] == 0:
+                per_split[s].append(None)
+                continue
+            if last - first < data.seq_length + 1:
+                raise DataError(reader.bin_path, f"the {SPLITS[s]} split ({fractions[s]:.1%} of "
+                                                 f"{reader.num_documents} documents) has "
+                                                 f"{last - first} tokens, fewer than one sample "
+                                                 f"of {data.seq_length + 1}",
+                                key="data.split" if s else None)
+            transforms = (build_transforms(data.augment, tokenizer, seed,
+                                           data.span_corruption_rate) if s == 0 else ())
+            ds = TokenDataset(reader.tokens[first:last], data.seq_length,
+                              f"{reader.bin_path}[{SPLITS[s]}]", transforms=transforms, **options)
+            ds.fingerprint = [file_fingerprint(reader.bin_path), int(first), int(last)]
+            per_split[s].append(ds)
+    out = []
+    for s, datasets in enumerate(per_split):
+        if datasets[0] is None:
+            out.append(None)
+        elif len(datasets) == 1:
+            out.append(datasets[0])
+        else:
+            out.append(BlendedDataset(datasets, weights, cache_dir, f"blend-{SPLITS[s]}"))
+    return out
+
+
+def check_token_range(reader: IndexedReader, tokenizer, cache_dir: str) -> None:
+    """Every token id must be inside the tokenizer's vocabulary. The scan of the ``.bin`` is
+    done once per file version and cached."""
+    def scan():
+        return {"min": int(reader.tokens.min()), "max": int(reader.tokens.max())}
+    key = cache_key("range", file_fingerprint(reader.bin_path))
+    stats = cached_json(cache_dir, f"{Path(reader.prefix).name}-range-{key}", scan)
+    if stats["min"] < 0 or stats["max"] >= tokenizer.vocab_size:
+        bad = stats["max"] if stats["max"] >= tokenizer.vocab_size else stats["min"]
+        raise DataError(reader.bin_path, f"token id {bad} is outside the vocabulary "
+                                         f"[0, {tokenizer.vocab_size}) of the {tokenizer.name} "
+                                         f"tokenizer (preprocessed with another tokenizer?)")
+
+
+def _sft_splits(data, tokenizer):
+    records = read_jsonl(data.path)
+    train = [r for i, r in enumerate(records) if not is_validation(str(i), data.val_fraction)]
+    val = [r for i, r in enumerate(records) if is_validation(str(i), data.val_fraction)]
+    if not val:
+        train, val = train[:-1], train[-1:]
+    if not train:
+        raise DataError(data.path, "too few records for a train and a validation split")
+    name = os.path.basename(data.path)
+    return (SFTDataset(train, tokenizer, data.seq_length, packing=data.packing,
+                       name=f"{name}[train]"),
+            SFTDataset(val, tokenizer, data.seq_length, packing=data.packing,
+                       name=f"{name}[validation]"), None)

@@ -19,17 +19,19 @@ def create_dataloader(dataset, batch_size: int, num_workers: int = 0, shuffle: b
                       seed: int = 1234, global_batch_size: int | None = None,
                       data_parallel_rank: int | None = None,
                       data_parallel_size: int | None = None, consumed_samples: int = 0,
-                      infinite: bool = True) -> APTDataLoader:
+                      infinite: bool = True, permutation: str = "auto") -> APTDataLoader:
     """``batch_size`` is the per-process micro-batch. The data-parallel rank and size default to
     the running Megatron groups (1 process when none exist); ``global_batch_size`` defaults to
-    one micro-batch on every data-parallel rank."""
+    one micro-batch on every data-parallel rank. Resuming at ``consumed_samples`` (a multiple of
+    the global batch) starts exactly where a run that consumed that many samples stopped.
+    ``permutation`` is the sampler's epoch order (auto, full, feistel: see sampler.py)."""
     if data_parallel_size is None or data_parallel_rank is None:
         data_parallel_rank, data_parallel_size = _data_parallel_position()
     global_batch = global_batch_size or batch_size * data_parallel_size
     sampler = GlobalBatchSampler(len(dataset), global_batch, batch_size,
                                  dp_rank=data_parallel_rank, dp_size=data_parallel_size,
                                  seed=seed, shuffle=shuffle, consumed_samples=consumed_samples,
-                                 infinite=infinite)
+                                 infinite=infinite, permutation=permutation)
     return APTDataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                          persistent_workers=num_workers > 0, collate_fn=_stack)
 
@@ -42,5 +44,8 @@ def _data_parallel_position() -> tuple[int, int]:
     return 0, 1
 
 
-def _stack(samples: list[dict]) -> dict:
+def _stack(samples) -> dict:
+    """Datasets with ``__getitems__`` hand over a whole batch already (one vectorised read)."""
+    if isinstance(samples, dict):
+        return samples
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}

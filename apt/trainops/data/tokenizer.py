@@ -1,9 +1,25 @@
-"""Byte-level tokenizer: needs no files, round-trips any text exactly."""
+"""Tokenizers: byte-level (no files), Hugging Face ``tokenizers`` (``tokenizer.json``, or a BPE
+trained here on a corpus), SentencePiece (``.model``).
+
+Every tokenizer has ``encode(text) -> int64 array``, ``decode(ids) -> str``, ``eod_id``,
+``pad_id``, ``vocab_size`` and ``save(directory)``; ``load_tokenizer(directory)`` restores what
+``save`` wrote, so a run's tokenizer travels with its artifacts."""
 from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 
 from apt.core.config.schema import BYTE_VOCAB
+from .errors import DataError
+
+EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
+# End-of-document tokens of common tokenizer.json files, tried in this order.
+_EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")
+_CONFIG = "apt_tokenizer.json"
 
 
 class ByteTokenizer:
@@ -22,8 +38,129 @@ class ByteTokenizer:
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
 
+    def save(self, directory) -> Path:
+        return _write_config(directory, {"type": "byte"})
 
-def build_tokenizer(name: str):
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer loaded from ``tokenizer.json``."""
+
+    name = "hf"
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.path = self.path / "tokenizer.json"
+        if not self.path.is_file():
+            raise DataError(self.path, "tokenizer file not found", key="data.tokenizer_path")
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as exc:  # tokenizers raises its own exception type
+            raise DataError(self.path, f"not a valid tokenizer.json: {str(exc).splitlines()[0]}",
+                            key="data.tokenizer_path") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = [self._tok.token_to_id(t) for t in _EOD_CANDIDATES]
+        ids = [i for i in ids if i is not None]
+        if not ids:
+            raise DataError(self.path, f"no end-of-document token (looked for "
+                                       f"{', '.join(_EOD_CANDIDATES)})", key="data.tokenizer_path")
+        self.eod_id = ids[0]
+        pad = self._tok.token_to_id(PAD_TOKEN)
+        self.pad_id = self.eod_id if pad is None else pad
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64)
+                for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory) -> Path:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path, Path(directory) / "tokenizer.json")
+        return _write_config(directory, {"type": "hf", "file": "tokenizer.json"})
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model`` (its ``</s>`` is the end-of-document token)."""
+
+    name = "sentencepiece"
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(self.path, "tokenizer model not found", key="data.tokenizer_path")
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        except Exception as exc:
+            raise DataError(self.path, f"not a valid SentencePiece model: "
+                                       f"{str(exc).splitlines()[0]}",
+                            key="data.tokenizer_path") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod_id = self._sp.eos_id()
+        if self.eod_id < 0:
+            raise DataError(self.path, "the model has no end-of-sentence (</s>) piece",
+                            key="data.tokenizer_path")
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eod_id
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids if int(i) != self.eod_id])
+
+    def save(self, directory) -> Path:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path, Path(directory) / "tokenizer.model")
+        return _write_config(directory, {"type": "sentencepiece", "file": "tokenizer.model"})
+
+
+def build_tokenizer(name: str, path: str | None = None):
+    """``name`` is ``data.tokenizer``; ``path`` is ``data.tokenizer_path`` (files only)."""
     if name == "byte":
         return ByteTokenizer()
+    if name in ("hf", "sentencepiece"):
+        if not path:
+            raise DataError(None, f"tokenizer {name!r} needs data.tokenizer_path",
+                            key="data.tokenizer_path")
+        return HFTokenizer(path) if name == "hf" else SentencePieceTokenizer(path)
     raise ValueError(f"unknown tokenizer {name!r}")
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """Restore a tokenizer that ``save(directory)`` wrote (a run directory's ``tokenizer/``)."""
+    config_path = Path(directory) / _CONFIG
+    if not config_path.is_file():
+        raise DataError(config_path, "no saved tokenizer here")
+    config = json.loads(config_path.read_text())
+    if config["type"] == "byte":
+        return ByteTokenizer()
+    return build_tokenizer(config["type"], str(Path(directory) / config["file"]))
+
+
+def train_bpe(texts, vocab_size: int, output: str | os.PathLike) -> HFTokenizer:
+    """Train a byte-level BPE (``tokenizers``) on an iterable of strings; write ``output``
+    (a ``tokenizer.json``) and return it loaded. Byte-level, so every text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(output))
+    return HFTokenizer(output)
+
+
+def _write_config(directory, config: dict) -> Path:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    path = Path(directory) / _CONFIG
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path

@@ -77,8 +77,10 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
     if not dist.is_initialized():
         export(env)
         timeout = datetime.timedelta(minutes=int(os.environ.get("APT_DIST_TIMEOUT_MIN", 30)))
+        # One process needs no rendezvous: an in-memory store avoids racing for a TCP port.
+        store = dist.HashStore() if env.launcher == "python" and env.world_size == 1 else None
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timeout)
+                                timeout=timeout, store=store)
     degrees = dict(tp=1, pp=1, vp=1, ep=1, cp=1)
     if plan is not None:
         degrees = dict(tp=plan.tp, pp=plan.pp, vp=plan.vp, ep=plan.ep, cp=plan.cp)

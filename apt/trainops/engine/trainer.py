@@ -61,7 +61,8 @@ class Trainer:
         self.tokenizer = tokenizer
         if train_dataloader is None or eval_dataloader is None:
             if train_dataset is None:
-                train_dataset, built_eval, self.tokenizer = build_datasets(cfg.data)
+                train_dataset, built_eval, self.tokenizer = build_datasets(
+                    cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
                 eval_dataset = eval_dataset or built_eval
             train_dataloader = train_dataloader or self._loader(train_dataset, train=True)
             if eval_dataset is not None:
@@ -112,7 +113,8 @@ class Trainer:
             dataset, self.plan.micro_batch, self.config.data.num_workers,
             shuffle=self.config.data.shuffle and train, seed=self.config.training.seed,
             global_batch_size=self.plan.global_batch, data_parallel_rank=self.runtime.dp_rank,
-            data_parallel_size=self.runtime.dp_size, infinite=train)
+            data_parallel_size=self.runtime.dp_size, infinite=train,
+            permutation=self.config.data.shuffle_method)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -121,6 +123,8 @@ class Trainer:
         self.artifacts = self._artifacts()
         self.artifacts.save_config(config_to_dict(cfg), cfg.config_hash)
         self.artifacts.save_text("plan.txt", plan.describe())
+        if main and hasattr(self.tokenizer, "save"):  # the run can be decoded without the profile
+            self.tokenizer.save(self.artifacts.run_dir / "tokenizer")
         self.engine = build_engine(self.modules, cfg, plan)
         progress = Progress(t.max_steps, self.step, enabled=main, sink=self.artifacts.save_logs)
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
