@@ -62,10 +62,51 @@ def test_deepspeed_launcher_two_processes_zero2_matches_single(reference, tmp_pa
     assert max(abs(a - b) for a, b in zip(reference, losses)) < 1e-5, (reference, losses)
 
 
-def test_torchrun_two_processes_zero3_matches_single(reference, tmp_path):
-    result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node=2", str(TRAIN), *COMMON, "--set", f"output.dir={tmp_path}",
-                   "--set", "training.distributed.strategy=fsdp"], "torchrun --nproc_per_node 2")
-    assert "fsdp" in result.stdout and "ZeRO-3" in result.stdout
+def _run_together(commands, envs, label):
+    """Start every process of a multi-node launch at once; all must succeed."""
+    procs = [subprocess.Popen(cmd, env={**_env(), **extra}, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for cmd, extra in zip(commands, envs)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, f"{label} failed:\n{out[-3000:]}\n{err[-5000:]}"
+    return outputs[0][0]
+
+
+def test_torchrun_two_nodes_zero3_matches_single(reference, tmp_path):
+    port = str(free_port())
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                 "--nproc_per_node=1", f"--node_rank={node}", "--master_addr=127.0.0.1",
+                 f"--master_port={port}", str(TRAIN), *COMMON, "--set", f"output.dir={tmp_path}",
+                 "--set", "training.distributed.strategy=fsdp"] for node in (0, 1)]
+    stdout = _run_together(commands, [{}, {}], "torchrun --nnodes 2")
+    assert "fsdp" in stdout and "ZeRO-3" in stdout and "2 = 1 node(s)" not in stdout
+    losses = _losses(tmp_path)
+    assert max(abs(a - b) for a, b in zip(reference, losses)) < 1e-5, (reference, losses)
+
+
+def test_deepspeed_hostfile_matches_single(reference, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\n")
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    out = tmp_path / "runs"
+    _run([str(deepspeed), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr",
+          "127.0.0.1", "--master_port", str(free_port()), str(TRAIN), *COMMON,
+          "--set", f"output.dir={out}"], "deepspeed --hostfile")
+    losses = _losses(out)
+    assert max(abs(a - b) for a, b in zip(reference, losses)) < 1e-5, (reference, losses)
+
+
+def test_slurm_tasks_tensor_parallel_matches_single(reference, tmp_path):
+    """What srun gives each task (SLURM_PROCID/NTASKS/LOCALID + the sbatch's MASTER_*)."""
+    port = str(free_port())
+    envs = [{"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port} for r in (0, 1)]
+    command = [sys.executable, str(TRAIN), *COMMON, "--set", f"output.dir={tmp_path}",
+               "--set", "training.distributed.strategy=hybrid",
+               "--set", "training.distributed.tensor_parallel=2",
+               "--set", "training.distributed.sequence_parallel=true"]
+    stdout = _run_together([command, command], envs, "SLURM tasks")
+    assert "TP=2" in stdout and "engine megatron" in stdout
     losses = _losses(tmp_path)
     assert max(abs(a - b) for a, b in zip(reference, losses)) < 1e-5, (reference, losses)

@@ -14,6 +14,7 @@ class LaunchEnv:
     world_size: int
     master_addr: str
     master_port: int
+    local_world_size: int   # processes on this node (what the plan calls GPUs per node)
 
 
 def detect_launch_env(environ=None) -> LaunchEnv:
@@ -21,16 +22,21 @@ def detect_launch_env(environ=None) -> LaunchEnv:
     if "SLURM_PROCID" in env and "RANK" not in env:
         # srun starts one task per rank; MASTER_ADDR comes from the sbatch script
         # (launch/slurm.sbatch sets it to the first node of the allocation).
+        world = int(env["SLURM_NTASKS"])
+        per_node = int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or world)
         return LaunchEnv("slurm", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
-                         int(env["SLURM_NTASKS"]), env.get("MASTER_ADDR", "127.0.0.1"),
-                         int(env.get("MASTER_PORT", 29500)))
+                         world, env.get("MASTER_ADDR", "127.0.0.1"),
+                         int(env.get("MASTER_PORT", 29500)), per_node)
     if "RANK" in env and "WORLD_SIZE" in env:
         # torchrun sets TORCHELASTIC_*; the deepspeed launcher does not.
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
-        return LaunchEnv(launcher, int(env["RANK"]), int(env.get("LOCAL_RANK", 0)),
-                         int(env["WORLD_SIZE"]), env.get("MASTER_ADDR", "127.0.0.1"),
-                         int(env.get("MASTER_PORT", 29500)))
-    return LaunchEnv("python", 0, 0, 1, "127.0.0.1", free_port())
+        world = int(env["WORLD_SIZE"])
+        # torchrun exports LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+        per_node = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
+        return LaunchEnv(launcher, int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world,
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
+                         per_node)
+    return LaunchEnv("python", 0, 0, 1, "127.0.0.1", free_port(), 1)
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """setup_distributed: process group, Megatron-core parallel groups from the plan, seeded RNGs."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import random
@@ -62,9 +63,8 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
         return _RUNTIME
     env = detect_launch_env()
     if rank is not None or world_size is not None:
-        env = LaunchEnv(env.launcher, env.rank if rank is None else rank, env.local_rank,
-                        env.world_size if world_size is None else world_size,
-                        env.master_addr, env.master_port)
+        env = dataclasses.replace(env, rank=env.rank if rank is None else rank,
+                                  world_size=env.world_size if world_size is None else world_size)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(env.local_rank)

@@ -43,7 +43,9 @@ class Trainer:
             output_dir, experiment_name, train_dataloader))
         self.config = cfg
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        self.plan = make_plan(cfg, detect_launch_env().world_size, device_type=device_type)
+        launch = detect_launch_env()
+        self.plan = make_plan(cfg, launch.world_size, launch.local_world_size,
+                              device_type=device_type)
         self.runtime = setup_distributed(plan=self.plan, seed=cfg.training.seed)
         if model is None:
             from apt.model.architectures import APTModel
