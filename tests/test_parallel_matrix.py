@@ -45,6 +45,11 @@ LAYOUTS_2 = {
     "pp2_vp2": [HYBRID, "training.distributed.pipeline_parallel=2",
                 "training.distributed.virtual_pipeline_stages=2"],
     "moe_ep2": MOE + [HYBRID, "training.distributed.expert_parallel=2"],
+    "pp2_recompute_full": [HYBRID, "training.distributed.pipeline_parallel=2",
+                           "training.distributed.recompute=full"],
+    "tp2_sp_recompute_selective": [HYBRID, "training.distributed.tensor_parallel=2",
+                                   "training.distributed.sequence_parallel=true",
+                                   "training.distributed.recompute=selective"],
 }
 LAYOUTS_4 = {
     "tp2_pp2": [HYBRID, "training.distributed.tensor_parallel=2",
