@@ -1,4 +1,5 @@
-"""The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config)."""
+"""The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config),
+``apt benchmark`` (timed training steps, one summary line)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,19 @@ def _profile(args) -> int:
     return 0
 
 
+def _benchmark(args) -> int:
+    from apt.core.logging import configure_logging
+    from apt.trainops.distributed import shutdown_distributed
+    from apt.trainops.eval.benchmark import run_benchmark
+    configure_logging()
+    cfg = load_profile(args.profile, args.overrides)
+    try:
+        run_benchmark(cfg, steps=args.steps, warmup=args.warmup)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     profile = commands.add_parser("profile", help="print a profile fully resolved")
     add_profile_arguments(profile)
     profile.set_defaults(func=_profile)
+    bench = commands.add_parser("benchmark", help="time N training steps after a warm-up")
+    add_profile_arguments(bench)
+    bench.add_argument("--steps", type=int, default=50, help="measured steps")
+    bench.add_argument("--warmup", type=int, default=10, help="steps run before measuring")
+    bench.set_defaults(func=_benchmark)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -18,6 +18,12 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
+    def to_dict(self) -> dict:
+        """What ``load_tokenizer`` needs to rebuild this tokenizer (there is no vocabulary file:
+        token i < 256 is byte i)."""
+        return {"type": self.name, "vocab_size": self.vocab_size, "byte_tokens": 256,
+                "eod_id": self.eod_id, "pad_id": self.pad_id, "encoding": "utf-8"}
+
     def decode(self, ids) -> str:
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
@@ -27,3 +33,14 @@ def build_tokenizer(name: str):
     if name == "byte":
         return ByteTokenizer()
     raise ValueError(f"unknown tokenizer {name!r}")
+
+
+def load_tokenizer(path) -> "ByteTokenizer":
+    """Rebuild a tokenizer from a run's tokenizer/tokenizer.json."""
+    import json
+    from pathlib import Path
+    info = json.loads(Path(path).read_text())
+    tokenizer = build_tokenizer(info["type"])
+    if tokenizer.to_dict() != info:
+        raise ValueError(f"{path}: describes {info}, which this version builds differently")
+    return tokenizer

@@ -6,7 +6,6 @@ here, before any process group exists), ``train()`` runs the loop. Numbers the p
 """
 from __future__ import annotations
 
-import math
 import time
 from functools import partial
 
@@ -59,7 +58,8 @@ class Trainer:
             if eval_dataset is not None:
                 eval_dataloader = eval_dataloader or self._loader(eval_dataset, train=False)
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
-        self.callbacks = list(callbacks or [])
+        from apt.trainops.monitoring import build_callbacks  # monitoring imports engine
+        self.callbacks = build_callbacks(cfg, extra=callbacks or [])
         self.step = 0
         self.engine = None
         self.history: list[dict] = []
@@ -122,14 +122,17 @@ class Trainer:
         self._emit("on_train_start")
         tokens_per_step = plan.global_batch * cfg.data.seq_length
         batches = iter(self.train_dataloader)
-        pending: list[tuple] = []  # (step, loss tensor, lr, grad norm, seconds, end time)
+        pending: list[tuple] = []  # (step, loss, lr, grad norm, seconds, end time, data wait)
         started = time.perf_counter()
         while self.step < t.max_steps:
             step_start = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]
             step_loss = torch.zeros((), device=self.runtime.device)
+            data_wait = 0.0
             for _ in range(plan.grad_accum):
+                fetch_start = time.perf_counter()
                 batch = self._to_device(next(batches))
+                data_wait += time.perf_counter() - fetch_start
                 loss = self._loss(batch)
                 self.engine.backward(loss)
                 self.engine.step()
@@ -137,7 +140,7 @@ class Trainer:
             self.step += 1
             grad_norm = self.engine.get_global_grad_norm()
             pending.append((self.step, step_loss, lr, grad_norm,
-                            time.perf_counter() - step_start, time.time()))
+                            time.perf_counter() - step_start, time.time(), data_wait))
             last = self.step == t.max_steps
             if self.step % t.log_interval == 0 or last:
                 self._flush(pending, tokens_per_step, progress)
@@ -175,8 +178,8 @@ class Trainer:
         records = [{"step": step, "loss": loss, "lr": lr,
                     "grad_norm": None if grad_norm is None else float(grad_norm),
                     "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
-                    "time": ended}
-                   for (step, _, lr, grad_norm, seconds, ended), loss in zip(pending,
+                    "time": ended, "data_wait_s": wait}
+                   for (step, _, lr, grad_norm, seconds, ended, wait), loss in zip(pending,
                                                                            losses.tolist())]
         self._emit("on_log", records)
         for record in records:
@@ -192,30 +195,19 @@ class Trainer:
                       f"{format_duration(progress.eta(self.step))}")
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict:
-        """Mean validation loss over ``max_batches`` micro-batches per rank, all DP ranks."""
-        from megatron.core import parallel_state
+        """Validation metrics (apt.trainops.eval.Evaluator) over ``max_batches`` micro-batches
+        per data-parallel rank, prefixed ``val_``; the same numbers on every layout."""
+        from apt.trainops.eval import Evaluator
         if self.eval_dataloader is None:
             return {}
-        module = self.engine.module if self.engine is not None else self.model
-        was_training = module.training
-        module.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
-        limit = max_batches or self.config.training.eval_batches
-        for i, batch in enumerate(self.eval_dataloader):
-            if i >= limit:
-                break
-            batch = self._to_device(batch)
-            per_token = module(batch["tokens"], batch["position_ids"], None,
-                               labels=batch["labels"])
-            totals[0] += (per_token.double() * batch["loss_mask"]).sum()
-            totals[1] += batch["loss_mask"].sum()
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        module.train(was_training)
-        loss = (totals[0] / totals[1]).item()
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50)),
-                "val_bits_per_token": nats_to_bits(loss), "val_tokens": int(totals[1].item())}
+        t = self.config.training
+        evaluator = Evaluator(self.engine.module if self.engine is not None else self.model,
+                              dataloader=self.eval_dataloader, tokenizer=self.tokenizer,
+                              metrics=["loss", "perplexity", "bits_per_token", "accuracy"],
+                              micro_batch_size=self.plan.micro_batch,
+                              tasks=[t.eval_task] if t.eval_task else ())
+        return {f"val_{k}": v for k, v in evaluator.evaluate(max_batches or t.eval_batches).items()}
 
     def _log_eval(self, progress) -> dict:
         result = self.evaluate()
@@ -226,7 +218,8 @@ class Trainer:
                 self.artifacts.save_metrics(result)
             progress.line(f"eval @ step {self.step} | val loss {result['val_loss']:.4f} nats "
                           f"({result['val_bits_per_token']:.3f} bits/token) | perplexity "
-                          f"{result['val_perplexity']:.2f}")
+                          f"{result['val_perplexity']:.2f} | next-token accuracy "
+                          f"{result['val_accuracy']:.3f}")
         return result
 
     # ------------------------------------------------------------------ the end of a run
