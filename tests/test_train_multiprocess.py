@@ -65,7 +65,12 @@ def test_deepspeed_launcher_two_processes_zero2_matches_single(reference, tmp_pa
 def test_torchrun_two_processes_zero3_matches_single(reference, tmp_path):
     result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc_per_node=2", str(TRAIN), *COMMON, "--set", f"output.dir={tmp_path}",
-                   "--set", "training.distributed.strategy=fsdp"], "torchrun --nproc_per_node 2")
+                   "--set", "training.distributed.strategy=fsdp",
+                   "--set", "monitoring.tensorboard=true"], "torchrun --nproc_per_node 2")
     assert "fsdp" in result.stdout and "ZeRO-3" in result.stdout
     losses = _losses(tmp_path)
     assert max(abs(a - b) for a, b in zip(reference, losses)) < 1e-5, (reference, losses)
+    # Only rank 0 writes: one run directory, one TensorBoard event file, one plot set.
+    (run,) = list(tmp_path.iterdir())
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert (run / "plots" / "loss.png").exists() and (run / "environment.json").exists()
