@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+MONITORING = ["tensorboard>=2.21,<3", "wandb>=0.31,<1", "mlflow>=3.17,<4"]
+
 setup(
     name="apt-trainops",
     version="0.1.0",
@@ -21,9 +23,15 @@ setup(
         "tqdm",
         "psutil",
         "ninja",
+        "matplotlib>=3.8",  # the run's PNG plots (on by default)
     ],
+    # Built-in multiple-choice tasks (apt/trainops/eval/tasks/*.jsonl).
+    package_data={"apt.trainops.eval": ["tasks/*.jsonl"]},
     extras_require={
-        "test": ["pytest>=8"],
+        # Monitoring backends (apt/trainops/monitoring, switched on in the profile); the
+        # tests read each backend's files back with that library's own reader.
+        "monitoring": MONITORING,
+        "test": ["pytest>=8", *MONITORING],
         # Transformer Engine is optional and used only on CUDA (layer spec, fused attention).
         "gpu": ["transformer-engine[pytorch]"],
     },
