@@ -25,6 +25,10 @@ COMMON = ["--profile", "tiny", "--set", f"training.max_steps={STEPS}",
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # An in-process Trainer earlier in this pytest process exported its own rendezvous (and
+    # still holds that port): a launched run must not inherit it.
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
