@@ -83,8 +83,8 @@ class Evaluator:
         dp_rank, dp_size = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) \
             if ps else (0, 1)
         mine = list(range(dp_rank, len(task.questions), dp_size))
-        max_len = getattr(getattr(self.model, "arch", None), "max_seq_len", None) or \
-            self.model.max_sequence_length
+        from megatron.core.utils import get_attr_wrapped_model  # through Float16Module etc.
+        max_len = get_attr_wrapped_model(self.model, "max_sequence_length")
         rows, length = choice_rows(task, self.tokenizer, mine, None, max_len)
         mbs = self.micro_batch_size
         while len(rows) % mbs or not rows:  # fixed micro-batch shape: pad with masked rows
