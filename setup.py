@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+MONITORING = ["tensorboard>=2.21,<3", "wandb>=0.31,<1", "mlflow>=3.17,<4"]
+
 setup(
     name="apt-trainops",
     version="0.1.0",
@@ -21,11 +23,17 @@ setup(
         "tqdm",
         "psutil",
         "ninja",
+        "matplotlib>=3.8",  # the run's PNG plots (on by default)
     ],
+    # Built-in multiple-choice tasks (apt/trainops/eval/tasks/*.jsonl).
+    package_data={"apt.trainops.eval": ["tasks/*.jsonl"]},
     extras_require={
         # Tokenizers and Parquet input for the data pipeline (apt preprocess, data.tokenizer).
         "data": ["tokenizers>=0.19", "sentencepiece>=0.2", "pyarrow>=14"],
-        "test": ["pytest>=8", "tokenizers>=0.19", "sentencepiece>=0.2", "pyarrow>=14"],
+        "test": ["pytest>=8", "tokenizers>=0.19", "sentencepiece>=0.2", "pyarrow>=14", *MONITORING],
+        # Monitoring backends (apt/trainops/monitoring, switched on in the profile); the
+        # tests read each backend's files back with that library's own reader.
+        "monitoring": MONITORING,
         # Transformer Engine is optional and used only on CUDA (layer spec, fused attention).
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -1,5 +1,6 @@
 """The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config),
-``apt preprocess`` (text/JSONL/Parquet -> indexed token files)."""
+``apt preprocess`` (text/JSONL/Parquet -> indexed token files), ``apt benchmark`` (timed
+training steps, one summary line)."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,19 @@ def _preprocess(args) -> int:
     return run(args)  # a DataError is a ConfigError: one line, exit 2 (below)
 
 
+def _benchmark(args) -> int:
+    from apt.core.logging import configure_logging
+    from apt.trainops.distributed import shutdown_distributed
+    from apt.trainops.eval.benchmark import run_benchmark
+    configure_logging()
+    cfg = load_profile(args.profile, args.overrides)
+    try:
+        run_benchmark(cfg, steps=args.steps, warmup=args.warmup)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     from apt.trainops.data.preprocess import add_arguments as add_preprocess_arguments
     add_preprocess_arguments(preprocess)
     preprocess.set_defaults(func=_preprocess)
+    bench = commands.add_parser("benchmark", help="time N training steps after a warm-up")
+    add_profile_arguments(bench)
+    bench.add_argument("--steps", type=int, default=50, help="measured steps")
+    bench.add_argument("--warmup", type=int, default=10, help="steps run before measuring")
+    bench.set_defaults(func=_benchmark)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

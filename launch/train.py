@@ -6,6 +6,7 @@
     deepspeed --num_gpus 2 launch/train.py --profile tiny                   # CPU or GPU
     deepspeed --hostfile hosts launch/train.py --profile 70b                # a cluster
     srun python launch/train.py --profile 70b                               # SLURM
+    python launch/train.py --profile tiny --benchmark 50 --warmup 10        # timing only
 
 The profile is resolved and the parallel plan checked before any process group starts: a
 wrong profile exits with code 2 and a one-line reason.
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
     # The deepspeed launcher appends --local_rank=N; torchrun and srun do not.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
+                        help="time STEPS training steps after --warmup steps, print one line")
+    parser.add_argument("--warmup", type=int, default=10, help="warm-up steps (--benchmark)")
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -37,6 +41,10 @@ def main(argv=None) -> int:
     try:
         config = load_profile(args.profile, args.overrides)
         from apt.trainops.engine import Trainer
+        from apt.trainops.eval.benchmark import (benchmark_config, benchmark_summary,
+                                                 format_benchmark)
+        if args.benchmark:
+            config = benchmark_config(config, args.benchmark, args.warmup)
         trainer = Trainer.from_config(config)
     except ConfigError as exc:
         print(f"apt: error: {exc}", file=sys.stderr)
@@ -44,6 +52,11 @@ def main(argv=None) -> int:
     from apt.trainops.distributed import shutdown_distributed
     try:
         trainer.train()
+        if args.benchmark:
+            line = format_benchmark(trainer, benchmark_summary(trainer, args.warmup))
+            if trainer.runtime.is_main:
+                print(line, flush=True)
+                trainer.artifacts.save_text("benchmark.txt", line)
     finally:
         shutdown_distributed()
     return 0

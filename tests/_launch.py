@@ -23,6 +23,8 @@ def run_distributed(
     """Run ``worker_path`` on ``nproc`` local processes; raise with the output tail on failure."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"  # nproc processes share few cores: avoid oversubscription
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)  # an in-process group of this pytest process must not leak in
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH")) if p)
     cmd = [
         sys.executable, "-m", "torch.distributed.run",

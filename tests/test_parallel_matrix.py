@@ -43,7 +43,7 @@ LAYOUTS_2 = {
                "training.distributed.sequence_parallel=true"],
     "pp2": [HYBRID, "training.distributed.pipeline_parallel=2"],
     "pp2_vp2": [HYBRID, "training.distributed.pipeline_parallel=2",
-                "training.distributed.virtual_pipeline_stages=2"],
+                "training.distributed.virtual_pipeline_stages=2", "training.eval_batches=2"],
     "moe_ep2": MOE + [HYBRID, "training.distributed.expert_parallel=2"],
     "pp2_recompute_full": [HYBRID, "training.distributed.pipeline_parallel=2",
                            "training.distributed.recompute=full"],

@@ -27,7 +27,8 @@ def test_batch_arithmetic_and_explicit_layout():
     p = plan("70b", 64, overrides=["training.distributed.strategy=hybrid",
                                    "training.distributed.tensor_parallel=8",
                                    "training.distributed.pipeline_parallel=4",
-                                   "training.distributed.virtual_pipeline_stages=2"])
+                                   "training.distributed.virtual_pipeline_stages=2",
+                                   "training.eval_batches=8"])
     assert (p.tp, p.pp, p.vp, p.dp) == (8, 4, 2, 2)
     assert p.global_batch == p.micro_batch * p.grad_accum * p.dp == 1024
     assert any("batch_p2p_comm=False" in n for n in p.notes)

@@ -25,6 +25,10 @@ COMMON = ["--profile", "tiny", "--set", f"training.max_steps={STEPS}",
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # An in-process Trainer earlier in this pytest process exported its own rendezvous (and
+    # still holds that port): a launched run must not inherit it.
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
@@ -78,11 +82,16 @@ def test_torchrun_two_nodes_zero3_matches_single(reference, tmp_path):
     commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
                  "--nproc_per_node=1", f"--node_rank={node}", "--master_addr=127.0.0.1",
                  f"--master_port={port}", str(TRAIN), *COMMON, "--set", f"output.dir={tmp_path}",
-                 "--set", "training.distributed.strategy=fsdp"] for node in (0, 1)]
+                 "--set", "training.distributed.strategy=fsdp", "--set", "monitoring.tensorboard=true"]
+                for node in (0, 1)]
     stdout = _run_together(commands, [{}, {}], "torchrun --nnodes 2")
     assert "fsdp" in stdout and "ZeRO-3" in stdout and "2 = 1 node(s)" not in stdout
     losses = _losses(tmp_path)
     assert max(abs(a - b) for a, b in zip(reference, losses)) < 1e-5, (reference, losses)
+    # Only rank 0 writes: one run directory, one TensorBoard event file, one plot set.
+    (run,) = list(tmp_path.iterdir())
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert (run / "plots" / "loss.png").exists() and (run / "environment.json").exists()
 
 
 def test_deepspeed_hostfile_matches_single(reference, tmp_path):

@@ -139,6 +139,9 @@ class TrainingConfig:
     eval_batches: int = rule(10, gt=0)
     # Initial weights: a dist_checkpointing directory (e.g. a run's model/dist), any layout.
     init_from: Optional[str] = None
+    # A multiple-choice task scored at every evaluation: a JSONL file or a built-in task name
+    # (apt/trainops/eval/tasks/, e.g. python_completion). None: token metrics only.
+    eval_task: Optional[str] = None
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -148,6 +151,9 @@ class HardwareConfig:
     """What the plan assumes about each accelerator (used for memory checks, not detection)."""
     gpu_memory_gb: float = rule(80.0, gt=0)
     gpus_per_node: int = rule(8, gt=0)
+    # Peak dense TFLOP/s of one device at the run's precision, for MFU. None: the table of known
+    # GPUs (apt/trainops/eval/flops.py), else a measured matmul (CPU, unknown GPUs).
+    peak_tflops: Optional[float] = rule(None, gt=0)
 
 
 @dataclass(frozen=True)
@@ -160,9 +166,19 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class MonitoringConfig:
-    tensorboard: bool = False
+    """Backends besides the always-written metrics.jsonl; only rank 0 writes (monitoring/)."""
+    tensorboard: bool = False          # event files in <run dir>/tensorboard
     wandb: bool = False
+    wandb_project: str = "apt"
+    wandb_entity: Optional[str] = None
+    # auto: online when W&B credentials exist (WANDB_API_KEY or a netrc entry), else offline
+    # (a run directory under <run dir>/wandb, uploadable later with `wandb sync`).
+    wandb_mode: Literal["auto", "offline", "online"] = "auto"
     mlflow: bool = False
+    # None: a SQLite store in the run directory (sqlite:///<run dir>/mlflow.db).
+    mlflow_tracking_uri: Optional[str] = None
+    mlflow_experiment: Optional[str] = None   # None: output.experiment_name or profile name
+    plots: bool = True                 # PNG plots of loss, learning rate, throughput at the end
 
 
 @dataclass(frozen=True)
@@ -250,6 +266,10 @@ def cross_checks(cfg: APTConfig):
             f"virtual_pipeline_stages = {d.pipeline_parallel} x {d.virtual_pipeline_stages}")
     if d.virtual_pipeline_stages > 1 and d.pipeline_parallel == 1:
         yield "training.distributed.virtual_pipeline_stages", "needs pipeline_parallel > 1"
+    if d.virtual_pipeline_stages > 1 and t.eval_batches % d.pipeline_parallel:
+        yield "training.eval_batches", (f"{t.eval_batches} must be a multiple of "
+                                        f"pipeline_parallel={d.pipeline_parallel}: the "
+                                        f"interleaved schedule needs >= PP micro-batches")
     if d.sequence_parallel and d.tensor_parallel == 1:
         yield "training.distributed.sequence_parallel", "needs tensor_parallel > 1"
     if d.expert_parallel > 1:

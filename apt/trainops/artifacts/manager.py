@@ -6,8 +6,13 @@
         metrics.jsonl    one JSON object per logged step / evaluation
         logs.txt         human-readable log lines
         model/           final weights (model.pt: tensors only, loads with weights_only=True)
+        tokenizer/       the tokenizer as tokenizer.save() writes it (load_tokenizer() reads it)
+        environment.json package versions, Python, CPU/RAM or GPUs, world size, git commit
+        results/         intermediate results (eval-step000100.json per evaluation)
+        plots/           loss.png, lr.png, throughput.png
         sample.txt       generated text at the end of training
         summary.json     final numbers of the run
+        tensorboard/ wandb/ mlflow.db   monitoring backends, when enabled
 """
 from __future__ import annotations
 
@@ -66,6 +71,29 @@ class ArtifactManager:
             torch.save(tensors, tmp)
             os.replace(tmp, target)  # never leave a half-written model.pt behind
         return target
+
+    def save_environment(self, info: dict) -> None:
+        self._write("environment.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    def save_tokenizer(self, tokenizer) -> Path | None:
+        """tokenizer/: whatever ``tokenizer.save`` writes; ``load_tokenizer`` reads it back."""
+        if tokenizer is None or not self.enabled:
+            return None
+        return tokenizer.save(self.path("tokenizer"))
+
+    def save_result(self, name: str, result: dict) -> None:
+        """An intermediate result, results/<name>.json."""
+        if self.enabled:
+            self.path("results").mkdir(exist_ok=True)
+        self._write(f"results/{name}.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+    def save_plots(self, records: list[dict] | None = None, title: str = "") -> list[Path]:
+        """plots/{loss,lr,throughput}.png from ``records`` (default: metrics.jsonl)."""
+        if not self.enabled:
+            return []
+        from .plots import plot_metrics
+        return plot_metrics(records if records is not None else self.read_metrics(),
+                            self.path("plots"), title)
 
     def read_metrics(self) -> list[dict]:
         with open(self.path("metrics.jsonl")) as f:

@@ -6,7 +6,6 @@ here, before any process group exists), ``train()`` runs the loop. Numbers the p
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -24,6 +23,26 @@ from apt.trainops.distributed.runtime import seed_everything, setup_distributed
 from .callbacks import Callback
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
+
+
+class _TimedBatches:
+    """The training batches, moved to the device, with the time spent waiting for them."""
+
+    def __init__(self, dataloader, to_device):
+        self._batches, self._to_device, self._wait = iter(dataloader), to_device, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        start = time.perf_counter()
+        batch = self._to_device(next(self._batches))
+        self._wait += time.perf_counter() - start
+        return batch
+
+    def take_wait(self) -> float:
+        wait, self._wait = self._wait, 0.0
+        return wait
 
 
 def _fmt(value: float | None) -> str:
@@ -70,7 +89,8 @@ class Trainer:
             if eval_dataset is not None:
                 eval_dataloader = eval_dataloader or self._loader(eval_dataset, train=False)
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
-        self.callbacks = list(callbacks or [])
+        from apt.trainops.monitoring import build_callbacks  # monitoring imports engine
+        self.callbacks = build_callbacks(cfg, extra=callbacks or [])
         self.step = 0
         self.engine = None
         self.history: list[dict] = []
@@ -125,8 +145,6 @@ class Trainer:
         self.artifacts = self._artifacts()
         self.artifacts.save_config(config_to_dict(cfg), cfg.config_hash)
         self.artifacts.save_text("plan.txt", plan.describe())
-        if main and hasattr(self.tokenizer, "save"):  # the run can be decoded without the profile
-            self.tokenizer.save(self.artifacts.run_dir / "tokenizer")
         self.engine = build_engine(self.modules, cfg, plan)
         progress = Progress(t.max_steps, self.step, enabled=main, sink=self.artifacts.save_logs)
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
@@ -134,8 +152,8 @@ class Trainer:
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
         self._emit("on_train_start")
         tokens_per_step = plan.global_batch * cfg.data.seq_length
-        batches = (self._to_device(b) for b in self.train_dataloader)
-        pending: list[tuple] = []  # (step, loss tensor, lr, grad norm, seconds, end time)
+        batches = _TimedBatches(self.train_dataloader, self._to_device)
+        pending: list[tuple] = []  # (step, loss, lr, grad norm, seconds, end time, data wait)
         started = time.perf_counter()
         while self.step < t.max_steps:
             step_start = time.perf_counter()
@@ -143,7 +161,7 @@ class Trainer:
             result = self.engine.train_step(batches, lr)
             self.step += 1
             pending.append((self.step, result.loss, lr, result.grad_norm,
-                            time.perf_counter() - step_start, time.time()))
+                            time.perf_counter() - step_start, time.time(), batches.take_wait()))
             last = self.step == t.max_steps
             if self.step % t.log_interval == 0 or last:
                 self._flush(pending, tokens_per_step, progress)
@@ -174,8 +192,8 @@ class Trainer:
         records = [{"step": step, "loss": loss, "lr": lr,
                     "grad_norm": None if grad_norm is None else float(grad_norm),
                     "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
-                    "time": ended}
-                   for (step, _, lr, grad_norm, seconds, ended), loss in zip(pending,
+                    "time": ended, "data_wait_s": wait}
+                   for (step, _, lr, grad_norm, seconds, ended, wait), loss in zip(pending,
                                                                            losses.tolist())]
         self._emit("on_log", records)
         for record in records:
@@ -191,30 +209,19 @@ class Trainer:
                       f"{format_duration(progress.eta(self.step))}")
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict:
-        """Mean validation loss over ``max_batches`` micro-batches per rank, all DP ranks."""
-        from megatron.core import parallel_state
-        if self.eval_dataloader is None or self.plan.pp > 1:
-            return {}  # pipeline evaluation needs the forward-only schedule: not wired yet
-        module = self.model
-        was_training = module.training
-        module.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
-        limit = max_batches or self.config.training.eval_batches
-        for i, batch in enumerate(self.eval_dataloader):
-            if i >= limit:
-                break
-            batch = self._to_device(batch)
-            per_token = module(batch["tokens"], batch["position_ids"], None,
-                               labels=batch["labels"])
-            totals[0] += (per_token.double() * batch["loss_mask"]).sum()
-            totals[1] += batch["loss_mask"].sum()
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        module.train(was_training)
-        loss = (totals[0] / totals[1]).item()
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50)),
-                "val_bits_per_token": nats_to_bits(loss), "val_tokens": int(totals[1].item())}
+        """Validation metrics (apt.trainops.eval.Evaluator) over ``max_batches`` micro-batches
+        per data-parallel rank, prefixed ``val_``; the same numbers on every layout."""
+        from apt.trainops.eval import Evaluator
+        if self.eval_dataloader is None:
+            return {}
+        t = self.config.training
+        evaluator = Evaluator(self.modules,
+                              dataloader=self.eval_dataloader, tokenizer=self.tokenizer,
+                              metrics=["loss", "perplexity", "bits_per_token", "accuracy"],
+                              micro_batch_size=self.plan.micro_batch,
+                              tasks=[t.eval_task] if t.eval_task else ())
+        return {f"val_{k}": v for k, v in evaluator.evaluate(max_batches or t.eval_batches).items()}
 
     def _log_eval(self, progress) -> dict:
         result = self.evaluate()
@@ -225,7 +232,8 @@ class Trainer:
                 self.artifacts.save_metrics(result)
             progress.line(f"eval @ step {self.step} | val loss {result['val_loss']:.4f} nats "
                           f"({result['val_bits_per_token']:.3f} bits/token) | perplexity "
-                          f"{result['val_perplexity']:.2f}")
+                          f"{result['val_perplexity']:.2f} | next-token accuracy "
+                          f"{result['val_accuracy']:.3f}")
         return result
 
     # ------------------------------------------------------------------ the end of a run

@@ -1,0 +1,64 @@
+"""PNG plots of a run's metrics: loss (train and validation), learning rate, throughput.
+
+Uses matplotlib's object API on the Agg canvas: no pyplot state, no display needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _series(records, key):
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_metrics(records: list[dict], out_dir: Path, title: str = "") -> list[Path]:
+    """loss.png, lr.png, throughput.png from metrics.jsonl-style records (step and eval)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    written = []
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    x, y = _series(steps, "loss")
+    ax.plot(x, y, lw=1, label="train loss")
+    if evals:
+        x, y = _series(evals, "val_loss")
+        ax.plot(x, y, "o-", label="validation loss")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"{title} loss".strip())
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, out_dir / "loss.png"))
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.add_subplot()
+    ax.plot(*_series(steps, "lr"), lw=1.2, color="tab:green")
+    ax.set(xlabel="step", ylabel="learning rate", title=f"{title} learning rate".strip())
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out_dir / "lr.png"))
+
+    fig = Figure(figsize=(7, 3.8))
+    ax = fig.add_subplot()
+    ax.plot(*_series(steps, "tokens_per_s"), lw=1, color="tab:orange", label="tokens/s (global)")
+    ax.set(xlabel="step", ylabel="tokens/s", title=f"{title} throughput".strip())
+    ax.grid(alpha=0.3)
+    x, y = _series(steps, "mfu")
+    if y:
+        twin = ax.twinx()
+        twin.plot(x, [100 * v for v in y], lw=0.8, color="tab:purple", alpha=0.6, label="MFU %")
+        twin.set_ylabel("MFU (%)")
+    written.append(_save(fig, out_dir / "throughput.png"))
+    return written

@@ -1,0 +1,185 @@
+"""Evaluator: loss, perplexity, next-token accuracy and multiple-choice accuracy, on any layout.
+
+Every layout runs the same path: Megatron's own schedule (``get_forward_backward_func()``,
+``forward_only=True``) feeds the micro-batches through the pipeline stages (a plain loop when
+PP = 1); the last stage turns logits into summed statistics (metrics.py: vocab-parallel loss and
+argmax under TP); the sums are gathered from the last stage over the pipeline group and added
+over the data-parallel group. Every rank returns the same numbers, equal to a single-process
+evaluation of the same weights.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from .metrics import TOKEN_METRICS, metrics_from_totals, per_token_loss, token_totals
+from .tasks import MultipleChoiceTask, choice_rows
+
+KNOWN_METRICS = TOKEN_METRICS + ("multiple_choice",)
+
+
+def _groups():
+    from megatron.core import parallel_state as ps
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None
+    return ps
+
+
+class Evaluator:
+    """``Evaluator(model, eval_dataset, metrics=["accuracy", "perplexity"]).evaluate()``.
+
+    ``model``: this rank's Megatron model (one pipeline stage, TP shard), not a DeepSpeed engine
+    (pass ``engine.module``). Data: ``eval_dataset`` (a TokenDataset: a loader over this rank's
+    data-parallel share is built) or ``dataloader``. ``tasks``: multiple-choice task files or
+    built-in names (tasks.py), scored when "multiple_choice" is among the metrics (added
+    automatically when tasks are given)."""
+
+    def __init__(self, model, eval_dataset=None, metrics=("loss", "perplexity", "accuracy"), *,
+                 dataloader=None, micro_batch_size: int = 8, max_batches: int | None = None,
+                 tasks=(), tokenizer=None):
+        unknown = sorted(set(metrics) - set(KNOWN_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(KNOWN_METRICS)}")
+        # Virtual pipeline stages: a list of model chunks (they share one schedule).
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.model = self.chunks[0]
+        self.metrics = tuple(metrics) + (("multiple_choice",) if tasks and
+                                         "multiple_choice" not in metrics else ())
+        self.tasks = [t if isinstance(t, MultipleChoiceTask) else MultipleChoiceTask.load(t)
+                      for t in tasks]
+        if "multiple_choice" in self.metrics and not self.tasks:
+            raise ValueError("metric 'multiple_choice' needs tasks=[<task file>, ...]")
+        if self.tasks and tokenizer is None:
+            from apt.trainops.data import ByteTokenizer
+            tokenizer = ByteTokenizer()
+        self.tokenizer = tokenizer
+        if dataloader is None and eval_dataset is not None:
+            from apt.trainops.data import create_dataloader
+            dataloader = create_dataloader(eval_dataset, micro_batch_size, shuffle=False,
+                                           infinite=False)
+        self.dataloader, self.max_batches = dataloader, max_batches
+        self.micro_batch_size = micro_batch_size
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict:
+        was_training = self.model.training
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            result = {}
+            if self.dataloader is not None and set(self.metrics) & set(TOKEN_METRICS):
+                result.update(self._token_metrics(max_batches or self.max_batches))
+            if "multiple_choice" in self.metrics:
+                for task in self.tasks:
+                    result.update(self.evaluate_multiple_choice(task))
+        finally:
+            for chunk in self.chunks:
+                chunk.train(was_training)
+        return result
+
+    @torch.no_grad()
+    def evaluate_multiple_choice(self, task: MultipleChoiceTask) -> dict:
+        ps = _groups()
+        dp_rank, dp_size = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) \
+            if ps else (0, 1)
+        mine = list(range(dp_rank, len(task.questions), dp_size))
+        from megatron.core.utils import get_attr_wrapped_model  # through Float16Module etc.
+        max_len = get_attr_wrapped_model(self.model, "max_sequence_length")
+        rows, length = choice_rows(task, self.tokenizer, mine, None, max_len)
+        mbs = self.micro_batch_size
+        while len(rows) % mbs or not rows:  # fixed micro-batch shape: pad with masked rows
+            rows.append((torch.full((length,), self.tokenizer.pad_id),
+                         torch.full((length,), self.tokenizer.pad_id), torch.zeros(length)))
+        batches = [self._batch([r[0] for r in chunk], [r[1] for r in chunk],
+                               [r[2] for r in chunk]) for chunk in
+                   (rows[i:i + mbs] for i in range(0, len(rows), mbs))]
+        outputs = self._forward(batches, self._loglik_stats)
+        totals = torch.zeros(3, dtype=torch.float64, device=self._device())
+        if outputs:  # the last pipeline stage
+            loglik = torch.cat([o["loglik"] for o in outputs]).tolist()
+            cursor = 0
+            for qi in mine:
+                q = task.questions[qi]
+                scores = loglik[cursor:cursor + len(q.choices)]
+                cursor += len(q.choices)
+                lengths = [max(1, len(c.encode("utf-8"))) for c in q.choices]
+                normed = [s / n for s, n in zip(scores, lengths)]
+                totals[0] += float(max(range(len(scores)), key=scores.__getitem__) == q.answer)
+                totals[1] += float(max(range(len(normed)), key=normed.__getitem__) == q.answer)
+                totals[2] += 1
+        correct, correct_norm, n = self._reduce(totals).tolist()
+        prefix = f"mc_{task.name}"
+        return {f"{prefix}_acc": correct / max(n, 1), f"{prefix}_acc_norm": correct_norm / max(n, 1),
+                f"{prefix}_questions": int(n)}
+
+    # ------------------------------------------------------------------ internals
+    def _token_metrics(self, max_batches):
+        batches = []
+        for i, batch in enumerate(self.dataloader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batches.append(self._batch(batch["tokens"], batch["labels"], batch["loss_mask"]))
+        totals = torch.zeros(3, dtype=torch.float64, device=self._device())
+        for stats in self._forward(batches, self._token_stats) if batches else []:
+            totals += stats["totals"]
+        loss_sum, correct, tokens = self._reduce(totals).tolist()
+        return metrics_from_totals(loss_sum, correct, tokens,
+                                   [m for m in self.metrics if m in TOKEN_METRICS] + ["loss"])
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _batch(self, tokens, labels, mask) -> dict:
+        device = self._device()
+        stack = (lambda x: torch.stack(list(x)) if isinstance(x, (list, tuple)) else x)
+        tokens, labels, mask = stack(tokens), stack(labels), stack(mask)
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        return {"tokens": tokens.long().to(device), "labels": labels.long().to(device),
+                "loss_mask": mask.float().to(device), "position_ids": positions.to(device)}
+
+    def _token_stats(self, logits, batch):
+        return {"totals": token_totals(self.model, logits, batch["labels"], batch["loss_mask"])}
+
+    def _loglik_stats(self, logits, batch):
+        loss = per_token_loss(self.model, logits, batch["labels"]).double()
+        return {"loglik": -(loss * batch["loss_mask"].double()).sum(dim=1)}
+
+    def _forward(self, batches: list[dict], stats_fn) -> list[dict]:
+        """Run ``batches`` through Megatron's forward-only schedule; the last stage returns
+        ``stats_fn(logits, batch)`` per micro-batch, other stages an empty list."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        device = self._device()
+
+        def loss_func(batch, logits):
+            # (loss, dict) form: the schedule scales the loss, we only keep the dict.
+            return torch.zeros((), device=device), stats_fn(logits, batch)
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            logits = model(batch["tokens"], batch["position_ids"], None)
+            return logits, partial(loss_func, batch)
+
+        micro, seq = batches[0]["tokens"].shape
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(batches) for _ in self.chunks] if len(self.chunks) > 1
+            else iter(batches), model=self.chunks if len(self.chunks) > 1 else self.model,
+            num_microbatches=len(batches), seq_length=seq, micro_batch_size=micro,
+            forward_only=True)
+        return [o for o in outputs if isinstance(o, dict)]
+
+    @staticmethod
+    def _reduce(totals: torch.Tensor) -> torch.Tensor:
+        """Last stage's sums to every stage (others hold zeros), then summed over DP ranks."""
+        ps = _groups()
+        if ps is None:
+            return totals
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        return totals
