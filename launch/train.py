@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from apt.cli import EXIT_CONFIG_ERROR, add_profile_arguments  # noqa: E402
 from apt.core.config import ConfigError, load_profile  # noqa: E402
 from apt.core.logging import configure_logging  # noqa: E402
+from apt.trainops.checkpoints.manager import CheckpointError  # noqa: E402
+from apt.trainops.engine.checkpointing import EXIT_PREEMPTED  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,6 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
                         help="time STEPS training steps after --warmup steps, print one line")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up steps (--benchmark)")
+    parser.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                        help="resume from this checkpoint directory (any layout); "
+                             "--set training.checkpoints.auto_resume=true takes the newest")
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -45,13 +50,15 @@ def main(argv=None) -> int:
                                                  format_benchmark)
         if args.benchmark:
             config = benchmark_config(config, args.benchmark, args.warmup)
-        trainer = Trainer.from_config(config)
-    except ConfigError as exc:
+        trainer = Trainer.from_config(config, resume_from_checkpoint=args.resume)
+    except (ConfigError, CheckpointError) as exc:
         print(f"apt: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     from apt.trainops.distributed import shutdown_distributed
     try:
-        trainer.train()
+        summary = trainer.train()
+        if summary.get("preempted"):
+            return EXIT_PREEMPTED
         if args.benchmark:
             line = format_benchmark(trainer, benchmark_summary(trainer, args.warmup))
             if trainer.runtime.is_main:

@@ -111,9 +111,15 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    save_interval: int = rule(500, ge=0)
+    save_interval: int = rule(500, ge=0)      # 0: no periodic checkpoints
     keep_last_n: int = rule(5, gt=0)
+    # Also keep every checkpoint whose step is a multiple of this, forever (None: none).
+    keep_every: Optional[int] = rule(None, gt=0)
+    # Default: <output.dir>/<experiment or profile name>-checkpoints (stable across restarts,
+    # unlike the timestamped run directory, so auto-resume finds it).
     dir: Optional[str] = None
+    # Resume from the newest verified checkpoint in `dir` when there is one.
+    auto_resume: bool = False
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,20 @@ import torch
 import yaml
 
 
+def _unused(path: Path) -> Path:
+    """Two runs started within the same second (a quick restart) get separate directories."""
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
+
+
 class ArtifactManager:
     def __init__(self, output_dir: str | os.PathLike = "outputs", experiment_name: str = "run",
                  *, run_dir: str | os.PathLike | None = None, enabled: bool = True):
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(run_dir) if run_dir else Path(output_dir) / f"{experiment_name}-{stamp}"
+        self.run_dir = Path(run_dir) if run_dir else _unused(Path(output_dir) /
+                                                              f"{experiment_name}-{stamp}")
         self.enabled = enabled
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)

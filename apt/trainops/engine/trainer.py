@@ -21,6 +21,8 @@ from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
 from .callbacks import Callback
+from .checkpointing import (PreemptionGuard, checkpoint_manager, load_engine_state, load_weights,
+                            resolve_resume, save_training_checkpoint)
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
 
@@ -30,6 +32,7 @@ class _TimedBatches:
 
     def __init__(self, dataloader, to_device):
         self._batches, self._to_device, self._wait = iter(dataloader), to_device, 0.0
+        self._ids = torch.zeros(2, dtype=torch.float64)
 
     def __iter__(self):
         return self
@@ -38,11 +41,20 @@ class _TimedBatches:
         start = time.perf_counter()
         batch = self._to_device(next(self._batches))
         self._wait += time.perf_counter() - start
+        ids = batch["sample_id"].to(torch.float64)
+        self._ids += torch.stack([ids.sum(), (ids * ids).sum()]).cpu()
         return batch
 
     def take_wait(self) -> float:
         wait, self._wait = self._wait, 0.0
         return wait
+
+    def take_sample_digest(self) -> torch.Tensor:
+        """(sum of sample ids, sum of squares) this rank consumed since the last call: summed
+        over data-parallel ranks it names the global batch whatever the layout, so a resumed
+        run can prove it neither repeats nor skips samples."""
+        digest, self._ids = self._ids, torch.zeros(2, dtype=torch.float64)
+        return digest
 
 
 def _fmt(value: float | None) -> str:
@@ -55,7 +67,9 @@ class Trainer:
                  learning_rate: float | None = None, train_dataset=None, eval_dataset=None,
                  distributed_config: dict | None = None, distributed: bool | None = None,
                  monitoring: dict | None = None, tokenizer=None, output_dir: str | None = None,
-                 experiment_name: str | None = None, callbacks: list[Callback] | None = None):
+                 experiment_name: str | None = None, callbacks: list[Callback] | None = None,
+                 resume_from_checkpoint=None, auto_resume: bool | None = None,
+                 checkpoint_dir: str | None = None):
         cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
         cfg = with_overrides(cfg, self._argument_overrides(
             cfg, max_steps, learning_rate, distributed_config, distributed, monitoring,
@@ -78,6 +92,13 @@ class Trainer:
         self.modules = [m.to(self.runtime.device) for m in self.modules]
         if cfg.training.init_from:
             load_model_weights(self.modules, cfg.training.init_from)
+        self.step, self.consumed_samples = 0, 0
+        self.checkpoints = checkpoint_manager(cfg, checkpoint_dir)
+        self.resumed_from = resolve_resume(
+            self.checkpoints, resume_from_checkpoint,
+            cfg.training.checkpoints.auto_resume if auto_resume is None else auto_resume)
+        if self.resumed_from is not None:
+            load_weights(self, self.resumed_from)   # weights, step, data position
         self.model = self.modules[0]
         self.tokenizer = tokenizer
         if train_dataloader is None or eval_dataloader is None:
@@ -91,7 +112,6 @@ class Trainer:
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
         from apt.trainops.monitoring import build_callbacks  # monitoring imports engine
         self.callbacks = build_callbacks(cfg, extra=callbacks or [])
-        self.step = 0
         self.engine = None
         self.history: list[dict] = []
 
@@ -136,6 +156,7 @@ class Trainer:
             shuffle=self.config.data.shuffle and train, seed=self.config.training.seed,
             global_batch_size=self.plan.global_batch, data_parallel_rank=self.runtime.dp_rank,
             data_parallel_size=self.runtime.dp_size, infinite=train,
+            consumed_samples=self.consumed_samples if train else 0,
             permutation=self.config.data.shuffle_method)
 
     # ------------------------------------------------------------------ the loop
@@ -146,6 +167,8 @@ class Trainer:
         self.artifacts.save_config(config_to_dict(cfg), cfg.config_hash)
         self.artifacts.save_text("plan.txt", plan.describe())
         self.engine = build_engine(self.modules, cfg, plan)
+        if self.resumed_from is not None:
+            load_engine_state(self, self.resumed_from)   # optimizer state, RNGs
         progress = Progress(t.max_steps, self.step, enabled=main, sink=self.artifacts.save_logs)
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
                       f"{self.artifacts.run_dir}")
@@ -155,19 +178,31 @@ class Trainer:
         batches = _TimedBatches(self.train_dataloader, self._to_device)
         pending: list[tuple] = []  # (step, loss, lr, grad norm, seconds, end time, data wait)
         started = time.perf_counter()
-        while self.step < t.max_steps:
-            step_start = time.perf_counter()
-            lr = self.learning_rate(self.step)
-            result = self.engine.train_step(batches, lr)
-            self.step += 1
-            pending.append((self.step, result.loss, lr, result.grad_norm,
-                            time.perf_counter() - step_start, time.time(), batches.take_wait()))
-            last = self.step == t.max_steps
-            if self.step % t.log_interval == 0 or last:
-                self._flush(pending, tokens_per_step, progress)
-                pending = []
-            if t.eval_interval and self.step % t.eval_interval == 0 and not last:
-                self._log_eval(progress)
+        with PreemptionGuard() as preemption:
+            while self.step < t.max_steps:
+                step_start = time.perf_counter()
+                lr = self.learning_rate(self.step)
+                result = self.engine.train_step(batches, lr)
+                self.step += 1
+                pending.append((self.step, result.loss, lr, result.grad_norm,
+                                time.perf_counter() - step_start, time.time(),
+                                batches.take_wait(), batches.take_sample_digest()))
+                last = self.step == t.max_steps
+                preempted = preemption.should_stop(self.runtime.device)
+                if self.step % t.log_interval == 0 or last or preempted:
+                    self._flush(pending, tokens_per_step, progress)
+                    pending = []
+                if preempted or self.checkpoints.should_save(self.step) or (
+                        last and t.checkpoints.save_interval):
+                    path = save_training_checkpoint(self)
+                    progress.line(f"checkpoint | step {self.step} -> {path}")
+                if preempted:
+                    progress.line(f"preempted | checkpoint at step {self.step} written; exiting "
+                                  f"(rerun with auto-resume to continue)")
+                    progress.close()
+                    return {"steps": self.step, "preempted": True}
+                if t.eval_interval and self.step % t.eval_interval == 0 and not last:
+                    self._log_eval(progress)
         eval_result = self._log_eval(progress)
         elapsed = time.perf_counter() - started
         summary = self._finish(eval_result, elapsed, tokens_per_step, progress)
@@ -186,15 +221,18 @@ class Trainer:
         """Average the buffered per-step losses over data-parallel ranks (one all-reduce per
         log interval, not per step) and record them."""
         from megatron.core import parallel_state
-        losses = torch.stack([p[1] for p in pending])
-        dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
-        losses /= self.runtime.dp_size
+        group = parallel_state.get_data_parallel_group()
+        losses = torch.stack([p[1] for p in pending]).to(torch.float64)
+        digests = torch.stack([p[7] for p in pending]).to(losses.device)
+        both = torch.cat([losses[:, None], digests], dim=1)
+        dist.all_reduce(both, group=group)       # one all-reduce: losses and sample digests
+        losses = both[:, 0] / self.runtime.dp_size
         records = [{"step": step, "loss": loss, "lr": lr,
                     "grad_norm": None if grad_norm is None else float(grad_norm),
                     "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
-                    "time": ended, "data_wait_s": wait}
-                   for (step, _, lr, grad_norm, seconds, ended, wait), loss in zip(pending,
-                                                                           losses.tolist())]
+                    "time": ended, "data_wait_s": wait, "sample_digest": [int(a), int(b)]}
+                   for (step, _, lr, grad_norm, seconds, ended, wait, _), loss, (a, b)
+                   in zip(pending, losses.tolist(), both[:, 1:].tolist())]
         self._emit("on_log", records)
         for record in records:
             self.history.append(record)

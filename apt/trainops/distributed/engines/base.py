@@ -37,6 +37,32 @@ class TrainEngine:
         and optimizer state (fp32 master copies + moments): what the plan's estimate predicts."""
         raise NotImplementedError
 
+    # Optimizer state in model space (apt/trainops/checkpoints/optimizer_state.py). Every
+    # data-parallel rank calls these for the same parameters in the same order.
+    def prepare_optimizer_state(self) -> None:
+        """Make every parameter's optimizer state exist (before the first step it does not)."""
+        ensure_adam_state(torch_optimizers(self.optimizer))
+
+    def optimizer_step_count(self) -> int:
+        for inner in torch_optimizers(self.optimizer):
+            for slot in inner.state.values():
+                if "step" in slot:
+                    return int(slot["step"])
+        return 0
+
+    def full_optimizer_state(self, param) -> dict:
+        """{"master", "exp_avg", "exp_avg_sq"}: fp32 tensors of ``param``'s (TP-local) shape."""
+        raise NotImplementedError
+
+    def load_full_optimizer_state(self, param, tensors: dict) -> None:
+        raise NotImplementedError
+
+    def set_optimizer_step(self, step: int) -> None:
+        """Adam's step count (bias correction) on every state slot."""
+        for inner in torch_optimizers(self.optimizer):
+            for slot in inner.state.values():
+                slot["step"] = torch.tensor(float(step))
+
     @staticmethod
     def set_lr(param_groups, lr: float) -> None:
         # The schedule is a pure function of the step (schedule.py): setting it each step needs
@@ -63,3 +89,16 @@ def optimizer_state_bytes(optimizer) -> int:
     """Adam moments (and step counters) actually held by this rank."""
     return sum(tensor_bytes(state.values()) for opt in torch_optimizers(optimizer)
                for state in opt.state.values())
+
+
+def ensure_adam_state(optimizers) -> None:
+    """torch's AdamW creates its state on the first step; a run resuming before any step has
+    none. Create it as zeros (Megatron's own fix steps on zero gradients, which applies weight
+    decay to the weights)."""
+    for inner in optimizers:
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                if not inner.state.get(flat):
+                    inner.state[flat] = {"step": torch.tensor(0.0),
+                                         "exp_avg": torch.zeros_like(flat),
+                                         "exp_avg_sq": torch.zeros_like(flat)}

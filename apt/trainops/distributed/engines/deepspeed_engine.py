@@ -55,6 +55,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class DeepSpeedEngine(TrainEngine):
+    kind = "deepspeed"
     def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan):
         import deepspeed
         (model,) = modules
@@ -89,3 +90,36 @@ class DeepSpeedEngine(TrainEngine):
         # ZeRO gradients live in transient buckets/partitions: not measured here.
         return {"weights": weights, "gradients": None,
                 "optimizer": tensor_bytes(masters) + optimizer_state_bytes(self.optimizer)}
+
+    # -- optimizer state in model space (checkpoints) -------------------------------------
+    def prepare_optimizer_state(self) -> None:
+        super().prepare_optimizer_state()
+        # DeepSpeed links parameter fragments to the optimizer state once, after the first
+        # parameter group's step, leaving later groups unlinked: link again.
+        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def full_optimizer_state(self, param) -> dict:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        if self.plan.zero_stage == 0:   # a plain torch optimizer over the parameters
+            slot = self.optimizer.state[param]
+            return {"master": param.detach().float().clone(),
+                    "exp_avg": slot["exp_avg"].float().clone(),
+                    "exp_avg_sq": slot["exp_avg_sq"].float().clone()}
+        shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+        # Collective over DP: each rank contributes its fragment.
+        return {"master": safe_get_full_fp32_param(param).float().reshape(shape),
+                **{k: safe_get_full_optimizer_state(param, k).float().reshape(shape)
+                   for k in ("exp_avg", "exp_avg_sq")}}
+
+    def load_full_optimizer_state(self, param, tensors: dict) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        if self.plan.zero_stage == 0:
+            slot = self.optimizer.state[param]
+            for k in ("exp_avg", "exp_avg_sq"):
+                slot[k].copy_(tensors[k].reshape(param.shape))
+        else:
+            safe_set_full_fp32_param(param, tensors["master"])
+            for k in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(param, tensors[k], k)

@@ -21,8 +21,11 @@ from ..plan import Plan
 from .base import (StepResult, TrainEngine, masked_mean_loss, model_forward,
                    optimizer_state_bytes, tensor_bytes)
 
+ADAM = ("exp_avg", "exp_avg_sq")
+
 
 class MegatronEngine(TrainEngine):
+    kind = "megatron"
     def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan):
         t = cfg.training
         self.plan, self.seq_length = plan, cfg.data.seq_length
@@ -86,6 +89,53 @@ class MegatronEngine(TrainEngine):
         return {"weights": tensor_bytes(p for m in self.modules for p in m.parameters()),
                 "gradients": tensor_bytes(b.grad_data for b in buffers),
                 "optimizer": tensor_bytes(masters) + optimizer_state_bytes(self.optimizer)}
+
+
+    # -- optimizer state in model space (checkpoints) -------------------------------------
+    def _owner(self, param):
+        """(Megatron optimizer holding ``param``'s state, its master, its state slot, range)."""
+        if not hasattr(self, "_owners"):
+            self._owners = {}
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                if hasattr(opt, "buffers"):        # distributed optimizer: a DP shard each
+                    for buffer in opt.buffers:
+                        for p in buffer.param_index_map:
+                            self._owners[p] = opt
+                else:                             # FP32Optimizer: params are the masters
+                    for group in opt.optimizer.param_groups:
+                        for p in group["params"]:
+                            self._owners[p] = opt
+        return self._owners[param]
+
+    def full_optimizer_state(self, param) -> dict:
+        opt = self._owner(param)
+        if not hasattr(opt, "buffers"):
+            slot = opt.optimizer.state[param]
+            return {"master": param.detach().float().clone(),
+                    **{k: slot[k].float().clone() for k in ADAM}}
+        full = {k: torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+                for k in ("master",) + ADAM}
+        if param in opt.model_param_group_index_map:   # this rank owns a slice of it
+            owned = opt._get_model_param_range_map(param)["param"]
+            local = opt._get_main_param_and_optimizer_states(param)
+            full["master"][owned.start:owned.end] = local["param"].float()
+            for k in ADAM:
+                full[k][owned.start:owned.end] = local[k].float()
+        for value in full.values():    # slices are disjoint across the DP group: sum = whole
+            dist.all_reduce(value, group=opt.data_parallel_group)
+        return {k: v.view(param.shape) for k, v in full.items()}
+
+    def load_full_optimizer_state(self, param, tensors: dict) -> None:
+        opt = self._owner(param)
+        if not hasattr(opt, "buffers"):
+            for k in ADAM:
+                opt.optimizer.state[param][k].copy_(tensors[k].reshape(param.shape))
+        elif param in opt.model_param_group_index_map:
+            owned = opt._get_model_param_range_map(param)["param"]
+            local = opt._get_main_param_and_optimizer_states(param)
+            local["param"].copy_(tensors["master"].flatten()[owned.start:owned.end])
+            for k in ADAM:
+                local[k].copy_(tensors[k].flatten()[owned.start:owned.end])
 
 
 def _forward_step(data_iterator, model):

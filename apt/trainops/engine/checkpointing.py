@@ -1,0 +1,153 @@
+"""The Trainer's side of checkpoints: what a training checkpoint holds and how a run resumes.
+
+Saved: model weights and optimizer state (both resharding), every rank's RNGs, step, consumed
+samples, the resolved config and its hash, the layout and library versions. Resumed: weights
+before the engine is built, optimizer state after; the data order continues at
+``consumed_samples`` (the global order does not depend on the layout); RNGs are restored when
+the layout is the same (on another layout each rank's streams differ anyway).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from apt.core.config import config_to_dict
+from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
+                                      load_model_weights, save_model_weights)
+from apt.trainops.checkpoints.optimizer_state import load_optimizer_state, save_optimizer_state
+from apt.trainops.checkpoints.rng import capture_rng, restore_rng
+
+log = logging.getLogger("apt.checkpoints")
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL: "try again", what a scheduler's requeue should see
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def versions() -> dict:
+    import deepspeed
+    import megatron.core
+    from importlib.metadata import version
+    return {"apt": version("apt-trainops"), "torch": torch.__version__,
+            "megatron-core": megatron.core.__version__, "deepspeed": deepspeed.__version__}
+
+
+def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
+    c = cfg.training.checkpoints
+    default = Path(cfg.output.dir) / f"{cfg.output.experiment_name or cfg.name}-checkpoints"
+    return CheckpointManager(directory or c.dir or default, save_interval=c.save_interval,
+                             keep_last_n=c.keep_last_n, keep_every=c.keep_every)
+
+
+def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
+    """The checkpoint to resume from (rank 0 decides, every rank gets the same answer)."""
+    if isinstance(resume, CheckpointState):
+        return resume
+    choice = [None]
+    if dist.get_rank() == 0:
+        if resume is not None:
+            choice[0] = str(manager.load(resume).path)
+        elif auto_resume:
+            latest = manager.load_latest()
+            choice[0] = str(latest.path) if latest else None
+    dist.broadcast_object_list(choice, src=0)
+    return manager.load(choice[0]) if choice[0] else None
+
+
+def layout_of(plan) -> dict:
+    return {"world_size": plan.world_size, "tp": plan.tp, "pp": plan.pp, "vp": plan.vp,
+            "dp": plan.dp, "ep": plan.ep, "engine": plan.engine, "zero_stage": plan.zero_stage}
+
+
+def save_training_checkpoint(trainer) -> Path:
+    plan, cfg, step = trainer.plan, trainer.config, trainer.step
+    meta = {"config_hash": cfg.config_hash, "layout": layout_of(plan)}
+    with trainer.checkpoints.writing(step, meta) as tmp:
+        save_model_weights(trainer.modules, tmp / "model",
+                           zero3=plan.engine == "deepspeed" and plan.zero_stage == 3)
+        save_optimizer_state(trainer.engine, tmp / "optimizer")
+        (tmp / "trainer").mkdir(exist_ok=True)
+        torch.save(capture_rng(), tmp / "trainer" / f"rank-{dist.get_rank():05d}.pt")
+        if dist.get_rank() == 0:
+            (tmp / "state.json").write_text(json.dumps({
+                "step": step, "consumed_samples": step * plan.global_batch,
+                "global_batch": plan.global_batch, "config_hash": cfg.config_hash,
+                "config": config_to_dict(cfg), "layout": layout_of(plan),
+                "versions": versions()}, indent=1, default=str))
+    return trainer.checkpoints.save_dir / f"checkpoint-{step}"
+
+
+def load_weights(trainer, ckpt: CheckpointState) -> None:
+    """Before the engine exists: weights (resharded to this layout), step, data position."""
+    _report_config_changes(ckpt.state.get("config", {}), config_to_dict(trainer.config))
+    consumed = ckpt.state["consumed_samples"]
+    if consumed % trainer.plan.global_batch:
+        raise CheckpointError(f"{ckpt.path}: {consumed} consumed samples is not a whole number "
+                              f"of global batches of {trainer.plan.global_batch}: keep "
+                              f"training.batch_size at {ckpt.state['global_batch']} to resume")
+    load_model_weights(trainer.modules, ckpt.path / "model")
+    trainer.step = ckpt.step
+    trainer.consumed_samples = consumed
+
+
+def load_engine_state(trainer, ckpt: CheckpointState) -> None:
+    """After the engine exists: optimizer state and, on the same layout, the RNGs."""
+    saved = ckpt.state["layout"]
+    load_optimizer_state(trainer.engine, ckpt.path / "optimizer")   # model space: any layout
+    if saved == layout_of(trainer.plan):
+        restore_rng(torch.load(ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt",
+                               weights_only=True))
+    else:
+        log.warning("resuming layout %s from %s: RNG streams are reseeded", layout_of(trainer.plan),
+                    saved)
+
+
+def _report_config_changes(old: dict, new: dict) -> None:
+    changed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in _diff(old, new).items()
+               if not k.startswith(("training.checkpoints", "output."))]
+    if changed and dist.get_rank() == 0:
+        log.warning("resuming with a different config: %s", "; ".join(changed))
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> dict:
+    out = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return out
+
+
+class PreemptionGuard:
+    """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a checkpoint
+    at the next step boundary; every rank agrees through one all-reduce per step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        try:
+            for sig in PREEMPTION_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:   # not the main thread: the launcher's handlers stay
+            self._previous = {}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

@@ -1,0 +1,86 @@
+"""CheckpointManager: atomic commit, verification, fallback, retention (in this process)."""
+import json
+import os
+
+import pytest
+import torch
+
+from apt.model.architectures import APTModel
+from apt.trainops.checkpoints import CheckpointError, CheckpointManager
+from apt.trainops.checkpoints.manifest import MANIFEST
+
+SMALL = dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+             ffn_hidden_size=128, vocab_size=384, max_seq_len=32)
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = APTModel(**SMALL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    manager = CheckpointManager(tmp_path / "ckpts", save_interval=10, keep_last_n=3)
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            model.embedding.word_embeddings.weight.add_(1.0)   # distinguishable states
+        manager.save(model=model, optimizer=optimizer, step=step)
+    return manager, model
+
+
+def _shard(path):
+    return max((p for p in (path / "model").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_save_list_load_latest(saved):
+    manager, model = saved
+    entries = manager.list()
+    assert [e["step"] for e in entries] == [30, 20, 10] and all(e["ok"] for e in entries)
+    latest = manager.load_latest()
+    assert latest.step == 30 and latest.path.name == "checkpoint-30"
+    assert not list(manager.save_dir.glob(".tmp-*"))          # nothing half-written left
+    from apt.trainops.checkpoints import load_model_weights
+    fresh = APTModel(**SMALL)
+    load_model_weights([fresh], latest.path / "model")
+    assert torch.equal(fresh.embedding.word_embeddings.weight,
+                       model.embedding.word_embeddings.weight)
+
+
+def test_truncated_altered_and_unfinished_checkpoints_never_load(saved, caplog):
+    manager, _ = saved
+    newest, middle = manager.save_dir / "checkpoint-30", manager.save_dir / "checkpoint-20"
+    shard = _shard(newest)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)                  # a torn write
+    data = bytearray(_shard(middle).read_bytes())
+    data[len(data) // 2] ^= 0xFF                               # same size, one bit flipped
+    _shard(middle).write_bytes(bytes(data))
+    unfinished = manager.save_dir / "checkpoint-40"            # a crash before the manifest
+    unfinished.mkdir()
+    (unfinished / "state.json").write_text(json.dumps({"step": 40}))
+    with pytest.raises(CheckpointError, match="truncated or altered"):
+        manager.load("checkpoint-30")
+    with pytest.raises(CheckpointError, match="checksum"):
+        manager.load("checkpoint-20")
+    with pytest.raises(CheckpointError, match="no manifest"):
+        manager.load("checkpoint-40")
+    with caplog.at_level("WARNING"):
+        latest = manager.load_latest()
+    assert latest.step == 10                                   # the newest intact one
+    assert "checkpoint-40" in caplog.text and "checkpoint-30" in caplog.text
+
+
+def test_unknown_manifest_version_is_refused(saved):
+    manager, _ = saved
+    path = manager.save_dir / "checkpoint-30" / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["version"] = 99
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="manifest version 99"):
+        manager.load("checkpoint-30")
+
+
+def test_retention_keeps_last_n_and_every_kth(tmp_path):
+    model = APTModel(**SMALL)
+    manager = CheckpointManager(tmp_path, save_interval=5, keep_last_n=2, keep_every=20)
+    for step in range(5, 45, 5):
+        manager.save(model=model, step=step)
+    assert sorted(e["step"] for e in manager.list()) == [20, 35, 40]
+    assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path))
