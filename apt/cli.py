@@ -1,5 +1,6 @@
 """The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config),
-``apt preprocess`` (text/JSONL/Parquet -> indexed token files)."""
+``apt preprocess`` (text/JSONL/Parquet -> indexed token files), ``apt export-hf`` /
+``apt import-hf`` (Hugging Face Llama/Mixtral directories <-> APT weights)."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,28 @@ def _preprocess(args) -> int:
     return run(args)  # a DataError is a ConfigError: one line, exit 2 (below)
 
 
+def _export_hf(args) -> int:
+    from apt.model.hf_interop import export_hf
+    cfg = load_profile(args.profile, args.overrides)
+    out = export_hf(args.weights, cfg.model, args.out)
+    print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+def _import_hf(args) -> int:
+    import dataclasses
+    import yaml
+    from apt.model.hf_interop import import_hf_to_weights
+    model = import_hf_to_weights(args.hf, args.out)
+    print(f"wrote {args.out}: start a run from it with --set training.init_from={args.out} "
+          f"and this model section in the profile:")
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+    if not model.num_experts:
+        fields.pop("moe_top_k")
+    print(yaml.safe_dump({"model": fields}, sort_keys=False), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     from apt.trainops.data.preprocess import add_arguments as add_preprocess_arguments
     add_preprocess_arguments(preprocess)
     preprocess.set_defaults(func=_preprocess)
+    export = commands.add_parser("export-hf", help="APT weights -> Hugging Face directory")
+    add_profile_arguments(export)
+    export.add_argument("--weights", required=True,
+                        help="dist_checkpointing weights (any layout), or a run's directory")
+    export.add_argument("--out", required=True, help="directory to write")
+    export.set_defaults(func=_export_hf)
+    imp = commands.add_parser("import-hf", help="Hugging Face directory -> APT weights")
+    imp.add_argument("--hf", required=True, help="Llama/Mistral/Mixtral directory")
+    imp.add_argument("--out", required=True, help="dist_checkpointing directory to write")
+    imp.set_defaults(func=_import_hf)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
