@@ -125,7 +125,10 @@ def test_export_from_weights_directory_and_import_to_weights(tmp_path):
     cfg = TINY
     model = _perturbed_apt_model(cfg, seed=6)
     save_model_weights([model], tmp_path / "weights")
-    out = export_hf(tmp_path / "weights", cfg, tmp_path / "hf")
+    # Small shards: the sharded layout (index.json) that large models get, both directions.
+    out = export_hf(tmp_path / "weights", cfg, tmp_path / "hf", max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
     tokens = _tokens(cfg.vocab_size, seed=7)
     apt_logits = _apt_logits(model, tokens)

@@ -20,7 +20,6 @@ Weight layout differences (Megatron -> HF):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -312,7 +311,3 @@ def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
         tensors.update(load_file(str(hf_dir / name)))
     return tensors
 
-
-def describe(cfg: ModelConfig) -> str:
-    fields = dataclasses.asdict(cfg)
-    return ", ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
