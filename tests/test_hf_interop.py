@@ -13,6 +13,20 @@ from apt.model.architectures import APTModel  # noqa: E402
 from apt.model.hf_interop import export_hf, import_hf, import_hf_to_weights  # noqa: E402
 from apt.trainops.checkpoints import load_model_weights, save_model_weights  # noqa: E402
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_launcher_environment():
+    """The in-process one-process group exports RANK/WORLD_SIZE/MASTER_* into os.environ;
+    put the environment back so that later tests' subprocesses (e.g. SLURM-style launches in
+    test_train_multiprocess.py) do not inherit a world size of 1."""
+    import os
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
                    ffn_hidden_size=96, vocab_size=384, max_seq_len=64, rope_base=50000.0,
                    norm_eps=1e-6)
