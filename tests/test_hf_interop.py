@@ -16,15 +16,20 @@ from apt.trainops.checkpoints import load_model_weights, save_model_weights  # n
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore_launcher_environment():
-    """The in-process one-process group exports RANK/WORLD_SIZE/MASTER_* into os.environ;
-    put the environment back so that later tests' subprocesses (e.g. SLURM-style launches in
-    test_train_multiprocess.py) do not inherit a world size of 1."""
+def _leave_the_process_as_found():
+    """APTModel starts a one-process group that exports RANK/WORLD_SIZE/MASTER_* into
+    os.environ. When this module started it, end it and restore the environment, so later
+    tests neither hand WORLD_SIZE=1 to their launches (SLURM-style tasks in
+    test_train_multiprocess.py) nor find a group without its environment."""
     import os
-    saved = dict(os.environ)
+    from apt.trainops.distributed import shutdown_distributed
+    from apt.trainops.distributed.runtime import current_runtime
+    saved, had_runtime = dict(os.environ), current_runtime() is not None
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+    if not had_runtime:
+        shutdown_distributed()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
