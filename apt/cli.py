@@ -1,6 +1,7 @@
 """The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config),
 ``apt preprocess`` (text/JSONL/Parquet -> indexed token files), ``apt benchmark`` (timed
-training steps, one summary line)."""
+training steps, one summary line), ``apt export-hf`` / ``apt import-hf`` (Hugging Face
+Llama/Mixtral directories <-> APT weights), ``apt checkpoints`` (list and verify)."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,41 @@ def _benchmark(args) -> int:
     return 0
 
 
+def _checkpoints(args) -> int:
+    """List a checkpoint directory: step, size, and whether it would load (and why not)."""
+    from apt.trainops.checkpoints import CheckpointManager
+    entries = CheckpointManager(args.dir).list()
+    if not entries:
+        print(f"no checkpoints in {args.dir}")
+    for e in entries:
+        size = f"{e['bytes'] / 2**20:9.1f} MiB" if e["bytes"] is not None else " " * 13
+        print(f"{e['name']:24s} step {e['step']:>8d} {size}  "
+              f"{'ok' if e['ok'] else 'NOT LOADABLE: ' + e['reason']}")
+    return 0
+
+
+def _export_hf(args) -> int:
+    from apt.model.hf_interop import export_hf
+    cfg = load_profile(args.profile, args.overrides)
+    out = export_hf(args.weights, cfg.model, args.out)
+    print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+def _import_hf(args) -> int:
+    import dataclasses
+    import yaml
+    from apt.model.hf_interop import import_hf_to_weights
+    model = import_hf_to_weights(args.hf, args.out)
+    print(f"wrote {args.out}: start a run from it with --set training.init_from={args.out} "
+          f"and this model section in the profile:")
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
+    if not model.num_experts:
+        fields.pop("moe_top_k")
+    print(yaml.safe_dump({"model": fields}, sort_keys=False), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--steps", type=int, default=50, help="measured steps")
     bench.add_argument("--warmup", type=int, default=10, help="steps run before measuring")
     bench.set_defaults(func=_benchmark)
+    export = commands.add_parser("export-hf", help="APT weights -> Hugging Face directory")
+    add_profile_arguments(export)
+    export.add_argument("--weights", required=True,
+                        help="dist_checkpointing weights (any layout), or a run's directory")
+    export.add_argument("--out", required=True, help="directory to write")
+    export.set_defaults(func=_export_hf)
+    imp = commands.add_parser("import-hf", help="Hugging Face directory -> APT weights")
+    imp.add_argument("--hf", required=True, help="Llama/Mistral/Mixtral directory")
+    imp.add_argument("--out", required=True, help="dist_checkpointing directory to write")
+    imp.set_defaults(func=_import_hf)
+    ckpts = commands.add_parser("checkpoints", help="list checkpoints and verify them")
+    ckpts.add_argument("--dir", required=True, help="a checkpoint directory (save_dir)")
+    ckpts.set_defaults(func=_checkpoints)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
