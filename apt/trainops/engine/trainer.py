@@ -277,8 +277,10 @@ class Trainer:
     # ------------------------------------------------------------------ the end of a run
     def _finish(self, eval_result, elapsed, tokens_per_step, progress) -> dict:
         summary = {"steps": self.step, "config_hash": self.config.config_hash,
-                   "train_seconds": elapsed, "final_train_loss": self.history[-1]["loss"],
-                   "tokens_per_s": self.step * tokens_per_step / elapsed,
+                   "train_seconds": elapsed,
+                   # A run resumed from its final checkpoint trains no step in this process.
+                   "final_train_loss": self.history[-1]["loss"] if self.history else None,
+                   "tokens_per_s": len(self.history) * tokens_per_step / elapsed,
                    **{k: v for k, v in eval_result.items() if k != "step"}}
         train_set = getattr(self.train_dataloader, "dataset", None)
         if hasattr(train_set, "unigram_entropy"):
