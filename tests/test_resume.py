@@ -58,7 +58,7 @@ def _run(cmd, timeout=300):
 def test_sigkill_twenty_times_then_same_losses(tmp_path):
     """Killed with SIGKILL at random moments (some in the middle of a save) and auto-resumed
     each time, the run ends with exactly the losses of an uninterrupted run."""
-    steps = 60
+    steps = 150
     common = [f"training.max_steps={steps}", "training.checkpoints.save_interval=3",
               "training.checkpoints.keep_last_n=2", "training.checkpoints.auto_resume=true"]
     reference = tmp_path / "reference"
@@ -72,12 +72,15 @@ def test_sigkill_twenty_times_then_same_losses(tmp_path):
         proc = subprocess.Popen([sys.executable, *_args(common + [f"output.dir={out}"])],
                                 env=_env(), cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
-        for line in proc.stdout:              # wait until it trains, then kill at random
-            if line.startswith(("step ", "checkpoint |")):
+        # Let it run for a random number of steps/saves (at most 8 lines, so 20 attempts
+        # cannot finish the 150 steps), then kill at a random instant, often inside a save.
+        wait_lines = rng.randint(1, 8)
+        for line in proc.stdout:
+            wait_lines -= line.startswith(("step ", "checkpoint |"))
+            if wait_lines <= 0:
                 break
-        time.sleep(rng.uniform(0.0, 4.0))    # ~0.1 s/step, saves every 3 steps
-        if proc.poll() is not None:           # finished before the kill: start over
-            break
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert proc.poll() is None, "the run ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
