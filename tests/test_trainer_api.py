@@ -5,7 +5,7 @@ import torch
 
 from apt.core.config import load_profile
 from apt.model.architectures import APTLargeModel, APTModel
-from apt.trainops.data import TokenDataset, create_dataloader
+from apt.trainops.data import create_dataloader
 from apt.trainops.data.build import build_datasets
 from apt.trainops.engine import Trainer
 

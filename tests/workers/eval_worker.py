@@ -11,7 +11,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[2]

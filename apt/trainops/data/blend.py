@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from .cache import cache_key, cached_array
+from .datasets import BatchIndexed
 from .errors import DataError
 
 
@@ -42,7 +42,7 @@ def blend_index(weights: np.ndarray, sizes: list[int], total: int) -> np.ndarray
     return np.stack([which, rank % np.asarray(sizes, dtype=np.int64)[which]], axis=1)
 
 
-class BlendedDataset(Dataset):
+class BlendedDataset(BatchIndexed):
     def __init__(self, datasets: list, weights, cache_dir: str | None = None, name: str = "blend"):
         self.datasets, self.name = list(datasets), name
         self.weights = normalise_weights(weights)
@@ -63,13 +63,6 @@ class BlendedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
-
-    def __getitem__(self, index: int) -> dict:
-        batch = self.get_batch([index])
-        return {key: value[0] for key, value in batch.items()}
-
-    def __getitems__(self, indices) -> dict:
-        return self.get_batch(indices)
 
     def get_batch(self, indices) -> dict:
         indices = np.asarray(indices, dtype=np.int64)

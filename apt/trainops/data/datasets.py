@@ -10,7 +10,22 @@ from torch.utils.data import Dataset
 _ENTROPY_TOKENS = 1 << 26  # unigram entropy reads at most this many tokens of a huge corpus
 
 
-class TokenDataset(Dataset):
+class BatchIndexed(Dataset):
+    """``dataset[i]`` and the DataLoader's ``__getitems__`` both go through ``get_batch``: one
+    vectorised read per batch instead of one per sample."""
+
+    def __getitem__(self, index: int) -> dict:
+        batch = self.get_batch([index])
+        return {key: value[0] for key, value in batch.items()}
+
+    def __getitems__(self, indices) -> dict:
+        return self.get_batch(indices)
+
+    def get_batch(self, indices) -> dict:
+        raise NotImplementedError
+
+
+class TokenDataset(BatchIndexed):
     """Sample i covers tokens [i*L, i*L + L + 1): inputs are the first L, labels the last L.
 
     Samples do not overlap; a document may continue into the next sample, with the EOD token
@@ -53,13 +68,6 @@ class TokenDataset(Dataset):
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_length
-
-    def __getitem__(self, index: int) -> dict:
-        batch = self.get_batch([index])
-        return {key: value[0] for key, value in batch.items()}
-
-    def __getitems__(self, indices) -> dict:
-        return self.get_batch(indices)
 
     def get_batch(self, indices) -> dict:
         indices = np.asarray(indices, dtype=np.int64)

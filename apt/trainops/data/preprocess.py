@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import multiprocessing
 import os
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .sft import iter_jsonl
 from .indexed import IndexedWriter, prefix_of, token_dtype
 from .tokenizer import build_tokenizer, train_bpe
 
@@ -72,19 +72,12 @@ def read_documents(files: list[Path], fmt: str = "auto", field: str = "text"):
             except UnicodeDecodeError as exc:
                 raise DataError(path, f"not UTF-8 text (byte {exc.start})") from None
         elif kind == "jsonl":
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{line_no}", f"invalid JSON ({exc.msg})") from None
-                    if not isinstance(record, dict) or field not in record:
-                        raise DataError(f"{path}:{line_no}", f"record has no field {field!r}")
-                    if not isinstance(record[field], str):
-                        raise DataError(f"{path}:{line_no}", f"field {field!r} is not a string")
-                    yield record[field]
+            for where, record in iter_jsonl(path):
+                if field not in record:
+                    raise DataError(where, f"record has no field {field!r}")
+                if not isinstance(record[field], str):
+                    raise DataError(where, f"field {field!r} is not a string")
+                yield record[field]
         elif kind == "parquet":
             import pyarrow.parquet as pq
             try:

@@ -17,14 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .datasets import BatchIndexed
 from .errors import DataError
 
 
-def read_jsonl(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    records = []
+def iter_jsonl(path):
+    """(``file:line``, record) for each non-blank line; a bad line is a one-line DataError."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -35,7 +33,14 @@ def read_jsonl(path) -> list[dict]:
                 raise DataError(f"{path}:{line_no}", f"invalid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_no}", "a record must be a JSON object")
-            records.append(record)
+            yield f"{path}:{line_no}", record
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    records = [record for _, record in iter_jsonl(path)]
     if not records:
         raise DataError(path, "empty dataset: no records")
     return records
@@ -78,7 +83,7 @@ def render(messages: list[dict], tokenizer) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(pieces).astype(np.int64), np.concatenate(masks)
 
 
-class SFTDataset(Dataset):
+class SFTDataset(BatchIndexed):
     def __init__(self, records: list[dict], tokenizer, seq_length: int, *, packing: bool = False,
                  name: str = "sft"):
         self.seq_length, self.name, self.packing = seq_length, name, packing
@@ -110,13 +115,6 @@ class SFTDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-    def __getitem__(self, index: int) -> dict:
-        batch = self.get_batch([index])
-        return {key: value[0] for key, value in batch.items()}
-
-    def __getitems__(self, indices) -> dict:
-        return self.get_batch(indices)
 
     def get_batch(self, indices) -> dict:
         i = np.asarray(indices, dtype=np.int64)
