@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .manifest import MANIFEST_VERSION, verify, write_manifest
+from .manifest import MANIFEST_VERSION, fsync, verify, write_manifest
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -77,7 +77,7 @@ class CheckpointManager:
             if target.exists():      # re-saving a step: the new one replaces it atomically
                 shutil.rmtree(target)
             os.replace(tmp, target)
-            _fsync_dir(self.save_dir)
+            fsync(self.save_dir)   # the rename itself is durable
             self._retain()
         _barrier()
 
@@ -164,14 +164,6 @@ def _barrier() -> None:
 def _broadcast(objects: list) -> None:
     if dist.is_initialized():
         dist.broadcast_object_list(objects, src=0)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "CheckpointState", "MANIFEST_VERSION"]

@@ -25,7 +25,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file or directory to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -37,16 +38,16 @@ def write_manifest(directory: Path, meta: dict) -> dict:
     """Fsync every file, then write manifest.json (size + SHA-256 of each file) and fsync it."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        _fsync(path)
+        fsync(path)
         files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size,
                                                    "sha256": _sha256(path)}
     manifest = {"version": MANIFEST_VERSION, **meta, "files": files}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, directory / MANIFEST)
     for sub in [directory] + [p for p in directory.rglob("*") if p.is_dir()]:
-        _fsync(sub)
+        fsync(sub)
     return manifest
 
 
