@@ -126,7 +126,8 @@ class CheckpointConfig:
 class TrainingConfig:
     # Global batch in sequences (all data-parallel ranks, all accumulation steps together).
     batch_size: int = rule(32, gt=0)
-    # Per-rank micro-batch; None means global batch / data-parallel size (no accumulation).
+    # Largest per-rank micro-batch (what fits in memory); the plan takes the largest divisor
+    # of global batch / DP not above it. None: global batch / DP (no accumulation).
     micro_batch_size: Optional[int] = rule(None, gt=0)
     learning_rate: float = rule(3e-4, gt=0, le=1)
     min_learning_rate: float = rule(3e-5, ge=0)

@@ -271,10 +271,10 @@ def _batch(cfg, dp, pp, vp):
         raise PlanError(f"global batch {t.batch_size} is not divisible by data-parallel size "
                         f"{dp}", key="training.batch_size")
     per_rank = t.batch_size // dp
-    micro = t.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise PlanError(f"{micro} does not divide the per-rank batch {per_rank} "
-                        f"(global {t.batch_size} / DP {dp})", key="training.micro_batch_size")
+    # micro_batch_size is the largest micro-batch a rank may take (what fits in memory): on
+    # more ranks the per-rank batch shrinks and the largest divisor not above it is used.
+    limit = min(t.micro_batch_size or per_rank, per_rank)
+    micro = max(m for m in range(1, limit + 1) if per_rank % m == 0)
     accum = per_rank // micro
     if vp > 1 and accum % pp:
         raise PlanError(f"interleaved pipeline needs micro-batches per step ({accum}) divisible "
