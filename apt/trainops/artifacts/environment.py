@@ -23,6 +23,11 @@ def _version(package: str) -> str | None:
         return None
 
 
+def package_versions() -> dict:
+    """Installed versions of the packages a run depends on (absent ones left out)."""
+    return {p: v for p in PACKAGES if (v := _version(p)) is not None}
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -45,7 +50,7 @@ def _git_commit() -> str | None:
 
 def collect_environment(world_size: int | None = None, launcher: str | None = None) -> dict:
     env = {
-        "versions": {p: v for p in PACKAGES if (v := _version(p)) is not None},
+        "versions": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "hostname": socket.gethostname(),

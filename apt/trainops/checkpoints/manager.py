@@ -86,7 +86,7 @@ class CheckpointManager:
 
         ``model``: an APTModel (or a list of model chunks); ``optimizer``: a training engine
         (apt.trainops.distributed.engines) or a plain torch optimizer."""
-        from .model_weights import _gathered, _sharded_state
+        from .model_weights import _sharded_state
         from .optimizer_state import save_optimizer_state
         from megatron.core import dist_checkpointing
         modules = model if isinstance(model, (list, tuple)) else [model] if model else []
@@ -94,8 +94,7 @@ class CheckpointManager:
             if modules:
                 (tmp / "model").mkdir(exist_ok=True)
                 _barrier()
-                with _gathered(modules, False):
-                    dist_checkpointing.save(_sharded_state(modules), str(tmp / "model"))
+                dist_checkpointing.save(_sharded_state(modules), str(tmp / "model"))
             if optimizer is not None and hasattr(optimizer, "kind"):
                 save_optimizer_state(optimizer, tmp / "optimizer")
             elif optimizer is not None:

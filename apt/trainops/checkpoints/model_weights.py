@@ -27,7 +27,7 @@ def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    with _gathered(modules, zero3):
+    with zero3_gathered(modules, zero3):
         dist_checkpointing.save(_sharded_state(modules), str(directory))
     return directory
 
@@ -43,7 +43,8 @@ def load_model_weights(modules: list[torch.nn.Module], directory: str | Path) ->
 
 
 @contextlib.contextmanager
-def _gathered(modules, zero3: bool):
+def zero3_gathered(modules, zero3: bool):
+    """Full parameters inside the block when DeepSpeed ZeRO-3 partitioned them (collective)."""
     if not zero3:
         yield
         return

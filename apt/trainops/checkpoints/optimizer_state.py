@@ -8,12 +8,11 @@ TP / PP / DP layout, another ZeRO stage, and across the DeepSpeed and Megatron e
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 
-from .model_weights import _sharded_state
+from .model_weights import _sharded_state, zero3_gathered
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -21,14 +20,14 @@ STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 def save_optimizer_state(engine, directory: Path) -> None:
     from megatron.core import dist_checkpointing
     directory.mkdir(parents=True, exist_ok=True)
-    with _zero3_gathered(engine):
+    with zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
         dist_checkpointing.save(_sharded(engine, is_loading=False), str(directory))
 
 
 @torch.no_grad()   # masters may be views of the parameters themselves
 def load_optimizer_state(engine, directory: Path) -> None:
     from megatron.core import dist_checkpointing
-    with _zero3_gathered(engine):
+    with zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
         state = dist_checkpointing.load(_sharded(engine, is_loading=True), str(directory))
         for name, (param, _) in _param_shards(engine).items():
             engine.load_full_optimizer_state(
@@ -65,15 +64,3 @@ def _param_shards(engine) -> dict:
                                    f"optimizer state would be left out of the checkpoint")
             shards[f"chunk{i}.{name}"] = (param, by_id[id(param)])
     return shards
-
-
-@contextlib.contextmanager
-def _zero3_gathered(engine):
-    """ZeRO-3 partitions parameters: gather them so the model-space metadata has full shapes."""
-    if engine.kind != "deepspeed" or engine.plan.zero_stage != 3:
-        yield
-        return
-    import deepspeed
-    params = [p for m in engine.modules for p in m.parameters()]
-    with deepspeed.zero.GatheredParameters(params):
-        yield

@@ -51,6 +51,11 @@ class Plan:
     notes: tuple = field(default=())
 
     @property
+    def zero3_partitioned(self) -> bool:
+        """Parameters are split over DP ranks (DeepSpeed ZeRO-3): gather before reading them."""
+        return self.engine == "deepspeed" and self.zero_stage == 3
+
+    @property
     def nodes(self) -> int:
         return max(1, -(-self.world_size // self.gpus_per_node))
 
@@ -147,14 +152,8 @@ def make_plan(cfg: APTConfig, world_size: int, gpus_per_node: int | None = None,
     if sp:
         notes.append("sequence parallel: norm weights are marked sequence_parallel so their "
                      "gradients are all-reduced over TP")
-    memory = estimate_memory(
-        counts, hidden=m.hidden_size, ffn=m.ffn_size,
-        kv_dim=m.kv_heads * (m.hidden_size // m.num_attention_heads),
-        heads=m.num_attention_heads, vocab=m.vocab_size, seq=cfg.data.seq_length,
-        micro_batch=micro, grad_accum=accum, tp=tp, pp=pp, vp=vp, dp=dp, ep=ep, cp=cp,
-        sequence_parallel=sp, zero_stage=zero_stage, distributed_optimizer=dist_opt,
-        precision=precision, recompute=d.recompute, offload_optimizer=d.offload_optimizer,
-        fused_attention=device_type == "cuda")
+    memory = _estimate(cfg, counts, device_type, micro=micro, accum=accum, tp=tp, pp=pp, vp=vp,
+                       dp=dp, ep=ep, cp=cp, sp=sp, zero_stage=zero_stage, dist_opt=dist_opt)
     if device_type == "cuda" and memory.total > cfg.hardware.gpu_memory_gb * GIB:
         notes.append(f"WARNING: estimated {memory.total / GIB:.1f} GiB per GPU exceeds "
                      f"hardware.gpu_memory_gb={cfg.hardware.gpu_memory_gb:g}")
@@ -197,16 +196,8 @@ def _auto_layout(cfg, counts, world_size, gpus_per_node, device_type):
                 _, micro, accum = _batch(cfg, dp, pp, 1)
             except PlanError:
                 continue
-            mem = estimate_memory(
-                counts, hidden=m.hidden_size, ffn=m.ffn_size,
-                kv_dim=m.kv_heads * (m.hidden_size // m.num_attention_heads),
-                heads=m.num_attention_heads, vocab=m.vocab_size, seq=cfg.data.seq_length,
-                micro_batch=micro, grad_accum=accum, tp=tp, pp=pp, vp=1, dp=dp, ep=ep, cp=1,
-                sequence_parallel=tp > 1, zero_stage=1, distributed_optimizer=True,
-                precision=_precision(cfg.training.precision, device_type),
-                recompute=cfg.training.distributed.recompute,
-                offload_optimizer=cfg.training.distributed.offload_optimizer,
-                fused_attention=device_type == "cuda")
+            mem = _estimate(cfg, counts, device_type, micro=micro, accum=accum, tp=tp, pp=pp,
+                            vp=1, dp=dp, ep=ep, cp=1, sp=tp > 1, zero_stage=1, dist_opt=True)
             fallback = fallback or (tp, pp)
             if mem.total <= budget:
                 return "hybrid", tp, pp, ep
@@ -215,6 +206,19 @@ def _auto_layout(cfg, counts, world_size, gpus_per_node, device_type):
                         f"devices; set {DIST}.strategy and the degrees explicitly",
                         key=f"{DIST}.strategy")
     return "hybrid", fallback[0], fallback[1], ep
+
+
+def _estimate(cfg, counts, device_type, *, micro, accum, tp, pp, vp, dp, ep, cp, sp, zero_stage,
+              dist_opt) -> MemoryEstimate:
+    m, d = cfg.model, cfg.training.distributed
+    return estimate_memory(
+        counts, hidden=m.hidden_size, ffn=m.ffn_size,
+        kv_dim=m.kv_heads * (m.hidden_size // m.num_attention_heads),
+        heads=m.num_attention_heads, vocab=m.vocab_size, seq=cfg.data.seq_length,
+        micro_batch=micro, grad_accum=accum, tp=tp, pp=pp, vp=vp, dp=dp, ep=ep, cp=cp,
+        sequence_parallel=sp, zero_stage=zero_stage, distributed_optimizer=dist_opt,
+        precision=_precision(cfg.training.precision, device_type), recompute=d.recompute,
+        offload_optimizer=d.offload_optimizer, fused_attention=device_type == "cuda")
 
 
 def _sharding(cfg, strategy, pp, ep, sp, notes):

@@ -21,18 +21,11 @@ from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, Checkp
                                       load_model_weights, save_model_weights)
 from apt.trainops.checkpoints.optimizer_state import load_optimizer_state, save_optimizer_state
 from apt.trainops.checkpoints.rng import capture_rng, restore_rng
+from apt.trainops.artifacts.environment import package_versions
 
 log = logging.getLogger("apt.checkpoints")
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: "try again", what a scheduler's requeue should see
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def versions() -> dict:
-    import deepspeed
-    import megatron.core
-    from importlib.metadata import version
-    return {"apt": version("apt-trainops"), "torch": torch.__version__,
-            "megatron-core": megatron.core.__version__, "deepspeed": deepspeed.__version__}
 
 
 def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
@@ -67,7 +60,7 @@ def save_training_checkpoint(trainer) -> Path:
     meta = {"config_hash": cfg.config_hash, "layout": layout_of(plan)}
     with trainer.checkpoints.writing(step, meta) as tmp:
         save_model_weights(trainer.modules, tmp / "model",
-                           zero3=plan.engine == "deepspeed" and plan.zero_stage == 3)
+                           zero3=plan.zero3_partitioned)
         save_optimizer_state(trainer.engine, tmp / "optimizer")
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(capture_rng(), tmp / "trainer" / f"rank-{dist.get_rank():05d}.pt")
@@ -76,7 +69,7 @@ def save_training_checkpoint(trainer) -> Path:
                 "step": step, "consumed_samples": step * plan.global_batch,
                 "global_batch": plan.global_batch, "config_hash": cfg.config_hash,
                 "config": config_to_dict(cfg), "layout": layout_of(plan),
-                "versions": versions()}, indent=1, default=str))
+                "versions": package_versions()}, indent=1, default=str))
     return trainer.checkpoints.save_dir / f"checkpoint-{step}"
 
 

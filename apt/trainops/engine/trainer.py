@@ -14,6 +14,7 @@ import torch.distributed as dist
 from apt.core.config import APTConfig, config_to_dict, with_overrides
 from apt.trainops.artifacts import ArtifactManager
 from apt.trainops.checkpoints import load_model_weights, save_model_weights
+from apt.trainops.checkpoints.model_weights import zero3_gathered
 from apt.trainops.data import APTDataLoader, create_dataloader, nats_to_bits
 from apt.trainops.data.build import build_datasets
 from apt.trainops.distributed.engines import build_engine
@@ -294,7 +295,7 @@ class Trainer:
         plan = self.plan
         summary["model_dist_path"] = str(save_model_weights(
             self.modules, self.artifacts.path("model") / "dist",
-            zero3=plan.engine == "deepspeed" and plan.zero_stage == 3))
+            zero3=plan.zero3_partitioned))
         sharded = max(plan.tp, plan.pp, plan.ep, plan.vp) > 1
         state = None if sharded else self._full_state_dict()
         if self.runtime.is_main and state is not None:
@@ -315,17 +316,15 @@ class Trainer:
 
     def _full_state_dict(self) -> dict:
         """Weights gathered when ZeRO-3 partitioned them (collective: every rank calls it)."""
-        module = self.model
-        if self.plan.zero_stage == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                return {k: v.clone() for k, v in module.state_dict().items()
-                        if isinstance(v, torch.Tensor)}
-        return module.state_dict()
+        partitioned = self.plan.zero3_partitioned
+        with zero3_gathered([self.model], partitioned):
+            # Gathered tensors are released on leaving the block: keep copies of them.
+            return {k: v.clone() if partitioned else v
+                    for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)}
 
     def _sample(self) -> str | None:
         out = self.config.output
-        if not out.sample_tokens or self.tokenizer is None or self.plan.zero_stage == 3 \
+        if not out.sample_tokens or self.tokenizer is None or self.plan.zero3_partitioned \
                 or self.plan.tp > 1 or self.plan.pp > 1:
             return None
         generator = torch.Generator().manual_seed(self.config.training.seed)
