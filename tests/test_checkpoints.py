@@ -84,3 +84,61 @@ def test_retention_keeps_last_n_and_every_kth(tmp_path):
         manager.save(model=model, step=step)
     assert sorted(e["step"] for e in manager.list()) == [20, 35, 40]
     assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def test_async_save_commits_on_wait_with_the_state_at_save_time(tmp_path):
+    """The caller goes on (here: changes every weight) while the shards are written; the
+    checkpoint appears only when wait() commits it, holding the weights as they were."""
+    from apt.trainops.checkpoints import load_model_weights
+    model = APTModel(**SMALL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    manager = CheckpointManager(tmp_path, save_interval=10, async_save=True)
+    before = _weights(model)
+    manager.save(model=model, optimizer=optimizer, step=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)                                      # training goes on meanwhile
+    assert manager.list() == []                              # not visible before the commit
+    assert len(list(tmp_path.glob(".tmp-checkpoint-10-*"))) == 1
+    assert manager.wait() == tmp_path / "checkpoint-10"
+    assert [e["ok"] for e in manager.list()] == [True]
+    assert manager.last_save["stall_s"] > 0 and manager.last_save["bytes"] > 0
+    fresh = APTModel(**SMALL)
+    load_model_weights([fresh], manager.load_latest().path / "model")
+    assert all(torch.equal(before[k], v) for k, v in _weights(fresh).items())
+    assert manager.wait() is None                            # nothing pending any more
+
+
+@pytest.mark.parametrize("failure", ["writer process", "shard write"])
+def test_failed_background_write_never_commits_and_the_next_save_works(tmp_path, monkeypatch,
+                                                                       failure):
+    """A writer that dies, or a shard write that fails inside Megatron's writer (disk full),
+    raises CheckpointError from wait(), leaves no loadable checkpoint, and does not poison the
+    next save (Megatron's shared results queue is drained)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from apt.trainops.checkpoints import background
+    model = APTModel(**SMALL)
+    manager = CheckpointManager(tmp_path, save_interval=10, async_save=True)
+    manager.save(model=model, step=10)
+    manager.wait()
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+    target = (background, "file_entry") if failure == "writer process" else \
+        (filesystem_async, "_write_item")
+    with monkeypatch.context() as patch:
+        patch.setattr(*target, broken)     # the forked writer inherits the patch
+        manager.save(model=model, step=20)
+        with pytest.raises(CheckpointError, match="checkpoint-20 was not saved"):
+            manager.wait()
+    assert [e["step"] for e in manager.list()] == [10]
+    assert manager.load_latest().step == 10
+    manager.save(model=model, step=30)
+    assert manager.wait() == tmp_path / "checkpoint-30"
+    assert [(e["step"], e["ok"]) for e in manager.list()] == [(30, True), (10, True)]
+    assert not list(tmp_path.glob(".tmp-*"))                 # the failed one was cleaned up

@@ -167,3 +167,37 @@ def test_resume_on_another_layout(tmp_path, first, second):
         assert resumed[step]["sample_digest"] == reference[step]["sample_digest"], step
         assert abs(resumed[step]["loss"] - reference[step]["loss"]) < 1e-5, (
             step, resumed[step]["loss"], reference[step]["loss"])
+
+
+def test_background_writer_dies_with_its_trainer(tmp_path):
+    """SIGKILL of the trainer alone (not its process group), while a checkpoint is being
+    written in the background: the forked writer and its helpers die with it instead of writing
+    on into a directory the restarted run will clean up."""
+    import psutil
+    # A state large enough (about 0.3 GiB) that the write is still running when we look.
+    big = ["model.hidden_size=512", "model.num_layers=8", "model.num_attention_heads=8",
+           "model.ffn_hidden_size=1408", "data.num_workers=0", "training.max_steps=1000",
+           "training.checkpoints.save_interval=2", f"output.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, *_args(big)], env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "writing in the background" in line:
+                break
+        trainer = psutil.Process(proc.pid)
+        # Forked processes share the trainer's command line (spawned ones, e.g. Megatron's
+        # result-queue manager, do not).
+        forked = [p for p in trainer.children(recursive=True)
+                  if p.cmdline() == trainer.cmdline()]
+        assert forked, "no background writer was running"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(forked, timeout=10)
+        assert not alive, f"writer processes outlived the trainer: {alive}"
+        # Killed, not finished: an orphan would have completed the write and left its entries.
+        unfinished = list(tmp_path.glob("tiny-checkpoints/.tmp-checkpoint-*"))
+        assert unfinished and not list(unfinished[0].glob(".parts/rank-*.json"))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

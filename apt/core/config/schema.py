@@ -115,6 +115,8 @@ class CheckpointConfig:
     keep_last_n: int = rule(5, gt=0)
     # Also keep every checkpoint whose step is a multiple of this, forever (None: none).
     keep_every: Optional[int] = rule(None, gt=0)
+    # Write in the background: the loop waits only while the state is copied to host memory.
+    async_save: bool = True
     # Default: <output.dir>/<experiment or profile name>-checkpoints (stable across restarts,
     # unlike the timestamped run directory, so auto-resume finds it).
     dir: Optional[str] = None

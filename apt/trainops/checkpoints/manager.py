@@ -11,6 +11,10 @@ A save writes into ``.tmp-checkpoint-<step>-<nonce>/``; once every rank has fini
 file is fsynced, rank 0 writes the manifest and renames the directory. A crash at any point
 leaves either the previous checkpoints untouched or a temporary directory that is never loaded
 (and removed by the next save).
+
+With ``async_save`` the caller waits only while the shards are planned and copied to host
+memory; a forked writer per rank writes and checksums them (background.py) and ``wait()``, a
+collective the training loop calls once every rank's writer is done, commits the checkpoint.
 """
 from __future__ import annotations
 
@@ -20,13 +24,17 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from .background import (PARTS, ShardWriter, read_parts, stage_in_host_memory,
+                         start_writer_warmup)
 from .manifest import MANIFEST_VERSION, fsync, verify, write_manifest
 
 log = logging.getLogger(__name__)
@@ -46,11 +54,43 @@ class CheckpointState:
     manifest: dict
 
 
+class CheckpointWrite:
+    """A checkpoint being saved: its temporary directory and the parts added to it so far."""
+
+    def __init__(self, directory: Path, step: int, meta: dict):
+        self.directory, self.step, self.meta = directory, step, meta
+        self.requests: list = []      # Megatron AsyncRequests, tensors staged in host memory
+        self.writer: ShardWriter | None = None
+        self.stall_s = 0.0
+        self.committed: Path | None = None   # set by CheckpointManager.wait()
+
+    def add_sharded(self, name: str, sharded_state_dict: dict, private: bool = False) -> Path:
+        """Collective: a dist_checkpointing part in ``<checkpoint>/<name>/``. Planned and copied
+        to host memory now; written when the ``writing()`` block ends. ``private``: its tensors
+        were made for this save (nothing else changes them), so host tensors need no copy."""
+        from megatron.core import dist_checkpointing
+        path = self.directory / name
+        if _rank() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        request = dist_checkpointing.save(sharded_state_dict, str(path),
+                                          sharded_strategy=_save_strategy(),
+                                          async_sharded_save=True)
+        self.requests.append(stage_in_host_memory(request, private))
+        return path
+
+
 class CheckpointManager:
     def __init__(self, save_dir: str | os.PathLike = "checkpoints", save_interval: int = 500,
-                 keep_last_n: int = 5, keep_every: int | None = None):
+                 keep_last_n: int = 5, keep_every: int | None = None, async_save: bool = False):
         self.save_dir = Path(save_dir)
         self.save_interval, self.keep_last_n, self.keep_every = save_interval, keep_last_n, keep_every
+        self.async_save = async_save
+        self._pending: CheckpointWrite | None = None
+        self._warmup = start_writer_warmup() if async_save and save_interval else None
+        # Rank 0, after each commit: step, stall_s (the loop's wait), write_s (slowest rank's
+        # background write), commit_s, bytes.
+        self.last_save: dict | None = None
 
     # ------------------------------------------------------------------ saving
     def should_save(self, step: int) -> bool:
@@ -58,9 +98,16 @@ class CheckpointManager:
 
     @contextlib.contextmanager
     def writing(self, step: int, meta: dict | None = None):
-        """Collective: every rank enters; yields the temporary directory to write into."""
+        """Collective: every rank enters. Yields a ``CheckpointWrite`` to add the parts to.
+
+        On leaving the block the shard writes start: in a background process with
+        ``async_save`` (``wait()`` commits them), otherwise here, committed before returning.
+        A save always waits for the previous one first: one checkpoint in flight at a time."""
+        self.wait()
+        if self._warmup is not None:
+            self._warmup.join()
+        start = time.perf_counter()
         rank = _rank()
-        target = self.save_dir / f"checkpoint-{step}"
         names = [None]
         if rank == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
@@ -69,39 +116,89 @@ class CheckpointManager:
             names[0] = str(self.save_dir / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}")
             Path(names[0]).mkdir()
         _broadcast(names)
-        tmp = Path(names[0])
-        yield tmp
-        _barrier()   # every rank's shards are written
-        if rank == 0:
-            write_manifest(tmp, {"step": step, **(meta or {})})
+        write = CheckpointWrite(Path(names[0]), step, meta or {})
+        yield write
+        # An exception above leaves the temporary directory unmanifested: it never loads, and
+        # the next save removes it.
+        write.writer = ShardWriter(write.requests, write.directory, rank)
+        write.writer.start(background=self.async_save)
+        write.stall_s = time.perf_counter() - start
+        self._pending = write
+        if not self.async_save:
+            self.wait()
+
+    def writing_in_background(self) -> bool:
+        """Whether this rank's writer for the pending checkpoint is still running (local)."""
+        return self._pending is not None and self._pending.writer.running()
+
+    def wait(self) -> Path | None:
+        """Collective: commit the pending checkpoint once every rank's writer is done. Runs
+        dist_checkpointing's finalization (its metadata), then rank 0 writes the manifest and
+        renames the directory. Returns the checkpoint's path, None if nothing was pending.
+        Raises CheckpointError on every rank if any rank failed to write its shards."""
+        write, self._pending = self._pending, None
+        if write is None:
+            return None
+        error = write.writer.join()
+        failures = _any_rank_count(error is not None)
+        try:
+            if failures:
+                raise CheckpointError(f"{failures} rank(s) could not write their shards"
+                                      + (f"; here: {error}" if error else ""))
+            for request in write.requests:
+                for finalize in request.finalize_fns:
+                    finalize()
+        except (Exception, CheckpointException) as exc:   # torch's is a BaseException
+            _drain_write_results()   # results a failed write left behind must not reach the next
+            raise CheckpointError(f"checkpoint-{write.step} was not saved ({write.directory} "
+                                  f"stays unmanifested and never loads): {exc}") from exc
+        target = self.save_dir / f"checkpoint-{write.step}"
+        _barrier()   # every rank's shards and metadata are written
+        commit_start = time.perf_counter()
+        if _rank() == 0:
+            known, write_s = read_parts(write.directory)
+            shutil.rmtree(write.directory / PARTS)
+            manifest = write_manifest(write.directory, {"step": write.step, **write.meta}, known)
             if target.exists():      # re-saving a step: the new one replaces it atomically
                 shutil.rmtree(target)
-            os.replace(tmp, target)
+            os.replace(write.directory, target)
             fsync(self.save_dir)   # the rename itself is durable
             self._retain()
+            self.last_save = {"step": write.step, "stall_s": write.stall_s, "write_s": write_s,
+                              "commit_s": time.perf_counter() - commit_start,
+                              "bytes": sum(f["bytes"] for f in manifest["files"].values())}
         _barrier()
+        write.committed = target
+        return target
+
+    def abort(self) -> None:
+        """Local, no collectives (for error paths): stop this rank's writer; the pending
+        checkpoint is never committed."""
+        write, self._pending = self._pending, None
+        if write is not None:
+            write.writer.kill()
 
     def save(self, model=None, optimizer=None, step: int = 0, **extra) -> Path:
         """The seed API: ``save(model=model, optimizer=optimizer, step=1000)``.
 
         ``model``: an APTModel (or a list of model chunks); ``optimizer``: a training engine
-        (apt.trainops.distributed.engines) or a plain torch optimizer."""
+        (apt.trainops.distributed.engines) or a plain torch optimizer. With ``async_save`` the
+        checkpoint appears at the returned path once ``wait()`` (or the next save) commits it."""
         from .model_weights import _sharded_state
-        from .optimizer_state import save_optimizer_state
-        from megatron.core import dist_checkpointing
+        from .optimizer_state import optimizer_sharded_state
         modules = model if isinstance(model, (list, tuple)) else [model] if model else []
-        with self.writing(step, {"kind": "model+optimizer"}) as tmp:
+        with self.writing(step, {"kind": "model+optimizer"}) as ckpt:
             if modules:
-                (tmp / "model").mkdir(exist_ok=True)
-                _barrier()
-                dist_checkpointing.save(_sharded_state(modules), str(tmp / "model"))
+                ckpt.add_sharded("model", _sharded_state(modules))
             if optimizer is not None and hasattr(optimizer, "kind"):
-                save_optimizer_state(optimizer, tmp / "optimizer")
+                with optimizer_sharded_state(optimizer) as sharded:
+                    ckpt.add_sharded("optimizer", sharded, private=True)
             elif optimizer is not None:
-                (tmp / "optimizer").mkdir(exist_ok=True)
-                torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank-{_rank():05d}.pt")
+                (ckpt.directory / "optimizer").mkdir(exist_ok=True)
+                torch.save(optimizer.state_dict(),
+                           ckpt.directory / "optimizer" / f"rank-{_rank():05d}.pt")
             if _rank() == 0:
-                (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+                (ckpt.directory / "state.json").write_text(json.dumps({"step": step, **extra}))
         return self.save_dir / f"checkpoint-{step}"
 
     # ------------------------------------------------------------------ finding and loading
@@ -149,6 +246,43 @@ class CheckpointManager:
             if self.keep_every and entry["step"] % self.keep_every == 0:
                 continue
             shutil.rmtree(entry["path"], ignore_errors=True)
+
+
+def _save_strategy():
+    """Megatron's torch_dist writer, with the writing of replicated shards (data parallel
+    replicas of weights and optimizer state) spread over the data-parallel ranks instead of all
+    falling on the first one."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper)
+    strategy = get_default_save_sharded_strategy()
+    if not parallel_state.model_parallel_is_initialized() or \
+            parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return strategy
+    return FullyParallelSaveStrategyWrapper(
+        strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
+def _any_rank_count(flag: bool) -> int:
+    """How many ranks raise ``flag`` (collective)."""
+    if not dist.is_initialized():
+        return int(flag)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    count = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+def _drain_write_results() -> None:
+    from queue import Empty
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    queue = filesystem_async._results_queue
+    while queue is not None:
+        try:
+            queue.get_nowait()
+        except Empty:
+            return
 
 
 def _rank() -> int:

@@ -34,13 +34,25 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(directory: Path, meta: dict) -> dict:
-    """Fsync every file, then write manifest.json (size + SHA-256 of each file) and fsync it."""
-    files = {}
+def file_entry(path: Path) -> dict:
+    """Fsync one file and describe it for the manifest: size and SHA-256."""
+    fsync(path)
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def write_manifest(directory: Path, meta: dict, known: dict | None = None) -> dict:
+    """Fsync every file, then write manifest.json (size + SHA-256 of each file) and fsync it.
+
+    ``known``: entries the writers already computed (relative name -> file_entry), e.g. by the
+    background writer of the rank that wrote the file; a file whose size no longer matches its
+    known entry is hashed again here."""
+    files, known = {}, known or {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        fsync(path)
-        files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size,
-                                                   "sha256": _sha256(path)}
+        name = str(path.relative_to(directory))
+        entry = known.get(name)
+        if entry is None or entry["bytes"] != path.stat().st_size:
+            entry = file_entry(path)
+        files[name] = entry
     manifest = {"version": MANIFEST_VERSION, **meta, "files": files}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -8,6 +8,7 @@ TP / PP / DP layout, another ZeRO stage, and across the DeepSpeed and Megatron e
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -17,11 +18,12 @@ from .model_weights import _sharded_state, zero3_gathered
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
-def save_optimizer_state(engine, directory: Path) -> None:
-    from megatron.core import dist_checkpointing
-    directory.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def optimizer_sharded_state(engine):
+    """Collective: the optimizer state as a sharded state dict, valid inside the block (ZeRO-3
+    parameters are gathered only there); ``CheckpointWrite.add_sharded`` copies it out."""
     with zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
-        dist_checkpointing.save(_sharded(engine, is_loading=False), str(directory))
+        yield _sharded(engine, is_loading=False)
 
 
 @torch.no_grad()   # masters may be views of the parameters themselves

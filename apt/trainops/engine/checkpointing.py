@@ -18,8 +18,10 @@ import torch.distributed as dist
 
 from apt.core.config import config_to_dict
 from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
-                                      load_model_weights, save_model_weights)
-from apt.trainops.checkpoints.optimizer_state import load_optimizer_state, save_optimizer_state
+                                      load_model_weights)
+from apt.trainops.checkpoints.model_weights import _sharded_state, zero3_gathered
+from apt.trainops.checkpoints.optimizer_state import (load_optimizer_state,
+                                                      optimizer_sharded_state)
 from apt.trainops.checkpoints.rng import capture_rng, restore_rng
 from apt.trainops.artifacts.environment import package_versions
 
@@ -32,7 +34,8 @@ def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
     c = cfg.training.checkpoints
     default = Path(cfg.output.dir) / f"{cfg.output.experiment_name or cfg.name}-checkpoints"
     return CheckpointManager(directory or c.dir or default, save_interval=c.save_interval,
-                             keep_last_n=c.keep_last_n, keep_every=c.keep_every)
+                             keep_last_n=c.keep_last_n, keep_every=c.keep_every,
+                             async_save=c.async_save)
 
 
 def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
@@ -55,13 +58,17 @@ def layout_of(plan) -> dict:
             "dp": plan.dp, "ep": plan.ep, "engine": plan.engine, "zero_stage": plan.zero_stage}
 
 
-def save_training_checkpoint(trainer) -> Path:
+def save_training_checkpoint(trainer):
+    """Collective; returns the CheckpointWrite. With async saves this returns once the state is
+    in host memory, and ``trainer.checkpoints.wait()`` commits the checkpoint later."""
     plan, cfg, step = trainer.plan, trainer.config, trainer.step
     meta = {"config_hash": cfg.config_hash, "layout": layout_of(plan)}
-    with trainer.checkpoints.writing(step, meta) as tmp:
-        save_model_weights(trainer.modules, tmp / "model",
-                           zero3=plan.zero3_partitioned)
-        save_optimizer_state(trainer.engine, tmp / "optimizer")
+    with trainer.checkpoints.writing(step, meta) as ckpt:
+        with zero3_gathered(trainer.modules, plan.zero3_partitioned):
+            ckpt.add_sharded("model", _sharded_state(trainer.modules))
+        with optimizer_sharded_state(trainer.engine) as optimizer_state:
+            ckpt.add_sharded("optimizer", optimizer_state, private=True)   # gathered copies
+        tmp = ckpt.directory
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(capture_rng(), tmp / "trainer" / f"rank-{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
@@ -70,7 +77,7 @@ def save_training_checkpoint(trainer) -> Path:
                 "global_batch": plan.global_batch, "config_hash": cfg.config_hash,
                 "config": config_to_dict(cfg), "layout": layout_of(plan),
                 "versions": package_versions()}, indent=1, default=str))
-    return trainer.checkpoints.save_dir / f"checkpoint-{step}"
+    return ckpt
 
 
 def load_weights(trainer, ckpt: CheckpointState) -> None:
@@ -116,9 +123,17 @@ def _diff(old: dict, new: dict, prefix: str = "") -> dict:
     return out
 
 
+def any_rank(device, *flags: bool) -> list[bool]:
+    """For each flag, whether any rank raised it: one all-reduce for all of them (the loop's
+    per-step agreement on preemption and on background checkpoint writes)."""
+    values = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
 class PreemptionGuard:
     """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a checkpoint
-    at the next step boundary; every rank agrees through one all-reduce per step."""
+    at the next step boundary; ranks agree on it through ``any_rank`` once per step."""
 
     def __init__(self):
         self.requested = False
@@ -134,11 +149,6 @@ class PreemptionGuard:
 
     def _handle(self, signum, frame):
         self.requested = True
-
-    def should_stop(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

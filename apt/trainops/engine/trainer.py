@@ -6,6 +6,7 @@ here, before any process group exists), ``train()`` runs the loop. Numbers the p
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -22,8 +23,8 @@ from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
 from .callbacks import Callback
-from .checkpointing import (PreemptionGuard, checkpoint_manager, load_engine_state, load_weights,
-                            resolve_resume, save_training_checkpoint)
+from .checkpointing import (PreemptionGuard, any_rank, checkpoint_manager, load_engine_state,
+                            load_weights, resolve_resume, save_training_checkpoint)
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
 
@@ -179,7 +180,7 @@ class Trainer:
         batches = _TimedBatches(self.train_dataloader, self._to_device)
         pending: list[tuple] = []  # (step, loss, lr, grad norm, seconds, end time, data wait)
         started = time.perf_counter()
-        with PreemptionGuard() as preemption:
+        with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
             while self.step < t.max_steps:
                 step_start = time.perf_counter()
                 lr = self.learning_rate(self.step)
@@ -189,26 +190,62 @@ class Trainer:
                                 time.perf_counter() - step_start, time.time(),
                                 batches.take_wait(), batches.take_sample_digest()))
                 last = self.step == t.max_steps
-                preempted = preemption.should_stop(self.runtime.device)
+                preempted, writing = any_rank(self.runtime.device, preemption.requested,
+                                              self.checkpoints.writing_in_background())
+                if not writing:
+                    self._commit_checkpoint(progress)   # every rank's writer is done: commit
                 if self.step % t.log_interval == 0 or last or preempted:
                     self._flush(pending, tokens_per_step, progress)
                     pending = []
                 if preempted or self.checkpoints.should_save(self.step) or (
                         last and t.checkpoints.save_interval):
-                    path = save_training_checkpoint(self)
-                    progress.line(f"checkpoint | step {self.step} -> {path}")
+                    write = save_training_checkpoint(self)
+                    if write.committed:
+                        self._report_checkpoint(progress, write.committed)
+                    else:
+                        progress.line(f"checkpoint | step {self.step} staged in "
+                                      f"{write.stall_s:.2f} s, writing in the background")
                 if preempted:
+                    self._commit_checkpoint(progress)
                     progress.line(f"preempted | checkpoint at step {self.step} written; exiting "
                                   f"(rerun with auto-resume to continue)")
                     progress.close()
                     return {"steps": self.step, "preempted": True}
                 if t.eval_interval and self.step % t.eval_interval == 0 and not last:
                     self._log_eval(progress)
+            self._commit_checkpoint(progress)   # the last save, before the run reports done
         eval_result = self._log_eval(progress)
         elapsed = time.perf_counter() - started
         summary = self._finish(eval_result, elapsed, tokens_per_step, progress)
         progress.close()
         return summary
+
+    def _commit_checkpoint(self, progress) -> None:
+        """Collective: commit the checkpoint written in the background, if one is pending."""
+        path = self.checkpoints.wait()
+        if path is not None:
+            self._report_checkpoint(progress, path)
+
+    def _report_checkpoint(self, progress, path) -> None:
+        info = self.checkpoints.last_save
+        if self.runtime.is_main and info:
+            self.artifacts.save_metrics({"checkpoint_step": info["step"],
+                                         **{f"checkpoint_{k}": v for k, v in info.items()
+                                            if k != "step"}})
+            progress.line(f"checkpoint | step {info['step']} -> {path} | "
+                          f"{info['bytes'] / 2**20:.1f} MiB | loop stalled {info['stall_s']:.2f} "
+                          f"s, written in {info['write_s']:.2f} s, committed in "
+                          f"{info['commit_s']:.2f} s")
+
+    @contextlib.contextmanager
+    def _checkpoint_writes_abort_on_error(self):
+        """A failing run does not wait for (or commit) a checkpoint still being written: ranks
+        may no longer agree, and committing needs every rank."""
+        try:
+            yield
+        except BaseException:
+            self.checkpoints.abort()
+            raise
 
     def learning_rate(self, step: int) -> float:
         t = self.config.training

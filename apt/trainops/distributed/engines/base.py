@@ -51,7 +51,9 @@ class TrainEngine:
         return 0
 
     def full_optimizer_state(self, param) -> dict:
-        """{"master", "exp_avg", "exp_avg_sq"}: fp32 tensors of ``param``'s (TP-local) shape."""
+        """{"master", "exp_avg", "exp_avg_sq"}: fp32 tensors of ``param``'s (TP-local) shape.
+        New tensors, never views of the live state: a background checkpoint write keeps them
+        while training goes on."""
         raise NotImplementedError
 
     def load_full_optimizer_state(self, param, tensors: dict) -> None:
