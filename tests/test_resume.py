@@ -145,7 +145,13 @@ def _initial_weights(directory):
      (2, HYBRID + ["training.distributed.engine=megatron"])),
     ((2, ["training.distributed.zero_stage=2"]),
      (1, ["training.distributed.zero_stage=1"])),
-], ids=["tp2xpp2-to-dp2-megatron", "dp2-zero2-to-dp1-zero1"])
+    # Optimizer state split over DP (distributed optimizer, ZeRO-3): saved by its owners.
+    ((2, HYBRID + ["training.distributed.engine=megatron"]),
+     (2, HYBRID + ["training.distributed.tensor_parallel=2"])),
+    ((2, ["training.distributed.strategy=fsdp"]),
+     (2, ["training.distributed.zero_stage=0"])),
+], ids=["tp2xpp2-to-dp2-megatron", "dp2-zero2-to-dp1-zero1", "dp2-megatron-to-tp2",
+        "dp2-zero3-to-dp2-zero0"])
 def test_resume_on_another_layout(tmp_path, first, second):
     """Save on one layout, resume on another: the losses and the samples of every step match
     an uninterrupted run (the Megatron engine resumes Megatron's optimizer format, DeepSpeed

@@ -64,19 +64,23 @@ class CheckpointWrite:
         self.stall_s = 0.0
         self.committed: Path | None = None   # set by CheckpointManager.wait()
 
-    def add_sharded(self, name: str, sharded_state_dict: dict, private: bool = False) -> Path:
+    def add_sharded(self, name: str, sharded_state_dict: dict, assembled: bool = False) -> Path:
         """Collective: a dist_checkpointing part in ``<checkpoint>/<name>/``. Planned and copied
-        to host memory now; written when the ``writing()`` block ends. ``private``: its tensors
-        were made for this save (nothing else changes them), so host tensors need no copy."""
+        to host memory now; written when the ``writing()`` block ends.
+
+        ``assembled``: the state dict was assembled for this save and already names, by its
+        replica ids, one writer per shard (optimizer_state.py). Its host tensors need no copy
+        (nothing else changes them), and the writes are not redistributed. Otherwise (model
+        weights) the writes of data-parallel replicas are spread over the data-parallel ranks."""
         from megatron.core import dist_checkpointing
         path = self.directory / name
         if _rank() == 0:
             path.mkdir(parents=True, exist_ok=True)
         _barrier()
+        strategy = _save_strategy(spread_replicas=not assembled)
         request = dist_checkpointing.save(sharded_state_dict, str(path),
-                                          sharded_strategy=_save_strategy(),
-                                          async_sharded_save=True)
-        self.requests.append(stage_in_host_memory(request, private))
+                                          sharded_strategy=strategy, async_sharded_save=True)
+        self.requests.append(stage_in_host_memory(request, private=assembled))
         return path
 
 
@@ -192,7 +196,7 @@ class CheckpointManager:
                 ckpt.add_sharded("model", _sharded_state(modules))
             if optimizer is not None and hasattr(optimizer, "kind"):
                 with optimizer_sharded_state(optimizer) as sharded:
-                    ckpt.add_sharded("optimizer", sharded, private=True)
+                    ckpt.add_sharded("optimizer", sharded, assembled=True)
             elif optimizer is not None:
                 (ckpt.directory / "optimizer").mkdir(exist_ok=True)
                 torch.save(optimizer.state_dict(),
@@ -248,16 +252,15 @@ class CheckpointManager:
             shutil.rmtree(entry["path"], ignore_errors=True)
 
 
-def _save_strategy():
-    """Megatron's torch_dist writer, with the writing of replicated shards (data parallel
-    replicas of weights and optimizer state) spread over the data-parallel ranks instead of all
-    falling on the first one."""
+def _save_strategy(spread_replicas: bool):
+    """Megatron's torch_dist writer; with ``spread_replicas`` the writing of shards replicated
+    over data-parallel ranks is spread over them instead of all falling on the first one."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper)
     strategy = get_default_save_sharded_strategy()
-    if not parallel_state.model_parallel_is_initialized() or \
+    if not spread_replicas or not parallel_state.model_parallel_is_initialized() or \
             parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1:
         return strategy
     return FullyParallelSaveStrategyWrapper(

@@ -1,17 +1,22 @@
 """Optimizer state in model space, written with ``dist_checkpointing`` so it reshards.
 
 For every parameter: its fp32 master copy and Adam moments, as tensors of the parameter's own
-(TP-local) shape, stored under the parameter's global key with the parameter's sharding. Each
-engine assembles them from its data-parallel shards (``engine.full_optimizer_state``) and
-scatters them back (``engine.load_full_optimizer_state``), so a checkpoint loads on another
-TP / PP / DP layout, another ZeRO stage, and across the DeepSpeed and Megatron engines.
+(TP-local) shape, stored under the parameter's global key with the parameter's sharding, so a
+checkpoint loads on another TP / PP / DP layout, another ZeRO stage, and across the DeepSpeed
+and Megatron engines (``engine.load_full_optimizer_state`` keeps each rank's fragment).
+
+Saving never gathers the state on one rank: each parameter gets one owner in its data-parallel
+group (balanced by size), the group reduces the fragments (``engine.optimizer_state_fragment``)
+onto the owner only, and the owner alone writes it. A rank holds about 1/DP of the state.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .model_weights import _sharded_state, zero3_gathered
 
@@ -41,14 +46,63 @@ def _sharded(engine, is_loading: bool) -> dict:
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
     engine.prepare_optimizer_state()
     out = {"step": engine.optimizer_step_count()}
+    owners = _Owners()
     for name, (param, sharded) in _param_shards(engine).items():
-        full = None if is_loading else engine.full_optimizer_state(param)
+        if is_loading:
+            state, mine = {k: torch.empty(param.shape, dtype=torch.float32)
+                           for k in STATE_KINDS}, True
+        else:
+            state, mine = _assemble_on_owner(engine, param, owners)
         for kind in STATE_KINDS:
-            value = torch.empty(param.shape, dtype=torch.float32) if is_loading else full[kind]
             # Same sharding as the parameter (a factory for SwiGLU's fused gate/up weight).
-            out[f"{kind}.{name}"] = make_sharded_optimizer_tensor(sharded, value,
-                                                                  f"optimizer.{kind}")
+            entry = make_sharded_optimizer_tensor(sharded, state[kind], f"optimizer.{kind}")
+            out[f"{kind}.{name}"] = entry if is_loading else _owned_by(entry, mine)
     return out
+
+
+class _Owners:
+    """Deterministic owner per parameter within its group: the least loaded rank so far."""
+
+    def __init__(self):
+        self.load = {}
+
+    def pick(self, group, numel: int) -> int:
+        load = self.load.setdefault(group, [0] * dist.get_world_size(group))
+        owner = min(range(len(load)), key=lambda r: (load[r], r))
+        load[owner] += numel
+        return owner
+
+
+def _assemble_on_owner(engine, param, owners: _Owners) -> tuple[dict, bool]:
+    """(state, whether this rank owns it). Non-owners get shape-only meta tensors: they are
+    not the main replica, so dist_checkpointing never reads them."""
+    group, start, fragment = engine.optimizer_state_fragment(param)
+    shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+    numel = int(torch.Size(shape).numel())
+    owner = owners.pick(group, numel)
+    mine = dist.get_rank(group) == owner
+    if start is None:        # replicated on the group: the owner copies, nobody communicates
+        state = {k: fragment[k].detach().float().reshape(shape).clone() for k in STATE_KINDS} \
+            if mine else None
+    else:
+        device = next(iter(fragment.values())).device if fragment else param.device
+        buffer = torch.zeros(len(STATE_KINDS), numel, dtype=torch.float32, device=device)
+        if fragment:
+            for i, kind in enumerate(STATE_KINDS):
+                part = fragment[kind].detach().flatten()
+                buffer[i, start:start + part.numel()] = part
+        dist.reduce(buffer, dst=dist.get_global_rank(group, owner), group=group)
+        state = {k: buffer[i].view(shape) for i, k in enumerate(STATE_KINDS)} if mine else None
+    if state is None:
+        state = {k: torch.empty(shape, dtype=torch.float32, device="meta") for k in STATE_KINDS}
+    return state, mine
+
+
+def _owned_by(entry, mine: bool):
+    """The entry with its data-parallel replica id (the last component) saying whether this
+    rank's copy is the one written: 0 on the owner, 1 elsewhere."""
+    replica = entry.replica_id if isinstance(entry.replica_id, tuple) else (entry.replica_id,)
+    return replace(entry, replica_id=(*replica[:-1], 0 if mine else 1))
 
 
 def _param_shards(engine) -> dict:

@@ -67,7 +67,7 @@ def save_training_checkpoint(trainer):
         with zero3_gathered(trainer.modules, plan.zero3_partitioned):
             ckpt.add_sharded("model", _sharded_state(trainer.modules))
         with optimizer_sharded_state(trainer.engine) as optimizer_state:
-            ckpt.add_sharded("optimizer", optimizer_state, private=True)   # gathered copies
+            ckpt.add_sharded("optimizer", optimizer_state, assembled=True)
         tmp = ckpt.directory
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(capture_rng(), tmp / "trainer" / f"rank-{dist.get_rank():05d}.pt")

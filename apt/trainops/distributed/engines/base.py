@@ -50,10 +50,14 @@ class TrainEngine:
                     return int(slot["step"])
         return 0
 
-    def full_optimizer_state(self, param) -> dict:
-        """{"master", "exp_avg", "exp_avg_sq"}: fp32 tensors of ``param``'s (TP-local) shape.
-        New tensors, never views of the live state: a background checkpoint write keeps them
-        while training goes on."""
+    def optimizer_state_fragment(self, param):
+        """What this rank holds of ``param``'s optimizer state: ``(group, start, tensors)``.
+
+        ``group``: the data-parallel group the state is split over (or replicated on);
+        ``start``: the offset of this rank's fragment in the flattened (TP-local) parameter, or
+        None when every rank of the group holds all of it; ``tensors``: {"master", "exp_avg",
+        "exp_avg_sq"} as the optimizer holds them (live: read, never keep), None when this rank
+        holds no part. optimizer_state.py assembles each parameter on one rank from these."""
         raise NotImplementedError
 
     def load_full_optimizer_state(self, param, tensors: dict) -> None:

@@ -7,6 +7,8 @@ sequence-parallel norms, Megatron expert parallel) go to the Megatron engine: se
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from apt.core.config import APTConfig
 from ..memory import REDUCE_BUCKET_ELEMENTS
@@ -100,18 +102,27 @@ class DeepSpeedEngine(TrainEngine):
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
 
-    def full_optimizer_state(self, param) -> dict:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-        if self.plan.zero_stage == 0:   # a plain torch optimizer over the parameters
+    def optimizer_state_fragment(self, param):
+        if self.plan.zero_stage == 0:   # a plain torch optimizer: every DP rank holds it all
             slot = self.optimizer.state[param]
-            return {"master": param.detach().float().clone(),
-                    "exp_avg": slot["exp_avg"].float().clone(),
-                    "exp_avg_sq": slot["exp_avg_sq"].float().clone()}
-        shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
-        # Collective over DP: each rank contributes its fragment.
-        return {"master": safe_get_full_fp32_param(param).float().reshape(shape),
-                **{k: safe_get_full_optimizer_state(param, k).float().reshape(shape)
-                   for k in ("exp_avg", "exp_avg_sq")}}
+            return (parallel_state.get_data_parallel_group(), None,
+                    {"master": param.detach(), "exp_avg": slot["exp_avg"],
+                     "exp_avg_sq": slot["exp_avg_sq"]})
+        if hasattr(param, "ds_id"):     # ZeRO-3: rank r holds elements [r * P, r * P + P)
+            z3 = param._z3_optimizer
+            group = z3._get_param_partition_group(param)
+            parts = {k: z3._get_fp32_opt_state_partition(param, True, key)[0]
+                     for k, key in (("master", None), ("exp_avg", "exp_avg"),
+                                    ("exp_avg_sq", "exp_avg_sq"))}
+            start = dist.get_rank(group) * parts["master"].numel()
+            count = max(0, min(parts["master"].numel(), param.ds_numel - start))
+            return group, start, {k: v[:count] for k, v in parts.items()}
+        mapping = param._hp_mapping     # ZeRO-1/2: None on ranks owning no part of it
+        if mapping is None:
+            return param._dp_group, 0, None
+        return (param._dp_group, mapping.lp_fragment_address.start,
+                {"master": mapping.get_hp_fragment(),
+                 **{k: mapping.get_hp_fragment(k) for k in ("exp_avg", "exp_avg_sq")}})
 
     def load_full_optimizer_state(self, param, tensors: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

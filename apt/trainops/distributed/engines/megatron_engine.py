@@ -107,23 +107,20 @@ class MegatronEngine(TrainEngine):
                             self._owners[p] = opt
         return self._owners[param]
 
-    def full_optimizer_state(self, param) -> dict:
+    def optimizer_state_fragment(self, param):
         opt = self._owner(param)
-        if not hasattr(opt, "buffers"):
+        if not hasattr(opt, "buffers"):   # FP32Optimizer: every DP rank holds it all
+            group = (parallel_state.get_data_parallel_group(with_context_parallel=True)
+                     if getattr(param, "allreduce", True)
+                     else parallel_state.get_expert_data_parallel_group())
             slot = opt.optimizer.state[param]
-            return {"master": param.detach().float().clone(),
-                    **{k: slot[k].float().clone() for k in ADAM}}
-        full = {k: torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-                for k in ("master",) + ADAM}
-        if param in opt.model_param_group_index_map:   # this rank owns a slice of it
-            owned = opt._get_model_param_range_map(param)["param"]
-            local = opt._get_main_param_and_optimizer_states(param)
-            full["master"][owned.start:owned.end] = local["param"].float()
-            for k in ADAM:
-                full[k][owned.start:owned.end] = local[k].float()
-        for value in full.values():    # slices are disjoint across the DP group: sum = whole
-            dist.all_reduce(value, group=opt.data_parallel_group)
-        return {k: v.view(param.shape) for k, v in full.items()}
+            return group, None, {"master": param.detach(), **{k: slot[k] for k in ADAM}}
+        if param not in opt.model_param_group_index_map:   # this rank owns no slice of it
+            return opt.data_parallel_group, 0, None
+        owned = opt._get_model_param_range_map(param)["param"]
+        local = opt._get_main_param_and_optimizer_states(param)
+        return opt.data_parallel_group, owned.start, {"master": local["param"],
+                                                      **{k: local[k] for k in ADAM}}
 
     def load_full_optimizer_state(self, param, tensors: dict) -> None:
         opt = self._owner(param)
