@@ -57,11 +57,12 @@ class CheckpointState:
 class CheckpointWrite:
     """A checkpoint being saved: its temporary directory and the parts added to it so far."""
 
-    def __init__(self, directory: Path, step: int, meta: dict):
+    def __init__(self, directory: Path, step: int, meta: dict, started: float):
         self.directory, self.step, self.meta = directory, step, meta
         self.requests: list = []      # Megatron AsyncRequests, tensors staged in host memory
         self.writer: ShardWriter | None = None
-        self.stall_s = 0.0
+        self.started = started   # perf_counter() when the save began
+        self.stall_s = 0.0   # how long the caller waited (set when the writes start)
         self.committed: Path | None = None   # set by CheckpointManager.wait()
 
     def add_sharded(self, name: str, sharded_state_dict: dict, assembled: bool = False) -> Path:
@@ -120,7 +121,7 @@ class CheckpointManager:
             names[0] = str(self.save_dir / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}")
             Path(names[0]).mkdir()
         _broadcast(names)
-        write = CheckpointWrite(Path(names[0]), step, meta or {})
+        write = CheckpointWrite(Path(names[0]), step, meta or {}, started=start)
         yield write
         # An exception above leaves the temporary directory unmanifested: it never loads, and
         # the next save removes it.
@@ -161,14 +162,16 @@ class CheckpointManager:
         commit_start = time.perf_counter()
         if _rank() == 0:
             known, write_s = read_parts(write.directory)
-            shutil.rmtree(write.directory / PARTS)
+            shutil.rmtree(write.directory / PARTS, ignore_errors=True)
             manifest = write_manifest(write.directory, {"step": write.step, **write.meta}, known)
             if target.exists():      # re-saving a step: the new one replaces it atomically
                 shutil.rmtree(target)
             os.replace(write.directory, target)
             fsync(self.save_dir)   # the rename itself is durable
             self._retain()
-            self.last_save = {"step": write.step, "stall_s": write.stall_s, "write_s": write_s,
+            # A synchronous save stalls the caller for all of it, commit included.
+            stall = write.stall_s if self.async_save else time.perf_counter() - write.started
+            self.last_save = {"step": write.step, "stall_s": stall, "write_s": write_s,
                               "commit_s": time.perf_counter() - commit_start,
                               "bytes": sum(f["bytes"] for f in manifest["files"].values())}
         _barrier()
