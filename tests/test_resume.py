@@ -48,10 +48,17 @@ def _records(output_dir: Path) -> dict:
 
 
 def _run(cmd, timeout=600):
-    result = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout
+    # Its own process group: a hung run is killed with every worker torchrun started.
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {out[-2000:]}{err[-4000:]}")
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    return out
 
 
 def test_sigkill_twenty_times_then_same_losses(tmp_path):
@@ -139,40 +146,55 @@ def _initial_weights(directory):
     return directory
 
 
+STEPS = ["training.max_steps=6", "training.checkpoints.save_interval=3"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One set of initial weights for every layout, and the uninterrupted one-process run."""
+    root = tmp_path_factory.mktemp("reference")
+    init = _initial_weights(root / "init")
+    _launch(1, STEPS + [f"training.init_from={init}"], root / "ref")
+    return init, _records(root / "ref")
+
+
 @pytest.mark.parametrize("first,second", [
     ((4, HYBRID + ["training.distributed.tensor_parallel=2",
                    "training.distributed.pipeline_parallel=2", "training.micro_batch_size=2"]),
      (2, HYBRID + ["training.distributed.engine=megatron"])),
     ((2, ["training.distributed.zero_stage=2"]),
      (1, ["training.distributed.zero_stage=1"])),
-    # Optimizer state split over DP (distributed optimizer, ZeRO-3): saved by its owners.
+    # Optimizer state split over DP (distributed optimizer, ZeRO-3) is saved by its owners;
+    # replicated state (ZeRO-0, Megatron without the distributed optimizer) by one of them.
     ((2, HYBRID + ["training.distributed.engine=megatron"]),
      (2, HYBRID + ["training.distributed.tensor_parallel=2"])),
+    # Loaded a few parameters at a time: the two pipeline stages need different numbers of
+    # collective loads.
     ((2, ["training.distributed.strategy=fsdp"]),
-     (2, ["training.distributed.zero_stage=0"])),
+     (2, HYBRID + ["training.distributed.pipeline_parallel=2", "training.micro_batch_size=2",
+                   "training.checkpoints.load_batch_mib=0.05"])),
+    ((2, ["training.distributed.zero_stage=0"]),
+     (2, HYBRID + ["training.distributed.engine=megatron", "training.distributed.zero_stage=0"])),
 ], ids=["tp2xpp2-to-dp2-megatron", "dp2-zero2-to-dp1-zero1", "dp2-megatron-to-tp2",
-        "dp2-zero3-to-dp2-zero0"])
-def test_resume_on_another_layout(tmp_path, first, second):
+        "dp2-zero3-to-pp2-small-load-batches", "dp2-zero0-to-dp2-megatron-zero0"])
+def test_resume_on_another_layout(tmp_path, reference, first, second):
     """Save on one layout, resume on another: the losses and the samples of every step match
-    an uninterrupted run (the Megatron engine resumes Megatron's optimizer format, DeepSpeed
-    its model-space format; both reshard)."""
-    init = _initial_weights(tmp_path / "init")
-    steps = ["training.max_steps=6", "training.checkpoints.save_interval=3",
-             f"training.init_from={init}"]
-    _launch(1, steps, tmp_path / "ref")
-    reference = _records(tmp_path / "ref")
+    an uninterrupted run (optimizer state is saved in model space and reshards on load, across
+    ZeRO stages and the DeepSpeed and Megatron engines)."""
+    init, expected = reference
+    steps = STEPS + [f"training.init_from={init}"]
     _launch(first[0], steps + first[1], tmp_path / "a")
     for step, record in _records(tmp_path / "a").items():
-        assert abs(record["loss"] - reference[step]["loss"]) < 1e-5, step
+        assert abs(record["loss"] - expected[step]["loss"]) < 1e-5, step
     checkpoint = tmp_path / "a" / "tiny-checkpoints" / "checkpoint-3"
     resumed_out = _launch(second[0], steps + second[1], tmp_path / "b", resume=checkpoint)
     assert "step 4/6" in resumed_out
     resumed = _records(tmp_path / "b")
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
-        assert resumed[step]["sample_digest"] == reference[step]["sample_digest"], step
-        assert abs(resumed[step]["loss"] - reference[step]["loss"]) < 1e-5, (
-            step, resumed[step]["loss"], reference[step]["loss"])
+        assert resumed[step]["sample_digest"] == expected[step]["sample_digest"], step
+        assert abs(resumed[step]["loss"] - expected[step]["loss"]) < 1e-5, (
+            step, resumed[step]["loss"], expected[step]["loss"])
 
 
 def test_background_writer_dies_with_its_trainer(tmp_path):

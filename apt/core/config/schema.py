@@ -117,6 +117,9 @@ class CheckpointConfig:
     keep_every: Optional[int] = rule(None, gt=0)
     # Write in the background: the loop waits only while the state is copied to host memory.
     async_save: bool = True
+    # Host memory per rank for optimizer state while resuming: the state is read this much at a
+    # time (each rank keeps its own fragment of it).
+    load_batch_mib: float = rule(1024.0, gt=0)
     # Default: <output.dir>/<experiment or profile name>-checkpoints (stable across restarts,
     # unlike the timestamped run directory, so auto-resume finds it).
     dir: Optional[str] = None

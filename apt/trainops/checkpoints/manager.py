@@ -274,8 +274,8 @@ def _any_rank_count(flag: bool) -> int:
     """How many ranks raise ``flag`` (collective)."""
     if not dist.is_initialized():
         return int(flag)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    count = torch.tensor([int(flag)], device=device)
+    from apt.trainops.distributed.runtime import collective_device
+    count = torch.tensor([int(flag)], device=collective_device())
     dist.all_reduce(count)
     return int(count.item())
 

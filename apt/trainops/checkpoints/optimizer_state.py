@@ -18,9 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from apt.trainops.distributed.runtime import collective_device
 from .model_weights import _sharded_state, zero3_gathered
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+# What a rank materializes at once when loading (the full TP-local state of a few parameters):
+# training.checkpoints.load_batch_mib.
+LOAD_BATCH_BYTES = 1 << 30
 
 
 @contextlib.contextmanager
@@ -28,35 +32,67 @@ def optimizer_sharded_state(engine):
     """Collective: the optimizer state as a sharded state dict, valid inside the block (ZeRO-3
     parameters are gathered only there); ``CheckpointWrite.add_sharded`` copies it out."""
     with zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
-        yield _sharded(engine, is_loading=False)
+        yield _sharded(engine)
 
 
 @torch.no_grad()   # masters may be views of the parameters themselves
-def load_optimizer_state(engine, directory: Path) -> None:
+def load_optimizer_state(engine, directory: Path, batch_bytes: int = LOAD_BATCH_BYTES) -> None:
+    """Collective. Each rank reads the full (TP-local) state of its parameters a batch of at
+    most ``batch_bytes`` at a time and keeps its own fragment of it, so host memory at resume
+    stays bounded whatever the model size."""
     from megatron.core import dist_checkpointing
     with zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
-        state = dist_checkpointing.load(_sharded(engine, is_loading=True), str(directory))
-        for name, (param, _) in _param_shards(engine).items():
-            engine.load_full_optimizer_state(
-                param, {kind: state[f"{kind}.{name}"] for kind in STATE_KINDS})
-        engine.set_optimizer_step(state["step"])
+        engine.prepare_optimizer_state()
+        batches = _batches(list(_param_shards(engine).items()), batch_bytes)
+        # Every rank takes part in every load (they are collective): as many rounds as the
+        # rank with the most batches (pipeline stages hold different parameters).
+        rounds = torch.tensor([len(batches)], device=collective_device())
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+        for i in range(int(rounds.item())):
+            batch = batches[i] if i < len(batches) else []
+            # A batch reads some layers of a layer-stacked tensor on purpose: Megatron's check
+            # that a load covers every shard does not apply (every parameter is read below).
+            state = dist_checkpointing.load(_to_load(batch), str(directory),
+                                            validate_access_integrity=False)
+            for name, (param, _) in batch:
+                engine.load_full_optimizer_state(
+                    param, {kind: state[f"{kind}.{name}"] for kind in STATE_KINDS})
+        engine.set_optimizer_step(state["step"])   # from the common part, in every load
 
 
-def _sharded(engine, is_loading: bool) -> dict:
+def _to_load(batch: list) -> dict:
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+    return {f"{kind}.{name}": make_sharded_optimizer_tensor(
+                sharded, torch.empty(param.shape, dtype=torch.float32), f"optimizer.{kind}")
+            for name, (param, sharded) in batch for kind in STATE_KINDS}
+
+
+def _batches(shards: list, batch_bytes: int) -> list[list]:
+    """Consecutive parameters, at most ``batch_bytes`` of state per batch (a larger parameter
+    is a batch of its own)."""
+    batches, size = [], batch_bytes
+    for name, (param, sharded) in shards:
+        nbytes = len(STATE_KINDS) * 4 * param.numel()
+        if size + nbytes > batch_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append((name, (param, sharded)))
+        size += nbytes
+    return batches
+
+
+def _sharded(engine) -> dict:
+    """The state to save: assembled on each parameter's owner (_assemble_on_owner)."""
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
     engine.prepare_optimizer_state()
     out = {"step": engine.optimizer_step_count()}
     owners = _Owners()
     for name, (param, sharded) in _param_shards(engine).items():
-        if is_loading:
-            state, mine = {k: torch.empty(param.shape, dtype=torch.float32)
-                           for k in STATE_KINDS}, True
-        else:
-            state, mine = _assemble_on_owner(engine, param, owners)
+        state, mine = _assemble_on_owner(engine, param, owners)
         for kind in STATE_KINDS:
             # Same sharding as the parameter (a factory for SwiGLU's fused gate/up weight).
             entry = make_sharded_optimizer_tensor(sharded, state[kind], f"optimizer.{kind}")
-            out[f"{kind}.{name}"] = entry if is_loading else _owned_by(entry, mine)
+            out[f"{kind}.{name}"] = _owned_by(entry, mine)
     return out
 
 

@@ -91,6 +91,13 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
     return runtime
 
 
+def collective_device() -> torch.device:
+    """Where the small tensors of a collective must live: the GPU with NCCL, the CPU with gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def ensure_runtime() -> Runtime:
     """The running runtime, or a one-process one (so ``APTModel()`` works in a notebook)."""
     return _RUNTIME or setup_distributed()

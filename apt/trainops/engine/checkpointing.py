@@ -96,7 +96,8 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
 def load_engine_state(trainer, ckpt: CheckpointState) -> None:
     """After the engine exists: optimizer state and, on the same layout, the RNGs."""
     saved = ckpt.state["layout"]
-    load_optimizer_state(trainer.engine, ckpt.path / "optimizer")   # model space: any layout
+    batch = int(trainer.config.training.checkpoints.load_batch_mib * 2**20)
+    load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch)   # any layout
     if saved == layout_of(trainer.plan):
         restore_rng(torch.load(ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt",
                                weights_only=True))
