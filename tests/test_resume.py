@@ -74,7 +74,9 @@ def test_sigkill_twenty_times_then_same_losses(tmp_path):
 
     out, rng = tmp_path / "killed", random.Random(7)
     kills, mid_save, resumed_from = 0, 0, []
+    checkpoints = out / "tiny-checkpoints"
     while kills < 20:
+        before = set(checkpoints.glob(".tmp-checkpoint-*"))   # earlier kills' leftovers
         # Its own process group: the kill takes its helper processes too, as a node crash would.
         proc = subprocess.Popen([sys.executable, *_args(common + [f"output.dir={out}"])],
                                 env=_env(), cwd=REPO, stdout=subprocess.PIPE,
@@ -91,8 +93,7 @@ def test_sigkill_twenty_times_then_same_losses(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
-        checkpoints = out / "tiny-checkpoints"
-        mid_save += any(checkpoints.glob(".tmp-checkpoint-*"))
+        mid_save += bool(set(checkpoints.glob(".tmp-checkpoint-*")) - before)   # this run's save
         good = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
         resumed_from.append(good[-1] if good else 0)
     final = _run([sys.executable, *_args(common + [f"output.dir={out}"])], timeout=900)
