@@ -1,6 +1,8 @@
 """CheckpointManager: atomic commit, verification, fallback, retention (in this process)."""
+import dataclasses
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -142,3 +144,58 @@ def test_failed_background_write_never_commits_and_the_next_save_works(tmp_path,
     assert manager.wait() == tmp_path / "checkpoint-30"
     assert [(e["step"], e["ok"]) for e in manager.list()] == [(30, True), (10, True)]
     assert not list(tmp_path.glob(".tmp-*"))                 # the failed one was cleaned up
+
+
+class _RunsCode:
+    """What a crafted pickle holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _craft_metadata(model_dir, marker):
+    (model_dir / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+
+
+def _craft_byte_item(model_dir, marker):
+    """Point one of Megatron's byte items (a layer's _extra_state) at a pickle that runs code;
+    the .metadata itself stays made of allowed types."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    with open(model_dir / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    key = next(k for k, v in metadata.state_dict_metadata.items()
+               if isinstance(v, BytesStorageMetadata))
+    payload = pickle.dumps(_RunsCode(marker), protocol=2)     # torch.save's protocol
+    (model_dir / "__crafted.distcp").write_bytes(payload)
+    index = next(i for i in metadata.storage_data if i.fqn == key)
+    metadata.storage_data[index] = dataclasses.replace(
+        metadata.storage_data[index], relative_path="__crafted.distcp", offset=0,
+        length=len(payload))
+    (model_dir / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("craft", [_craft_metadata, _craft_byte_item],
+                         ids=["metadata", "byte-item"])
+def test_a_checkpoint_whose_pickles_would_run_code_is_refused(saved, tmp_path, craft):
+    """Even with a manifest rewritten to match, loading refuses a checkpoint whose pickles name
+    anything but checkpoint types, and nothing in them runs."""
+    from apt.trainops.checkpoints import load_model_weights
+    from apt.trainops.checkpoints.manifest import write_manifest
+    from apt.trainops.checkpoints.safe_unpickle import UnsafeCheckpointError
+    manager, _ = saved
+    path, marker = manager.save_dir / "checkpoint-30", tmp_path / "code-ran"
+    craft(path / "model", marker)
+    manifest = json.loads((path / MANIFEST).read_text())
+    (path / MANIFEST).unlink()
+    write_manifest(path, {k: v for k, v in manifest.items() if k not in ("version", "files")})
+    state = manager.load("checkpoint-30")                      # intact as far as sizes go
+    with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle.*system"):
+        load_model_weights([APTModel(**SMALL)], state.path / "model")
+    assert not marker.exists()
+    with open(path / "model" / ".metadata", "rb") as f:        # the control: it would have run
+        if craft is _craft_metadata:
+            pickle.load(f)
+            assert marker.exists()

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .safe_unpickle import check_dist_checkpoint
+
 
 def _sharded_state(modules: list[torch.nn.Module]) -> dict:
     # Chunk dicts are only containers: storage is keyed by each ShardedTensor's global key.
@@ -37,6 +39,7 @@ def load_model_weights(modules: list[torch.nn.Module], directory: str | Path) ->
     if not Path(directory, "metadata.json").is_file():
         raise FileNotFoundError(f"{directory}: not a dist_checkpointing checkpoint "
                                 f"(no metadata.json)")
+    check_dist_checkpoint(directory)   # nothing in it may run code when unpickled
     state = dist_checkpointing.load(_sharded_state(modules), str(directory))
     for i, module in enumerate(modules):
         module.load_state_dict(state[f"chunk{i}"])

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from apt.trainops.distributed.runtime import collective_device
 from .model_weights import _sharded_state, zero3_gathered
+from .safe_unpickle import check_dist_checkpoint
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 # What a rank materializes at once when loading (the full TP-local state of a few parameters):
@@ -41,6 +42,7 @@ def load_optimizer_state(engine, directory: Path, batch_bytes: int = LOAD_BATCH_
     most ``batch_bytes`` at a time and keeps its own fragment of it, so host memory at resume
     stays bounded whatever the model size."""
     from megatron.core import dist_checkpointing
+    check_dist_checkpoint(directory)   # nothing in it may run code when unpickled
     with zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
         engine.prepare_optimizer_state()
         batches = _batches(list(_param_shards(engine).items()), batch_bytes)
