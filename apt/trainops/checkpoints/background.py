@@ -33,10 +33,10 @@ import torch.multiprocessing as mp
 
 from .manifest import file_entry, fsync
 
-PARTS = ".parts"
+PARTS = ".parts"   # per-rank manifest entries, merged into manifest.json and removed at commit
 # The background writer yields the CPU to the trainer (its data workers, the host side of the
 # step): a slower write only delays the commit; a slower step delays everything.
-WRITER_NICENESS = 10   # per-rank manifest entries, merged into manifest.json and removed at commit
+WRITER_NICENESS = 10
 
 
 def start_writer_warmup() -> threading.Thread:
