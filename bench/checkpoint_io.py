@@ -131,7 +131,7 @@ def main() -> None:
     print(f"state: {params / 1e6:.1f}M parameters, checkpoint {size / MIB:.0f} MiB "
           f"(weights + fp32 master + 2 Adam moments), 1 process, {directory}")
     print(f"disk write (8 MiB blocks + fsync, {size / MIB:.0f} MiB): {disk:.0f} MiB/s")
-    print(f"sync save  : {med(sync):.2f} s median of {sync and [round(s, 2) for s in sync]} "
+    print(f"sync save  : {med(sync):.2f} s median of {[round(s, 2) for s in sync]} "
           f"-> {size / MIB / med(sync):.0f} MiB/s ({size / MIB / med(sync) / disk:.0%} of disk)")
     print(f"async save : loop stalled {med(stalls):.3f} s median of "
           f"{[round(s, 3) for s in stalls]} ({med(stalls) / med(sync):.1%} of the sync save); "

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from apt.trainops.distributed.runtime import ranks_raising
 from .background import (PARTS, ShardWriter, read_parts, stage_in_host_memory,
                          start_writer_warmup)
 from .manifest import MANIFEST_VERSION, fsync, verify, write_manifest
@@ -145,7 +146,7 @@ class CheckpointManager:
         if write is None:
             return None
         error = write.writer.join()
-        failures = _any_rank_count(error is not None)
+        failures, = ranks_raising(error is not None)
         try:
             if failures:
                 raise CheckpointError(f"{failures} rank(s) could not write their shards"
@@ -268,16 +269,6 @@ def _save_strategy(spread_replicas: bool):
         return strategy
     return FullyParallelSaveStrategyWrapper(
         strategy, parallel_state.get_data_parallel_group(with_context_parallel=True))
-
-
-def _any_rank_count(flag: bool) -> int:
-    """How many ranks raise ``flag`` (collective)."""
-    if not dist.is_initialized():
-        return int(flag)
-    from apt.trainops.distributed.runtime import collective_device
-    count = torch.tensor([int(flag)], device=collective_device())
-    dist.all_reduce(count)
-    return int(count.item())
 
 
 def _drain_write_results() -> None:

@@ -72,10 +72,10 @@ def _to_load(batch: list) -> dict:
 def _batches(shards: list, batch_bytes: int) -> list[list]:
     """Consecutive parameters, at most ``batch_bytes`` of state per batch (a larger parameter
     is a batch of its own)."""
-    batches, size = [], batch_bytes
+    batches, size = [], 0
     for name, (param, sharded) in shards:
         nbytes = len(STATE_KINDS) * 4 * param.numel()
-        if size + nbytes > batch_bytes:
+        if not batches or size + nbytes > batch_bytes:
             batches.append([])
             size = 0
         batches[-1].append((name, (param, sharded)))

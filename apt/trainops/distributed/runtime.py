@@ -98,6 +98,15 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def ranks_raising(*flags: bool) -> list[int]:
+    """For each flag, how many ranks raise it: one all-reduce for all of them."""
+    if not dist.is_initialized():
+        return [int(flag) for flag in flags]
+    counts = torch.tensor([int(flag) for flag in flags], device=collective_device())
+    dist.all_reduce(counts)
+    return counts.tolist()
+
+
 def ensure_runtime() -> Runtime:
     """The running runtime, or a one-process one (so ``APTModel()`` works in a notebook)."""
     return _RUNTIME or setup_distributed()

@@ -124,17 +124,10 @@ def _diff(old: dict, new: dict, prefix: str = "") -> dict:
     return out
 
 
-def any_rank(device, *flags: bool) -> list[bool]:
-    """For each flag, whether any rank raised it: one all-reduce for all of them (the loop's
-    per-step agreement on preemption and on background checkpoint writes)."""
-    values = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
-
-
 class PreemptionGuard:
     """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a checkpoint
-    at the next step boundary; ranks agree on it through ``any_rank`` once per step."""
+    at the next step boundary; ranks agree on it through the trainer's one per-step
+    all-reduce (``runtime.ranks_raising``)."""
 
     def __init__(self):
         self.requested = False

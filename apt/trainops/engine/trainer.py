@@ -21,10 +21,10 @@ from apt.trainops.data.build import build_datasets
 from apt.trainops.distributed.engines import build_engine
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from apt.trainops.distributed.runtime import ranks_raising, seed_everything, setup_distributed
 from .callbacks import Callback
-from .checkpointing import (PreemptionGuard, any_rank, checkpoint_manager, load_engine_state,
-                            load_weights, resolve_resume, save_training_checkpoint)
+from .checkpointing import (PreemptionGuard, checkpoint_manager, load_engine_state, load_weights,
+                            resolve_resume, save_training_checkpoint)
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
 
@@ -190,8 +190,9 @@ class Trainer:
                                 time.perf_counter() - step_start, time.time(),
                                 batches.take_wait(), batches.take_sample_digest()))
                 last = self.step == t.max_steps
-                preempted, writing = any_rank(self.runtime.device, preemption.requested,
-                                              self.checkpoints.writing_in_background())
+                # One all-reduce per step: preemption asked, a checkpoint writer still busy.
+                preempted, writing = (count > 0 for count in ranks_raising(
+                    preemption.requested, self.checkpoints.writing_in_background()))
                 if not writing:
                     self._commit_checkpoint(progress)   # every rank's writer is done: commit
                 if self.step % t.log_interval == 0 or last or preempted:
