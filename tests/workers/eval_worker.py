@@ -5,13 +5,14 @@ APTModel). ``--save``: write the freshly initialised weights as a dist_checkpoin
 (the single-process reference does); ``--load``: reshard that checkpoint onto this layout.
 Every rank's result is gathered; rank 0 writes {"results": [per rank], ...} to ``--out``.
 """
-import argparse
 import json
 import os
 import time
 from pathlib import Path
 
 import torch.distributed as dist
+
+from layout_args import layout_parser
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads=4",
@@ -21,13 +22,7 @@ SMALL = ["model.hidden_size=64", "model.num_layers=4", "model.num_attention_head
 
 def main() -> None:
     t0 = time.perf_counter()
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--save")
-    ap.add_argument("--load")
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    a = layout_parser().parse_args()
 
     from apt.core.config import load_profile
     from apt.trainops.distributed.plan import make_plan

@@ -4,13 +4,14 @@ Run under torchrun. ``--tp/--pp`` pick the layout; the TP1/PP1 run saves its ini
 as a dist_checkpointing checkpoint (``--save``), other layouts load (reshard) them (``--load``).
 Rank 0 writes {"losses": [...], ...} to ``--out``.
 """
-import argparse
 import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
+
+from layout_args import layout_parser
 
 from apt.core import cpu_compat
 
@@ -19,12 +20,7 @@ SEQ, MBS, NUM_MB, VOCAB, STEPS = 32, 2, 4, 128, 3
 
 def main() -> None:
     t0 = time.perf_counter()
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--save")
-    ap.add_argument("--load")
-    ap.add_argument("--out", required=True)
+    ap = layout_parser()
     ap.add_argument("--recompute", choices=["full", "selective"])
     a = ap.parse_args()
 
