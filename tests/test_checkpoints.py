@@ -199,3 +199,72 @@ def test_a_checkpoint_whose_pickles_would_run_code_is_refused(saved, tmp_path, c
         if craft is _craft_metadata:
             pickle.load(f)
             assert marker.exists()
+
+
+# fp16 itself needs a GPU; the loss-scale round trip is checked on the real scaler objects.
+OVERFLOWS = [False] * 5 + [True, False, True, True] + [False] * 7
+
+
+def _deepspeed_scaler():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from apt.trainops.distributed.runtime import ensure_runtime
+    import deepspeed
+    ensure_runtime()   # its overflow messages ask DeepSpeed's comm for the rank
+    deepspeed.comm.init_distributed(dist_backend="gloo")
+    return DynamicLossScaler(init_scale=2.0 ** 16, scale_window=4, min_scale=1.0,
+                             delayed_shift=2, consecutive_hysteresis=False)
+
+
+def _megatron_scaler():
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+    from apt.trainops.distributed.runtime import ensure_runtime
+    ensure_runtime()   # its tensors ask for device="cuda": the CPU layer maps them
+    return DynamicGradScaler(initial_scale=2.0 ** 16, min_scale=1.0, growth_factor=2.0,
+                             backoff_factor=0.5, growth_interval=4, hysteresis=2)
+
+
+def _deepspeed_run(scaler, overflows):
+    scales = []
+    for overflow in overflows:
+        scaler.update_scale(overflow)
+        scales.append(scaler.cur_scale)
+    return scales
+
+
+def _megatron_run(scaler, overflows):
+    scales = []
+    for overflow in overflows:
+        scaler.update(overflow)
+        scales.append(float(scaler.scale))
+    return scales
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "megatron"])
+def test_fp16_loss_scale_resumes_where_it_was(engine):
+    """Saved mid-run (as JSON, like state.json) and restored into a fresh scaler, the dynamic
+    loss scale goes on exactly as the uninterrupted scaler does; a fresh one would not."""
+    from apt.trainops.checkpoints import loss_scale
+    make, run = {"deepspeed": (_deepspeed_scaler, _deepspeed_run),
+                 "megatron": (_megatron_scaler, _megatron_run)}[engine]
+    save = getattr(loss_scale, f"{engine}_scaler_state")
+    load = getattr(loss_scale, f"load_{engine}_scaler_state")
+    uninterrupted = run(make(), OVERFLOWS)
+    first = make()
+    run(first, OVERFLOWS[:8])
+    state = json.loads(json.dumps(save(first)))
+    resumed = make()
+    load(resumed, state)
+    assert run(resumed, OVERFLOWS[8:]) == uninterrupted[8:]
+    assert run(make(), OVERFLOWS[8:]) != uninterrupted[8:]     # the state is what made it so
+
+
+def test_loss_scale_crosses_engines_and_is_absent_without_fp16():
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from apt.trainops.checkpoints import loss_scale
+    ds = _deepspeed_scaler()
+    _deepspeed_run(ds, [True, True])
+    megatron = _megatron_scaler()
+    loss_scale.load_megatron_scaler_state(megatron, loss_scale.deepspeed_scaler_state(ds))
+    assert float(megatron.scale) == ds.cur_scale == 2.0 ** 15
+    assert loss_scale.deepspeed_scaler_state(LossScaler(scale=1.0)) is None   # bf16's fixed one
+    assert loss_scale.megatron_scaler_state(None) is None

@@ -1,7 +1,8 @@
 """The Trainer's side of checkpoints: what a training checkpoint holds and how a run resumes.
 
-Saved: model weights and optimizer state (both resharding), every rank's RNGs, step, consumed
-samples, the resolved config and its hash, the layout and library versions. Resumed: weights
+Saved: model weights and optimizer state (both resharding), fp16's loss scale, every rank's
+RNGs, step, consumed samples, the resolved config and its hash, the layout and library
+versions. The learning rate is a pure function of the step (schedule.py): nothing to save. Resumed: weights
 before the engine is built, optimizer state after; the data order continues at
 ``consumed_samples`` (the global order does not depend on the layout); RNGs are restored when
 the layout is the same (on another layout each rank's streams differ anyway).
@@ -76,6 +77,7 @@ def save_training_checkpoint(trainer):
                 "step": step, "consumed_samples": step * plan.global_batch,
                 "global_batch": plan.global_batch, "config_hash": cfg.config_hash,
                 "config": config_to_dict(cfg), "layout": layout_of(plan),
+                "loss_scalers": trainer.engine.loss_scaler_states(),
                 "versions": package_versions()}, indent=1, default=str))
     return ckpt
 
@@ -94,10 +96,12 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
 
 
 def load_engine_state(trainer, ckpt: CheckpointState) -> None:
-    """After the engine exists: optimizer state and, on the same layout, the RNGs."""
+    """After the engine exists: optimizer state, fp16's loss scale and, on the same layout,
+    the RNGs."""
     saved = ckpt.state["layout"]
     batch = int(trainer.config.training.checkpoints.load_batch_mib * 2**20)
     load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch)   # any layout
+    trainer.engine.load_loss_scaler_states(ckpt.state.get("loss_scalers", []))   # fp16 only
     if saved == layout_of(trainer.plan):
         restore_rng(torch.load(ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt",
                                weights_only=True))

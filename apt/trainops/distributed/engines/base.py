@@ -63,6 +63,14 @@ class TrainEngine:
     def load_full_optimizer_state(self, param, tensors: dict) -> None:
         raise NotImplementedError
 
+    def loss_scaler_states(self) -> list[dict]:
+        """fp16's dynamic loss scale, one state per optimizer (checkpoints/loss_scale.py);
+        empty when there is none (bf16, fp32)."""
+        return []
+
+    def load_loss_scaler_states(self, states: list[dict]) -> None:
+        pass
+
     def set_optimizer_step(self, step: int) -> None:
         """Adam's step count (bias correction) on every state slot."""
         for inner in torch_optimizers(self.optimizer):

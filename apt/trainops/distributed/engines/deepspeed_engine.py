@@ -11,6 +11,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from apt.core.config import APTConfig
+from apt.trainops.checkpoints.loss_scale import (deepspeed_scaler_state,
+                                                 load_deepspeed_scaler_state)
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
@@ -101,6 +103,15 @@ class DeepSpeedEngine(TrainEngine):
         if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
             self.optimizer._hp_optimizer_states_linked = False
             self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def loss_scaler_states(self) -> list[dict]:
+        state = deepspeed_scaler_state(getattr(self.optimizer, "loss_scaler", None))
+        return [state] if state else []
+
+    def load_loss_scaler_states(self, states: list[dict]) -> None:
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        if states and deepspeed_scaler_state(scaler) is not None:
+            load_deepspeed_scaler_state(scaler, states[0])
 
     def optimizer_state_fragment(self, param):
         if self.plan.zero_stage == 0:   # a plain torch optimizer: every DP rank holds it all

@@ -16,6 +16,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from apt.core.config import APTConfig
+from apt.trainops.checkpoints.loss_scale import load_megatron_scaler_state, megatron_scaler_state
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..plan import Plan
 from .base import (StepResult, TrainEngine, masked_mean_loss, model_forward,
@@ -106,6 +107,20 @@ class MegatronEngine(TrainEngine):
                         for p in group["params"]:
                             self._owners[p] = opt
         return self._owners[param]
+
+    def _dynamic_scalers(self) -> list:
+        chain = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [opt.grad_scaler for opt in chain
+                if megatron_scaler_state(getattr(opt, "grad_scaler", None)) is not None]
+
+    def loss_scaler_states(self) -> list[dict]:
+        return [megatron_scaler_state(scaler) for scaler in self._dynamic_scalers()]
+
+    def load_loss_scaler_states(self, states: list[dict]) -> None:
+        # A chain may hold more scalers than the checkpoint (e.g. saved by DeepSpeed's one).
+        for i, scaler in enumerate(self._dynamic_scalers()):
+            if states:
+                load_megatron_scaler_state(scaler, states[min(i, len(states) - 1)])
 
     def optimizer_state_fragment(self, param):
         opt = self._owner(param)
