@@ -69,7 +69,8 @@ def build(args, directory: Path) -> tuple[Trainer, _TimedBatches]:
         "output.dir": str(directory / "runs")})
     trainer = Trainer.from_config(cfg, checkpoint_dir=str(directory / "checkpoints"))
     trainer.engine = build_engine(trainer.modules, cfg, trainer.plan)
-    return trainer, _TimedBatches(trainer.train_dataloader, trainer._to_device)
+    return trainer, _TimedBatches(trainer.train_dataloader, trainer.objective,
+                                  trainer.runtime.device)
 
 
 def step(trainer, batches) -> float:

@@ -59,8 +59,8 @@ def plain_round(cfg, train_dataloader) -> float:
     ends = []
     for _ in range(t.max_steps):
         batch = next(batches)
-        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        loss = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        per_token = model(batch.tokens, None, None, labels=batch.labels)
+        loss = (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()

@@ -154,6 +154,9 @@ class TrainingConfig:
     # A multiple-choice task scored at every evaluation: a JSONL file or a built-in task name
     # (apt/trainops/eval/tasks/, e.g. python_completion). None: token metrics only.
     eval_task: Optional[str] = None
+    # What the loss is (apt/trainops/objectives): lm = next-token cross-entropy on the labels
+    # the data's loss mask selects (pretraining, SFT). Trainer classes set it.
+    objective: Literal["lm"] = "lm"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
 

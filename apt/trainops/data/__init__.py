@@ -1,5 +1,6 @@
 """Data: corpora, tokenizers, indexed (Megatron .bin/.idx) token datasets, blending, SFT and
 preference data, augmentations, the global resumable sampler, loaders, preprocessing."""
+from .batches import LMBatch, PreferenceBatch
 from .augment import DocumentShuffle, SpanCorruption
 from .blend import BlendedDataset
 from .corpus import is_validation, stdlib_documents, text_documents
@@ -14,7 +15,7 @@ from .tokenizer import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, buil
 
 __all__ = ["APTDataLoader", "BlendedDataset", "ByteTokenizer", "DataError", "DocumentShuffle",
            "FeistelPermutation", "GlobalBatchSampler", "HFTokenizer", "IndexedReader",
-           "IndexedWriter", "PreferenceDataset", "SFTDataset", "SentencePieceTokenizer",
+           "IndexedWriter", "LMBatch", "PreferenceBatch", "PreferenceDataset", "SFTDataset", "SentencePieceTokenizer",
            "SpanCorruption", "TokenDataset", "build_tokenizer", "create_dataloader",
            "is_validation", "load_tokenizer", "nats_to_bits", "stdlib_documents",
            "text_documents", "train_bpe"]

@@ -119,8 +119,7 @@ class PreferenceBatch(_Fields):
 
     def stacked(self) -> LMBatch:
         """Chosen rows then rejected rows: both halves of every pair in one forward pass."""
-        return LMBatch.concat([self.chosen.index(slice(None)),
-                               self.rejected.index(slice(None))])
+        return LMBatch.concat([self.chosen, self.rejected])
 
 
 def require_supported(batch: LMBatch, supported: set[str], where: str) -> None:

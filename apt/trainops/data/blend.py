@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .cache import cache_key, cached_array
+from .batches import LMBatch
 from .datasets import BatchIndexed
 from .errors import DataError
 
@@ -64,7 +65,7 @@ class BlendedDataset(BatchIndexed):
     def __len__(self) -> int:
         return len(self.index)
 
-    def get_batch(self, indices) -> dict:
+    def get_batch(self, indices) -> LMBatch:
         indices = np.asarray(indices, dtype=np.int64)
         rows = np.asarray(self.index[indices])
         parts, where = [], []
@@ -75,10 +76,9 @@ class BlendedDataset(BatchIndexed):
         where = np.concatenate(where)
         inverse = torch.from_numpy(np.argsort(where))
         # index_select: plain tensor[index] is orders of magnitude slower on CPU here
-        batch = {key: torch.cat([p[key] for p in parts]).index_select(0, inverse)
-                 for key in parts[0]}
-        batch["sample_id"] = torch.from_numpy(indices)
-        batch["dataset_id"] = torch.from_numpy(rows[:, 0].copy())
+        batch = LMBatch.concat(parts)._map(lambda v: v.index_select(0, inverse))
+        batch.sample_id = torch.from_numpy(indices)
+        batch.dataset_id = torch.from_numpy(rows[:, 0].copy())
         return batch
 
     def unigram_entropy(self) -> float:

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .batches import LMBatch
+
 _ENTROPY_TOKENS = 1 << 26  # unigram entropy reads at most this many tokens of a huge corpus
 
 
@@ -14,14 +16,13 @@ class BatchIndexed(Dataset):
     """``dataset[i]`` and the DataLoader's ``__getitems__`` both go through ``get_batch``: one
     vectorised read per batch instead of one per sample."""
 
-    def __getitem__(self, index: int) -> dict:
-        batch = self.get_batch([index])
-        return {key: value[0] for key, value in batch.items()}
+    def __getitem__(self, index: int) -> LMBatch:
+        return self.get_batch([index]).index(0)
 
-    def __getitems__(self, indices) -> dict:
+    def __getitems__(self, indices) -> LMBatch:
         return self.get_batch(indices)
 
-    def get_batch(self, indices) -> dict:
+    def get_batch(self, indices) -> LMBatch:
         raise NotImplementedError
 
 
@@ -33,8 +34,8 @@ class TokenDataset(BatchIndexed):
     ``tokens`` may be a memory-mapped ``.bin`` (see indexed.py): nothing is copied.
 
     With ``eod_id`` set, ``reset_position_ids`` restarts position ids after every EOD and
-    ``reset_attention_mask`` adds ``attention_mask`` [1, L, L] (True = masked, Megatron's
-    convention) so a token attends only within its own document. ``transforms`` (augment.py)
+    ``reset_attention_mask`` adds ``attention_mask`` [1, L, L] per sample (True = masked,
+    Megatron's convention) so a token attends only within its own document. ``transforms`` (augment.py)
     are applied to each batch. ``get_batch`` gathers a whole micro-batch with one vectorised
     read; ``__getitems__`` lets ``torch.utils.data.DataLoader`` use it."""
 
@@ -54,7 +55,6 @@ class TokenDataset(BatchIndexed):
         self.reset_position_ids, self.reset_attention_mask = reset_position_ids, reset_attention_mask
         self.transforms = list(transforms)
         self._window = np.arange(seq_length + 1, dtype=np.int64)
-        self._position_ids = torch.arange(seq_length, dtype=torch.long)
 
     @classmethod
     def from_documents(cls, documents, tokenizer, seq_length: int, name: str = "dataset",
@@ -69,7 +69,7 @@ class TokenDataset(BatchIndexed):
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_length
 
-    def get_batch(self, indices) -> dict:
+    def get_batch(self, indices) -> LMBatch:
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"{self.name}: sample index out of range [0, {len(self)})")
@@ -79,16 +79,16 @@ class TokenDataset(BatchIndexed):
         else:
             chunk = self.tokens[(indices * self.seq_length)[:, None] + self._window]
         chunk = torch.from_numpy(chunk.astype(np.int64))
+        # No position_ids / attention_mask unless asked for: None means 0..L-1 and causal.
         batch = {"tokens": chunk[:, :-1], "labels": chunk[:, 1:],
                  "loss_mask": torch.ones(len(indices), self.seq_length, dtype=torch.float32),
-                 "position_ids": self._position_ids.expand(len(indices), -1),
                  "sample_id": torch.from_numpy(indices)}
         for transform in self.transforms:  # before the layout: a shuffle moves the EODs
             batch = transform(batch)
         if self.reset_position_ids or self.reset_attention_mask:
             batch.update(document_layout(batch["tokens"], self.eod_id, self.reset_position_ids,
                                          self.reset_attention_mask))
-        return batch
+        return LMBatch.from_dict(batch)
 
     def unigram_entropy(self) -> float:
         """Entropy in nats of the token unigram distribution: the loss of a model that ignores

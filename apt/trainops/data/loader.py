@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from .batches import LMBatch, PreferenceBatch
 from .sampler import GlobalBatchSampler
 
 
@@ -44,8 +45,10 @@ def _data_parallel_position() -> tuple[int, int]:
     return 0, 1
 
 
-def _stack(samples) -> dict:
-    """Datasets with ``__getitems__`` hand over a whole batch already (one vectorised read)."""
-    if isinstance(samples, dict):
+def _stack(samples):
+    """Datasets with ``__getitems__`` hand over a whole batch already (one vectorised read);
+    otherwise stack per-sample fields, keeping the samples' type (LMBatch or dict)."""
+    if isinstance(samples, (dict, LMBatch, PreferenceBatch)):
         return samples
-    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    stacked = {key: torch.stack([s[key] for s in samples]) for key in samples[0].keys()}
+    return stacked if isinstance(samples[0], dict) else type(samples[0]).from_dict(stacked)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .batches import LMBatch
 from .datasets import BatchIndexed
 from .errors import DataError
 
@@ -121,11 +122,12 @@ class SFTDataset(BatchIndexed):
         tokens, mask, segment = self.tokens[i], self.mask[i], self.segment[i]
         # Label t+1 is trained when it is response text of the same record as input t.
         loss = mask[:, 1:] * (segment[:, 1:] == segment[:, :-1])
-        return {"tokens": torch.from_numpy(tokens[:, :-1]),
-                "labels": torch.from_numpy(tokens[:, 1:]),
-                "loss_mask": torch.from_numpy(loss.astype(np.float32)),
-                "position_ids": torch.from_numpy(np.maximum(self.positions[i][:, :-1], 0)),
-                "sample_id": torch.from_numpy(i)}
+        return LMBatch(tokens=torch.from_numpy(tokens[:, :-1]),
+                       labels=torch.from_numpy(tokens[:, 1:]),
+                       loss_mask=torch.from_numpy(loss.astype(np.float32)),
+                       position_ids=torch.from_numpy(np.maximum(self.positions[i][:, :-1], 0))
+                       if self.packing else None,
+                       sample_id=torch.from_numpy(i))
 
 
 class PreferenceDataset(Dataset):

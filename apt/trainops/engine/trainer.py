@@ -22,6 +22,7 @@ from apt.trainops.distributed.engines import build_engine
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import ranks_raising, seed_everything, setup_distributed
+from apt.trainops.objectives import build_objective
 from .callbacks import Callback
 from .checkpointing import (PreemptionGuard, checkpoint_manager, load_engine_state, load_weights,
                             resolve_resume, save_training_checkpoint)
@@ -30,20 +31,22 @@ from .schedule import warmup_cosine
 
 
 class _TimedBatches:
-    """The training batches, moved to the device, with the time spent waiting for them."""
+    """The training batches, typed for the objective and moved to the device, with the time
+    spent waiting for them."""
 
-    def __init__(self, dataloader, to_device):
-        self._batches, self._to_device, self._wait = iter(dataloader), to_device, 0.0
+    def __init__(self, dataloader, objective, device):
+        self._batches, self._wait = iter(dataloader), 0.0
+        self._objective, self._device = objective, device
         self._ids = torch.zeros(2, dtype=torch.float64)
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self):
         start = time.perf_counter()
-        batch = self._to_device(next(self._batches))
+        batch = self._objective.coerce(next(self._batches)).to(self._device, non_blocking=True)
         self._wait += time.perf_counter() - start
-        ids = batch["sample_id"].to(torch.float64)
+        ids = batch.sample_id.to(torch.float64)
         self._ids += torch.stack([ids.sum(), (ids * ids).sum()]).cpu()
         return batch
 
@@ -71,12 +74,14 @@ class Trainer:
                  monitoring: dict | None = None, tokenizer=None, output_dir: str | None = None,
                  experiment_name: str | None = None, callbacks: list[Callback] | None = None,
                  resume_from_checkpoint=None, auto_resume: bool | None = None,
-                 checkpoint_dir: str | None = None):
+                 checkpoint_dir: str | None = None, objective=None):
         cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
         cfg = with_overrides(cfg, self._argument_overrides(
             cfg, max_steps, learning_rate, distributed_config, distributed, monitoring,
             output_dir, experiment_name, train_dataloader))
         self.config = cfg
+        # ``objective``: an Objective instance (a trainer class's), else training.objective.
+        self.objective = build_objective(objective or cfg.training.objective)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         launch = detect_launch_env()
         self.plan = make_plan(cfg, launch.world_size, launch.local_world_size,
@@ -168,7 +173,7 @@ class Trainer:
         self.artifacts = self._artifacts()
         self.artifacts.save_config(config_to_dict(cfg), cfg.config_hash)
         self.artifacts.save_text("plan.txt", plan.describe())
-        self.engine = build_engine(self.modules, cfg, plan)
+        self.engine = build_engine(self.modules, cfg, plan, self.objective)
         if self.resumed_from is not None:
             load_engine_state(self, self.resumed_from)   # optimizer state, RNGs
         progress = Progress(t.max_steps, self.step, enabled=main, sink=self.artifacts.save_logs)
@@ -177,8 +182,8 @@ class Trainer:
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
         self._emit("on_train_start")
         tokens_per_step = plan.global_batch * cfg.data.seq_length
-        batches = _TimedBatches(self.train_dataloader, self._to_device)
-        pending: list[tuple] = []  # (step, loss, lr, grad norm, seconds, end time, data wait)
+        batches = _TimedBatches(self.train_dataloader, self.objective, self.runtime.device)
+        pending: list[tuple] = []  # (step, StepResult, lr, seconds, end time, data wait, digest)
         started = time.perf_counter()
         with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
             while self.step < t.max_steps:
@@ -186,7 +191,7 @@ class Trainer:
                 lr = self.learning_rate(self.step)
                 result = self.engine.train_step(batches, lr)
                 self.step += 1
-                pending.append((self.step, result.loss, lr, result.grad_norm,
+                pending.append((self.step, result, lr,
                                 time.perf_counter() - step_start, time.time(),
                                 batches.take_wait(), batches.take_sample_digest()))
                 last = self.step == t.max_steps
@@ -253,31 +258,32 @@ class Trainer:
         return warmup_cosine(step, max_steps=t.max_steps, warmup_steps=t.warmup_steps,
                              lr=t.learning_rate, min_lr=t.min_learning_rate)
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
-
     def _flush(self, pending, tokens_per_step, progress) -> None:
-        """Average the buffered per-step losses over data-parallel ranks (one all-reduce per
-        log interval, not per step) and record them."""
+        """Sum the buffered per-step statistics over data-parallel ranks (one all-reduce per
+        log interval, not per step), turn them into the objective's metrics, record them."""
         from megatron.core import parallel_state
         group = parallel_state.get_data_parallel_group()
-        losses = torch.stack([p[1] for p in pending]).to(torch.float64)
-        digests = torch.stack([p[7] for p in pending]).to(losses.device)
-        both = torch.cat([losses[:, None], digests], dim=1)
-        dist.all_reduce(both, group=group)       # one all-reduce: losses and sample digests
-        losses = both[:, 0] / self.runtime.dp_size
-        records = [{"step": step, "loss": loss, "lr": lr,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
+        sums = torch.stack([p[1].sums for p in pending])
+        units = torch.stack([p[1].units for p in pending]).tolist()   # already global
+        digests = torch.stack([p[6] for p in pending]).to(sums.device)
+        both = torch.cat([sums, digests], dim=1)
+        dist.all_reduce(both, group=group)       # one all-reduce: statistics and sample digests
+        names = self.objective.stat_names
+        records = [{"step": step,
+                    **self.objective.step_metrics(dict(zip(names, row[:len(names)])), n),
+                    "lr": lr, "grad_norm": None if result.grad_norm is None
+                    else float(result.grad_norm),
                     "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
-                    "time": ended, "data_wait_s": wait, "sample_digest": [int(a), int(b)]}
-                   for (step, _, lr, grad_norm, seconds, ended, wait, _), loss, (a, b)
-                   in zip(pending, losses.tolist(), both[:, 1:].tolist())]
+                    "time": ended, "data_wait_s": wait,
+                    "sample_digest": [int(v) for v in row[len(names):]]}
+                   for (step, result, lr, seconds, ended, wait, _), row, n
+                   in zip(pending, both.tolist(), units)]
         self._emit("on_log", records)
         for record in records:
             self.history.append(record)
             if self.runtime.is_main:
                 self.artifacts.save_metrics(record)
-        mean_time = sum(p[4] for p in pending) / len(pending)
+        mean_time = sum(p[3] for p in pending) / len(pending)
         progress.update(self.step, record["loss"], tokens_per_step / mean_time)
         progress.line(f"step {self.step}/{self.config.training.max_steps} | loss "
                       f"{record['loss']:.4f} | lr {record['lr']:.2e} | grad norm "
@@ -293,7 +299,7 @@ class Trainer:
         if self.eval_dataloader is None:
             return {}
         t = self.config.training
-        evaluator = Evaluator(self.modules,
+        evaluator = Evaluator(self.modules, objective=self.objective,
                               dataloader=self.eval_dataloader, tokenizer=self.tokenizer,
                               metrics=["loss", "perplexity", "bits_per_token", "accuracy"],
                               micro_batch_size=self.plan.micro_batch,

@@ -14,7 +14,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from .metrics import TOKEN_METRICS, metrics_from_totals, per_token_loss, token_totals
+from apt.trainops.data.batches import LMBatch
+from .metrics import TOKEN_METRICS, per_token_loss
 from .tasks import MultipleChoiceTask, choice_rows
 
 KNOWN_METRICS = TOKEN_METRICS + ("multiple_choice",)
@@ -34,11 +35,15 @@ class Evaluator:
     (pass ``engine.module``). Data: ``eval_dataset`` (a TokenDataset: a loader over this rank's
     data-parallel share is built) or ``dataloader``. ``tasks``: multiple-choice task files or
     built-in names (tasks.py), scored when "multiple_choice" is among the metrics (added
-    automatically when tasks are given)."""
+    automatically when tasks are given). ``objective``: what the token metrics measure (an
+    Objective or a name, apt/trainops/objectives; default next-token prediction)."""
 
     def __init__(self, model, eval_dataset=None, metrics=("loss", "perplexity", "accuracy"), *,
                  dataloader=None, micro_batch_size: int = 8, max_batches: int | None = None,
-                 tasks=(), tokenizer=None):
+                 tasks=(), tokenizer=None, objective=None):
+        # Imported here: objectives use this package's metrics (eval/__init__ imports us).
+        from apt.trainops.objectives import build_objective
+        self.objective = build_objective(objective or "lm")
         unknown = sorted(set(metrics) - set(KNOWN_METRICS))
         if unknown:
             raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: "
@@ -97,7 +102,7 @@ class Evaluator:
         batches = [self._batch([r[0] for r in chunk], [r[1] for r in chunk],
                                [r[2] for r in chunk]) for chunk in
                    (rows[i:i + mbs] for i in range(0, len(rows), mbs))]
-        outputs = self._forward(batches, self._loglik_stats)
+        outputs = self._forward(batches, self._loglik_step)
         totals = torch.zeros(3, dtype=torch.float64, device=self._device())
         if outputs:  # the last pipeline stage
             loglik = torch.cat([o["loglik"] for o in outputs]).tolist()
@@ -118,52 +123,49 @@ class Evaluator:
 
     # ------------------------------------------------------------------ internals
     def _token_metrics(self, max_batches):
+        """The objective's evaluation statistics, summed over batches and ranks."""
         batches = []
         for i, batch in enumerate(self.dataloader):
             if max_batches is not None and i >= max_batches:
                 break
-            batches.append(self._batch(batch["tokens"], batch["labels"], batch["loss_mask"]))
-        totals = torch.zeros(3, dtype=torch.float64, device=self._device())
-        for stats in self._forward(batches, self._token_stats) if batches else []:
-            totals += stats["totals"]
-        loss_sum, correct, tokens = self._reduce(totals).tolist()
-        return metrics_from_totals(loss_sum, correct, tokens,
-                                   [m for m in self.metrics if m in TOKEN_METRICS] + ["loss"])
+            batches.append(self.objective.coerce(batch).to(self._device()))
+        names = self.objective.eval_stat_names
+        totals = torch.zeros(len(names), dtype=torch.float64, device=self._device())
+        for stats in self._forward(batches, self.objective.eval_forward_step) if batches else []:
+            totals += torch.stack([stats[n].to(torch.float64) for n in names])
+        sums = dict(zip(names, self._reduce(totals).tolist()))
+        return self.objective.eval_metrics(sums, self.metrics)
 
     def _device(self):
         return next(self.model.parameters()).device
 
-    def _batch(self, tokens, labels, mask) -> dict:
-        device = self._device()
+    def _batch(self, tokens, labels, mask) -> LMBatch:
         stack = (lambda x: torch.stack(list(x)) if isinstance(x, (list, tuple)) else x)
-        tokens, labels, mask = stack(tokens), stack(labels), stack(mask)
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        return {"tokens": tokens.long().to(device), "labels": labels.long().to(device),
-                "loss_mask": mask.float().to(device), "position_ids": positions.to(device)}
+        return LMBatch(stack(tokens).long(), stack(labels).long(),
+                       stack(mask).float()).to(self._device())
 
-    def _token_stats(self, logits, batch):
-        return {"totals": token_totals(self.model, logits, batch["labels"], batch["loss_mask"])}
+    def _loglik_step(self, model, batch: LMBatch):
+        """Multiple choice scores the model as a language model, whatever it is trained for."""
+        from apt.trainops.objectives import lm_output
+        return lm_output(model, batch, labels=False), partial(self._loglik_stats, batch)
 
-    def _loglik_stats(self, logits, batch):
-        loss = per_token_loss(self.model, logits, batch["labels"]).double()
-        return {"loglik": -(loss * batch["loss_mask"].double()).sum(dim=1)}
+    def _loglik_stats(self, batch: LMBatch, logits):
+        loss = per_token_loss(self.model, logits, batch.labels).double()
+        return {"loglik": -(loss * batch.loss_mask.double()).sum(dim=1)}
 
-    def _forward(self, batches: list[dict], stats_fn) -> list[dict]:
-        """Run ``batches`` through Megatron's forward-only schedule; the last stage returns
-        ``stats_fn(logits, batch)`` per micro-batch, other stages an empty list."""
+    def _forward(self, batches: list[LMBatch], step_fn) -> list[dict]:
+        """Run ``batches`` through Megatron's forward-only schedule. ``step_fn(model, batch)``
+        returns (output, stats_fn); the last stage returns ``stats_fn(output)`` per
+        micro-batch, other stages an empty list."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
         device = self._device()
 
-        def loss_func(batch, logits):
-            # (loss, dict) form: the schedule scales the loss, we only keep the dict.
-            return torch.zeros((), device=device), stats_fn(logits, batch)
-
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            logits = model(batch["tokens"], batch["position_ids"], None)
-            return logits, partial(loss_func, batch)
+            output, stats_fn = step_fn(model, next(data_iterator))
+            # (loss, dict) form: the schedule scales the loss, we only keep the dict.
+            return output, lambda out: (torch.zeros((), device=device), stats_fn(out))
 
-        micro, seq = batches[0]["tokens"].shape
+        micro, seq = batches[0].tokens.shape
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=[iter(batches) for _ in self.chunks] if len(self.chunks) > 1

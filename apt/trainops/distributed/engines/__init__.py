@@ -4,12 +4,12 @@ from __future__ import annotations
 from .base import StepResult, TrainEngine
 
 
-def build_engine(modules, cfg, plan) -> TrainEngine:
+def build_engine(modules, cfg, plan, objective) -> TrainEngine:
     if plan.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
-        return DeepSpeedEngine(modules, cfg, plan)
+        return DeepSpeedEngine(modules, cfg, plan, objective)
     from .megatron_engine import MegatronEngine
-    return MegatronEngine(modules, cfg, plan)
+    return MegatronEngine(modules, cfg, plan, objective)
 
 
 __all__ = ["StepResult", "TrainEngine", "build_engine"]

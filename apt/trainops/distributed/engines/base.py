@@ -5,32 +5,59 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from apt.trainops.objectives import Objective
+from ..plan import Plan
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor            # this data-parallel rank's mean loss, on every rank
+    sums: torch.Tensor            # [len(objective.stat_names)] float64: this data-parallel
+                                  # rank's statistics summed over its micro-batches (every
+                                  # pipeline stage holds them)
+    units: torch.Tensor           # the global batch's loss units (all micro-batches and ranks)
     grad_norm: float | None       # global gradient norm before clipping (None if unknown)
     loss_scale: float | None = None
-
-
-def masked_mean_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over the unmasked tokens of one micro-batch."""
-    return (per_token.float() * loss_mask).sum() / loss_mask.sum()
-
-
-def model_forward(module: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Per-token loss [b, s] from an APTModel (Megatron GPTModel) for one micro-batch."""
-    return module(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
 
 class TrainEngine:
     """Subclasses wrap model chunks and optimizer for one plan."""
 
     modules: list[torch.nn.Module]  # the unwrapped model chunks this rank holds (VP: several)
+    objective: Objective
+    plan: Plan
 
-    def train_step(self, batches: Iterator[dict], lr: float) -> StepResult:
+    def train_step(self, batches: Iterator, lr: float) -> StepResult:
+        """One optimizer step over the next ``plan.grad_accum`` micro-batches (typed batches,
+        on the device)."""
         raise NotImplementedError
+
+    def global_units(self, micro_batches) -> torch.Tensor:
+        """The loss units of the whole global batch: this rank's micro-batches summed over the
+        data-parallel group (every pipeline stage holds the same batches, so gets the same)."""
+        # float64: token counts of large global batches pass 2**24, where float32 stops counting
+        units = torch.stack([self.objective.loss_units(b).double() for b in micro_batches]).sum()
+        if self.plan.dp > 1:
+            dist.all_reduce(units, group=parallel_state.get_data_parallel_group())
+        return units
+
+    def normalised(self, loss_func, units: torch.Tensor):
+        """``loss_func`` with its summed loss turned into this micro-batch's share of the global
+        mean. Both engines (DeepSpeed's backward, Megatron's schedule) divide a micro-batch's
+        loss by the accumulation count and average gradients over data-parallel ranks: the
+        factor undoes both, so the step's gradient is d(sum over the global batch) / units."""
+        factor = self.plan.grad_accum * self.plan.dp
+
+        def scaled(output):
+            loss_sum, stats = loss_func(output)
+            return loss_sum * (factor / units.clamp(min=1.0)).to(loss_sum.dtype), stats
+        return scaled
+
+    def stat_vector(self, stats: dict, device) -> torch.Tensor:
+        return torch.stack([stats[name].detach().to(torch.float64)
+                            for name in self.objective.stat_names]).to(device)
 
     def static_memory(self) -> dict:
         """Bytes this rank holds for weights, gradient buffers (None where they are transient)

@@ -16,8 +16,7 @@ from apt.trainops.checkpoints.loss_scale import (deepspeed_scaler_state,
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
-from .base import (StepResult, TrainEngine, masked_mean_loss, model_forward,
-                   optimizer_state_bytes, tensor_bytes)
+from .base import StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes
 
 
 def deepspeed_config(cfg: APTConfig, plan: Plan) -> dict:
@@ -60,10 +59,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class DeepSpeedEngine(TrainEngine):
     kind = "deepspeed"
-    def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan):
+    def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan, objective):
         import deepspeed
         (model,) = modules
-        self.plan = plan
+        self.plan, self.objective = plan, objective
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, cfg.training.weight_decay),
             config=deepspeed_config(cfg, plan), mpu=MegatronMPU())
@@ -71,17 +70,20 @@ class DeepSpeedEngine(TrainEngine):
 
     def train_step(self, batches, lr: float) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
-        total = torch.zeros((), device=self.engine.device)
-        for _ in range(self.plan.grad_accum):
-            batch = next(batches)
-            loss = masked_mean_loss(model_forward(self.engine, batch), batch["loss_mask"])
+        micro_batches = [next(batches) for _ in range(self.plan.grad_accum)]
+        units = self.global_units(micro_batches)
+        sums = torch.zeros(len(self.objective.stat_names), dtype=torch.float64,
+                           device=self.engine.device)
+        for batch in micro_batches:
+            output, loss_func = self.objective.forward_step(self.engine, batch)
+            loss, stats = self.normalised(loss_func, units)(output)
             self.engine.backward(loss)   # scales by 1/accumulation itself
             self.engine.step()           # steps the optimizer at the accumulation boundary
-            total += loss.detach()
+            sums += self.stat_vector(stats, sums.device)
         scale = None
         if self.plan.precision == "fp16":  # ZeRO optimizers name it loss_scale, FP16 cur_scale
             scale = getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", None))
-        return StepResult(total / self.plan.grad_accum, self.engine.get_global_grad_norm(), scale)
+        return StepResult(sums, units, self.engine.get_global_grad_norm(), scale)
 
     def static_memory(self) -> dict:
         params = list(self.engine.module.parameters())

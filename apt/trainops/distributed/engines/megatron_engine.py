@@ -19,17 +19,16 @@ from apt.core.config import APTConfig
 from apt.trainops.checkpoints.loss_scale import load_megatron_scaler_state, megatron_scaler_state
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..plan import Plan
-from .base import (StepResult, TrainEngine, masked_mean_loss, model_forward,
-                   optimizer_state_bytes, tensor_bytes)
+from .base import StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes
 
 ADAM = ("exp_avg", "exp_avg_sq")
 
 
 class MegatronEngine(TrainEngine):
     kind = "megatron"
-    def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan):
+    def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan, objective):
         t = cfg.training
-        self.plan, self.seq_length = plan, cfg.data.seq_length
+        self.plan, self.seq_length, self.objective = plan, cfg.data.seq_length, objective
         self.weight_decay = t.weight_decay
         config = modules[0].config
         ddp_config = DistributedDataParallelConfig(
@@ -69,17 +68,32 @@ class MegatronEngine(TrainEngine):
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro_batches = [next(batches) for _ in range(self.plan.grad_accum)]
+        units = self.global_units(micro_batches)
+
+        def forward_step(data_iterator, model):
+            output, loss_func = self.objective.forward_step(model, next(data_iterator))
+            return output, self.normalised(loss_func, units)
+
         # Every virtual stage walks the same micro-batches: one iterator per chunk.
         iterators = [iter(micro_batches) for _ in self.chunks]
-        losses = self.forward_backward(
-            forward_step_func=_forward_step, data_iterator=iterators if len(iterators) > 1
+        stats = self.forward_backward(
+            forward_step_func=forward_step, data_iterator=iterators if len(iterators) > 1
             else iterators[0], model=self.chunks, num_microbatches=self.plan.grad_accum,
             seq_length=self.seq_length, micro_batch_size=self.plan.micro_batch,
             forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
-        return StepResult(_pipeline_mean_loss(losses, micro_batches[0]["tokens"].device),
-                          grad_norm, self.optimizer.get_loss_scale().item()
+        return StepResult(self._pipeline_sums(stats, units.device), units, grad_norm,
+                          self.optimizer.get_loss_scale().item()
                           if self.plan.precision == "fp16" else None)
+
+    def _pipeline_sums(self, stats: list[dict], device) -> torch.Tensor:
+        """Only the last pipeline stage computes the loss: share its sums with every stage."""
+        sums = torch.zeros(len(self.objective.stat_names), dtype=torch.float64, device=device)
+        for entry in stats:   # empty on other stages
+            sums += self.stat_vector(entry, device)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+        return sums
 
 
     def static_memory(self) -> dict:
@@ -148,25 +162,3 @@ class MegatronEngine(TrainEngine):
             local["param"].copy_(tensors["master"].flatten()[owned.start:owned.end])
             for k in ADAM:
                 local[k].copy_(tensors[k].flatten()[owned.start:owned.end])
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model_forward(model, batch)
-
-    def loss_func(per_token):
-        loss = masked_mean_loss(per_token, batch["loss_mask"])
-        # clone: the schedule divides the returned loss in place by the micro-batch count
-        return loss, {"loss": loss.detach().clone()}
-
-    return output, loss_func
-
-
-def _pipeline_mean_loss(losses: list[dict], device) -> torch.Tensor:
-    """Only the last pipeline stage sees losses: share its mean with every stage."""
-    loss = torch.zeros((), device=device)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        loss = torch.stack([entry["loss"] for entry in losses]).float().mean()
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
-    return loss

@@ -1,0 +1,76 @@
+"""What every objective is: a typed batch in, a loss out, in the shape Megatron's schedules call.
+
+An objective knows its batch type, how to run the model on one micro-batch and turn the output
+into a loss, and which statistics it reports. It knows nothing about engines, data parallelism
+or accumulation: the engines (apt/trainops/distributed/engines) and the Evaluator call it the
+same way on every layout.
+
+The loss is a *sum* over the objective's units (tokens for language modelling, pairs for
+preference losses). The engine divides by the number of units in the whole global batch (every
+micro-batch on every data-parallel rank), so the gradient of a step is the gradient of one
+mean over the global batch, whatever the micro-batch split: gradient accumulation is exact for
+variable-length data, which a mean of per-micro-batch means is not.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from apt.trainops.data.batches import LMBatch, require_supported
+
+# loss_func(output) -> (loss summed over this micro-batch's units, {stat name: summed value})
+LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DeepSpeed / Megatron DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+class Objective:
+    name: str = "objective"
+    batch_type = LMBatch
+    # Statistics the loss function returns, summed over micro-batches and data-parallel ranks
+    # before ``step_metrics`` turns them into logged values. Declared up front: pipeline stages
+    # that compute no loss still take part in reducing them.
+    stat_names: tuple[str, ...] = ("loss",)
+    eval_stat_names: tuple[str, ...] = ()
+
+    def coerce(self, batch):
+        """The typed batch (a plain dict from a user's dataset is checked field by field)."""
+        if isinstance(batch, self.batch_type):
+            return batch
+        if isinstance(batch, dict):
+            return self.batch_type.from_dict(batch)
+        raise TypeError(f"objective {self.name!r} takes {self.batch_type.__name__} batches, "
+                        f"got {type(batch).__name__}")
+
+    def check_model(self, model, batch) -> None:
+        """Refuse batch fields the model cannot honour (position ids, attention masks)."""
+        inner = unwrap(model)
+        require_supported(batch, set(getattr(inner, "supported_batch_fields", ())),
+                          type(inner).__name__)
+
+    # -- training ----------------------------------------------------------------------
+    def loss_units(self, batch) -> torch.Tensor:
+        """How many units this micro-batch's loss sums over (the global normaliser's share)."""
+        raise NotImplementedError
+
+    def forward_step(self, model, batch) -> tuple[torch.Tensor, LossFunc]:
+        """Run ``model`` on one micro-batch: (output, loss_func), as Megatron's schedules call."""
+        raise NotImplementedError
+
+    def step_metrics(self, sums: dict, units: float) -> dict:
+        """Logged values of one optimizer step from its global sums and unit count."""
+        return {name: value / max(units, 1.0) for name, value in sums.items()}
+
+    # -- evaluation --------------------------------------------------------------------
+    def eval_forward_step(self, model, batch) -> tuple[torch.Tensor, Callable]:
+        """(output, stats_func): stats_func(output) -> {eval stat name: float64 sum}."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict, wanted) -> dict:
+        raise NotImplementedError
