@@ -125,7 +125,8 @@ def schedule_losses(chunks: list, batch: dict):
     return torch.cat(losses) if losses else None
 
 
-def run_layout(name: str, overrides: list[str], weights: str) -> dict:
+def run_layout(overrides: list[str], weights: str) -> dict:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
     import torch.distributed as dist
     from apt.core.config import load_profile
     from apt.model.architectures import APTModel
@@ -158,13 +159,8 @@ def run_layout(name: str, overrides: list[str], weights: str) -> dict:
                                      "recompute": plan.recompute})
     last = [r for r in reports if r["result"] is not None]
     return {**last[0]["result"], "ranks_with_losses": len(last),
-            "schedule": get_schedule_name(),
+            "schedule": get_forward_backward_func().__name__,
             "layout": {k: reports[0][k] for k in ("tp", "pp", "vp", "sp", "recompute")}}
-
-
-def get_schedule_name() -> str:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    return get_forward_backward_func().__name__
 
 
 def main() -> None:
@@ -175,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch.distributed as dist
     from apt.trainops.distributed import shutdown_distributed
-    results = {name: run_layout(name, LAYOUTS[name], args.weights)
+    results = {name: run_layout(LAYOUTS[name], args.weights)
                for name in args.layouts.split(",")}
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
