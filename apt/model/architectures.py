@@ -10,11 +10,11 @@ import dataclasses
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 
 from apt.core.config import ConfigError, ModelConfig
 from apt.core.config.schema import cross_checks, APTConfig
 from .megatron_gpt import check_tensor_parallel_marks, gpt_model_kwargs, make_transformer_config
+from .packed_documents import PackedDocumentsGPTModel
 
 
 def resolve_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
@@ -30,8 +30,11 @@ def resolve_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
     return config
 
 
-class APTModel(GPTModel):
+class APTModel(PackedDocumentsGPTModel):
     """The decoder for one pipeline stage (the whole model when PP = 1).
+
+    ``model(tokens, position_ids, attention_mask)`` honours per-document position ids and a
+    block-diagonal attention mask (``supported_batch_fields``; see ``packed_documents``).
 
     ``plan`` (from ``make_plan``) supplies the parallel layout, precision and recompute policy;
     without one the model is built for a single process in fp32."""

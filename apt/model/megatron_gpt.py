@@ -24,6 +24,8 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from .packed_documents import PackedDocumentsGPTModel
+
 
 def make_transformer_config(
     *,
@@ -214,7 +216,8 @@ def check_tensor_parallel_marks(model: torch.nn.Module) -> None:
 
 
 def build_gpt_model(config: TransformerConfig, **kwargs) -> GPTModel:
-    """Build this pipeline stage's part of the model (needs parallel_state initialised)."""
-    model = GPTModel(**gpt_model_kwargs(config, **kwargs))
+    """Build this pipeline stage's part of the model (needs parallel_state initialised); it
+    honours per-document positions and masks (``PackedDocumentsGPTModel``)."""
+    model = PackedDocumentsGPTModel(**gpt_model_kwargs(config, **kwargs))
     check_tensor_parallel_marks(model)
     return model
