@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from apt.trainops.distributed.runtime import ranks_raising
+from . import results_queue
 from .background import (PARTS, ShardWriter, read_parts, stage_in_host_memory,
                          start_writer_warmup)
 from .manifest import MANIFEST_VERSION, fsync, verify, write_manifest
@@ -80,6 +81,7 @@ class CheckpointWrite:
             path.mkdir(parents=True, exist_ok=True)
         _barrier()
         strategy = _save_strategy(spread_replicas=not assembled)
+        results_queue.install()   # not Megatron's spawned one: it re-runs unguarded scripts
         request = dist_checkpointing.save(sharded_state_dict, str(path),
                                           sharded_strategy=strategy, async_sharded_save=True)
         self.requests.append(stage_in_host_memory(request, private=assembled))

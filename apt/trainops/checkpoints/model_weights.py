@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import results_queue
 from .safe_unpickle import check_dist_checkpoint
 
 
@@ -29,6 +30,7 @@ def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    results_queue.install()   # not Megatron's spawned one: it re-runs unguarded scripts
     with zero3_gathered(modules, zero3):
         dist_checkpointing.save(_sharded_state(modules), str(directory))
     return directory
