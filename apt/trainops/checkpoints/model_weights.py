@@ -8,11 +8,14 @@ the other way round.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from apt.model.pretrained import MODEL_CONFIG_FILE
 from . import results_queue
 from .safe_unpickle import check_dist_checkpoint
 
@@ -46,6 +49,11 @@ def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
     results_queue.install()   # not Megatron's spawned one: it re-runs unguarded scripts
     with zero3_gathered(modules, zero3):
         dist_checkpointing.save(_sharded_state(modules), str(directory))
+    arch = getattr(modules[0], "arch", None)
+    if arch is not None and dist.get_rank() == 0:
+        # The shape the shards need, so the directory alone rebuilds the model
+        # (APTModel.from_pretrained); Megatron ignores files it does not know.
+        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(arch), indent=1))
     return directory
 
 
