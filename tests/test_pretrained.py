@@ -52,8 +52,8 @@ def _run_dir(tmp_path, model):
     """What a training run leaves: config.yaml (the resolved config) and model/dist."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(
-        "# config hash x\n" + yaml.safe_dump(config_to_dict(APTConfig(model=TINY)), sort_keys=False))
+    resolved = yaml.safe_dump(config_to_dict(APTConfig(model=TINY)), sort_keys=False)
+    (run / "config.yaml").write_text("# config hash x\n" + resolved)
     save_model_weights([model], run / "model" / "dist")
     return run
 

@@ -319,7 +319,8 @@ def _result(root, group, example):
             env["APT_BASE"] = str(_llama_dir(root))
             _RESULTS[group] = {}
             for name, code in PENDING.items():
-                _RESULTS[group].update(_run(root, f"own-{name}", {name: code}, [sys.executable], env))
+                _RESULTS[group].update(_run(root, f"own-{name}", {name: code},
+                                            [sys.executable], env))
     return _RESULTS[group][example]
 
 

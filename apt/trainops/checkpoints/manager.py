@@ -231,7 +231,8 @@ class CheckpointManager:
                             if manifest else None})
         return sorted(entries, key=lambda e: e["step"], reverse=True)
 
-    def load(self, name_or_path: str | os.PathLike, model=None, optimizer=None) -> CheckpointState:
+    def load(self, name_or_path: str | os.PathLike, model=None,
+             optimizer=None) -> CheckpointState:
         """The verified checkpoint; given ``model`` and ``optimizer`` (as passed to ``save``),
         their state is loaded from it too (collective)."""
         state = self._verified(name_or_path)
