@@ -69,6 +69,14 @@ class APTModel(PackedDocumentsGPTModel):
         check_tensor_parallel_marks(self)
         self.arch = arch
 
+    @classmethod
+    def from_pretrained(cls, path) -> "APTModel":
+        """A one-process fp32 model holding the weights at ``path``: a training run directory,
+        a dist_checkpointing weights directory, or a Hugging Face Llama/Mistral/Mixtral
+        directory (pretrained.py says how each is recognised)."""
+        from .pretrained import load_pretrained
+        return load_pretrained(cls, path)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -177,13 +177,13 @@ def _write_safetensors(tensors: dict, out: Path, max_shard_bytes: int) -> None:
 
 # ----------------------------------------------------------------------------- import
 
-def import_hf(hf_dir: str | Path):
-    """Build a one-process fp32 ``APTModel`` holding an HF Llama/Mistral/Mixtral directory's
-    weights. Returns ``(ModelConfig, APTModel)``."""
+def import_hf(hf_dir: str | Path, model_class=None):
+    """Build a one-process fp32 ``APTModel`` (or ``model_class``, a subclass) holding an HF
+    Llama/Mistral/Mixtral directory's weights. Returns ``(ModelConfig, model)``."""
     from apt.model.architectures import APTModel
     hf_dir = Path(hf_dir)
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()), hf_dir)
-    model = APTModel(cfg)
+    model = (model_class or APTModel)(cfg)
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     state = hf_to_megatron(_read_safetensors(hf_dir), cfg)
     if set(state) != set(expected):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from . import results_queue
 from .manifest import file_entry, fsync
 
 PARTS = ".parts"   # per-rank manifest entries, merged into manifest.json and removed at commit
@@ -40,11 +41,9 @@ WRITER_NICENESS = 10
 
 
 def start_writer_warmup() -> threading.Thread:
-    """Start, in a thread, what the first save would otherwise wait for: Megatron's writers
-    report to a queue served by a spawned manager process (about 1 s to start)."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
-        _get_write_results_queue)
-    thread = threading.Thread(target=_get_write_results_queue, name="apt-checkpoint-warmup",
+    """Start, in a thread, what the first save would otherwise wait for: the queue Megatron's
+    writers report to, served by another process (results_queue.py)."""
+    thread = threading.Thread(target=results_queue.install, name="apt-checkpoint-warmup",
                               daemon=True)
     thread.start()
     return thread

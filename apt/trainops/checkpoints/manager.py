@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from apt.trainops.distributed.runtime import ranks_raising
+from . import results_queue
 from .background import (PARTS, ShardWriter, read_parts, stage_in_host_memory,
                          start_writer_warmup)
 from .manifest import MANIFEST_VERSION, fsync, verify, write_manifest
@@ -80,6 +81,7 @@ class CheckpointWrite:
             path.mkdir(parents=True, exist_ok=True)
         _barrier()
         strategy = _save_strategy(spread_replicas=not assembled)
+        results_queue.install()   # not Megatron's spawned one: it re-runs unguarded scripts
         request = dist_checkpointing.save(sharded_state_dict, str(path),
                                           sharded_strategy=strategy, async_sharded_save=True)
         self.requests.append(stage_in_host_memory(request, private=assembled))
@@ -189,11 +191,14 @@ class CheckpointManager:
     def save(self, model=None, optimizer=None, step: int = 0, **extra) -> Path:
         """The seed API: ``save(model=model, optimizer=optimizer, step=1000)``.
 
-        ``model``: an APTModel (or a list of model chunks); ``optimizer``: a training engine
-        (apt.trainops.distributed.engines) or a plain torch optimizer. With ``async_save`` the
-        checkpoint appears at the returned path once ``wait()`` (or the next save) commits it."""
+        ``model``: an APTModel (or a list of model chunks) or any torch module; ``optimizer``: a
+        training engine (apt.trainops.distributed.engines) or a plain torch optimizer. With
+        ``async_save`` the checkpoint appears at the returned path once ``wait()`` (or the next
+        save) commits it. ``load(name, model=..., optimizer=...)`` reads it back."""
+        from apt.trainops.distributed.runtime import ensure_runtime
         from .model_weights import _sharded_state
         from .optimizer_state import optimizer_sharded_state
+        ensure_runtime()   # dist_checkpointing is collective: a one-process group in a script
         modules = model if isinstance(model, (list, tuple)) else [model] if model else []
         with self.writing(step, {"kind": "model+optimizer"}) as ckpt:
             if modules:
@@ -226,7 +231,24 @@ class CheckpointManager:
                             if manifest else None})
         return sorted(entries, key=lambda e: e["step"], reverse=True)
 
-    def load(self, name_or_path: str | os.PathLike) -> CheckpointState:
+    def load(self, name_or_path: str | os.PathLike, model=None,
+             optimizer=None) -> CheckpointState:
+        """The verified checkpoint; given ``model`` and ``optimizer`` (as passed to ``save``),
+        their state is loaded from it too (collective)."""
+        state = self._verified(name_or_path)
+        if model is not None or optimizer is not None:
+            from .model_weights import load_model_weights
+            from .optimizer_state import load_optimizer_state
+            if model is not None:
+                load_model_weights(model if isinstance(model, (list, tuple)) else [model],
+                                   state.path / "model")
+            if optimizer is not None and hasattr(optimizer, "kind"):
+                load_optimizer_state(optimizer, state.path / "optimizer")
+            elif optimizer is not None:
+                optimizer.load_state_dict(load_torch_optimizer_state(state.path))
+        return state
+
+    def _verified(self, name_or_path: str | os.PathLike) -> CheckpointState:
         path = Path(name_or_path)
         if not path.is_absolute() and not path.exists():
             path = self.save_dir / path
@@ -254,6 +276,16 @@ class CheckpointManager:
             if self.keep_every and entry["step"] % self.keep_every == 0:
                 continue
             shutil.rmtree(entry["path"], ignore_errors=True)
+
+
+def load_torch_optimizer_state(path: Path) -> dict:
+    """This rank's state of a plain torch optimizer, as ``save()`` wrote it (tensors and
+    numbers only: ``weights_only``)."""
+    file = path / "optimizer" / f"rank-{_rank():05d}.pt"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: holds no plain torch optimizer state for this rank "
+                              f"(no {file.relative_to(path)})")
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _save_strategy(spread_replicas: bool):

@@ -8,17 +8,34 @@ the other way round.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from apt.model.pretrained import MODEL_CONFIG_FILE
+from . import results_queue
 from .safe_unpickle import check_dist_checkpoint
 
 
 def _sharded_state(modules: list[torch.nn.Module]) -> dict:
     # Chunk dicts are only containers: storage is keyed by each ShardedTensor's global key.
-    return {f"chunk{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+    return {f"chunk{i}": _module_sharded_state(m, f"{i}." if len(modules) > 1 else "")
+            for i, m in enumerate(modules)}
+
+
+def _module_sharded_state(module: torch.nn.Module, prefix: str) -> dict:
+    if hasattr(module, "sharded_state_dict"):   # Megatron modules: TP/PP-aware global keys
+        return module.sharded_state_dict()
+    # Any other torch module: its state dict, each tensor whole and replicated over the
+    # data-parallel ranks (Megatron's groups, a one-process one outside a launched run).
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+    from apt.trainops.distributed.runtime import ensure_runtime
+    ensure_runtime()
+    sharded = make_sharded_tensors_for_checkpoint(module.state_dict(), prefix)
+    return {key[len(prefix):]: value for key, value in sharded.items()}   # load_state_dict's
 
 
 def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
@@ -29,8 +46,14 @@ def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    results_queue.install()   # not Megatron's spawned one: it re-runs unguarded scripts
     with zero3_gathered(modules, zero3):
         dist_checkpointing.save(_sharded_state(modules), str(directory))
+    arch = getattr(modules[0], "arch", None)
+    if arch is not None and dist.get_rank() == 0:
+        # The shape the shards need, so the directory alone rebuilds the model
+        # (APTModel.from_pretrained); Megatron ignores files it does not know.
+        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(arch), indent=1))
     return directory
 
 

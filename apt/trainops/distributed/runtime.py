@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
         from apt.core import cpu_compat
         cpu_compat.activate()
         device = torch.device("cpu")
+    if backend == "nccl" and not cuda:
+        # The seed's scripts say backend='nccl'; without a GPU the same script runs on gloo.
+        logging.getLogger(__name__).warning("NCCL needs CUDA and there is no GPU: using gloo")
+        backend = "gloo"
     backend = backend or ("nccl" if cuda else "gloo")
     if not dist.is_initialized():
         export(env)

@@ -85,7 +85,14 @@ def save_training_checkpoint(trainer):
 def load_weights(trainer, ckpt: CheckpointState) -> None:
     """Before the engine exists: weights (resharded to this layout), step, data position."""
     _report_config_changes(ckpt.state.get("config", {}), config_to_dict(trainer.config))
-    consumed = ckpt.state["consumed_samples"]
+    consumed = ckpt.state.get("consumed_samples")
+    if consumed is None:
+        # Saved by CheckpointManager.save() outside a Trainer: the data position is unknown, so
+        # the data continues where this Trainer's own batches would be after that many steps.
+        consumed = ckpt.step * trainer.plan.global_batch
+        log.warning("%s holds no data position (not saved by a Trainer): resuming at step %d "
+                    "as if %d samples (%d steps x global batch %d) were consumed", ckpt.path,
+                    ckpt.step, consumed, ckpt.step, trainer.plan.global_batch)
     if consumed % trainer.plan.global_batch:
         raise CheckpointError(f"{ckpt.path}: {consumed} consumed samples is not a whole number "
                               f"of global batches of {trainer.plan.global_batch}: keep "
@@ -98,14 +105,20 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
 def load_engine_state(trainer, ckpt: CheckpointState) -> None:
     """After the engine exists: optimizer state, fp16's loss scale and, on the same layout,
     the RNGs."""
-    saved = ckpt.state["layout"]
+    saved = ckpt.state.get("layout")   # None: saved by CheckpointManager.save()
     batch = int(trainer.config.training.checkpoints.load_batch_mib * 2**20)
-    load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch)   # any layout
+    if (ckpt.path / "optimizer" / "metadata.json").is_file():
+        load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch)   # any layout
+    else:
+        # Nothing, or a plain torch optimizer's own state_dict: not the engine's model-space
+        # state (its parameters are indices into an optimizer this run does not have).
+        log.warning("%s holds no engine optimizer state: the optimizer starts fresh "
+                    "(weights and step are restored)", ckpt.path)
     trainer.engine.load_loss_scaler_states(ckpt.state.get("loss_scalers", []))   # fp16 only
     if saved == layout_of(trainer.plan):
         restore_rng(torch.load(ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt",
                                weights_only=True))
-    else:
+    elif saved is not None:   # None: no RNGs were saved, this run's seeding stays
         log.warning("resuming layout %s from %s: RNG streams are reseeded", layout_of(trainer.plan),
                     saved)
 
