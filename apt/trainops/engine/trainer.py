@@ -18,6 +18,7 @@ from apt.trainops.checkpoints import load_model_weights, save_model_weights
 from apt.trainops.checkpoints.model_weights import zero3_gathered
 from apt.trainops.data import APTDataLoader, create_dataloader, nats_to_bits
 from apt.trainops.data.build import build_datasets
+from apt.trainops.distributed.ddp_wrapper import unwrap_strategy_request
 from apt.trainops.distributed.engines import build_engine
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
@@ -75,6 +76,9 @@ class Trainer:
                  experiment_name: str | None = None, callbacks: list[Callback] | None = None,
                  resume_from_checkpoint=None, auto_resume: bool | None = None,
                  checkpoint_dir: str | None = None, objective=None):
+        model, requested = unwrap_strategy_request(model)   # DDPWrapper(model)
+        if requested and "strategy" not in (distributed_config or {}):
+            distributed_config = {**(distributed_config or {}), "strategy": requested}
         cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
         cfg = with_overrides(cfg, self._argument_overrides(
             cfg, max_steps, learning_rate, distributed_config, distributed, monitoring,
