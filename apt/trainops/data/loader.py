@@ -45,7 +45,8 @@ def _data_parallel_position() -> tuple[int, int]:
 
 
 def _stack(samples) -> dict:
-    """Datasets with ``__getitems__`` hand over a whole batch already (one vectorised read)."""
-    if isinstance(samples, dict):
+    """Datasets with ``__getitems__`` hand over a whole batch already (one vectorised read):
+    a dict or a typed batch (batches.py)."""
+    if not isinstance(samples, list):
         return samples
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
