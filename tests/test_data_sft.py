@@ -118,7 +118,7 @@ def test_builtin_template_masks_every_assistant_turn():
     assert spans[-1][1] == len(tokens) and tokens[-1] == tok.eod_id
     # A conversation that ends with the user trains no end-of-document token.
     _, mask = encode_chat(CHAT[:4], ChatTemplate(BUILTIN), tok, "chat")
-    assert mask[-1] == 0 and tok.decode(np.flatnonzero(mask)) is not None and mask.sum() == 2
+    assert mask[-1] == 0 and mask.sum() == 2
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,8 @@ def test_packed_rows_hold_the_same_records_as_unpacked_ones():
             for field, m in (("tokens", n), ("loss_mask", n), ("labels", n - 1)):
                 assert torch.equal(getattr(row, field)[0, start:start + m],
                                    getattr(one, field)[0, :m]), (r, start, field)
-            assert row.tokens[0, start + n - 1] == tok.eod_id and row.loss_mask[0, start + n - 1] == 0
+            last = start + n - 1
+            assert row.tokens[0, last] == tok.eod_id and row.loss_mask[0, last] == 0
             # Positions restart; attention is causal inside the record, nothing outside it.
             assert positions[start:start + n].tolist() == list(range(n))
             block = ~mask[start:start + n, start:start + n]
