@@ -226,6 +226,19 @@ def test_packed_rows_hold_the_same_records_as_unpacked_ones():
     assert seen == len(records)
 
 
+def test_loss_never_crosses_a_record_boundary():
+    # A template with no header: a record may start with trained (assistant) tokens. Packed
+    # after another record, the label of that record's last input is this first token: the
+    # previous record must not be trained to predict it.
+    tok, bare = ByteTokenizer(), ChatTemplate("{% for m in messages %}{{ m['content'] }}"
+                                              "{% endfor %}", "bare")
+    records = [{"messages": [{"role": "assistant", "content": text}]} for text in ("ab", "cd")]
+    packed = SFTDataset(records, tok, seq_length=16, packing=True, template=bare).get_batch([0])
+    assert tok.decode(packed.tokens[0, :6].tolist()) == "abcd"       # a, b, EOD, c, d, EOD
+    assert packed.labels[0, 2] == ord("c") and packed.loss_mask[0, 2] == 0
+    assert packed.loss_mask[0, :5].tolist() == [1, 1, 0, 1, 1]       # b, EOD | d, EOD
+
+
 def test_truncation_drops_records_without_assistant_tokens(caplog):
     tok = ByteTokenizer()
     long_prompt = {"prompt": "x" * 200, "response": "y"}
