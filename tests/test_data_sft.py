@@ -9,7 +9,7 @@ import torch
 from apt.core.config import load_profile
 from apt.trainops.data import (ByteTokenizer, DataError, DocumentShuffle, HFTokenizer,
                                PreferenceDataset, SFTDataset, SpanCorruption, TokenDataset,
-                               create_dataloader, train_bpe)
+                               create_dataloader, load_tokenizer, train_bpe)
 from apt.trainops.data.batches import LMBatch
 from apt.trainops.data.build import build_datasets
 from apt.trainops.data.chat_template import (BUILTIN, ChatTemplate, encode_chat, last_turn,
@@ -153,6 +153,13 @@ def test_tokenizer_template_is_used_and_masks_by_prefixes(chatml_tokenizer):
     assert tok.decode(prompt).endswith("assistant\n")
     assert answer.tolist() == expected[1] + [tok.eod_id]
     assert resolve_chat_template(tok, "builtin").source == BUILTIN
+
+
+def test_the_template_travels_with_a_saved_tokenizer(chatml_tokenizer, tmp_path):
+    chatml_tokenizer.save(tmp_path / "tokenizer")
+    restored = load_tokenizer(tmp_path / "tokenizer")
+    assert resolve_chat_template(restored, "auto").source == CHATML
+    assert resolve_chat_template(ByteTokenizer(), "auto").source == BUILTIN
 
 
 def test_template_renders_as_transformers_does(chatml_tokenizer):
