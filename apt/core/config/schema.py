@@ -54,7 +54,8 @@ class DataConfig:
     # "text": every *.txt/*.py file under `path` (a file or a directory).
     # "indexed": Megatron .bin/.idx written by `apt preprocess` (or Megatron-LM): `path` is the
     #   prefix, or `blend: [[0.7, prefix_a], [0.3, prefix_b]]` mixes several by weight.
-    # "sft": chat/instruction JSONL at `path`, loss on the responses only.
+    # "sft": chat/instruction JSONL at `path`, loss on the responses only; `path: synthetic:qa`
+    #   is a built-in offline set of programmatic question/answer chats (synthetic_chat.py).
     corpus: Literal["stdlib", "text", "indexed", "sft"] = "stdlib"
     path: Optional[str] = None
     blend: Optional[list] = None
@@ -77,6 +78,10 @@ class DataConfig:
     reset_attention_mask: bool = False
     # sft: pack several records into one sample.
     packing: bool = False
+    # sft: how records become text. auto: the tokenizer's own chat template when it has one
+    # (chat_template.jinja or tokenizer_config.json next to tokenizer.json), else builtin
+    # ("<|role|>\n{content}\n" per message).
+    chat_template: Literal["auto", "builtin"] = "auto"
     # Opt-in augmentations of training samples: doc_shuffle, span_corruption.
     augment: list = rule([])
     span_corruption_rate: float = rule(0.15, gt=0, lt=1)
@@ -162,6 +167,16 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Supervised fine-tuning (the Finetuner): what differs from pretraining besides the data."""
+    # NEFTune: uniform noise of scale alpha / sqrt(seq_len * hidden) added to the embeddings
+    # while training (apt/model/neftune.py); 0 = off. The paper uses 5 to 15.
+    neftune_alpha: float = rule(0.0, ge=0)
+    # Passes over the training set; None: training.max_steps decides.
+    num_epochs: Optional[int] = rule(None, gt=0)
+
+
+@dataclass(frozen=True)
 class HardwareConfig:
     """What the plan assumes about each accelerator (used for memory checks, not detection)."""
     gpu_memory_gb: float = rule(80.0, gt=0)
@@ -203,6 +218,7 @@ class APTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
@@ -348,5 +364,7 @@ def _data_checks(data: DataConfig):
                              f"first and positive (e.g. 98,2,0)")
     if not isinstance(data.augment, list) or any(a not in AUGMENTATIONS for a in data.augment):
         yield "data.augment", f"{data.augment!r}: expected a list of {', '.join(AUGMENTATIONS)}"
+    if data.path and data.path.startswith("synthetic:") and data.corpus != "sft":
+        yield "data.path", f"{data.path!r} is a built-in chat set: needs data.corpus 'sft'"
     if data.packing and data.corpus != "sft":
         yield "data.packing", "packs SFT records: needs data.corpus 'sft'"

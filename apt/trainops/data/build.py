@@ -14,11 +14,13 @@ from apt.core.config import DataConfig
 from .augment import build_transforms
 from .blend import BlendedDataset, normalise_weights
 from .cache import cache_key, cached_json, file_fingerprint
+from .chat_template import resolve_chat_template
 from .corpus import is_validation, stdlib_documents, text_documents
 from .datasets import TokenDataset
 from .errors import DataError
 from .indexed import IndexedReader
 from .sft import SFTDataset, read_jsonl
+from .synthetic_chat import PREFIX, materialise
 from .tokenizer import build_tokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -133,7 +135,13 @@ def check_token_range(reader: IndexedReader, tokenizer, cache_dir: str) -> None:
                                          f"tokenizer (preprocessed with another tokenizer?)")
 
 
-def _sft_splits(data, tokenizer):
+def sft_records(data: DataConfig) -> tuple[list[dict], list[dict], str]:
+    """(train, validation, name) chat records of ``data.path``: a JSONL file split by a stable
+    hash of the record's line (``data.val_fraction``), or a built-in ``synthetic:`` set with
+    its own held-out file. The chat scorer reads the same validation records."""
+    if data.path.startswith(PREFIX):
+        train_path, heldout_path = materialise(data.path, data.cache_dir)
+        return read_jsonl(train_path), read_jsonl(heldout_path), data.path
     records = read_jsonl(data.path)
     train = [r for i, r in enumerate(records) if not is_validation(str(i), data.val_fraction)]
     val = [r for i, r in enumerate(records) if is_validation(str(i), data.val_fraction)]
@@ -141,8 +149,12 @@ def _sft_splits(data, tokenizer):
         train, val = train[:-1], train[-1:]
     if not train:
         raise DataError(data.path, "too few records for a train and a validation split")
-    name = os.path.basename(data.path)
-    return (SFTDataset(train, tokenizer, data.seq_length, packing=data.packing,
-                       name=f"{name}[train]"),
-            SFTDataset(val, tokenizer, data.seq_length, packing=data.packing,
-                       name=f"{name}[validation]"), None)
+    return train, val, os.path.basename(data.path)
+
+
+def _sft_splits(data, tokenizer):
+    train, val, name = sft_records(data)
+    template = resolve_chat_template(tokenizer, data.chat_template)
+    return tuple(SFTDataset(records, tokenizer, data.seq_length, packing=data.packing,
+                            name=f"{name}[{split}]", template=template)
+                 for records, split in ((train, "train"), (val, "validation"))) + (None,)

@@ -111,11 +111,17 @@ def document_layout(tokens: torch.Tensor, eod_id: int, reset_position_ids: bool,
         starts = torch.where(after_eod, arange, torch.zeros_like(arange))
         out["position_ids"] = arange - torch.cummax(starts, dim=1).values
     if reset_attention_mask:
-        document = torch.cumsum(after_eod.long(), dim=1)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        same = document[:, :, None] == document[:, None, :]
-        out["attention_mask"] = ~(same & causal)[:, None]
+        out["attention_mask"] = block_causal_mask(torch.cumsum(after_eod.long(), dim=1))
     return out
+
+
+def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool, True = masked: token t attends to tokens u <= t of its own segment
+    (``segment`` [b, s]: a document or record id per token)."""
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    return ~(same & causal)[:, None]
 
 
 def nats_to_bits(nats: float) -> float:

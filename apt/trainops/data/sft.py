@@ -1,16 +1,20 @@
 """Supervised fine-tuning and preference data from JSONL records.
 
 A record is ``{"messages": [{"role": ..., "content": ...}, ...]}`` or ``{"prompt": ...,
-"response": ...}`` (``instruction``/``input``/``output`` is read as prompt and response). The
-template renders each message as ``<|role|>\\n{content}\\n``; only the assistant's content and
-the end-of-document token after the last turn are trained (loss mask 1), never the prompt.
+"response": ...}`` (``instruction``/``input``/``output`` is read as prompt and response). A chat
+template (chat_template.py: the tokenizer's own, or the built-in ``<|role|>\\n{content}\\n``)
+renders it; only the assistant's tokens, found by rendering prefixes, and the end-of-document
+token after a final assistant turn are trained (loss mask 1), never the prompt.
 
-``SFTDataset(packing=True)`` packs several records into each sample (greedy, in record order),
-with position ids restarting per record and the loss never crossing a record boundary.
+``SFTDataset`` returns ``LMBatch``es. With ``packing=True`` several records share a sample
+(greedy, in record order): position ids restart at 0 for each record and a block-diagonal causal
+``attention_mask`` confines attention to the record; the loss never crosses a record boundary.
+A record whose assistant tokens ``seq_length`` cuts off entirely is dropped and counted.
 ``PreferenceDataset`` reads ``{"prompt", "chosen", "rejected"}`` pairs for alignment."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 from .batches import LMBatch
-from .datasets import BatchIndexed
+from .chat_template import BUILTIN, ChatTemplate, encode_chat
+from .datasets import BatchIndexed, block_causal_mask
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def iter_jsonl(path):
@@ -64,40 +71,42 @@ def messages_of(record: dict, where: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def render(messages: list[dict], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of the chat template and a mask that is 1 on the assistant's content (and the
-    final end-of-document token)."""
-    pieces, masks = [], []
-
-    def add(text: str, trained: bool):
-        ids = tokenizer.encode(text)
-        pieces.append(ids)
-        masks.append(np.full(len(ids), trained, dtype=np.float32))
-
-    for message in messages:
-        assistant = message["role"] == "assistant"
-        add(f"<|{message['role']}|>\n", False)
-        add(str(message["content"]), assistant)
-        add("\n", False)
-    pieces.append(np.array([tokenizer.eod_id]))
-    masks.append(np.ones(1, dtype=np.float32))
-    return np.concatenate(pieces).astype(np.int64), np.concatenate(masks)
+def render(messages: list[dict], tokenizer, template: ChatTemplate | None = None,
+           where: str = "record") -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of the chat template (built-in by default) and the assistant-token loss mask."""
+    return encode_chat(messages, template or ChatTemplate(BUILTIN), tokenizer, where)
 
 
 class SFTDataset(BatchIndexed):
+    """Chat records as ``LMBatch`` rows of ``seq_length`` tokens (see the module docstring).
+
+    ``dropped``: how many records were left out because truncation to ``seq_length + 1``
+    tokens removed every assistant token (a row with nothing to train is never produced)."""
+
     def __init__(self, records: list[dict], tokenizer, seq_length: int, *, packing: bool = False,
-                 name: str = "sft"):
+                 name: str = "sft", template: ChatTemplate | None = None):
         self.seq_length, self.name, self.packing = seq_length, name, packing
+        template = template or ChatTemplate(BUILTIN)
         width = seq_length + 1
-        rendered = [render(messages_of(r, f"{name}: record {i}"), tokenizer)
-                    for i, r in enumerate(records)]
+        self.dropped = 0
         rows = []  # each row: list of (tokens, mask) records sharing one sample
-        for tokens, mask in rendered:
+        for i, record in enumerate(records):
+            where = f"{name}: record {i}"
+            tokens, mask = encode_chat(messages_of(record, where), template, tokenizer, where)
             tokens, mask = tokens[:width], mask[:width]
+            if not mask[1:].any():  # position 0 is never a label
+                self.dropped += 1
+                continue
             if packing and rows and sum(len(t) for t, _ in rows[-1]) + len(tokens) <= width:
                 rows[-1].append((tokens, mask))
             else:
                 rows.append([(tokens, mask)])
+        if self.dropped:
+            log.warning("%s: dropped %d of %d records whose assistant tokens data.seq_length=%d "
+                        "cuts off entirely", name, self.dropped, len(records), seq_length)
+        if not rows:
+            raise DataError(name, f"no trainable tokens: all {len(records)} records have their "
+                                  f"assistant tokens cut off by data.seq_length={seq_length}")
         n = len(rows)
         self.tokens = np.full((n, width), tokenizer.pad_id, dtype=np.int64)
         self.mask = np.zeros((n, width), dtype=np.float32)
@@ -110,24 +119,25 @@ class SFTDataset(BatchIndexed):
                 self.tokens[i, at:end], self.mask[i, at:end] = tokens, mask
                 self.segment[i, at:end], self.positions[i, at:end] = s, np.arange(len(tokens))
                 at = end
-        if not self.mask[:, 1:].any():
-            raise DataError(name, "no trainable tokens: every assistant response is empty or "
-                                  "cut off by data.seq_length")
+        self.num_records = sum(len(row) for row in rows)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def get_batch(self, indices) -> dict:
+    def get_batch(self, indices) -> LMBatch:
         i = np.asarray(indices, dtype=np.int64)
-        tokens, mask, segment = self.tokens[i], self.mask[i], self.segment[i]
-        # Label t+1 is trained when it is response text of the same record as input t.
-        loss = mask[:, 1:] * (segment[:, 1:] == segment[:, :-1])
-        return LMBatch(tokens=torch.from_numpy(tokens[:, :-1]),
-                       labels=torch.from_numpy(tokens[:, 1:]),
-                       loss_mask=torch.from_numpy(loss.astype(np.float32)),
-                       position_ids=torch.from_numpy(np.maximum(self.positions[i][:, :-1], 0))
-                       if self.packing else None,
-                       sample_id=torch.from_numpy(i))
+        tokens, mask, segment = self.tokens[i], self.mask[i], self.segment[i][:, :-1]
+        # Label t+1 is trained when it is assistant text of the same record as input t.
+        loss = mask[:, 1:] * (self.segment[i][:, 1:] == segment)
+        batch = LMBatch(tokens=torch.from_numpy(tokens[:, :-1]),
+                        labels=torch.from_numpy(tokens[:, 1:]),
+                        loss_mask=torch.from_numpy(loss.astype(np.float32)),
+                        sample_id=torch.from_numpy(i))
+        if self.packing:   # unpacked rows: one record from position 0, plain causal attention
+            batch.position_ids = torch.from_numpy(self.positions[i][:, :-1])
+            # Padding (segment -1) attends to padding only, so no row is fully masked.
+            batch.attention_mask = block_causal_mask(torch.from_numpy(segment))
+        return batch
 
 
 class PreferenceDataset(Dataset):

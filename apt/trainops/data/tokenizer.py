@@ -20,6 +20,8 @@ EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 # End-of-document tokens of common tokenizer.json files, tried in this order.
 _EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")
 _CONFIG = "apt_tokenizer.json"
+# Files of a Hugging Face tokenizer directory that chat_template.py reads.
+_HF_COMPANIONS = ("tokenizer_config.json", "chat_template.jinja")
 
 
 class ByteTokenizer:
@@ -82,6 +84,9 @@ class HFTokenizer:
     def save(self, directory) -> Path:
         Path(directory).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.path, Path(directory) / "tokenizer.json")
+        for name in _HF_COMPANIONS:  # the chat template and special tokens travel along
+            if (self.path.parent / name).is_file():
+                shutil.copyfile(self.path.parent / name, Path(directory) / name)
         return _write_config(directory, {"type": "hf", "file": "tokenizer.json"})
 
 

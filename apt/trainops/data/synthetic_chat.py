@@ -1,0 +1,111 @@
+"""Programmatic question/answer chats, made offline from a seed: the SFT demo's data.
+
+``data.corpus: sft`` with ``data.path: synthetic:qa`` (or ``synthetic:qa:SEED``) trains on
+them. Every task is one a ~1M-parameter byte-level model can visibly learn on a CPU in
+minutes, from easy to harder: ``repeat`` (copy a word), ``upper`` (upper-case it), ``next``
+(the number after N), ``reverse`` (a word backwards), ``add`` (two-digit sums). A tenth of the
+chats have two question/answer turns (the loss covers both answers; the scorer asks the last).
+
+The held-out questions never occur in the training chats, so held-out exact-match measures
+what generalises, not what was memorised. The same seed gives byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from pathlib import Path
+
+from .errors import DataError
+
+PREFIX = "synthetic:"
+TASKS = ("repeat", "upper", "next", "reverse", "add")
+TRAIN_CHATS, HELDOUT_CHATS = 20000, 500
+_VERSION = 1  # part of the file names: a change to the generator must not reuse old files
+_TWO_TURN_FRACTION = 0.1
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+
+
+def _question(task: str, rng: random.Random) -> tuple[str, str]:
+    if task == "repeat":
+        word = _word(rng)
+        return f"Repeat: {word}", word
+    if task == "upper":
+        word = _word(rng)
+        return f"Uppercase: {word}", word.upper()
+    if task == "next":
+        n = rng.randint(0, 999)
+        return f"What comes after {n}?", str(n + 1)
+    if task == "reverse":
+        word = _word(rng)
+        return f"Reverse: {word}", word[::-1]
+    if task == "add":
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        return f"{a}+{b}=?", str(a + b)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def _chat(rng: random.Random, turns: int, task: str | None = None) -> dict:
+    messages, tasks = [], []
+    for turn in range(turns):
+        # The last turn's task is the record's task (what the scorer asks).
+        name = task if task is not None and turn == turns - 1 else rng.choice(TASKS)
+        question, answer = _question(name, rng)
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": answer}]
+        tasks.append(name)
+    return {"messages": messages, "task": tasks[-1]}
+
+
+def generate(seed: int = 0, train_chats: int = TRAIN_CHATS,
+             heldout_chats: int = HELDOUT_CHATS) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) chat records; held-out has the same number of chats per task and no
+    question of it occurs anywhere in train."""
+    rng = random.Random(f"apt-synthetic-qa-{seed}")
+    heldout, asked = [], set()
+    while len(heldout) < heldout_chats:
+        record = _chat(rng, 2 if rng.random() < _TWO_TURN_FRACTION else 1,
+                       task=TASKS[len(heldout) % len(TASKS)])
+        last_question = record["messages"][-2]["content"]
+        if last_question not in asked:
+            asked.add(last_question)
+            heldout.append(record)
+    train = []
+    while len(train) < train_chats:
+        record = _chat(rng, 2 if rng.random() < _TWO_TURN_FRACTION else 1)
+        if not any(m["content"] in asked for m in record["messages"] if m["role"] == "user"):
+            train.append(record)
+    return train, heldout
+
+
+def parse_source(path: str) -> tuple[str, int]:
+    """``synthetic:qa`` or ``synthetic:qa:SEED`` -> (name, seed)."""
+    name, _, seed = path[len(PREFIX):].partition(":")
+    if name != "qa":
+        raise DataError(path, "unknown built-in chat set (known: synthetic:qa, "
+                              "synthetic:qa:SEED)", key="data.path")
+    try:
+        return name, int(seed or 0)
+    except ValueError:
+        raise DataError(path, f"seed {seed!r} is not an integer", key="data.path") from None
+
+
+def materialise(path: str, cache_dir: str | None = None) -> tuple[Path, Path]:
+    """Write (once) and return the train and held-out JSONL files of ``synthetic:...``.
+    Default directory: ``~/.cache/apt/synthetic``."""
+    name, seed = parse_source(path)
+    root = Path(cache_dir or Path.home() / ".cache" / "apt" / "synthetic")
+    directory = root / f"{name}-v{_VERSION}-seed{seed}"
+    files = directory / "train.jsonl", directory / "heldout.jsonl"
+    if all(f.is_file() for f in files):
+        return files
+    directory.mkdir(parents=True, exist_ok=True)
+    for records, target in zip(generate(seed), files):
+        temporary = target.with_name(f".{target.name}.{os.getpid()}")   # ranks may race
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(temporary, target)
+    return files
