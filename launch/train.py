@@ -45,12 +45,12 @@ def main(argv=None) -> int:
     configure_logging()
     try:
         config = load_profile(args.profile, args.overrides)
-        from apt.trainops.engine import Trainer
+        from apt.trainops.engine import trainer_for
         from apt.trainops.eval.benchmark import (benchmark_config, benchmark_summary,
                                                  format_benchmark)
         if args.benchmark:
             config = benchmark_config(config, args.benchmark, args.warmup)
-        trainer = Trainer.from_config(config, resume_from_checkpoint=args.resume)
+        trainer = trainer_for(config).from_config(config, resume_from_checkpoint=args.resume)
     except (ConfigError, CheckpointError) as exc:
         print(f"apt: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -5,4 +5,12 @@ from .finetuner import Finetuner
 from .pretrainer import PreTrainer
 from .trainer import Trainer
 
-__all__ = ["Callback", "Finetuner", "PreTrainer", "Trainer"]
+
+
+def trainer_for(config) -> type[Trainer]:
+    """The trainer class a profile asks for (launch/train.py): SFT data fine-tunes (epochs,
+    NEFTune, before/after scores), anything else pretrains."""
+    return Finetuner if config.data.corpus == "sft" else PreTrainer
+
+
+__all__ = ["Callback", "Finetuner", "PreTrainer", "Trainer", "trainer_for"]

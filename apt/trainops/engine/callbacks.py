@@ -10,6 +10,9 @@ class Callback:
     def on_train_start(self, trainer) -> None:
         """After the engine and run directory exist, before the first step."""
 
+    def on_step_start(self, trainer, step: int) -> None:
+        """Before optimizer step ``step`` (0-based) runs its forward passes."""
+
     def on_log(self, trainer, records: list[dict]) -> None:
         """Once per log interval with one record per step since the last call."""
 

@@ -68,6 +68,10 @@ def _fmt(value: float | None) -> str:
 
 
 class Trainer:
+    # Evaluate once before the first step too (fine-tuning reports before and after).
+    eval_before_training = False
+    initial_eval: dict = {}
+
     def __init__(self, model=None, train_dataloader=None, eval_dataloader=None, *,
                  config: APTConfig | None = None, max_steps: int | None = None,
                  learning_rate: float | None = None, train_dataset=None, eval_dataset=None,
@@ -185,6 +189,8 @@ class Trainer:
                       f"{self.artifacts.run_dir}")
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
         self._emit("on_train_start")
+        if self.eval_before_training and self.step == 0:
+            self.initial_eval = self._log_eval(progress)   # the "before" of a fine-tuning run
         tokens_per_step = plan.global_batch * cfg.data.seq_length
         batches = _TimedBatches(self.train_dataloader, self.objective, self.runtime.device)
         pending: list[tuple] = []  # (step, StepResult, lr, seconds, end time, data wait, digest)
@@ -192,6 +198,7 @@ class Trainer:
         with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
             while self.step < t.max_steps:
                 step_start = time.perf_counter()
+                self._emit("on_step_start", self.step)
                 lr = self.learning_rate(self.step)
                 result = self.engine.train_step(batches, lr)
                 self.step += 1
@@ -317,10 +324,14 @@ class Trainer:
             self._emit("on_evaluate", result)
             if self.runtime.is_main:
                 self.artifacts.save_metrics(result)
+            shown = ("step", "val_loss", "val_bits_per_token", "val_perplexity", "val_accuracy",
+                     "val_tokens")
+            extra = "".join(f" | {k[4:]} {v:.3f}" for k, v in result.items()
+                            if k not in shown and isinstance(v, float))
             progress.line(f"eval @ step {self.step} | val loss {result['val_loss']:.4f} nats "
                           f"({result['val_bits_per_token']:.3f} bits/token) | perplexity "
                           f"{result['val_perplexity']:.2f} | next-token accuracy "
-                          f"{result['val_accuracy']:.3f}")
+                          f"{result['val_accuracy']:.3f}{extra}")
         return result
 
     # ------------------------------------------------------------------ the end of a run
@@ -330,7 +341,8 @@ class Trainer:
                    # A run resumed from its final checkpoint trains no step in this process.
                    "final_train_loss": self.history[-1]["loss"] if self.history else None,
                    "tokens_per_s": len(self.history) * tokens_per_step / elapsed,
-                   **{k: v for k, v in eval_result.items() if k != "step"}}
+                   **{k: v for k, v in eval_result.items() if k != "step"},
+                   **{f"initial_{k}": v for k, v in self.initial_eval.items() if k != "step"}}
         train_set = getattr(self.train_dataloader, "dataset", None)
         if hasattr(train_set, "unigram_entropy"):
             entropy = train_set.unigram_entropy()
