@@ -9,13 +9,14 @@ one-process reference): TP2, TP2 + sequence parallel and PP2 LoRA losses and gra
 equal one process for 3 steps, and merging is exact under TP2 and TP2 + SP.
 """
 import json
-from pathlib import Path
+import math
 
 import pytest
 import torch
 
 from apt.core.config import ConfigError, load_profile
 from apt.model.architectures import APTModel
+from apt.model.hf_interop import export_hf
 from apt.model.lora import adapters, apply_lora, merge_lora
 from apt.model.sizing import count_lora_parameters
 from apt.trainops.checkpoints import save_model_weights
@@ -73,6 +74,8 @@ def test_merged_weights_give_the_adapter_logits():
             adapter.B.copy_(torch.randn(adapter.B.shape, generator=generator) * 0.1)
         with_adapters = model(tokens, positions, None)
         assert (with_adapters - base).abs().max() > 0.1        # the adapters matter
+        with pytest.raises(ValueError, match="merge_lora"):   # never export them unmerged
+            export_hf(model, cfg.model, "unused")
         assert merge_lora([model]) == 8
         merged = model(tokens, positions, None)
     print(f"max |merged - adapter logits| {(merged - with_adapters).abs().max():.2e}")
@@ -195,6 +198,8 @@ LAYOUTS = {
     "lora_tp2_sp": TP2 + SP + LORA,                           # Megatron engine
     "lora_pp2": [HYBRID, "training.distributed.pipeline_parallel=2"] + LORA,
 }
+# Dropout differs from one process after step 1; at step 1 B = 0 hides it (same loss).
+DROPOUT = {"lora_tp2_dropout": TP2 + LORA + ["lora.dropout=0.1"]}
 MERGE_CHECKS = {"lora_tp2_merge": TP2 + LORA, "lora_tp2_sp_merge": TP2 + SP + LORA}
 
 
@@ -206,7 +211,7 @@ def test_tensor_parallel_lora_matches_one_process(reference):
              for name, overrides in MERGE_CHECKS.items()}
     # _launch starts the layouts from <tmp>/init_dense: our initial weights.
     (tmp / "init_dense").symlink_to(init)
-    results = _launch(tmp, 2, LAYOUTS, extra)
+    results = _launch(tmp, 2, {**LAYOUTS, **DROPOUT}, extra)
     failures = []
     for name in LAYOUTS:
         r = results[name]
@@ -230,6 +235,10 @@ def test_tensor_parallel_lora_matches_one_process(reference):
                 failures.append(f"{name} {kind}: estimated {estimated}, measured {real}")
     assert results["lora_tp2"]["engine"] == "deepspeed"
     assert results["lora_tp2_sp"]["engine"] == results["lora_pp2"]["engine"] == "megatron"
+    dropout = results["lora_tp2_dropout"]["losses"]
+    print(f"lora_tp2_dropout losses {dropout}")
+    assert dropout[0] == pytest.approx(ref_losses[0], abs=TOLERANCE)
+    assert all(map(math.isfinite, dropout)) and dropout[1:] != ref_losses[1:]
     for name in MERGE_CHECKS:
         print(f"{name:18s} max |merged - adapter logits| {results[name]['merge_change']:.2e}")
         assert results[name]["merged"] == 4 * 4, results[name]

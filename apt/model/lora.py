@@ -83,7 +83,7 @@ class LoRAAdapter(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from megatron.core import tensor_parallel as tp
-        u = F.linear(self.dropout(x), self.A)
+        u = F.linear(self._dropout(x), self.A)
         if self.column:
             if self.sequence_parallel:
                 u = tp.gather_from_sequence_parallel_region(u, group=self.tp_group)
@@ -94,6 +94,19 @@ class LoRAAdapter(torch.nn.Module):
         elif self.tp_size > 1:
             u = tp.reduce_from_tensor_model_parallel_region(u, group=self.tp_group)
         return F.linear(u, self.B) * self.scale
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or isinstance(self.dropout, torch.nn.Identity):
+            return x
+        if self.tp_size > 1 and (not self.column or self.sequence_parallel):
+            # This rank's slice of the features (row) or of the sequence (SP): its own mask,
+            # from Megatron's per-TP-rank RNG stream.
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+            with get_cuda_rng_tracker().fork():
+                return self.dropout(x)
+        # The same input on every TP rank: the same mask (default RNG, seeded alike over TP),
+        # so the replicated A gets the same gradient everywhere.
+        return self.dropout(x)
 
     def delta_weight(self) -> torch.Tensor:
         """This TP rank's part of scale * B @ A, laid out like the base's local weight."""

@@ -101,6 +101,13 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
             f"{ckpt.path}: holds {'only LoRA adapters' if adapters_only else 'full weights'}"
             f" but lora.rank is {trainer.config.lora.rank}: resume with the lora settings the "
             f"checkpoint was trained with")
+    saved_pp = ckpt.state.get("layout", {}).get("pp")
+    if adapters_only and not trainer.config.training.init_from and saved_pp != trainer.plan.pp:
+        # The seeded init differs between pipeline layouts (each stage has its own seed).
+        raise CheckpointError(
+            f"{ckpt.path}: LoRA adapters over the seeded initial weights of pipeline_parallel="
+            f"{saved_pp}; resume with that pipeline_parallel or give the base weights in "
+            f"training.init_from")
     load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only)
     trainer.step = ckpt.step
     trainer.consumed_samples = consumed
