@@ -6,7 +6,8 @@ stays bit-identical) on both engines, and only they sit in the optimizer; traini
 hold only the adapters and their optimizer state, and a run resumes from them. Two processes
 (one launch of the parallel matrix's worker, from the same initial checkpoint as the
 one-process reference): TP2, TP2 + sequence parallel and PP2 LoRA losses and gradient norms
-equal one process for 3 steps, and merging is exact under TP2 and TP2 + SP.
+equal one process for 3 steps, merging is exact under TP2 and TP2 + SP, and a TP2 LoRA
+checkpoint resumes on one process.
 """
 import json
 import math
@@ -211,7 +212,11 @@ def test_tensor_parallel_lora_matches_one_process(reference):
              for name, overrides in MERGE_CHECKS.items()}
     # _launch starts the layouts from <tmp>/init_dense: our initial weights.
     (tmp / "init_dense").symlink_to(init)
-    results = _launch(tmp, 2, {**LAYOUTS, **DROPOUT}, extra)
+    layouts = {**LAYOUTS, **DROPOUT}
+    # TP2 also checkpoints at step 2: one process resumes it below (adapters reshard).
+    layouts["lora_tp2"] = LAYOUTS["lora_tp2"] + ["training.checkpoints.save_interval=2",
+                                                 f"training.checkpoints.dir={tmp / 'tp2'}"]
+    results = _launch(tmp, 2, layouts, extra)
     failures = []
     for name in LAYOUTS:
         r = results[name]
@@ -245,3 +250,8 @@ def test_tensor_parallel_lora_matches_one_process(reference):
         if results[name]["merge_change"] > 1e-5:
             failures.append(f"{name}: merged logits differ by {results[name]['merge_change']}")
     assert not failures, "\n".join(failures)
+    resumed, _, _ = _train(_common(tmp, init) + LORA, tmp, "from_tp2",
+                           resume_from_checkpoint=str(tmp / "tp2" / "checkpoint-2"))
+    print(f"TP2 checkpoint resumed on 1 process: step 3 loss {resumed.history[0]['loss']} "
+          f"(uninterrupted {ref_losses[2]})")
+    assert abs(resumed.history[0]["loss"] - ref_losses[2]) < TOLERANCE
