@@ -235,7 +235,8 @@ def test_tensor_parallel_lora_matches_one_process(reference):
                 continue
             real = r["memory_measured"][kind]
             estimated = r["memory_estimated"][kind]
-            print(f"{name:12s} {kind:9s} estimated {estimated:>10,.0f} B, measured {real:>10,.0f} B")
+            print(f"{name:12s} {kind:9s} estimated {estimated:>10,.0f} B, "
+                  f"measured {real:>10,.0f} B")
             if abs(real - estimated) > 0.02 * estimated:
                 failures.append(f"{name} {kind}: estimated {estimated}, measured {real}")
     assert results["lora_tp2"]["engine"] == "deepspeed"

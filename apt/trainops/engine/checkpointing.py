@@ -1,12 +1,12 @@
 """The Trainer's side of checkpoints: what a training checkpoint holds and how a run resumes.
 
 Saved: model weights (with LoRA only the adapters: the frozen base is rebuilt from
-``training.init_from`` or the seeded init) and optimizer state (both resharding), fp16's loss scale, every rank's
-RNGs, step, consumed samples, the resolved config and its hash, the layout and library
-versions. The learning rate is a pure function of the step (schedule.py): nothing to save. Resumed: weights
-before the engine is built, optimizer state after; the data order continues at
-``consumed_samples`` (the global order does not depend on the layout); RNGs are restored when
-the layout is the same (on another layout each rank's streams differ anyway).
+``training.init_from`` or the seeded init) and optimizer state (both resharding), fp16's loss
+scale, every rank's RNGs, step, consumed samples, the resolved config and its hash, the layout
+and library versions. The learning rate is a pure function of the step (schedule.py): nothing
+to save. Resumed: weights before the engine is built, optimizer state after; the data order
+continues at ``consumed_samples`` (the global order does not depend on the layout); RNGs are
+restored when the layout is the same (on another layout each rank's streams differ anyway).
 """
 from __future__ import annotations
 
