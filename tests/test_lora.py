@@ -4,9 +4,9 @@ DeepSpeed (CPU, gloo).
 One process: merged weights give the adapter model's logits; only adapters train (the base
 stays bit-identical) on both engines, and only they sit in the optimizer; training checkpoints
 hold only the adapters and their optimizer state, and a run resumes from them. Two processes
-(one launch of the parallel matrix's worker, from the same initial checkpoint as the
-one-process reference): TP2, TP2 + sequence parallel and PP2 LoRA losses and gradient norms
-equal one process for 3 steps, merging is exact under TP2 and TP2 + SP, and a TP2 LoRA
+(one launch of the parallel matrix's worker, from the same initial checkpoint as the one-
+process reference): TP2, TP2 + sequence parallel, PP2 and DP2 ZeRO-2 LoRA losses and gradient
+norms equal one process for 3 steps, merging is exact under TP2 and TP2 + SP, and a TP2 LoRA
 checkpoint resumes on one process.
 """
 import json
@@ -22,6 +22,7 @@ from apt.model.lora import adapters, apply_lora, merge_lora
 from apt.model.sizing import count_lora_parameters
 from apt.trainops.checkpoints import save_model_weights
 from apt.trainops.distributed.engines.base import torch_optimizers
+from apt.trainops.distributed.plan import PlanError, make_plan
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
 from apt.trainops.engine import Trainer
 from apt.trainops.engine.callbacks import Callback
@@ -46,6 +47,9 @@ def test_lora_config_section():
         load_profile("tiny", ["lora.rank=-1"])
     with pytest.raises(ConfigError, match="MoE"):
         load_profile("tiny", ["lora.rank=8", "model.num_experts=4"])
+    with pytest.raises(PlanError, match="ZeRO-3"):
+        make_plan(load_profile("lora-tiny", ["training.distributed.strategy=fsdp"]), 2,
+                  device_type="cpu")
 
 
 # ---------------------------------------------------------------------------- one process
@@ -198,6 +202,7 @@ LAYOUTS = {
     "lora_tp2": TP2 + LORA,                                   # DeepSpeed engine
     "lora_tp2_sp": TP2 + SP + LORA,                           # Megatron engine
     "lora_pp2": [HYBRID, "training.distributed.pipeline_parallel=2"] + LORA,
+    "lora_dp2_zero2": ["training.distributed.zero_stage=2"] + LORA,   # DeepSpeed, frozen base
 }
 # Dropout differs from one process after step 1; at step 1 B = 0 hides it (same loss).
 DROPOUT = {"lora_tp2_dropout": TP2 + LORA + ["lora.dropout=0.1"]}
@@ -239,7 +244,7 @@ def test_tensor_parallel_lora_matches_one_process(reference):
                   f"measured {real:>10,.0f} B")
             if abs(real - estimated) > 0.02 * estimated:
                 failures.append(f"{name} {kind}: estimated {estimated}, measured {real}")
-    assert results["lora_tp2"]["engine"] == "deepspeed"
+    assert results["lora_tp2"]["engine"] == results["lora_dp2_zero2"]["engine"] == "deepspeed"
     assert results["lora_tp2_sp"]["engine"] == results["lora_pp2"]["engine"] == "megatron"
     dropout = results["lora_tp2_dropout"]["losses"]
     print(f"lora_tp2_dropout losses {dropout}")
