@@ -122,6 +122,9 @@ def _unsharded_state(source) -> tuple[dict, torch.dtype]:
                          "(TP = PP = EP = 1); save the weights with save_model_weights and "
                          "export from that directory instead")
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if any(".lora_" in k for k in state):
+        raise ValueError("export_hf: the model has LoRA adapters; fold them into the weights "
+                         "first with apt.model.lora.merge_lora(model)")
     return state, state["embedding.word_embeddings.weight"].dtype
 
 

@@ -51,3 +51,21 @@ def count_parameters(m: ModelConfig) -> ParamCounts:
         num_layers=m.num_layers,
         active_mlp_per_layer=min(m.moe_top_k, experts) * one_mlp if m.num_experts else one_mlp,
     )
+
+
+def count_lora_parameters(m: ModelConfig, lora, *, tp: int = 1) -> tuple[int, int]:
+    """(adapter parameters of the whole model, of one layer on one TP rank) that
+    ``apt.model.lora.apply_lora`` adds: r x (in + out) per target, where a column-parallel
+    target (qkv, fc1) shards its B over TP and a row-parallel one (proj, fc2) its A."""
+    h, head_dim = m.hidden_size, m.hidden_size // m.num_attention_heads
+    shapes = {"linear_qkv": ("column", h, h + 2 * m.kv_heads * head_dim),
+              "linear_proj": ("row", h, h),
+              "linear_fc1": ("column", h, 2 * m.ffn_size),   # SwiGLU: gate and up fused
+              "linear_fc2": ("row", m.ffn_size, h)}
+    r, total, per_rank = lora.rank, 0, 0
+    for target in lora.targets if r else ():
+        kind, fan_in, fan_out = shapes[target]
+        total += r * (fan_in + fan_out)
+        per_rank += (r * fan_in + r * fan_out // tp if kind == "column"
+                     else r * fan_in // tp + r * fan_out)
+    return total * m.num_layers, per_rank

@@ -2,10 +2,12 @@
 
     torchrun --nproc_per_node N tests/workers/train_layouts.py --spec spec.json --out out.json
 
-spec.json: {"common": [overrides...], "layouts": {name: {"set": [...], "sabotage_sp": bool}}}
+spec.json: {"common": [overrides...], "layouts": {name: {"set": [...], "sabotage_sp": bool,
+                                                           "lora_merge_check": bool}}}
 Rank 0 writes {name: {"losses": [...], "grad_norms": [...], "engine": ..., "layout": ...}}.
 ``sabotage_sp`` unmarks sequence-parallel params, so their gradients are not all-reduced over
-TP: the matrix must catch that wiring bug.
+TP: the matrix must catch that wiring bug. ``lora_merge_check`` trains nothing: it gives the
+LoRA adapters non-zero B, and reports the largest logit change merge_lora makes on this layout.
 """
 import argparse
 import json
@@ -19,6 +21,27 @@ def _max_over_ranks(sizes: dict) -> dict:
     values = torch.tensor([float(sizes[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return dict(zip(keys, values.tolist()))
+
+
+def _lora_merge_change(trainer) -> dict:
+    """Max |logits with adapters - logits after merge_lora| over every rank (PP = 1), and the
+    number of adapters merged on rank 0."""
+    import torch
+    import torch.distributed as dist
+    from apt.model.lora import adapters, merge_lora
+    generator = torch.Generator().manual_seed(0)   # the same draws on every rank
+    for *_, adapter in adapters(trainer.modules):
+        adapter.B.data.copy_(torch.randn(adapter.B.shape, generator=generator) * 0.1)
+    model = trainer.modules[0].eval()
+    seq = trainer.config.data.seq_length
+    tokens = (torch.arange(2 * seq).reshape(2, seq) * 7) % 250
+    positions = torch.arange(seq).expand(2, -1)
+    with torch.no_grad():
+        before = model(tokens, positions, None)
+        merged = merge_lora(trainer.modules)
+        change = (model(tokens, positions, None) - before).abs().max().reshape(1)
+    dist.all_reduce(change, op=dist.ReduceOp.MAX)
+    return {"merge_change": change.item(), "merged": merged}
 
 
 def main() -> None:
@@ -36,6 +59,9 @@ def main() -> None:
     results = {}
     for name, layout in spec["layouts"].items():
         trainer = Trainer.from_config(load_profile("tiny", spec["common"] + layout["set"]))
+        if layout.get("lora_merge_check"):
+            results[name] = _lora_merge_change(trainer)
+            continue
         if layout.get("sabotage_sp"):
             for module in trainer.modules:
                 for param in module.parameters():

@@ -211,6 +211,26 @@ class MonitoringConfig:
     plots: bool = True                 # PNG plots of loss, learning rate, throughput at the end
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on the transformer's linears (apt/model/lora.py); the base is frozen."""
+    rank: int = rule(0, ge=0)            # 0: LoRA off
+    alpha: float = rule(16.0, gt=0)      # the update B @ A is scaled by alpha / rank
+    dropout: float = rule(0.0, ge=0, lt=1)   # on the adapter's input, in training only
+    targets: list = rule(list(LORA_TARGETS))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
 @dataclass(frozen=True)
 class APTConfig:
     name: str = "unnamed"
@@ -222,6 +242,7 @@ class APTConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     # Filled by the loader: the files this profile was resolved from, and its content hash.
     sources: tuple = field(default=(), compare=False)
     config_hash: str = field(default="", compare=False)
@@ -275,6 +296,7 @@ def cross_checks(cfg: APTConfig):
         yield "model.vocab_size", (f"{m.vocab_size} is smaller than the byte tokenizer's "
                                    f"{BYTE_VOCAB} tokens")
     yield from _data_checks(cfg.data)
+    yield from _lora_checks(cfg.lora, m)
     if t.min_learning_rate > t.learning_rate:
         yield "training.min_learning_rate", (f"{t.min_learning_rate} exceeds "
                                              f"training.learning_rate={t.learning_rate}")
@@ -323,6 +345,22 @@ def cross_checks(cfg: APTConfig):
         yield "training.distributed.offload_optimizer", "needs ZeRO stage >= 1"
     if d.offload_optimizer and d.engine == "megatron":
         yield "training.distributed.offload_optimizer", "is a DeepSpeed ZeRO feature (engine: deepspeed)"
+
+
+def _lora_checks(lora: LoRAConfig, model: ModelConfig):
+    targets = lora.targets
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        yield "lora.targets", f"{targets!r}: expected a non-empty list of {', '.join(LORA_TARGETS)}"
+        return
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        yield "lora.targets", (f"unknown target(s) {', '.join(unknown)}; known: "
+                               f"{', '.join(LORA_TARGETS)}")
+    elif len(set(targets)) != len(targets):
+        yield "lora.targets", f"{targets!r} names a target twice"
+    elif lora.rank and model.num_experts and {"linear_fc1", "linear_fc2"} & set(targets):
+        yield "lora.targets", ("adapters on MoE experts are not supported: target "
+                               "linear_qkv and linear_proj only")
 
 
 AUGMENTATIONS = ("doc_shuffle", "span_corruption")

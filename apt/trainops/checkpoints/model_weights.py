@@ -20,10 +20,17 @@ from . import results_queue
 from .safe_unpickle import check_dist_checkpoint
 
 
-def _sharded_state(modules: list[torch.nn.Module]) -> dict:
+def _sharded_state(modules: list[torch.nn.Module], trainable_only: bool = False) -> dict:
+    """``trainable_only``: just the parameters that train (LoRA adapters over a frozen base,
+    which is rebuilt from ``training.init_from`` or the seeded init, not checkpointed)."""
     # Chunk dicts are only containers: storage is keyed by each ShardedTensor's global key.
-    return {f"chunk{i}": _module_sharded_state(m, f"{i}." if len(modules) > 1 else "")
-            for i, m in enumerate(modules)}
+    state = {f"chunk{i}": _module_sharded_state(m, f"{i}." if len(modules) > 1 else "")
+             for i, m in enumerate(modules)}
+    if trainable_only:
+        state = {chunk: {k: v for k, v in entries.items()
+                         if getattr(getattr(v, "data", None), "requires_grad", False)}
+                 for chunk, entries in state.items()}
+    return state
 
 
 def _module_sharded_state(module: torch.nn.Module, prefix: str) -> dict:
@@ -57,15 +64,17 @@ def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
     return directory
 
 
-def load_model_weights(modules: list[torch.nn.Module], directory: str | Path) -> None:
+def load_model_weights(modules: list[torch.nn.Module], directory: str | Path,
+                       trainable_only: bool = False) -> None:
     from megatron.core import dist_checkpointing
     if not Path(directory, "metadata.json").is_file():
         raise FileNotFoundError(f"{directory}: not a dist_checkpointing checkpoint "
                                 f"(no metadata.json)")
     check_dist_checkpoint(directory)   # nothing in it may run code when unpickled
-    state = dist_checkpointing.load(_sharded_state(modules), str(directory))
+    state = dist_checkpointing.load(_sharded_state(modules, trainable_only), str(directory))
     for i, module in enumerate(modules):
-        module.load_state_dict(state[f"chunk{i}"])
+        # Partial (trainable only): every entry asked for was loaded, or load() raised.
+        module.load_state_dict(state[f"chunk{i}"], strict=not trainable_only)
 
 
 @contextlib.contextmanager

@@ -153,6 +153,8 @@ def _param_shards(engine) -> dict:
     shards = {}
     for i, module in enumerate(engine.modules):
         for name, param in module.named_parameters():
+            if not param.requires_grad:   # frozen (LoRA's base): no optimizer state
+                continue
             if id(param) not in by_id:
                 raise RuntimeError(f"{name} has no entry in the model's sharded state dict: its "
                                    f"optimizer state would be left out of the checkpoint")

@@ -39,6 +39,7 @@ class MemoryEstimate:
     activations: float
     communication: float
     params_per_gpu: int
+    trainable_per_gpu: int = 0   # equals params_per_gpu unless LoRA freezes the base
     host_optimizer: float = 0.0  # bytes kept in CPU memory with optimizer offload
 
     @property
@@ -50,7 +51,8 @@ class MemoryEstimate:
         return self.static + self.activations + self.communication
 
     def as_gib(self) -> dict:
-        out = {k: v / GIB for k, v in asdict(self).items() if k != "params_per_gpu"}
+        out = {k: v / GIB for k, v in asdict(self).items()
+               if k not in ("params_per_gpu", "trainable_per_gpu")}
         out["total"] = self.total / GIB
         return out
 
@@ -73,8 +75,14 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
                     vocab: int, seq: int, micro_batch: int, grad_accum: int, tp: int, pp: int,
                     vp: int, dp: int, ep: int, cp: int, sequence_parallel: bool, zero_stage: int,
                     distributed_optimizer: bool, precision: str, recompute: str,
-                    offload_optimizer: bool, fused_attention: bool) -> MemoryEstimate:
-    params = stage_params(counts, tp=tp, pp=pp, ep=ep)
+                    offload_optimizer: bool, fused_attention: bool,
+                    lora_per_layer: int = 0) -> MemoryEstimate:
+    """``lora_per_layer``: LoRA adapter parameters per layer on one TP rank (sizing.py); with
+    adapters the base is frozen, so gradients and optimizer state exist for adapters only."""
+    frozen = stage_params(counts, tp=tp, pp=pp, ep=ep) if lora_per_layer else 0
+    trainable = (math.ceil(counts.num_layers / pp) * lora_per_layer if lora_per_layer
+                 else stage_params(counts, tp=tp, pp=pp, ep=ep))
+    params = frozen + trainable
     mixed = precision in ("bf16", "fp16")
     weight_bytes = 2 if mixed else 4
     # Gradients accumulate in fp32 (Megatron main_grad, DeepSpeed grad_accum_dtype fp32).
@@ -86,8 +94,8 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
     optim_bytes = 8 + (4 if mixed or deepspeed_zero else 0)
     shard_optimizer = zero_stage >= 1 or distributed_optimizer
     weights = params * weight_bytes / (dp if zero_stage >= 3 else 1)
-    gradients = params * grad_bytes / (dp if zero_stage >= 2 else 1)
-    optimizer = params * optim_bytes / (dp if shard_optimizer else 1)
+    gradients = trainable * grad_bytes / (dp if zero_stage >= 2 else 1)
+    optimizer = trainable * optim_bytes / (dp if shard_optimizer else 1)
     host_optimizer = 0.0
     if offload_optimizer:
         host_optimizer, optimizer = optimizer, 0.0
@@ -107,8 +115,9 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
     logits = 4 * s * b * vocab / tp
     activations = per_layer * layers_per_stage * in_flight * interleave + logits
 
-    bucket = min(params, REDUCE_BUCKET_ELEMENTS) * 4 if dp > 1 else 0
+    bucket = min(trainable, REDUCE_BUCKET_ELEMENTS) * 4 if dp > 1 else 0
     gathered = 2 * counts.per_layer // tp * weight_bytes if zero_stage >= 3 else 0
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer,
                           activations=activations, communication=bucket + gathered,
-                          params_per_gpu=params, host_optimizer=host_optimizer)
+                          params_per_gpu=params, trainable_per_gpu=trainable,
+                          host_optimizer=host_optimizer)

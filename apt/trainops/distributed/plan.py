@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from apt.core.config import APTConfig, ConfigError
-from apt.model.sizing import count_parameters
+from apt.model.sizing import count_lora_parameters, count_parameters
 from .memory import GIB, MemoryEstimate, estimate_memory
 
 BILLION = 1e9
@@ -81,7 +81,9 @@ class Plan:
             f"batch        global {self.global_batch} = micro {self.micro_batch} x accumulation "
             f"{self.grad_accum} x DP {self.dp} ({self.tokens_per_step:,} tokens/step)",
             f"parameters   {_human(self.params_total)} total, {_human(self.params_active)} "
-            f"active, {_human(self.memory.params_per_gpu)} per GPU",
+            f"active, {_human(self.memory.params_per_gpu)} per GPU"
+            + (f", {_human(self.memory.trainable_per_gpu)} trainable (LoRA)"
+               if self.memory.trainable_per_gpu < self.memory.params_per_gpu else ""),
             "memory/GPU   weights {weights:.2f} GiB, gradients {gradients:.2f} GiB, optimizer "
             "{optimizer:.2f} GiB, activations {activations:.2f} GiB, communication "
             "{communication:.2f} GiB = total {total:.2f} GiB".format(**mem),
@@ -144,6 +146,10 @@ def make_plan(cfg: APTConfig, world_size: int, gpus_per_node: int | None = None,
                         key=f"{DIST}.context_parallel")
 
     zero_stage, engine, dist_opt = _sharding(cfg, strategy, pp, ep, sp, notes)
+    if cfg.lora.enabled and engine == "deepspeed" and zero_stage == 3:
+        raise PlanError("LoRA with ZeRO-3 (strategy fsdp) is not supported: use strategy ddp "
+                        "or hybrid with zero_stage 1 or 2 (adapters' optimizer state is small)",
+                        key=f"{DIST}.zero_stage")
     precision = _precision(cfg.training.precision, device_type)
     global_batch, micro, accum = _batch(cfg, dp, pp, vp)
     if vp > 1:
@@ -218,7 +224,8 @@ def _estimate(cfg, counts, device_type, *, micro, accum, tp, pp, vp, dp, ep, cp,
         micro_batch=micro, grad_accum=accum, tp=tp, pp=pp, vp=vp, dp=dp, ep=ep, cp=cp,
         sequence_parallel=sp, zero_stage=zero_stage, distributed_optimizer=dist_opt,
         precision=_precision(cfg.training.precision, device_type), recompute=d.recompute,
-        offload_optimizer=d.offload_optimizer, fused_attention=device_type == "cuda")
+        offload_optimizer=d.offload_optimizer, fused_attention=device_type == "cuda",
+        lora_per_layer=count_lora_parameters(m, cfg.lora, tp=tp)[1])
 
 
 def _sharding(cfg, strategy, pp, ep, sp, notes):

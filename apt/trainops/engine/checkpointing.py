@@ -1,11 +1,12 @@
 """The Trainer's side of checkpoints: what a training checkpoint holds and how a run resumes.
 
-Saved: model weights and optimizer state (both resharding), fp16's loss scale, every rank's
-RNGs, step, consumed samples, the resolved config and its hash, the layout and library
-versions. The learning rate is a pure function of the step (schedule.py): nothing to save. Resumed: weights
-before the engine is built, optimizer state after; the data order continues at
-``consumed_samples`` (the global order does not depend on the layout); RNGs are restored when
-the layout is the same (on another layout each rank's streams differ anyway).
+Saved: model weights (with LoRA only the adapters: the frozen base is rebuilt from
+``training.init_from`` or the seeded init) and optimizer state (both resharding), fp16's loss
+scale, every rank's RNGs, step, consumed samples, the resolved config and its hash, the layout
+and library versions. The learning rate is a pure function of the step (schedule.py): nothing
+to save. Resumed: weights before the engine is built, optimizer state after; the data order
+continues at ``consumed_samples`` (the global order does not depend on the layout); RNGs are
+restored when the layout is the same (on another layout each rank's streams differ anyway).
 """
 from __future__ import annotations
 
@@ -64,9 +65,12 @@ def save_training_checkpoint(trainer):
     in host memory, and ``trainer.checkpoints.wait()`` commits the checkpoint later."""
     plan, cfg, step = trainer.plan, trainer.config, trainer.step
     meta = {"config_hash": cfg.config_hash, "layout": layout_of(plan)}
+    # LoRA: only the adapters (and their optimizer state) are saved; the frozen base comes back
+    # from training.init_from (or the seeded init) on resume.
+    adapters_only = cfg.lora.enabled
     with trainer.checkpoints.writing(step, meta) as ckpt:
         with zero3_gathered(trainer.modules, plan.zero3_partitioned):
-            ckpt.add_sharded("model", _sharded_state(trainer.modules))
+            ckpt.add_sharded("model", _sharded_state(trainer.modules, adapters_only))
         with optimizer_sharded_state(trainer.engine) as optimizer_state:
             ckpt.add_sharded("optimizer", optimizer_state, assembled=True)
         tmp = ckpt.directory
@@ -76,6 +80,7 @@ def save_training_checkpoint(trainer):
             (tmp / "state.json").write_text(json.dumps({
                 "step": step, "consumed_samples": step * plan.global_batch,
                 "global_batch": plan.global_batch, "config_hash": cfg.config_hash,
+                "model_contents": "trainable" if adapters_only else "all",
                 "config": config_to_dict(cfg), "layout": layout_of(plan),
                 "loss_scalers": trainer.engine.loss_scaler_states(),
                 "versions": package_versions()}, indent=1, default=str))
@@ -97,7 +102,20 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
         raise CheckpointError(f"{ckpt.path}: {consumed} consumed samples is not a whole number "
                               f"of global batches of {trainer.plan.global_batch}: keep "
                               f"training.batch_size at {ckpt.state['global_batch']} to resume")
-    load_model_weights(trainer.modules, ckpt.path / "model")
+    adapters_only = ckpt.state.get("model_contents") == "trainable"
+    if adapters_only != trainer.config.lora.enabled:
+        raise CheckpointError(
+            f"{ckpt.path}: holds {'only LoRA adapters' if adapters_only else 'full weights'}"
+            f" but lora.rank is {trainer.config.lora.rank}: resume with the lora settings the "
+            f"checkpoint was trained with")
+    saved_pp = ckpt.state.get("layout", {}).get("pp")
+    if adapters_only and not trainer.config.training.init_from and saved_pp != trainer.plan.pp:
+        # The seeded init differs between pipeline layouts (each stage has its own seed).
+        raise CheckpointError(
+            f"{ckpt.path}: LoRA adapters over the seeded initial weights of pipeline_parallel="
+            f"{saved_pp}; resume with that pipeline_parallel or give the base weights in "
+            f"training.init_from")
+    load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only)
     trainer.step = ckpt.step
     trainer.consumed_samples = consumed
 

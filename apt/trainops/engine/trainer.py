@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from apt.core.config import APTConfig, config_to_dict, with_overrides
+from apt.model.lora import apply_lora, merge_lora
 from apt.trainops.artifacts import ArtifactManager
 from apt.trainops.checkpoints import load_model_weights, save_model_weights
 from apt.trainops.checkpoints.model_weights import zero3_gathered
@@ -107,6 +108,7 @@ class Trainer:
         self.modules = [m.to(self.runtime.device) for m in self.modules]
         if cfg.training.init_from:
             load_model_weights(self.modules, cfg.training.init_from)
+        apply_lora(self.modules, cfg.lora, seed=cfg.training.seed)   # no-op when lora.rank is 0
         self.step, self.consumed_samples = 0, 0
         self.checkpoints = checkpoint_manager(cfg, checkpoint_dir)
         self.resumed_from = resolve_resume(
@@ -353,6 +355,7 @@ class Trainer:
                               f"({eval_result['val_bits_per_token']:.3f} bits/token) vs unigram "
                               f"entropy {entropy:.4f} nats ({nats_to_bits(entropy):.3f} bits)")
         plan = self.plan
+        merge_lora(self.modules)   # the exported model is the base with its adapters folded in
         summary["model_dist_path"] = str(save_model_weights(
             self.modules, self.artifacts.path("model") / "dist",
             zero3=plan.zero3_partitioned))
