@@ -81,3 +81,46 @@ def test_batches_are_typed_and_checked():
         objective.coerce({**plain, "loss_mask": torch.ones(2, 5)})
     with pytest.raises(ValueError, match="unknown objective"):
         build_objective("dpo-typo")
+
+
+def test_packed_sft_equals_the_records_run_unpacked(sft_file):
+    """Through the whole seam (SFT dataset -> LMBatch -> objective -> model, the Evaluator's
+    schedule): packed records score exactly the sum of the records run one per row. Without
+    the document mask the records see each other and the sums differ."""
+    from apt.model.architectures import APTModel
+    from apt.trainops.data import create_dataloader
+    from apt.trainops.distributed.runtime import ensure_runtime, seed_everything
+    from apt.trainops.eval import Evaluator
+
+    # Short records (one or two repetitions), so that several fit in a row.
+    records = [json.loads(line) for i, line in enumerate(sft_file.read_text().splitlines())
+               if i % 5 < 2]
+    ensure_runtime()
+    seed_everything(0)
+    model = APTModel(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                     ffn_hidden_size=128, vocab_size=384, max_seq_len=256, init_std=0.2)
+
+    def totals(packing, drop_mask=False):
+        data = SFTDataset(records, ByteTokenizer(), seq_length=256, packing=packing)
+        if packing:
+            assert len(data) < len(records) / 2   # several records share each row
+
+        class Rows:   # the dataset, optionally with its mask dropped (what the test guards)
+            def __len__(self):
+                return len(data)
+
+            def __getitems__(self, indices):
+                batch = data.get_batch(indices)
+                if drop_mask:
+                    batch.attention_mask = None
+                return batch
+
+        loader = create_dataloader(Rows(), batch_size=1, shuffle=False, infinite=False)
+        out = Evaluator(model, dataloader=loader, metrics=["loss"]).evaluate()
+        return out["loss"] * out["tokens"], out["tokens"]
+
+    (packed, n_packed), (alone, n_alone) = totals(True), totals(False)
+    assert n_packed == n_alone > 0
+    assert abs(packed - alone) < 1e-5 * n_alone, (packed, alone)
+    leaked, _ = totals(True, drop_mask=True)
+    assert abs(leaked - alone) > 1e-3 * n_alone   # 100x the tolerance above
