@@ -285,8 +285,11 @@ def test_synthetic_chats_are_deterministic_and_held_out(tmp_path):
 
 
 def test_synthetic_corpus_from_profile(tmp_path):
-    cfg = load_profile("sft-tiny", [f"data.cache_dir={tmp_path}"])
+    cfg = load_profile("sft-tiny", [f"data.cache_dir={tmp_path}", "data.packing=false",
+                                    "data.seq_length=64"])
     train, val, tok = build_datasets(cfg.data)
-    assert len(val) == 500 and len(train) == 20000
+    assert len(val) == 500 and len(train) == 20000     # one record per row
     batch = train.get_batch([0, 1])
     assert batch.tokens.shape == (2, 64) and batch.loss_mask.sum() > 0
+    packed, _, _ = build_datasets(load_profile("sft-tiny", [f"data.cache_dir={tmp_path}"]).data)
+    assert len(packed) < len(train) / 2 and packed.get_batch([0]).attention_mask is not None

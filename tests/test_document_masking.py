@@ -8,7 +8,6 @@ so with the mask in place restarting positions change nothing (a per-document sh
 matter where documents see each other, so positions are checked on rows without a mask.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from apt.core.config import load_profile
 from apt.model.architectures import APTModel
 from apt.trainops.data.batches import LMBatch, require_supported
 from apt.trainops.distributed.plan import make_plan
-from apt.trainops.distributed.runtime import current_runtime, seed_everything, setup_distributed
+from apt.trainops.distributed.runtime import seed_everything, setup_distributed
 from tests._launch import run_distributed
 from tests.workers.packed_documents_worker import (
     COMMON, LAYOUTS, SEQ, max_document_diff, packed_case,
@@ -26,19 +25,6 @@ from tests.workers.packed_documents_worker import (
 
 WORKER = Path(__file__).parent / "workers" / "packed_documents_worker.py"
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _leave_the_process_as_found():
-    """End the one-process group this module starts and restore the environment it exported
-    (see tests/test_hf_interop.py)."""
-    from apt.trainops.distributed import shutdown_distributed
-    saved, had_runtime = dict(os.environ), current_runtime() is not None
-    yield
-    if not had_runtime:
-        shutdown_distributed()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _model(*overrides):

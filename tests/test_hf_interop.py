@@ -14,24 +14,6 @@ from apt.model.hf_interop import export_hf, import_hf, import_hf_to_weights  # n
 from apt.trainops.checkpoints import load_model_weights, save_model_weights  # noqa: E402
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _leave_the_process_as_found():
-    """APTModel starts a one-process group that exports RANK/WORLD_SIZE/MASTER_* into
-    os.environ. When this module started it, end it and restore the environment, so later
-    tests neither hand WORLD_SIZE=1 to their launches (SLURM-style tasks in
-    test_train_multiprocess.py) nor find a group without its environment."""
-    import os
-    from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.distributed.runtime import current_runtime
-    saved, had_runtime = dict(os.environ), current_runtime() is not None
-    yield
-    if not had_runtime:
-        shutdown_distributed()
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
                    ffn_hidden_size=96, vocab_size=384, max_seq_len=64, rope_base=50000.0,
                    norm_eps=1e-6)

@@ -18,21 +18,6 @@ TINY = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_quer
                    tie_embeddings=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _leave_the_process_as_found():
-    """As in test_hf_interop.py: end the one-process group this module starts and restore the
-    environment it exported, so later tests' launches do not inherit it."""
-    import os
-    from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.distributed.runtime import current_runtime
-    saved, had_runtime = dict(os.environ), current_runtime() is not None
-    yield
-    if not had_runtime:
-        shutdown_distributed()
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def _model(seed=3):
     model = APTModel(TINY)
     with torch.no_grad():

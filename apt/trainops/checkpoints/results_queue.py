@@ -78,6 +78,12 @@ def _serve() -> None:
     Server.register("results", callable=lambda: results)
     server = Server(address=None, authkey=authkey).get_server()   # a Unix socket in a temp dir
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A writer's result holds torch.distributed.checkpoint objects, which the server unpickles.
+    # Import them before anyone can connect: not in the first writer's put (torch's import
+    # takes seconds, on the writer's critical path), and never while a handler thread
+    # unpickles (torch does not import safely from two threads at once). The trainer starts
+    # this server in a background thread at the start of training, so nobody waits for it.
+    import torch.distributed.checkpoint.filesystem  # noqa: F401
     print(server.address, flush=True)
     # Reparenting says the trainer died, whether it exited, crashed or was SIGKILLed.
     while os.getppid() == trainer:
