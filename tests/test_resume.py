@@ -1,5 +1,6 @@
 """Runs that die and come back: SIGKILL at random points, SIGTERM preemption, and resuming a
 checkpoint on another parallel layout. Real processes through launch/train.py."""
+import contextlib
 import json
 import os
 import random
@@ -228,5 +229,8 @@ def test_background_writer_dies_with_its_trainer(tmp_path):
         unfinished = list(tmp_path.glob("tiny-checkpoints/.tmp-checkpoint-*"))
         assert unfinished and not list(unfinished[0].glob(".parts/rank-*.json"))
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # Cleanup only: usually every process of the group is gone by now (the writers and the
+        # checkpoint results-queue server die with the trainer), and killpg finds none.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
