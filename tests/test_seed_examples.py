@@ -29,6 +29,7 @@ TINY = ("hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2
 
 PREAMBLE = f"""\
 import os
+import sys
 import torch
 from apt.core.config import load_profile
 from apt.model.architectures import APTLargeModel
@@ -45,10 +46,12 @@ train_dataset, eval_dataset, tokenizer = build_datasets(
 
 
 def section(name: str, code: str) -> str:
-    """One example in its own directory, then its marker."""
+    """One example in its own directory, then its marker: one write of one line (under torchrun
+    every rank prints it into the same pipe; print's separate newline write could interleave
+    two ranks' markers into one line that matches neither)."""
     return (f"os.makedirs('{name}', exist_ok=True)\nos.chdir('{name}')\n"
-            f"{textwrap.dedent(code).strip()}\nos.chdir('..')\nprint('EXAMPLE {name} OK', "
-            f"flush=True)\n")
+            f"{textwrap.dedent(code).strip()}\nos.chdir('..')\n"
+            f"sys.stdout.write('EXAMPLE {name} OK\\n'); sys.stdout.flush()\n")
 
 
 SINGLE = {   # one process: python script.py
@@ -297,8 +300,8 @@ def _run(root: Path, name: str, sections: dict, command: list[str], env: dict) -
     script.write_text(PREAMBLE + "".join(section(k, v) for k, v in sections.items()))
     proc = subprocess.run(command + [str(script)], cwd=script.parent, env=env,
                           capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    done = set(re.findall(r"^EXAMPLE (\w+) OK$", proc.stdout, re.M))
+    output = f"exit code {proc.returncode}\n" + proc.stdout + proc.stderr
+    done = set(re.findall(r"EXAMPLE (\w+) OK", proc.stdout))
     return {example: (example in done, output) for example in sections}
 
 
@@ -337,7 +340,7 @@ def _llama_dir(root: Path) -> Path:
 def _check(passed_output, example):
     passed, output = passed_output
     assert "bootstrapping phase" not in output, "a process re-ran the script as __main__"
-    assert passed, f"example {example} failed:\n{output[-6000:]}"
+    assert passed, f"example {example} failed ({output.splitlines()[0]}):\n{output[-6000:]}"
 
 
 @pytest.mark.parametrize("example", list(SINGLE))
