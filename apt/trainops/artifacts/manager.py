@@ -33,6 +33,11 @@ def _unused(path: Path) -> Path:
     return candidate
 
 
+
+def config_yaml(config_dict: dict, config_hash: str) -> str:
+    """A resolved config as written into run directories (from_pretrained reads it back)."""
+    return f"# config hash {config_hash}\n" + yaml.safe_dump(config_dict, sort_keys=False)
+
 class ArtifactManager:
     def __init__(self, output_dir: str | os.PathLike = "outputs", experiment_name: str = "run",
                  *, run_dir: str | os.PathLike | None = None, enabled: bool = True):
@@ -47,8 +52,7 @@ class ArtifactManager:
         return self.run_dir / name
 
     def save_config(self, config_dict: dict, config_hash: str) -> None:
-        self._write("config.yaml", f"# config hash {config_hash}\n"
-                    + yaml.safe_dump(config_dict, sort_keys=False))
+        self._write("config.yaml", config_yaml(config_dict, config_hash))
 
     def save_text(self, name: str, text: str) -> None:
         self._write(name, text if text.endswith("\n") else text + "\n")

@@ -56,6 +56,16 @@ class Plan:
         return self.engine == "deepspeed" and self.zero_stage == 3
 
     @property
+    def model_parallel(self) -> bool:
+        """The model itself is split over ranks (TP, PP, EP or virtual stages)."""
+        return max(self.tp, self.pp, self.ep, self.vp) > 1
+
+    @property
+    def whole_model_per_rank(self) -> bool:
+        """Every rank holds every weight as is: one-process reads (generation, HF export)."""
+        return not self.model_parallel and not self.zero3_partitioned
+
+    @property
     def nodes(self) -> int:
         return max(1, -(-self.world_size // self.gpus_per_node))
 

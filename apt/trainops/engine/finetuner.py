@@ -15,6 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from apt.core.config import APTConfig, config_to_dict, with_overrides
+from apt.trainops.artifacts.manager import config_yaml
 from apt.trainops.objectives import LanguageModelObjective
 from .callbacks import Callback
 from .trainer import Trainer
@@ -85,7 +86,7 @@ class Finetuner(Trainer):
         holds the whole model (greedy decoding here is one-process)."""
         plan = self.plan
         if not own_data or self.config.data.corpus != "sft" or self.tokenizer is None or \
-                max(plan.tp, plan.pp, plan.ep, plan.vp) > 1 or plan.zero3_partitioned:
+                not plan.whole_model_per_rank:
             return None
         from apt.trainops.eval.generation import ChatScorer
         return ChatScorer.from_data(self.config.data, self.tokenizer)
@@ -110,14 +111,11 @@ class Finetuner(Trainer):
         save_model_weights(self.modules, directory / "model" / "dist",
                            zero3=self.plan.zero3_partitioned)
         if self.runtime.is_main:
-            import yaml
             (directory / "config.yaml").write_text(
-                f"# config hash {self.config.config_hash}\n"
-                + yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+                config_yaml(config_to_dict(self.config), self.config.config_hash))
             if self.tokenizer is not None:   # load_tokenizer(<dir>/tokenizer) reads it
                 self.tokenizer.save(directory / "tokenizer")
-            if max(self.plan.tp, self.plan.pp, self.plan.ep, self.plan.vp) == 1 \
-                    and not self.plan.zero3_partitioned:
+            if self.plan.whole_model_per_rank:
                 from apt.model.hf_interop import export_hf
                 export_hf(self.modules, self.config.model, directory / "hf")
         dist.barrier()

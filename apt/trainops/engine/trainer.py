@@ -359,8 +359,7 @@ class Trainer:
         summary["model_dist_path"] = str(save_model_weights(
             self.modules, self.artifacts.path("model") / "dist",
             zero3=plan.zero3_partitioned))
-        sharded = max(plan.tp, plan.pp, plan.ep, plan.vp) > 1
-        state = None if sharded else self._full_state_dict()
+        state = None if plan.model_parallel else self._full_state_dict()
         if self.runtime.is_main and state is not None:
             summary["model_path"] = str(self.artifacts.save_model(state))
             sample = self._sample()
@@ -387,8 +386,7 @@ class Trainer:
 
     def _sample(self) -> str | None:
         out = self.config.output
-        if not out.sample_tokens or self.tokenizer is None or self.plan.zero3_partitioned \
-                or self.plan.tp > 1 or self.plan.pp > 1:
+        if not out.sample_tokens or self.tokenizer is None or not self.plan.whole_model_per_rank:
             return None
         generator = torch.Generator().manual_seed(self.config.training.seed)
         prompt = torch.as_tensor(self.tokenizer.encode(out.sample_prompt))
