@@ -96,7 +96,7 @@ class Finetuner(Trainer):
         plus ``val_exact_match`` (overall and per task) when the chats can be scored here."""
         result = super().evaluate(max_batches)
         if self.chat_scorer is not None:
-            scores = self.chat_scorer(self.model)
+            scores = self.chat_scorer.exact_match(self.model)
             result.update({f"val_{k}": v for k, v in scores.items()
                            if k.startswith("exact_match")})
         return result

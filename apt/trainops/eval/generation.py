@@ -123,14 +123,26 @@ def score_chats(model, records: list[dict], tokenizer, template: ChatTemplate | 
     loss, tokens = assistant_token_loss(
         model, SFTDataset(records, tokenizer, seq_length, name="scored chats", template=template),
         batch_size)
-    turns = [last_turn(messages_of(r, f"scored chats: record {i}"), template, tokenizer,
-                       f"scored chats: record {i}") for i, r in enumerate(records)]
+    return {"assistant_loss": loss, "assistant_tokens": tokens,
+            **answer_scores(model, records, last_turns(records, template, tokenizer), tokenizer,
+                            valid_vocab=valid_vocab, batch_size=batch_size, samples=samples)}
+
+
+def last_turns(records: list[dict], template: ChatTemplate, tokenizer) -> list:
+    """(prompt tokens, expected answer tokens) of each record's last assistant turn."""
+    return [last_turn(messages_of(r, f"scored chats: record {i}"), template, tokenizer,
+                      f"scored chats: record {i}") for i, r in enumerate(records)]
+
+
+def answer_scores(model, records: list[dict], turns: list, tokenizer, *, valid_vocab: int,
+                  batch_size: int = 32, samples: int = 3) -> dict:
+    """``exact_match`` (overall and per task) of greedy answers to ``turns``, ``records`` and
+    ``samples`` (see ``score_chats``)."""
     answers = greedy_generate(model, [p for p, _ in turns], [len(a) for _, a in turns],
                               stop_id=tokenizer.eod_id, valid_vocab=valid_vocab,
                               batch_size=batch_size)
     hits = [answer == expected.tolist() for answer, (_, expected) in zip(answers, turns)]
-    result = {"assistant_loss": loss, "assistant_tokens": tokens, "records": len(records),
-              "exact_match": float(np.mean(hits))}
+    result = {"records": len(records), "exact_match": float(np.mean(hits))}
     by_task = defaultdict(list)
     for record, hit in zip(records, hits):
         if "task" in record:
@@ -152,6 +164,7 @@ class ChatScorer:
                  seq_length: int | None = None, max_records: int | None = None):
         self.records = records[:max_records] if max_records else records
         self.tokenizer, self.template, self.seq_length = tokenizer, template, seq_length
+        self._turns = None   # the prompts exact_match() answers, rendered on its first call
 
     @classmethod
     def from_data(cls, data, tokenizer, max_records: int | None = None) -> "ChatScorer":
@@ -163,3 +176,11 @@ class ChatScorer:
     def __call__(self, model) -> dict:
         return score_chats(model, self.records, self.tokenizer, self.template,
                            seq_length=self.seq_length)
+
+    def exact_match(self, model) -> dict:
+        """Only the greedy answers' scores (a trainer's evaluation has the loss already)."""
+        if self._turns is None:
+            self._turns = last_turns(self.records, self.template or ChatTemplate(BUILTIN),
+                                     self.tokenizer)
+        return answer_scores(model, self.records, self._turns, self.tokenizer,
+                             valid_vocab=self.tokenizer.vocab_size)
