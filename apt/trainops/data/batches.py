@@ -77,6 +77,11 @@ class LMBatch(_Fields):
     def rows(self) -> int:
         return self.tokens.shape[0] if self.tokens.dim() > 1 else 1
 
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        """(rows, sequence length) of the model's input: the pipeline's activation shape."""
+        return tuple(self.tokens.shape)
+
     def index(self, rows) -> "LMBatch":
         return self._map(lambda v: v[rows])
 
@@ -103,19 +108,50 @@ class LMBatch(_Fields):
 
 @dataclass
 class PreferenceBatch(_Fields):
-    """Preference pairs: ``chosen`` row i is preferred to ``rejected`` row i (same prompt)."""
+    """Preference pairs: ``chosen`` row i is preferred to ``rejected`` row i (same prompt).
+
+    ``reference_logps`` [b, 2] float64: the reference model's summed log-probabilities of the
+    (chosen, rejected) answers, when precomputed with the data or filled in by the live
+    reference pass before the step (apt/trainops/objectives/reference.py); None otherwise."""
 
     chosen: LMBatch
     rejected: LMBatch
     sample_id: Optional[Tensor] = None
+    reference_logps: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.chosen.tokens.shape != self.rejected.tokens.shape:
             raise ValueError("PreferenceBatch: chosen and rejected must have one shape")
 
+    @property
+    def rows(self) -> int:
+        return self.chosen.rows
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        """Both halves of every pair go through the model together (``stacked``)."""
+        rows, length = self.chosen.model_shape
+        return 2 * rows, length
+
     def _map(self, fn):
         return PreferenceBatch(self.chosen._map(fn), self.rejected._map(fn),
-                               None if self.sample_id is None else fn(self.sample_id))
+                               None if self.sample_id is None else fn(self.sample_id),
+                               None if self.reference_logps is None else fn(self.reference_logps))
+
+    def index(self, rows) -> "PreferenceBatch":
+        return self._map(lambda v: v[rows])
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreferenceBatch":
+        """From ``chosen_<field>`` / ``rejected_<field>`` keys (the loader's plain dicts)."""
+        sides = {side: LMBatch.from_dict({k[len(side) + 1:]: v for k, v in data.items()
+                                          if k.startswith(side + "_")})
+                 for side in ("chosen", "rejected")}
+        rest = {k: v for k, v in data.items() if not k.startswith(("chosen_", "rejected_"))}
+        unknown = sorted(set(rest) - {"sample_id", "reference_logps"})
+        if unknown:
+            raise ValueError(f"PreferenceBatch has no field(s) {', '.join(unknown)}")
+        return cls(sides["chosen"], sides["rejected"], **rest)
 
     def stacked(self) -> LMBatch:
         """Chosen rows then rejected rows: both halves of every pair in one forward pass."""
