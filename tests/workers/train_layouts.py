@@ -4,7 +4,8 @@
 
 spec.json: {"common": [overrides...], "layouts": {name: {"set": [...], "sabotage_sp": bool,
                                                            "lora_merge_check": bool}}}
-Rank 0 writes {name: {"losses": [...], "grad_norms": [...], "engine": ..., "layout": ...}}.
+Rank 0 writes {name: {"losses": [...], "grad_norms": [...], "metrics": [{name: value}, ...],
+"engine": ..., "layout": ...}}; the trainer class is the profile's (``trainer_for``).
 ``sabotage_sp`` unmarks sequence-parallel params, so their gradients are not all-reduced over
 TP: the matrix must catch that wiring bug. ``lora_merge_check`` trains nothing: it gives the
 LoRA adapters non-zero B, and reports the largest logit change merge_lora makes on this layout.
@@ -53,12 +54,13 @@ def main() -> None:
     configure_logging()
     from apt.core.config import load_profile
     from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.engine import Trainer
+    from apt.trainops.engine import trainer_for
 
     spec = json.load(open(args.spec))
     results = {}
     for name, layout in spec["layouts"].items():
-        trainer = Trainer.from_config(load_profile("tiny", spec["common"] + layout["set"]))
+        config = load_profile("tiny", spec["common"] + layout["set"])
+        trainer = trainer_for(config).from_config(config)   # e.g. ClaudeTrainer for dpo
         if layout.get("lora_merge_check"):
             results[name] = _lora_merge_change(trainer)
             continue
@@ -74,6 +76,9 @@ def main() -> None:
                                               "gradients": plan.memory.gradients,
                                               "optimizer": plan.memory.optimizer},"losses": [r["loss"] for r in trainer.history],
                          "grad_norms": [r["grad_norm"] for r in trainer.history],
+                         # an objective's own step metrics (e.g. rewards/accuracies)
+                         "metrics": [{k: v for k, v in r.items() if "/" in k}
+                                     for r in trainer.history],
                          "engine": plan.engine, "zero_stage": plan.zero_stage,
                          "layout": [plan.tp, plan.pp, plan.vp, plan.dp, plan.ep,
                                     plan.sequence_parallel]}

@@ -1,10 +1,11 @@
 """Profiles: typed, strict, inherited (``extends:``), overridable (``--set``), hashed."""
 from .errors import ConfigError
 from .loader import config_hash, config_to_dict, find_profile, load_profile, with_overrides
-from .schema import (APTConfig, CheckpointConfig, DataConfig, DistributedConfig, FinetuneConfig,
+from .schema import (APTConfig, CheckpointConfig, DataConfig, DPOConfig, DistributedConfig, FinetuneConfig,
                      HardwareConfig, ModelConfig, MonitoringConfig, OutputConfig, TrainingConfig)
 
 __all__ = ["APTConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DistributedConfig",
+           "DPOConfig",
            "FinetuneConfig", "HardwareConfig", "ModelConfig", "MonitoringConfig", "OutputConfig",
            "TrainingConfig",
            "config_hash", "config_to_dict", "find_profile", "load_profile", "with_overrides"]

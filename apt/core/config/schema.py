@@ -132,6 +132,30 @@ class CheckpointConfig:
     auto_resume: bool = False
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Preference alignment (the ClaudeTrainer, apt/trainops/objectives/preference.py)."""
+    # sigmoid: DPO; ipo: squared loss on per-token averaged log-ratios; hinge: SLiC; robust:
+    # label-noise-robust DPO; simpo: reference-free, length-normalised, with margin `gamma`.
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo"] = "sigmoid"
+    # Strength of the KL constraint to the reference (IPO: its tau; SimPO: its reward scale).
+    beta: float = rule(0.1, gt=0)
+    # Probability that a pair's preference label is flipped (sigmoid: cDPO, robust, simpo).
+    label_smoothing: float = rule(0.0, ge=0, lt=0.5)
+    # SimPO's target reward margin (in reward units).
+    gamma: float = rule(0.5, ge=0)
+    # RPO: weight of an SFT term, the chosen answer's per-token negative log-likelihood.
+    sft_weight: float = rule(0.0, ge=0)
+    # Where the reference log-probs come from: live = the frozen initial weights, held in host
+    # memory and swapped into the same model for a forward pass each step; precomputed = that
+    # pass once over the whole dataset before training, stored with the data (no weights held
+    # while training). SimPO needs neither.
+    reference: Literal["live", "precomputed"] = "live"
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     # Global batch in sequences (all data-parallel ranks, all accumulation steps together).
@@ -161,7 +185,9 @@ class TrainingConfig:
     eval_task: Optional[str] = None
     # What the loss is (apt/trainops/objectives): lm = next-token cross-entropy on the labels
     # the data's loss mask selects (pretraining, SFT). Trainer classes set it.
-    objective: Literal["lm"] = "lm"
+    # dpo = preference pairs (data.corpus preference), losses and reference in training.dpo.
+    objective: Literal["lm", "dpo"] = "lm"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -297,6 +323,7 @@ def cross_checks(cfg: APTConfig):
                                    f"{BYTE_VOCAB} tokens")
     yield from _data_checks(cfg.data)
     yield from _lora_checks(cfg.lora, m)
+    yield from _objective_checks(cfg)
     if t.min_learning_rate > t.learning_rate:
         yield "training.min_learning_rate", (f"{t.min_learning_rate} exceeds "
                                              f"training.learning_rate={t.learning_rate}")
@@ -345,6 +372,16 @@ def cross_checks(cfg: APTConfig):
         yield "training.distributed.offload_optimizer", "needs ZeRO stage >= 1"
     if d.offload_optimizer and d.engine == "megatron":
         yield "training.distributed.offload_optimizer", "is a DeepSpeed ZeRO feature (engine: deepspeed)"
+
+
+def _objective_checks(cfg: APTConfig):
+    objective, corpus = cfg.training.objective, cfg.data.corpus
+    if objective == "dpo" and corpus != "preference":
+        yield "training.objective", ("'dpo' trains on preference pairs: needs data.corpus "
+                                     f"'preference' (got {corpus!r})")
+    if corpus == "preference" and objective != "dpo":
+        yield "data.corpus", (f"'preference' pairs train with training.objective 'dpo' (got "
+                              f"{objective!r})")
 
 
 def _lora_checks(lora: LoRAConfig, model: ModelConfig):

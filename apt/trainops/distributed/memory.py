@@ -41,6 +41,9 @@ class MemoryEstimate:
     params_per_gpu: int
     trainable_per_gpu: int = 0   # equals params_per_gpu unless LoRA freezes the base
     host_optimizer: float = 0.0  # bytes kept in CPU memory with optimizer offload
+    # Preference training's frozen reference in host memory (objectives/reference.py): its
+    # weights plus the buffer the policy's weights wait in during the reference pass.
+    host_reference: float = 0.0
 
     @property
     def static(self) -> float:
@@ -76,9 +79,13 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
                     vp: int, dp: int, ep: int, cp: int, sequence_parallel: bool, zero_stage: int,
                     distributed_optimizer: bool, precision: str, recompute: str,
                     offload_optimizer: bool, fused_attention: bool,
-                    lora_per_layer: int = 0) -> MemoryEstimate:
+                    lora_per_layer: int = 0, rows_per_sample: int = 1,
+                    reference_weights: bool = False) -> MemoryEstimate:
     """``lora_per_layer``: LoRA adapter parameters per layer on one TP rank (sizing.py); with
-    adapters the base is frozen, so gradients and optimizer state exist for adapters only."""
+    adapters the base is frozen, so gradients and optimizer state exist for adapters only.
+    ``rows_per_sample``: model rows per sample (a preference pair is 2: both answers go through
+    the model together); ``reference_weights``: a frozen copy of the weights is kept in host
+    memory (live preference reference)."""
     frozen = stage_params(counts, tp=tp, pp=pp, ep=ep) if lora_per_layer else 0
     trainable = (math.ceil(counts.num_layers / pp) * lora_per_layer if lora_per_layer
                  else stage_params(counts, tp=tp, pp=pp, ep=ep))
@@ -100,7 +107,10 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
     if offload_optimizer:
         host_optimizer, optimizer = optimizer, 0.0
 
-    s, b, h = seq / cp, micro_batch, hidden
+    # the weights as held (ZeRO-3: partitions) twice: reference and the swap buffer
+    host_reference = 2 * weights if reference_weights else 0.0
+
+    s, b, h = seq / cp, micro_batch * rows_per_sample, hidden
     boundary = 8 * s * b * h / (tp if sequence_parallel else 1)
     inside = s * b * (4 * h + 4 * kv_dim) / tp + 8 * s * b * ffn / tp
     attention_probs = 0 if (fused_attention or recompute != "none") else 2 * heads * s * s * b / tp
@@ -120,4 +130,4 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer,
                           activations=activations, communication=bucket + gathered,
                           params_per_gpu=params, trainable_per_gpu=trainable,
-                          host_optimizer=host_optimizer)
+                          host_optimizer=host_optimizer, host_reference=host_reference)

@@ -100,6 +100,10 @@ class Plan:
         ]
         if self.offload_optimizer:
             lines.append(f"host memory  optimizer state {mem['host_optimizer']:.2f} GiB per rank")
+        if self.memory.host_reference:
+            lines.append(f"host memory  preference reference {mem['host_reference']:.2f} GiB per "
+                         f"rank (frozen weights + swap buffer; reference: precomputed holds "
+                         f"none while training)")
         lines += [f"note         {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -235,7 +239,17 @@ def _estimate(cfg, counts, device_type, *, micro, accum, tp, pp, vp, dp, ep, cp,
         sequence_parallel=sp, zero_stage=zero_stage, distributed_optimizer=dist_opt,
         precision=_precision(cfg.training.precision, device_type), recompute=d.recompute,
         offload_optimizer=d.offload_optimizer, fused_attention=device_type == "cuda",
-        lora_per_layer=count_lora_parameters(m, cfg.lora, tp=tp)[1])
+        lora_per_layer=count_lora_parameters(m, cfg.lora, tp=tp)[1],
+        rows_per_sample=2 if cfg.training.objective == "dpo" else 1,
+        reference_weights=_holds_reference(cfg))
+
+
+def _holds_reference(cfg) -> bool:
+    """Preference training keeps the frozen initial weights in host memory for a live
+    reference pass (precomputed: only while precomputing; SimPO: never)."""
+    dpo = cfg.training.dpo
+    return (cfg.training.objective == "dpo" and dpo.loss_type != "simpo"
+            and dpo.reference == "live")
 
 
 def _sharding(cfg, strategy, pp, ep, sp, notes):

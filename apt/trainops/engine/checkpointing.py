@@ -83,6 +83,7 @@ def save_training_checkpoint(trainer):
                 "model_contents": "trainable" if adapters_only else "all",
                 "config": config_to_dict(cfg), "layout": layout_of(plan),
                 "loss_scalers": trainer.engine.loss_scaler_states(),
+                "objective": trainer.objective.state_dict(),
                 "versions": package_versions()}, indent=1, default=str))
     return ckpt
 
@@ -115,6 +116,10 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
             f"{ckpt.path}: LoRA adapters over the seeded initial weights of pipeline_parallel="
             f"{saved_pp}; resume with that pipeline_parallel or give the base weights in "
             f"training.init_from")
+    # e.g. the preference reference: rebuilt from the initial weights, checked against the
+    # checkpoint's record of it before any trained weight is loaded
+    trainer.objective.check_resumed(ckpt.state.get("objective", {}), str(ckpt.path),
+                                    same_layout=ckpt.state.get("layout") == layout_of(trainer.plan))
     load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only)
     trainer.step = ckpt.step
     trainer.consumed_samples = consumed

@@ -91,16 +91,6 @@ class Finetuner(Trainer):
         from apt.trainops.eval.generation import ChatScorer
         return ChatScorer.from_data(self.config.data, self.tokenizer)
 
-    def evaluate(self, max_batches: int | None = None) -> dict:
-        """The token metrics (on SFT data ``val_loss`` is the held-out assistant-token loss)
-        plus ``val_exact_match`` (overall and per task) when the chats can be scored here."""
-        result = super().evaluate(max_batches)
-        if self.chat_scorer is not None:
-            scores = self.chat_scorer.exact_match(self.model)
-            result.update({f"val_{k}": v for k, v in scores.items()
-                           if k.startswith("exact_match")})
-        return result
-
     def save_model(self, directory: str | Path) -> Path:
         """Collective. ``<dir>/model/dist`` (APT weights, any layout loads them),
         ``<dir>/config.yaml``, ``<dir>/tokenizer`` and, when this process holds the whole

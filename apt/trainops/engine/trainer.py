@@ -64,6 +64,21 @@ class _TimedBatches:
         return digest
 
 
+def _eval_summary(result: dict) -> str:
+    """The evaluation line: the token metrics when the objective has them, then every other
+    float metric (e.g. exact-match, preference accuracy)."""
+    parts = [f"val loss {result['val_loss']:.4f} nats"]
+    if "val_bits_per_token" in result:
+        parts[0] += f" ({result['val_bits_per_token']:.3f} bits/token)"
+        parts += [f"perplexity {result['val_perplexity']:.2f}",
+                  f"next-token accuracy {result['val_accuracy']:.3f}"]
+    shown = {"step", "val_loss", "val_bits_per_token", "val_perplexity", "val_accuracy",
+             "val_tokens"}
+    parts += [f"{k[4:]} {v:.3f}" for k, v in result.items()
+              if k not in shown and isinstance(v, float)]
+    return " | ".join(parts)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -72,6 +87,9 @@ class Trainer:
     # Evaluate once before the first step too (fine-tuning reports before and after).
     eval_before_training = False
     initial_eval: dict = {}
+    # Exact-match of greedy answers on held-out chats (eval/generation.py's ChatScorer), added
+    # to every evaluation when a trainer variant sets one.
+    chat_scorer = None
 
     def __init__(self, model=None, train_dataloader=None, eval_dataloader=None, *,
                  config: APTConfig | None = None, max_steps: int | None = None,
@@ -90,7 +108,7 @@ class Trainer:
             output_dir, experiment_name, train_dataloader))
         self.config = cfg
         # ``objective``: an Objective instance (a trainer class's), else training.objective.
-        self.objective = build_objective(objective or cfg.training.objective)
+        self.objective = build_objective(objective or cfg.training.objective, cfg)
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         launch = detect_launch_env()
         self.plan = make_plan(cfg, launch.world_size, launch.local_world_size,
@@ -109,6 +127,8 @@ class Trainer:
         if cfg.training.init_from:
             load_model_weights(self.modules, cfg.training.init_from)
         apply_lora(self.modules, cfg.lora, seed=cfg.training.seed)   # no-op when lora.rank is 0
+        # The initial weights, before a resume replaces them (a preference reference keeps them).
+        self.objective.bind(self.modules)
         self.step, self.consumed_samples = 0, 0
         self.checkpoints = checkpoint_manager(cfg, checkpoint_dir)
         self.resumed_from = resolve_resume(
@@ -307,7 +327,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, max_batches: int | None = None) -> dict:
         """Validation metrics (apt.trainops.eval.Evaluator) over ``max_batches`` micro-batches
-        per data-parallel rank, prefixed ``val_``; the same numbers on every layout."""
+        per data-parallel rank, prefixed ``val_``; the same numbers on every layout. With a
+        ``chat_scorer``: ``val_exact_match`` (overall and per task) too."""
         from apt.trainops.eval import Evaluator
         if self.eval_dataloader is None:
             return {}
@@ -317,7 +338,13 @@ class Trainer:
                               metrics=["loss", "perplexity", "bits_per_token", "accuracy"],
                               micro_batch_size=self.plan.micro_batch,
                               tasks=[t.eval_task] if t.eval_task else ())
-        return {f"val_{k}": v for k, v in evaluator.evaluate(max_batches or t.eval_batches).items()}
+        result = {f"val_{k}": v
+                  for k, v in evaluator.evaluate(max_batches or t.eval_batches).items()}
+        if self.chat_scorer is not None:
+            scores = self.chat_scorer.exact_match(self.model)
+            result.update({f"val_{k}": v for k, v in scores.items()
+                           if k.startswith("exact_match")})
+        return result
 
     def _log_eval(self, progress) -> dict:
         result = self.evaluate()
@@ -326,14 +353,7 @@ class Trainer:
             self._emit("on_evaluate", result)
             if self.runtime.is_main:
                 self.artifacts.save_metrics(result)
-            shown = ("step", "val_loss", "val_bits_per_token", "val_perplexity", "val_accuracy",
-                     "val_tokens")
-            extra = "".join(f" | {k[4:]} {v:.3f}" for k, v in result.items()
-                            if k not in shown and isinstance(v, float))
-            progress.line(f"eval @ step {self.step} | val loss {result['val_loss']:.4f} nats "
-                          f"({result['val_bits_per_token']:.3f} bits/token) | perplexity "
-                          f"{result['val_perplexity']:.2f} | next-token accuracy "
-                          f"{result['val_accuracy']:.3f}{extra}")
+            progress.line(f"eval @ step {self.step} | " + _eval_summary(result))
         return result
 
     # ------------------------------------------------------------------ the end of a run

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from apt.trainops.data.batches import LMBatch
+from .forward_pass import forward_only
 from .metrics import TOKEN_METRICS, per_token_loss
 from .tasks import MultipleChoiceTask, choice_rows
 
@@ -129,6 +130,8 @@ class Evaluator:
             if max_batches is not None and i >= max_batches:
                 break
             batches.append(self.objective.coerce(batch).to(self._device()))
+        # e.g. the preference reference's log-probs, from a forward pass of their own
+        batches = self.objective.prepare(batches, partial(forward_only, self.chunks))
         names = self.objective.eval_stat_names
         totals = torch.zeros(len(names), dtype=torch.float64, device=self._device())
         for stats in self._forward(batches, self.objective.eval_forward_step) if batches else []:
@@ -153,26 +156,8 @@ class Evaluator:
         loss = per_token_loss(self.model, logits, batch.labels).double()
         return {"loglik": -(loss * batch.loss_mask.double()).sum(dim=1)}
 
-    def _forward(self, batches: list[LMBatch], step_fn) -> list[dict]:
-        """Run ``batches`` through Megatron's forward-only schedule. ``step_fn(model, batch)``
-        returns (output, stats_fn); the last stage returns ``stats_fn(output)`` per
-        micro-batch, other stages an empty list."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-        device = self._device()
-
-        def forward_step(data_iterator, model):
-            output, stats_fn = step_fn(model, next(data_iterator))
-            # (loss, dict) form: the schedule scales the loss, we only keep the dict.
-            return output, lambda out: (torch.zeros((), device=device), stats_fn(out))
-
-        micro, seq = batches[0].tokens.shape
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(batches) for _ in self.chunks] if len(self.chunks) > 1
-            else iter(batches), model=self.chunks if len(self.chunks) > 1 else self.model,
-            num_microbatches=len(batches), seq_length=seq, micro_batch_size=micro,
-            forward_only=True)
-        return [o for o in outputs if isinstance(o, dict)]
+    def _forward(self, batches: list, step_fn) -> list[dict]:
+        return forward_only(self.chunks, batches, step_fn)
 
     @staticmethod
     def _reduce(totals: torch.Tensor) -> torch.Tensor:

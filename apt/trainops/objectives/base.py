@@ -54,6 +54,24 @@ class Objective:
         require_supported(batch, set(getattr(inner, "supported_batch_fields", ())),
                           type(inner).__name__)
 
+    # -- around the loop -----------------------------------------------------------------
+    def bind(self, modules) -> None:
+        """Called once the model holds its initial weights (after ``init_from`` and LoRA,
+        before a resume loads trained ones): e.g. to keep them as a frozen reference."""
+
+    def prepare(self, micro_batches: list, run_forward) -> list:
+        """The step's (or evaluation's) micro-batches before their forward passes; may fill
+        fields from a pass of its own: ``run_forward(batches, step_fn)`` is the layout's
+        forward-only pass (apt/trainops/eval/forward_pass.py), collective like a step."""
+        return micro_batches
+
+    def state_dict(self) -> dict:
+        """What a training checkpoint's state.json records about the objective."""
+        return {}
+
+    def check_resumed(self, state: dict, where: str, same_layout: bool) -> None:
+        """Refuse to resume when the objective's fixed parts differ from the checkpoint's."""
+
     # -- training ----------------------------------------------------------------------
     def loss_units(self, batch) -> torch.Tensor:
         """How many units this micro-batch's loss sums over (the global normaliser's share)."""

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from apt.trainops.eval.forward_pass import forward_only
 from apt.trainops.objectives import Objective
 from ..plan import Plan
 
@@ -33,6 +35,12 @@ class TrainEngine:
         """One optimizer step over the next ``plan.grad_accum`` micro-batches (typed batches,
         on the device)."""
         raise NotImplementedError
+
+    def next_micro_batches(self, batches) -> list:
+        """The step's ``plan.grad_accum`` micro-batches, prepared by the objective (e.g. the
+        preference reference's log-probs, from a forward-only pass on this layout)."""
+        micro_batches = [next(batches) for _ in range(self.plan.grad_accum)]
+        return self.objective.prepare(micro_batches, partial(forward_only, self.modules))
 
     def global_units(self, micro_batches) -> torch.Tensor:
         """The loss units of the whole global batch: this rank's micro-batches summed over the

@@ -70,7 +70,7 @@ class DeepSpeedEngine(TrainEngine):
 
     def train_step(self, batches, lr: float) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
-        micro_batches = [next(batches) for _ in range(self.plan.grad_accum)]
+        micro_batches = self.next_micro_batches(batches)
         units = self.global_units(micro_batches)
         sums = torch.zeros(len(self.objective.stat_names), dtype=torch.float64,
                            device=self.engine.device)

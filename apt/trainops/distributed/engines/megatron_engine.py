@@ -28,7 +28,7 @@ class MegatronEngine(TrainEngine):
     kind = "megatron"
     def __init__(self, modules: list[torch.nn.Module], cfg: APTConfig, plan: Plan, objective):
         t = cfg.training
-        self.plan, self.seq_length, self.objective = plan, cfg.data.seq_length, objective
+        self.plan, self.objective = plan, objective
         self.weight_decay = t.weight_decay
         config = modules[0].config
         ddp_config = DistributedDataParallelConfig(
@@ -67,7 +67,7 @@ class MegatronEngine(TrainEngine):
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        micro_batches = [next(batches) for _ in range(self.plan.grad_accum)]
+        micro_batches = self.next_micro_batches(batches)
         units = self.global_units(micro_batches)
 
         def forward_step(data_iterator, model):
@@ -76,11 +76,11 @@ class MegatronEngine(TrainEngine):
 
         # Every virtual stage walks the same micro-batches: one iterator per chunk.
         iterators = [iter(micro_batches) for _ in self.chunks]
+        rows, seq_length = micro_batches[0].model_shape   # a preference pair is two rows
         stats = self.forward_backward(
             forward_step_func=forward_step, data_iterator=iterators if len(iterators) > 1
             else iterators[0], model=self.chunks, num_microbatches=self.plan.grad_accum,
-            seq_length=self.seq_length, micro_batch_size=self.plan.micro_batch,
-            forward_only=False)
+            seq_length=seq_length, micro_batch_size=rows, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         return StepResult(self._pipeline_sums(stats, units.device), units, grad_norm,
                           self.optimizer.get_loss_scale().item()

@@ -1,0 +1,93 @@
+"""ClaudeTrainer: preference alignment (the DPO family) on the one training loop.
+
+The seed's name for training on pairs of a preferred and a rejected answer. The loss, its
+metrics and the reference model are the objective's (apt/trainops/objectives/preference.py,
+reference.py); this class adds what an alignment user expects around them:
+- ``training.dpo.reference: precomputed``: the reference's log-probabilities of every pair,
+  computed once before the first step (cached with the data), after which no reference
+  weights are held;
+- an evaluation before the first step and after the last: held-out preference accuracy
+  (``val_rewards/accuracies``) and, where this process holds the whole model and the data
+  keeps its records, exact-match of greedy answers against the chosen ones
+  (``val_exact_match``: does the model now *say* the preferred answer?).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from apt.core.config import APTConfig
+from apt.trainops.eval.forward_pass import forward_only
+from apt.trainops.objectives import PreferenceObjective
+from apt.trainops.objectives.reference import precompute
+from .checkpointing import layout_of
+from .trainer import Trainer
+
+
+def chosen_chats(records: list[dict]) -> list[dict]:
+    """Preference records as chats whose last assistant turn is the chosen answer."""
+    chats = []
+    for record in records:
+        chosen = record["chosen"]
+        answer = chosen.get("content") if isinstance(chosen, dict) else chosen
+        if "messages" in record:
+            chat = {"messages": list(record["messages"]) +
+                    [{"role": "assistant", "content": answer}]}
+        else:
+            chat = {"prompt": record["prompt"], "response": answer}
+        if "task" in record:
+            chat["task"] = record["task"]
+        chats.append(chat)
+    return chats
+
+
+class ClaudeTrainer(Trainer):
+    """``ClaudeTrainer(model=model, train_dataset=pairs, eval_dataset=held_out, beta=0.1,
+    loss_type="sigmoid").train()``: DPO-family training on PreferenceDataset pairs (or a
+    profile with ``data.corpus: preference``). Keyword arguments override ``training.dpo``."""
+
+    eval_before_training = True
+
+    def __init__(self, model=None, train_dataset=None, eval_dataset=None, *,
+                 config: APTConfig | None = None, beta: float | None = None,
+                 loss_type: str | None = None, reference: str | None = None, **kwargs):
+        from apt.core.config import with_overrides
+        cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
+        overrides = {f"training.dpo.{k}": v for k, v in
+                     (("beta", beta), ("loss_type", loss_type), ("reference", reference))
+                     if v is not None}
+        if overrides:
+            cfg = with_overrides(cfg, overrides)
+        kwargs.setdefault("objective", PreferenceObjective(cfg.training.dpo))
+        super().__init__(model=model, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         config=cfg, **kwargs)
+        objective = self.objective
+        if objective.needs_reference and cfg.training.dpo.reference == "precomputed":
+            self._precompute_reference()
+        self.chat_scorer = self._chat_scorer()
+
+    def _precompute_reference(self) -> None:
+        """Every pair's reference log-probs, once; then the reference weights are dropped."""
+        reference = self.objective.reference
+        cache = Path(self.config.data.cache_dir or Path.home() / ".cache" / "apt" / "reference")
+        for loader in (self.train_dataloader, self.eval_dataloader):
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "set_reference_logps"):
+                continue
+            dataset.set_reference_logps(precompute(
+                dataset, self.plan.micro_batch, partial(forward_only, self.modules),
+                self.objective.logps_step, reference, cache, str(layout_of(self.plan)),
+                self.objective.coerce, self.runtime.device))
+        reference.release()
+
+    def _chat_scorer(self):
+        """Greedy exact-match against the chosen answers of the held-out pairs, where this
+        process holds the whole model (greedy decoding here is one-process)."""
+        records = getattr(getattr(self.eval_dataloader, "dataset", None), "records", None)
+        if not records or self.tokenizer is None or not self.plan.whole_model_per_rank:
+            return None
+        from apt.trainops.data.chat_template import resolve_chat_template
+        from apt.trainops.eval.generation import ChatScorer
+        return ChatScorer(chosen_chats(records), self.tokenizer,
+                          resolve_chat_template(self.tokenizer, self.config.data.chat_template),
+                          self.config.data.seq_length)
