@@ -55,6 +55,29 @@ def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
     return manager.load(choice[0]) if choice[0] else None
 
 
+def init_weights_directory(path: str) -> Path:
+    """The weights ``training.init_from`` names: a dist_checkpointing directory, a directory
+    holding one as ``model/`` or ``model/dist/`` (a training checkpoint, a run directory, a
+    saved fine-tune) or a checkpoints directory (its newest verified checkpoint). This is how
+    one profile starts from another's result (e.g. dpo-tiny from arith-sft-tiny)."""
+    root = Path(path)
+    for candidate in (root, root / "model", root / "model" / "dist"):
+        if (candidate / "metadata.json").is_file():
+            if candidate.name == "model" and (root / "state.json").is_file():
+                state = json.loads((root / "state.json").read_text())
+                if state.get("model_contents") == "trainable":
+                    raise CheckpointError(f"training.init_from={path}: holds only LoRA adapters, "
+                                          f"not full weights")
+            return candidate
+    if root.is_dir():
+        latest = CheckpointManager(root).load_latest()
+        if latest is not None:
+            return init_weights_directory(str(latest.path))
+    raise CheckpointError(f"training.init_from={path}: no weights there (expected a "
+                          f"dist_checkpointing directory, a run or checkpoint directory, or a "
+                          f"checkpoints directory)")
+
+
 def layout_of(plan) -> dict:
     return {"world_size": plan.world_size, "tp": plan.tp, "pp": plan.pp, "vp": plan.vp,
             "dp": plan.dp, "ep": plan.ep, "engine": plan.engine, "zero_stage": plan.zero_stage}

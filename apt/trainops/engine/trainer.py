@@ -26,8 +26,9 @@ from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import ranks_raising, seed_everything, setup_distributed
 from apt.trainops.objectives import build_objective
 from .callbacks import Callback
-from .checkpointing import (PreemptionGuard, checkpoint_manager, load_engine_state, load_weights,
-                            resolve_resume, save_training_checkpoint)
+from .checkpointing import (PreemptionGuard, checkpoint_manager, init_weights_directory,
+                            load_engine_state, load_weights, resolve_resume,
+                            save_training_checkpoint)
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
 
@@ -125,7 +126,7 @@ class Trainer:
             self.modules = [model]
         self.modules = [m.to(self.runtime.device) for m in self.modules]
         if cfg.training.init_from:
-            load_model_weights(self.modules, cfg.training.init_from)
+            load_model_weights(self.modules, init_weights_directory(cfg.training.init_from))
         apply_lora(self.modules, cfg.lora, seed=cfg.training.seed)   # no-op when lora.rank is 0
         # The initial weights, before a resume replaces them (a preference reference keeps them).
         self.objective.bind(self.modules)
