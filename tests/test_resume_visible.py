@@ -77,3 +77,31 @@ def test_fresh_runs_identical_resume_continues_in_the_same_run(tmp_path):
     assert "tiny-checkpoints/tiny-checkpoints" not in message[0]
     assert f"{first}/tiny-checkpoints/checkpoint-40: no such checkpoint" in message[0]
     assert "checkpoint-6, checkpoint-3" in message[0]
+
+
+def test_cpu_embedding_backward_is_bit_identical_with_threads():
+    """The cause of the fresh-run differences: Megatron's deterministic lookup (weight[ids])
+    has a CPU backward that adds rows from several threads in a run-dependent order. The
+    repeated backward of one batch must give bit-identical gradients with 2 threads (a few
+    steps of a fresh run rarely show it; this does, in most repeats)."""
+    import torch
+    from apt.core.config import load_profile
+    from apt.model.architectures import APTModel
+    from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        setup_distributed(plan=None)
+        seed_everything(0)
+        model = APTModel(load_profile("tiny").model)
+        g = torch.Generator().manual_seed(0)
+        tokens, labels = (torch.randint(0, 258, (32, 128), generator=g) for _ in range(2))
+        positions = torch.arange(128).expand(32, 128)
+        grads = []
+        for _ in range(6):
+            model.zero_grad(set_to_none=True)
+            model(tokens, positions, None, labels=labels).float().mean().backward()
+            grads.append(model.embedding.word_embeddings.weight.grad.clone())
+        assert all(torch.equal(grads[0], g) for g in grads[1:])
+    finally:
+        torch.set_num_threads(threads)
