@@ -72,9 +72,24 @@ def _checkpoints(args) -> int:
 def _export_hf(args) -> int:
     from apt.model.hf_interop import export_hf
     cfg = load_profile(args.profile, args.overrides)
-    out = export_hf(args.weights, cfg.model, args.out)
-    print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained loads it)")
+    tokenizer, source = _trained_tokenizer(args.weights, cfg)
+    out = export_hf(args.weights, cfg.model, args.out, tokenizer=tokenizer)
+    print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained loads it) with "
+          f"{source} (AutoTokenizer.from_pretrained loads it; end of document = eos = "
+          f"{tokenizer.eod_id}, pad = {tokenizer.pad_id})")
     return 0
+
+
+def _trained_tokenizer(weights: str, cfg):
+    """The tokenizer the weights were trained with: the run directory's ``tokenizer/`` when
+    the weights are in one (``<run>`` or ``<run>/model/dist``), else the profile's."""
+    from pathlib import Path
+    from apt.trainops.data.tokenizer import build_tokenizer, load_tokenizer
+    for run in (Path(weights), *Path(weights).parents[:2]):
+        if (run / "tokenizer" / "apt_tokenizer.json").is_file():
+            return load_tokenizer(run / "tokenizer"), f"the tokenizer of {run}"
+    return (build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path),
+            f"the profile's {cfg.data.tokenizer} tokenizer")
 
 
 def _import_hf(args) -> int:

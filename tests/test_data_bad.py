@@ -140,11 +140,32 @@ def empty_sft_file(tmp):
     build_datasets(cfg.data)
 
 
+def _preprocessed(tmp, name, **tokenizer):
+    (tmp / "corpus").mkdir(exist_ok=True)
+    for i in range(40):
+        (tmp / "corpus" / f"{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 3)
+    preprocess([str(tmp / "corpus")], str(tmp / name), progress=False, **tokenizer)
+    return tmp / name
+
+
+def blend_of_two_tokenizers(tmp):
+    """The Data section's blend: a BPE-tokenized file with a byte-tokenized one."""
+    web = _preprocessed(tmp, "web", train_bpe_vocab=300)
+    code = _preprocessed(tmp, "code")
+    _build(tmp, "data.tokenizer=hf", f"data.tokenizer_path={web}.tokenizer/tokenizer.json",
+           f"data.blend=[[0.7, {web}], [0.3, {code}]]")
+
+
+def data_of_another_tokenizer(tmp):
+    web = _preprocessed(tmp, "web", train_bpe_vocab=300)
+    _build(tmp, path=web)   # the profile's byte tokenizer
+
+
 CASES = [missing_file, missing_idx, truncated_bin, idx_from_another_bin, not_an_index,
          truncated_idx, unknown_dtype, corrupt_pointers, empty_dataset, too_small_for_one_sample,
          token_outside_vocab, negative_blend_weight, zero_blend_weights, empty_validation_split,
          tokenizer_file_missing, jsonl_record_without_field, parquet_without_column,
-         empty_sft_file]
+         empty_sft_file, blend_of_two_tokenizers, data_of_another_tokenizer]
 
 
 def message_of(case) -> str:
@@ -161,6 +182,23 @@ def test_bad_data_is_one_clear_line(case):
     message = message_of(case)
     assert "\n" not in message and ValueError in type(ConfigError("x")).__mro__
     assert "<tmp>" in message or "data." in message   # names the file, or the key
+
+
+def test_tokenizer_mismatch_names_both():
+    message = message_of(blend_of_two_tokenizers)
+    assert "<tmp>/code" in message and "<tmp>/web" in message, message
+    assert "byte tokenizer" in message and "hf tokenizer" in message, message
+    assert "data.tokenizer" in message_of(data_of_another_tokenizer)
+
+
+def test_one_tokenizer_blends_and_files_without_one_warn(caplog):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        a = _preprocessed(tmp, "a")
+        legacy = _good(tmp, "legacy")   # written without a tokenizer record (as Megatron-LM)
+        train, _, _ = _build(tmp, f"data.blend=[[0.5, {a}], [0.5, {legacy}]]")
+        assert len(train) > 0
+    assert any("legacy records no tokenizer" in r.getMessage() for r in caplog.records)
 
 
 def test_good_file_reads():

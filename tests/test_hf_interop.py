@@ -191,3 +191,67 @@ def test_export_from_a_tp2_checkpoint(tmp_path):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
     _check("export from TP2 checkpoint", saved["logits"].float(),
            _hf_logits(hf_model, saved["tokens"]))
+
+
+def test_export_of_a_trained_run_has_its_tokenizer_and_stops_at_eos(tmp_path):
+    """``apt export-hf`` of a tiny trained run: AutoTokenizer loads the exported byte
+    tokenizer and round-trips like APT's, config.json / generation_config.json carry APT's
+    end-of-document id (256, not Llama's 2), and generate() stops there."""
+    from apt.cli import main
+    from apt.core.config import load_profile
+    from apt.trainops.data import ByteTokenizer
+    from apt.trainops.engine import Trainer
+    sets = ["model.num_layers=2", "training.max_steps=2", "training.warmup_steps=1",
+            "data.max_corpus_bytes=200000", "training.eval_batches=1", "output.sample_tokens=0",
+            "monitoring.plots=false", f"output.dir={tmp_path}"]
+    trainer = Trainer.from_config(load_profile("tiny", sets))
+    trainer.train()
+    run = trainer.artifacts.run_dir
+    out = tmp_path / "hf"
+    args = ["export-hf", "--profile", "tiny", "--weights", str(run / "model" / "dist"),
+            "--out", str(out)]
+    assert main(args + [a for s in sets[:1] for a in ("--set", s)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert config["eos_token_id"] == generation["eos_token_id"] == 256
+    assert config["pad_token_id"] == 257
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    apt_tok = ByteTokenizer()
+    for text in ["def f(x):\n\treturn x  # ünïcode ✓", "", "   "]:
+        ids = hf_tok.encode(text)
+        assert ids == apt_tok.encode(text).tolist()
+        assert hf_tok.decode(ids + [256], skip_special_tokens=True) == apt_tok.decode(ids) == text
+    assert hf_tok.eos_token_id == 256 and hf_tok.pad_token_id == 257
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = torch.tensor([hf_tok.encode("def ")])
+    everything, forced = list(range(config["vocab_size"])), prompt.shape[1] + 3
+
+    def allowed(batch, ids):   # APT's end-of-document token as the 4th new token
+        return [256] if ids.shape[0] == forced else everything
+    with torch.no_grad():
+        free = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        stopped = model.generate(prompt, max_new_tokens=12, do_sample=False,
+                                 prefix_allowed_tokens_fn=allowed)
+    # generation_config.json's eos ends it right there (Llama's default 2 would not).
+    assert stopped.shape[1] == forced + 1 and stopped[0, -1].item() == 256
+    assert torch.equal(stopped[0, :-1], free[0, :prompt.shape[1] + 3])
+
+
+def test_exported_bpe_and_sentencepiece_tokenizers_encode_like_apt(tmp_path):
+    import sentencepiece
+    from apt.trainops.data.tokenizer import SentencePieceTokenizer, train_bpe
+    corpus = ["def add(a, b):\n    return a + b", "hello world, the quick brown fox"] * 40
+    (tmp_path / "c.txt").write_text("\n".join(corpus))
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), vocab_size=30,
+                                             model_prefix=str(tmp_path / "sp"), minloglevel=2)
+    tokenizers = [train_bpe(corpus, 300, tmp_path / "bpe" / "tokenizer.json"),
+                  SentencePieceTokenizer(tmp_path / "sp.model")]
+    for i, tok in enumerate(tokenizers):
+        tok.save_pretrained(tmp_path / f"out{i}")
+        hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / f"out{i}")
+        assert hf_tok.eos_token_id == tok.eod_id and hf_tok.pad_token_id == tok.pad_id
+        for text in ["def add(a, b):\n    return a + b", "the brown fox  ", "hello"]:
+            ids = hf_tok.encode(text, add_special_tokens=False)
+            assert ids == tok.encode(text).tolist(), (tok.name, text)
+            assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids), tok.name

@@ -295,14 +295,22 @@ def _env(root: Path) -> dict:
 
 def _run(root: Path, name: str, sections: dict, command: list[str], env: dict) -> dict:
     """Write the script, run it once, return {example: (passed, output)}."""
-    script = root / name / "script.py"
+    return run_script(root / name / "script.py",
+                      PREAMBLE + "".join(section(k, v) for k, v in sections.items()),
+                      list(sections), command, env)
+
+
+def run_script(script: Path, text: str, examples: list[str], command: list[str],
+               env: dict) -> dict:
+    """Run ``text`` as a plain script file in its own directory; an example passed when the
+    script printed ``EXAMPLE <name> OK``. Returns {example: (passed, output)}."""
     script.parent.mkdir(exist_ok=True)
-    script.write_text(PREAMBLE + "".join(section(k, v) for k, v in sections.items()))
+    script.write_text(text)
     proc = subprocess.run(command + [str(script)], cwd=script.parent, env=env,
                           capture_output=True, text=True, timeout=600)
     output = f"exit code {proc.returncode}\n" + proc.stdout + proc.stderr
     done = set(re.findall(r"EXAMPLE (\w+) OK", proc.stdout))
-    return {example: (example in done, output) for example in sections}
+    return {example: (example in done, output) for example in examples}
 
 
 _RESULTS: dict = {}

@@ -35,13 +35,18 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 # ----------------------------------------------------------------------------- export
 
 def export_hf(source, model_config: ModelConfig, out_dir: str | Path, *,
-              dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+              dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
+              tokenizer=None) -> Path:
     """Write ``out_dir`` (config.json + safetensors) for ``LlamaForCausalLM`` or, when
     ``model_config.num_experts`` is set, ``MixtralForCausalLM``.
 
     ``source``: an ``APTModel`` (or a one-element list of modules) built for one process, or a
     ``dist_checkpointing`` weights directory from any layout. ``dtype`` defaults to the
-    weights' own dtype (the stored dtype for a directory)."""
+    weights' own dtype (the stored dtype for a directory). ``tokenizer`` (an
+    ``apt.trainops.data`` tokenizer, the one the model was trained with): its files for
+    ``AutoTokenizer`` and its end-of-document / pad ids in config.json and
+    generation_config.json, so that ``generate()`` stops where APT's documents end. Without
+    one, no special-token ids are written (not Llama's defaults, which mean other tokens)."""
     if isinstance(source, (str, Path)):
         state, stored_dtype = _load_weights_dir(source, model_config)
     else:
@@ -51,13 +56,31 @@ def export_hf(source, model_config: ModelConfig, out_dir: str | Path, *,
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_config(model_config, dtype).save_pretrained(str(out))
+    specials = ({"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id,
+                 "pad_token_id": tokenizer.pad_id} if tokenizer is not None else
+                {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None})
+    config = hf_config(model_config, dtype, **specials)
+    config.save_pretrained(str(out))
+    _generation_config(config).save_pretrained(str(out))
     _write_safetensors(tensors, out, max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
-    """The transformers config object (the installed version decides the JSON field names)."""
+def _generation_config(config):
+    """generation_config.json: the special ids only (transformers' defaults otherwise). APT
+    adds no beginning-of-sequence token: its bos is the end-of-document token (GPT-2's
+    convention), since a document starts after one."""
+    import transformers
+    return transformers.GenerationConfig(bos_token_id=config.bos_token_id,
+                                         eos_token_id=config.eos_token_id,
+                                         pad_token_id=config.pad_token_id)
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, **special_ids):
+    """The transformers config object (the installed version decides the JSON field names).
+    ``special_ids``: ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` (export_hf)."""
     import transformers
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -66,7 +89,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
         head_dim=cfg.hidden_size // cfg.num_attention_heads, hidden_act="silu",
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
         initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
-        rope_theta=cfg.rope_base, dtype=_DTYPE_NAMES[dtype])
+        rope_theta=cfg.rope_base, dtype=_DTYPE_NAMES[dtype], **special_ids)
     if cfg.num_experts:
         config = transformers.MixtralConfig(
             num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.moe_top_k,

@@ -105,7 +105,11 @@ def make_transformer_config(
         expert_model_parallel_size=expert_model_parallel_size,
         # Deterministic embedding backward. NOTE: with Transformer Engine attention this also
         # requires NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 in the environment (Megatron checks it).
-        deterministic_mode=deterministic,
+        # Not on CPU: there Megatron's deterministic lookup (``weight[ids]``) is the one that is
+        # not: its backward, index_put_(accumulate=True), adds rows from several threads in a
+        # run-dependent order (two fresh runs differed by ~1e-5 after 10 steps), while
+        # F.embedding's CPU backward splits the rows between threads (bit-identical).
+        deterministic_mode=deterministic and not on_cpu,
         **recompute_kwargs,
         **moe_kwargs,
     )

@@ -3,7 +3,7 @@
     <output_dir>/<experiment>-<YYYYmmdd-HHMMSS>/
         config.yaml      resolved profile (every key), with its hash
         plan.txt         the parallel plan as `apt plan` prints it
-        metrics.jsonl    one JSON object per logged step / evaluation
+        metrics.jsonl    one JSON object per logged step / evaluation / checkpoint / resume
         logs.txt         human-readable log lines
         model/           final weights (model.pt: tensors only, loads with weights_only=True)
         tokenizer/       the tokenizer as tokenizer.save() writes it (load_tokenizer() reads it)
@@ -109,8 +109,36 @@ class ArtifactManager:
                             self.path("plots"), title)
 
     def read_metrics(self) -> list[dict]:
+        if not self.path("metrics.jsonl").is_file():
+            return []
         with open(self.path("metrics.jsonl")) as f:
             return [json.loads(line) for line in f]
+
+    def supersede_metrics(self, step: int) -> int:
+        """A run resumed at ``step`` re-runs the steps after it: drop the records of those
+        steps (and of evaluations, checkpoints and resumes after it) from metrics.jsonl, so
+        it holds one history, the one that continues. A line cut short by a crash goes too.
+        Returns how many records were dropped."""
+        path = self.path("metrics.jsonl")
+        if not self.enabled or not path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            at = record.get("step", record.get("checkpoint_step"))
+            if at is not None and at > step:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            tmp = self.path("metrics.jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        return dropped
 
     def _write(self, name: str, text: str) -> None:
         if self.enabled:

@@ -249,11 +249,17 @@ class CheckpointManager:
         return state
 
     def _verified(self, name_or_path: str | os.PathLike) -> CheckpointState:
-        path = Path(name_or_path)
+        given = path = Path(name_or_path)
         if not path.is_absolute() and not path.exists():
             path = self.save_dir / path
         if not path.is_dir():
-            raise CheckpointError(f"{path}: no such checkpoint")
+            # Name the path as given (a relative path that exists nowhere is not "under
+            # save_dir" either) and what the directory the user meant holds instead.
+            where = given.parent if given.parent.is_dir() and given.parent != Path(".") \
+                else self.save_dir
+            names = [e["name"] for e in CheckpointManager(where).list(checksums=False)]
+            raise CheckpointError(f"{given}: no such checkpoint; {where} holds "
+                                  f"{', '.join(names) if names else 'no checkpoints'}")
         manifest, reason = verify(path)
         if reason:
             raise CheckpointError(f"{path}: {reason}")

@@ -84,7 +84,11 @@ def _serve() -> None:
     # unpickles (torch does not import safely from two threads at once). The trainer starts
     # this server in a background thread at the start of training, so nobody waits for it.
     import torch.distributed.checkpoint.filesystem  # noqa: F401
-    print(server.address, flush=True)
+    try:
+        print(server.address, flush=True)
+    except BrokenPipeError:   # the trainer ended before its first save (e.g. a refused resume)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     # Reparenting says the trainer died, whether it exited, crashed or was SIGKILLed.
     while os.getppid() == trainer:
         time.sleep(_PARENT_POLL_S)

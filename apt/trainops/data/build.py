@@ -5,6 +5,7 @@ the vocabulary does not have, bad blend weights) is a ``DataError`` raised here,
 first training step."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from .chat_template import resolve_chat_template
 from .corpus import is_validation, stdlib_documents, text_documents
 from .datasets import TokenDataset
 from .errors import DataError
-from .indexed import IndexedReader
+from .indexed import IndexedReader, prefix_of
 from .sft import SFTDataset, read_jsonl
 from .synthetic_chat import PREFIX, materialise
-from .tokenizer import build_tokenizer
+from .tokenizer import build_tokenizer, describe_identity, saved_identity, tokenizer_identity
 
 SPLITS = ("train", "validation", "test")
+log = logging.getLogger(__name__)
 
 
 def build_datasets(data: DataConfig, model_vocab_size: int | None = None, seed: int = 0,
@@ -86,6 +88,7 @@ def _indexed_splits(data, tokenizer, options, seed):
                             key="data.blend")
     weights = normalise_weights([w for w, _ in entries])
     fractions = split_fractions(data.split)
+    check_same_tokenizer(paths, tokenizer)
     cache_dir = data.cache_dir or str(Path(paths[0]).resolve().parent / ".apt_cache")
     per_split: list[list] = [[], [], []]
     for path in paths:
@@ -119,6 +122,31 @@ def _indexed_splits(data, tokenizer, options, seed):
         else:
             out.append(BlendedDataset(datasets, weights, cache_dir, f"blend-{SPLITS[s]}"))
     return out
+
+
+def check_same_tokenizer(paths: list[str], tokenizer) -> None:
+    """Token ids mean something only under the tokenizer that made them: every file of a blend
+    must come from one tokenizer, the profile's. ``apt preprocess`` saves it next to the data
+    (``<prefix>.tokenizer/``); files without one (Megatron-LM's, older ones) are trusted with a
+    warning."""
+    configured = tokenizer_identity(tokenizer)
+    first = None   # (path, identity) of the first file that records one
+    for path in paths:
+        prefix = prefix_of(path)
+        identity = saved_identity(prefix + ".tokenizer")
+        if identity is None:
+            log.warning("%s records no tokenizer (no %s.tokenizer/): cannot check that it was "
+                        "made with %s", prefix, prefix, describe_identity(configured))
+            continue
+        if first is not None and identity != first[1]:
+            raise DataError(prefix, f"preprocessed with {describe_identity(identity)} but "
+                                    f"{first[0]} with {describe_identity(first[1])}: one blend "
+                                    f"needs one tokenizer", key="data.blend")
+        if identity != configured:
+            raise DataError(prefix, f"preprocessed with {describe_identity(identity)} but the "
+                                    f"profile's is {describe_identity(configured)}",
+                            key="data.tokenizer")
+        first = first or (prefix, identity)
 
 
 def check_token_range(reader: IndexedReader, tokenizer, cache_dir: str) -> None:

@@ -6,6 +6,7 @@ Every tokenizer has ``encode(text) -> int64 array``, ``decode(ids) -> str``, ``e
 ``save`` wrote, so a run's tokenizer travels with its artifacts."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,15 @@ _CONFIG = "apt_tokenizer.json"
 _HF_COMPANIONS = ("tokenizer_config.json", "chat_template.jinja")
 
 
-class ByteTokenizer:
+class _Tokenizer:
+    def save_pretrained(self, directory) -> Path:
+        """Files ``transformers.AutoTokenizer.from_pretrained(directory)`` loads, with this
+        tokenizer's ids (hf_tokenizer.py); ``apt export-hf`` writes them next to the weights."""
+        from .hf_tokenizer import save_for_transformers
+        return save_for_transformers(self, directory)
+
+
+class ByteTokenizer(_Tokenizer):
     """Token i < 256 is byte i; specials follow. ``vocab_size`` counts only real tokens: the
     model's embedding may be padded larger (for tensor-parallel divisibility)."""
 
@@ -41,10 +50,10 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def save(self, directory) -> Path:
-        return _write_config(directory, {"type": "byte"})
+        return _write_config(directory, {"type": "byte"}, self)
 
 
-class HFTokenizer:
+class HFTokenizer(_Tokenizer):
     """A Hugging Face ``tokenizers`` tokenizer loaded from ``tokenizer.json``."""
 
     name = "hf"
@@ -87,10 +96,10 @@ class HFTokenizer:
         for name in _HF_COMPANIONS:  # the chat template and special tokens travel along
             if (self.path.parent / name).is_file():
                 shutil.copyfile(self.path.parent / name, Path(directory) / name)
-        return _write_config(directory, {"type": "hf", "file": "tokenizer.json"})
+        return _write_config(directory, {"type": "hf", "file": "tokenizer.json"}, self)
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_Tokenizer):
     """A SentencePiece ``.model`` (its ``</s>`` is the end-of-document token)."""
 
     name = "sentencepiece"
@@ -122,7 +131,8 @@ class SentencePieceTokenizer:
     def save(self, directory) -> Path:
         Path(directory).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.path, Path(directory) / "tokenizer.model")
-        return _write_config(directory, {"type": "sentencepiece", "file": "tokenizer.model"})
+        return _write_config(directory, {"type": "sentencepiece", "file": "tokenizer.model"},
+                             self)
 
 
 def build_tokenizer(name: str, path: str | None = None):
@@ -148,6 +158,30 @@ def load_tokenizer(directory: str | os.PathLike):
     return build_tokenizer(config["type"], str(Path(directory) / config["file"]))
 
 
+def tokenizer_identity(tok) -> dict:
+    """What decides the token ids: the kind, the vocabulary size and a SHA-256 of the file
+    that defines the tokenizer (none for ``byte``). Two data files made with different
+    identities hold ids that mean different things."""
+    path = getattr(tok, "path", None)
+    return {"name": tok.name, "vocab_size": int(tok.vocab_size),
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None}
+
+
+def describe_identity(identity: dict) -> str:
+    digest = f", sha256 {identity['sha256'][:12]}" if identity.get("sha256") else ""
+    return f"the {identity['name']} tokenizer (vocab {identity['vocab_size']:,}{digest})"
+
+
+def saved_identity(directory: str | os.PathLike) -> dict | None:
+    """The identity of the tokenizer ``save(directory)`` wrote (recorded since identities
+    exist; computed from the saved files for older directories), None without one."""
+    config_path = Path(directory) / _CONFIG
+    if not config_path.is_file():
+        return None
+    recorded = json.loads(config_path.read_text()).get("identity")
+    return recorded or tokenizer_identity(load_tokenizer(directory))
+
+
 def train_bpe(texts, vocab_size: int, output: str | os.PathLike) -> HFTokenizer:
     """Train a byte-level BPE (``tokenizers``) on an iterable of strings; write ``output``
     (a ``tokenizer.json``) and return it loaded. Byte-level, so every text round-trips."""
@@ -164,8 +198,9 @@ def train_bpe(texts, vocab_size: int, output: str | os.PathLike) -> HFTokenizer:
     return HFTokenizer(output)
 
 
-def _write_config(directory, config: dict) -> Path:
+def _write_config(directory, config: dict, tok) -> Path:
     Path(directory).mkdir(parents=True, exist_ok=True)
     path = Path(directory) / _CONFIG
+    config["identity"] = tokenizer_identity(tok)   # what blends compare (build.py)
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path

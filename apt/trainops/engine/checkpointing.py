@@ -44,14 +44,19 @@ def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
     """The checkpoint to resume from (rank 0 decides, every rank gets the same answer)."""
     if isinstance(resume, CheckpointState):
         return resume
-    choice = [None]
+    choice = [None, None]   # (path, error): every rank raises rank 0's error, none waits
     if dist.get_rank() == 0:
-        if resume is not None:
-            choice[0] = str(manager.load(resume).path)
-        elif auto_resume:
-            latest = manager.load_latest()
-            choice[0] = str(latest.path) if latest else None
+        try:
+            if resume is not None:
+                choice[0] = str(manager.load(resume).path)
+            elif auto_resume:
+                latest = manager.load_latest()
+                choice[0] = str(latest.path) if latest else None
+        except CheckpointError as exc:
+            choice[1] = str(exc)
     dist.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise CheckpointError(choice[1])
     return manager.load(choice[0]) if choice[0] else None
 
 
@@ -103,6 +108,7 @@ def save_training_checkpoint(trainer):
             (tmp / "state.json").write_text(json.dumps({
                 "step": step, "consumed_samples": step * plan.global_batch,
                 "global_batch": plan.global_batch, "config_hash": cfg.config_hash,
+                "run_dir": str(trainer.artifacts.run_dir),   # a resume continues there
                 "model_contents": "trainable" if adapters_only else "all",
                 "config": config_to_dict(cfg), "layout": layout_of(plan),
                 "loss_scalers": trainer.engine.loss_scaler_states(),
@@ -146,6 +152,35 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
     load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only)
     trainer.step = ckpt.step
     trainer.consumed_samples = consumed
+
+
+def resumed_run_dir(ckpt: CheckpointState | None) -> Path | None:
+    """The run directory the checkpoint's run wrote to, if it is still there: a resumed run
+    continues in it (one metrics.jsonl, one set of plots for the whole run)."""
+    recorded = ckpt.state.get("run_dir") if ckpt is not None else None
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    if recorded:
+        log.warning("%s was trained in %s, which is gone: this run writes to a new run "
+                    "directory", ckpt.path, recorded)
+    return None
+
+
+def announce_resume(trainer, progress) -> None:
+    """Rank 0: say where the run resumed (a log line and a metrics.jsonl record). Records of
+    the steps after the checkpoint, which this run trains again, are dropped from
+    metrics.jsonl first: it keeps one history, the one that continues."""
+    ckpt = trainer.resumed_from
+    if ckpt is None or not trainer.runtime.is_main:
+        return
+    superseded = trainer.artifacts.supersede_metrics(ckpt.step)
+    trainer.artifacts.save_metrics({"step": ckpt.step, "resumed_from": str(ckpt.path),
+                                    "consumed_samples": trainer.consumed_samples,
+                                    "superseded_records": superseded})
+    progress.line(f"resumed from {ckpt.path} at step {ckpt.step} (consumed samples "
+                  f"{trainer.consumed_samples})" + (
+                      f"; {superseded} records of later steps in metrics.jsonl superseded"
+                      if superseded else ""))
 
 
 def load_engine_state(trainer, ckpt: CheckpointState) -> None:

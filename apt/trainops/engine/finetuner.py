@@ -107,6 +107,7 @@ class Finetuner(Trainer):
                 self.tokenizer.save(directory / "tokenizer")
             if self.plan.whole_model_per_rank:
                 from apt.model.hf_interop import export_hf
-                export_hf(self.modules, self.config.model, directory / "hf")
+                export_hf(self.modules, self.config.model, directory / "hf",
+                          tokenizer=self.tokenizer)
         dist.barrier()
         return directory

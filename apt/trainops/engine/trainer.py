@@ -26,8 +26,9 @@ from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import ranks_raising, seed_everything, setup_distributed
 from apt.trainops.objectives import build_objective
 from .callbacks import Callback
-from .checkpointing import (PreemptionGuard, checkpoint_manager, init_weights_directory,
-                            load_engine_state, load_weights, resolve_resume,
+from .checkpointing import (PreemptionGuard, announce_resume, checkpoint_manager,
+                            init_weights_directory, load_engine_state, load_weights,
+                            resolve_resume, resumed_run_dir,
                             save_training_checkpoint)
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
@@ -211,6 +212,7 @@ class Trainer:
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
                       f"{self.artifacts.run_dir}")
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
+        announce_resume(self, progress)
         self._emit("on_train_start")
         if self.eval_before_training and self.step == 0:
             self.initial_eval = self._log_eval(progress)   # the "before" of a fine-tuning run
@@ -419,7 +421,9 @@ class Trainer:
     def _artifacts(self) -> ArtifactManager:
         out = self.config.output
         manager = ArtifactManager(out.dir, out.experiment_name or self.config.name,
-                                  enabled=self.runtime.is_main)
+                                  enabled=self.runtime.is_main,
+                                  run_dir=resumed_run_dir(self.resumed_from)
+                                  if self.runtime.is_main else None)
         shared = [str(manager.run_dir)]
         dist.broadcast_object_list(shared, src=0)  # every rank agrees on rank 0's directory
         manager.run_dir = type(manager.run_dir)(shared[0])

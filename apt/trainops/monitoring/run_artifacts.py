@@ -12,7 +12,6 @@ from apt.trainops.engine.callbacks import Callback
 class RunArtifacts(Callback):
     def __init__(self, plots: bool = True):
         self.plots = plots
-        self.evaluations: list[dict] = []
 
     def on_train_start(self, trainer) -> None:
         if trainer.runtime.is_main:
@@ -21,12 +20,11 @@ class RunArtifacts(Callback):
             trainer.artifacts.save_tokenizer(trainer.tokenizer)
 
     def on_evaluate(self, trainer, result: dict) -> None:
-        self.evaluations.append(dict(result))
         if trainer.runtime.is_main:
             trainer.artifacts.save_result(f"eval-step{result['step']:06d}", result)
 
     def on_train_end(self, trainer, summary: dict) -> None:
         if self.plots and trainer.runtime.is_main:
-            paths = trainer.artifacts.save_plots(trainer.history + self.evaluations,
-                                                 title=trainer.config.name)
+            # From metrics.jsonl: the whole run, the steps before a resume included.
+            paths = trainer.artifacts.save_plots(title=trainer.config.name)
             summary["plots"] = [str(p) for p in paths]
