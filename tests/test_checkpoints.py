@@ -181,19 +181,20 @@ def _craft_byte_item(model_dir, marker):
                          ids=["metadata", "byte-item"])
 def test_a_checkpoint_whose_pickles_would_run_code_is_refused(saved, tmp_path, craft):
     """Even with a manifest rewritten to match, loading refuses a checkpoint whose pickles name
-    anything but checkpoint types, and nothing in them runs."""
+    anything but checkpoint types, and nothing in them runs (tests/test_checkpoint_trust.py
+    has the full adversarial set)."""
     from apt.trainops.checkpoints import load_model_weights
     from apt.trainops.checkpoints.manifest import write_manifest
-    from apt.trainops.checkpoints.safe_unpickle import UnsafeCheckpointError
     manager, _ = saved
     path, marker = manager.save_dir / "checkpoint-30", tmp_path / "code-ran"
     craft(path / "model", marker)
     manifest = json.loads((path / MANIFEST).read_text())
     (path / MANIFEST).unlink()
     write_manifest(path, {k: v for k, v in manifest.items() if k not in ("version", "files")})
-    state = manager.load("checkpoint-30")                      # intact as far as sizes go
-    with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle.*system"):
-        load_model_weights([APTModel(**SMALL)], state.path / "model")
+    with pytest.raises(CheckpointError, match="refusing to unpickle.*system"):
+        manager.load("checkpoint-30")                          # intact as far as sizes go
+    with pytest.raises(CheckpointError, match="refusing to unpickle.*system"):
+        load_model_weights([APTModel(**SMALL)], path / "model")
     assert not marker.exists()
     with open(path / "model" / ".metadata", "rb") as f:        # the control: it would have run
         if craft is _craft_metadata:
