@@ -1,5 +1,6 @@
 """CheckpointManager: atomic commit, verification, fallback, retention (in this process)."""
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -168,11 +169,13 @@ def _craft_byte_item(model_dir, marker):
         metadata = pickle.load(f)
     key = next(k for k, v in metadata.state_dict_metadata.items()
                if isinstance(v, BytesStorageMetadata))
-    payload = pickle.dumps(_RunsCode(marker), protocol=2)     # torch.save's protocol
-    (model_dir / "__crafted.distcp").write_bytes(payload)
+    buffer = io.BytesIO()
+    torch.save(_RunsCode(marker), buffer)                     # a zip, as torch.save writes
+    payload = buffer.getvalue()
+    (model_dir / "__9_0.distcp").write_bytes(payload)
     index = next(i for i in metadata.storage_data if i.fqn == key)
     metadata.storage_data[index] = dataclasses.replace(
-        metadata.storage_data[index], relative_path="__crafted.distcp", offset=0,
+        metadata.storage_data[index], relative_path="__9_0.distcp", offset=0,
         length=len(payload))
     (model_dir / ".metadata").write_bytes(pickle.dumps(metadata))
 
