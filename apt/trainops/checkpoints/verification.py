@@ -48,7 +48,9 @@ def verify_checkpoint(path: Path, parts: tuple[str, ...] | None = None
     """(state, None) if the checkpoint at ``path`` loads, else (None, the reason).
 
     ``parts``: only these top-level parts will be read (e.g. ``("model",)`` for weights):
-    only they are hashed and their pickles checked; the manifest's other checks cover all."""
+    only they are hashed. Everything else is checked for every file (the pickles are small:
+    .metadata, byte items, RNG states; the tensor data that makes a checkpoint big is not
+    read)."""
     state, _, reason = _verify(Path(path), parts)
     return state, reason
 
@@ -78,24 +80,23 @@ def _verify(path: Path, parts: tuple[str, ...] | None):
     if reason:
         return None, None, reason
     try:
-        metadata = check_pickles(path, parts)
+        metadata = check_pickles(path)
     except UnsafeCheckpointError as exc:
         return None, None, str(exc).replace(f"{path}/", "")   # its files, by relative name
     return (CheckpointState(path=path, step=state["step"], state=state, manifest=manifest),
             metadata, None)
 
 
-def check_pickles(path: Path, parts: tuple[str, ...] | None = None) -> dict:
-    """Raise UnsafeCheckpointError if any pickle of the checkpoint (or of ``parts``) could run
-    code: its dist_checkpointing directories and every other ``*.pt`` file. Returns each
+def check_pickles(path: Path) -> dict:
+    """Raise UnsafeCheckpointError if any pickle of the checkpoint could run code: its
+    dist_checkpointing directories and every other ``*.pt`` file. Returns each
     dist_checkpointing part's checked torch Metadata."""
     metadata = {}
     for part in DIST_PARTS:
-        if (parts is None or part in parts) and (path / part / "metadata.json").is_file():
+        if (path / part / "metadata.json").is_file():
             metadata[part] = check_dist_checkpoint(path / part)
     for file in sorted(path.rglob("*.pt")):
-        top = file.relative_to(path).parts[0]
-        if (parts is None or top in parts) and not (file.parent / "metadata.json").is_file():
+        if not (file.parent / "metadata.json").is_file():
             scan_torch_file(file.read_bytes(), file)
     return metadata
 
