@@ -230,7 +230,8 @@ class CheckpointManager:
         entries = []
         for found in self._scan():
             if found["symlink"]:
-                state, reason = None, "a symlink (only checkpoint directories themselves load)"
+                state, reason = None, ("a symlink: auto-resume and retention skip it (resume "
+                                       "it by the path it links to)")
             elif checksums:
                 state, reason = verify_checkpoint(found["path"])
             else:
@@ -267,7 +268,9 @@ class CheckpointManager:
             path = self.save_dir / path
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint")
-        state, reason = verify_checkpoint(path)
+        # Named explicitly, a link to a checkpoint is followed (only listing and auto-resume,
+        # which choose for the user, skip links); what is inside may hold none.
+        state, reason = verify_checkpoint(path.resolve())
         if reason:
             raise CheckpointError(f"{path}: {reason}")
         return state

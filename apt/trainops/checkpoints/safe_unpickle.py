@@ -154,8 +154,8 @@ def check_dist_checkpoint(directory: str | Path):
     """Raise UnsafeCheckpointError unless nothing Megatron or torch would unpickle in this
     dist_checkpointing directory can run code; returns its (checked) torch Metadata."""
     directory = Path(directory)
-    if directory.is_symlink() or not directory.is_dir():
-        raise UnsafeCheckpointError(f"{directory}: not a directory (or a symlink)")
+    if not directory.is_dir():
+        raise UnsafeCheckpointError(f"{directory}: not a directory")
     for path in directory.iterdir():
         if path.is_symlink() or not path.is_file() or not _DIST_FILES.match(path.name):
             raise UnsafeCheckpointError(f"{path}: refusing to load {directory}: "

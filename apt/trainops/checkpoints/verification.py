@@ -61,7 +61,7 @@ def check_weights_dir(directory: str | Path):
     only this part, when it is a part of one (``checkpoint-N/model``); else (import-hf's or
     save_model_weights' output, no manifest) its pickles. Raises CheckpointError; returns the
     directory's checked torch Metadata."""
-    directory = Path(directory)
+    directory = Path(directory).resolve()   # a path the user gave may be a link to weights
     checkpoint = directory.parent
     if directory.name in DIST_PARTS and (checkpoint / MANIFEST).exists():
         _, metadata, reason = _verify(checkpoint, (directory.name,))
