@@ -57,16 +57,18 @@ def _benchmark(args) -> int:
 
 
 def _checkpoints(args) -> int:
-    """List a checkpoint directory: step, size, and whether it would load (and why not)."""
+    """List a checkpoint directory: step, size, lineage, and whether it would load (the
+    verification loading runs) and why not. Exit code 2 if any would not."""
     from apt.trainops.checkpoints import CheckpointManager
     entries = CheckpointManager(args.dir).list()
     if not entries:
         print(f"no checkpoints in {args.dir}")
     for e in entries:
         size = f"{e['bytes'] / 2**20:9.1f} MiB" if e["bytes"] is not None else " " * 13
-        print(f"{e['name']:24s} step {e['step']:>8d} {size}  "
-              f"{'ok' if e['ok'] else 'NOT LOADABLE: ' + e['reason']}")
-    return 0
+        lineage = f"lineage {e['lineage'] or '-':16s}"
+        print(f"{e['name']:24s} step {e['step']:>8d} {size}  {lineage}  "
+              f"{'ok' if e['ok'] else 'NOT LOADABLE: ' + ' '.join(e['reason'].split())}")
+    return 0 if all(e["ok"] for e in entries) else EXIT_CONFIG_ERROR
 
 
 def _export_hf(args) -> int:
@@ -144,8 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"apt: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # A refused checkpoint is a user's error too. Its module is looked up, not imported:
+        # it pulls in torch, which commands that never touch checkpoints do not need.
+        checkpoints = sys.modules.get("apt.trainops.checkpoints.errors")
+        if not isinstance(exc, ConfigError) and not (
+                checkpoints and isinstance(exc, checkpoints.CheckpointError)):
+            raise
+        print(f"apt: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
 

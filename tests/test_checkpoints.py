@@ -1,5 +1,6 @@
 """CheckpointManager: atomic commit, verification, fallback, retention (in this process)."""
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -168,11 +169,13 @@ def _craft_byte_item(model_dir, marker):
         metadata = pickle.load(f)
     key = next(k for k, v in metadata.state_dict_metadata.items()
                if isinstance(v, BytesStorageMetadata))
-    payload = pickle.dumps(_RunsCode(marker), protocol=2)     # torch.save's protocol
-    (model_dir / "__crafted.distcp").write_bytes(payload)
+    buffer = io.BytesIO()
+    torch.save(_RunsCode(marker), buffer)                     # a zip, as torch.save writes
+    payload = buffer.getvalue()
+    (model_dir / "__9_0.distcp").write_bytes(payload)
     index = next(i for i in metadata.storage_data if i.fqn == key)
     metadata.storage_data[index] = dataclasses.replace(
-        metadata.storage_data[index], relative_path="__crafted.distcp", offset=0,
+        metadata.storage_data[index], relative_path="__9_0.distcp", offset=0,
         length=len(payload))
     (model_dir / ".metadata").write_bytes(pickle.dumps(metadata))
 
@@ -181,19 +184,20 @@ def _craft_byte_item(model_dir, marker):
                          ids=["metadata", "byte-item"])
 def test_a_checkpoint_whose_pickles_would_run_code_is_refused(saved, tmp_path, craft):
     """Even with a manifest rewritten to match, loading refuses a checkpoint whose pickles name
-    anything but checkpoint types, and nothing in them runs."""
+    anything but checkpoint types, and nothing in them runs (tests/test_checkpoint_trust.py
+    has the full adversarial set)."""
     from apt.trainops.checkpoints import load_model_weights
     from apt.trainops.checkpoints.manifest import write_manifest
-    from apt.trainops.checkpoints.safe_unpickle import UnsafeCheckpointError
     manager, _ = saved
     path, marker = manager.save_dir / "checkpoint-30", tmp_path / "code-ran"
     craft(path / "model", marker)
     manifest = json.loads((path / MANIFEST).read_text())
     (path / MANIFEST).unlink()
     write_manifest(path, {k: v for k, v in manifest.items() if k not in ("version", "files")})
-    state = manager.load("checkpoint-30")                      # intact as far as sizes go
-    with pytest.raises(UnsafeCheckpointError, match="refusing to unpickle.*system"):
-        load_model_weights([APTModel(**SMALL)], state.path / "model")
+    with pytest.raises(CheckpointError, match="refusing to unpickle.*system"):
+        manager.load("checkpoint-30")                          # intact as far as sizes go
+    with pytest.raises(CheckpointError, match="refusing to unpickle.*system"):
+        load_model_weights([APTModel(**SMALL)], path / "model")
     assert not marker.exists()
     with open(path / "model" / ".metadata", "rb") as f:        # the control: it would have run
         if craft is _craft_metadata:

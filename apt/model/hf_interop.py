@@ -153,26 +153,28 @@ def _unsharded_state(source) -> tuple[dict, torch.dtype]:
 
 def _load_weights_dir(directory, cfg: ModelConfig) -> tuple[dict, torch.dtype]:
     """Reshard a weights directory from any layout into a one-process TP1 model."""
-    from megatron.core import dist_checkpointing
     from apt.model.architectures import APTModel
     from apt.trainops.checkpoints import load_model_weights
+    from apt.trainops.checkpoints.verification import check_weights_dir
     directory = find_weights_dir(directory)
-    stored = dist_checkpointing.load_tensors_metadata(str(directory))
-    meta = stored.get("embedding.word_embeddings.weight")
+    # Checked before anything unpickles it; the stored dtype comes from the checked metadata.
+    metadata = check_weights_dir(directory)
+    meta = metadata.state_dict_metadata.get("embedding.word_embeddings.weight")
     model = APTModel(cfg)
-    load_model_weights([model], directory)
+    load_model_weights([model], directory, verified=True)
     state, _ = _unsharded_state(model)
-    return state, meta.dtype if meta is not None else torch.float32
+    return state, getattr(getattr(meta, "properties", None), "dtype", torch.float32)
 
 
 def find_weights_dir(path: str | Path) -> Path:
-    """``path`` itself, or the weights a training run wrote under it (``model/dist``)."""
+    """``path`` itself, or the weights under it: a training checkpoint's ``model``, a run's
+    ``model/dist``."""
     path = Path(path)
-    for candidate in (path, path / "dist", path / "model" / "dist"):
+    for candidate in (path, path / "model", path / "dist", path / "model" / "dist"):
         if (candidate / "metadata.json").is_file():
             return candidate
-    raise FileNotFoundError(f"{path}: no dist_checkpointing weights (metadata.json) here or in "
-                            f"dist/ or model/dist/")
+    raise ConfigError(f"{path}: no dist_checkpointing weights (metadata.json) here or in "
+                      f"model/, dist/ or model/dist/")
 
 
 def _write_safetensors(tensors: dict, out: Path, max_shard_bytes: int) -> None:
@@ -334,6 +336,9 @@ def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
                                 f"checkpoints are read)")
     tensors = {}
     for name in files:
+        # The index names files of this directory (hub snapshots link them: links are fine).
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in (".", ".."):
+            raise ConfigError(f"{index}: {name!r} is not a file of {hf_dir}")
         tensors.update(load_file(str(hf_dir / name)))
     return tensors
 

@@ -1,7 +1,7 @@
 """CheckpointManager: atomic, verified, retained checkpoints.
 
     <save_dir>/checkpoint-<step>/
-        manifest.json        written last: version, step, files with size + SHA-256
+        manifest.json        written last: version, step, lineage, files with size + SHA-256
         state.json           step, consumed samples, config + hash, layout, versions
         model/               model weights, Megatron dist_checkpointing (reshards on load)
         optimizer/           optimizer state in model space (optimizer_state.py)
@@ -11,6 +11,12 @@ A save writes into ``.tmp-checkpoint-<step>-<nonce>/``; once every rank has fini
 file is fsynced, rank 0 writes the manifest and renames the directory. A crash at any point
 leaves either the previous checkpoints untouched or a temporary directory that is never loaded
 (and removed by the next save).
+
+Lineage: a run gets an id when it starts (a resumed run keeps its checkpoint's), written into
+every manifest. Retention and auto-resume consider only checkpoints of this lineage: another
+run's checkpoints, or symlinks, in the same directory are never deleted, replaced or resumed
+from automatically (they are reported when the run starts). Loading verifies the whole
+checkpoint first (verification.py).
 
 With ``async_save`` the caller waits only while the shards are planned and copied to host
 memory; a forked writer per rank writes and checksums them (background.py) and ``wait()``, a
@@ -26,7 +32,6 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,23 +42,13 @@ from apt.trainops.distributed.runtime import ranks_raising
 from . import results_queue
 from .background import (PARTS, ShardWriter, read_parts, stage_in_host_memory,
                          start_writer_warmup)
-from .manifest import MANIFEST_VERSION, fsync, verify, write_manifest
+from .manifest import MANIFEST, MANIFEST_VERSION, fsync, read_manifest, verify, write_manifest
+from .verification import CheckpointState, verify_checkpoint
+
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-@dataclass
-class CheckpointState:
-    """A verified checkpoint: what ``Trainer(resume_from_checkpoint=...)`` takes."""
-    path: Path
-    step: int
-    state: dict      # state.json
-    manifest: dict
 
 
 class CheckpointWrite:
@@ -90,8 +85,13 @@ class CheckpointWrite:
 
 class CheckpointManager:
     def __init__(self, save_dir: str | os.PathLike = "checkpoints", save_interval: int = 500,
-                 keep_last_n: int = 5, keep_every: int | None = None, async_save: bool = False):
+                 keep_last_n: int = 5, keep_every: int | None = None, async_save: bool = False,
+                 lineage: str | None = None):
         self.save_dir = Path(save_dir)
+        # The id written into every manifest of this run and of the runs resuming it. None
+        # until a run begins (begin()), a checkpoint is loaded (its lineage continues) or the
+        # first save (a new one).
+        self.lineage = lineage
         self.save_interval, self.keep_last_n, self.keep_every = save_interval, keep_last_n, keep_every
         self.async_save = async_save
         self._pending: CheckpointWrite | None = None
@@ -163,11 +163,20 @@ class CheckpointManager:
         target = self.save_dir / f"checkpoint-{write.step}"
         _barrier()   # every rank's shards and metadata are written
         commit_start = time.perf_counter()
+        occupied = self._not_ours(target) if _rank() == 0 else None
+        if ranks_raising(occupied is not None)[0]:
+            occupied = occupied or "not this run's (see rank 0)"
+            raise CheckpointError(f"checkpoint-{write.step} was not saved: {target} is "
+                                  f"{occupied}, which is never replaced; save this run into "
+                                  f"another training.checkpoints.dir")
         if _rank() == 0:
             known, write_s = read_parts(write.directory)
             shutil.rmtree(write.directory / PARTS, ignore_errors=True)
-            manifest = write_manifest(write.directory, {"step": write.step, **write.meta}, known)
-            if target.exists():      # re-saving a step: the new one replaces it atomically
+            self.lineage = self.lineage or new_lineage()
+            manifest = write_manifest(write.directory, {
+                "step": write.step, "lineage": self.lineage, "committed_at": time.time(),
+                **write.meta}, known)
+            if target.exists():      # re-saving a step of this run: the new one replaces it
                 shutil.rmtree(target)
             os.replace(write.directory, target)
             fsync(self.save_dir)   # the rename itself is durable
@@ -216,34 +225,39 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ finding and loading
     def list(self, checksums: bool = True) -> list[dict]:
-        """Every checkpoint directory, newest first, with whether it would load and why not."""
+        """Every checkpoint directory, newest first, with whether it would load and why not
+        (``checksums``: the full verification loading runs, else manifest and sizes only)."""
         entries = []
-        if not self.save_dir.is_dir():
-            return entries
-        for path in self.save_dir.iterdir():
-            match = NAME.match(path.name)
-            if not match:
-                continue
-            manifest, reason = verify(path, checksums)
-            entries.append({"name": path.name, "step": int(match.group(1)), "path": str(path),
-                            "ok": reason is None, "reason": reason,
-                            "bytes": sum(f["bytes"] for f in manifest["files"].values())
+        for found in self._scan():
+            if found["symlink"]:
+                state, reason = None, ("a symlink: auto-resume and retention skip it (resume "
+                                       "it by the path it links to)")
+            elif checksums:
+                state, reason = verify_checkpoint(found["path"])
+            else:
+                state, reason = verify(found["path"], checksums=False)
+            manifest = state.manifest if isinstance(state, CheckpointState) else state
+            entries.append({**found, "path": str(found["path"]), "ok": reason is None,
+                            "reason": reason, "bytes": sum(f["bytes"] for f in
+                                                           manifest["files"].values())
                             if manifest else None})
-        return sorted(entries, key=lambda e: e["step"], reverse=True)
+        return entries
 
     def load(self, name_or_path: str | os.PathLike, model=None,
              optimizer=None) -> CheckpointState:
-        """The verified checkpoint; given ``model`` and ``optimizer`` (as passed to ``save``),
-        their state is loaded from it too (collective)."""
+        """The verified checkpoint (its lineage continues in this manager's saves); given
+        ``model`` and ``optimizer`` (as passed to ``save``), their state is loaded from it too
+        (collective)."""
         state = self._verified(name_or_path)
+        self.continue_lineage(state)
         if model is not None or optimizer is not None:
             from .model_weights import load_model_weights
             from .optimizer_state import load_optimizer_state
             if model is not None:
                 load_model_weights(model if isinstance(model, (list, tuple)) else [model],
-                                   state.path / "model")
+                                   state.path / "model", verified=True)
             if optimizer is not None and hasattr(optimizer, "kind"):
-                load_optimizer_state(optimizer, state.path / "optimizer")
+                load_optimizer_state(optimizer, state.path / "optimizer", verified=True)
             elif optimizer is not None:
                 optimizer.load_state_dict(load_torch_optimizer_state(state.path))
         return state
@@ -260,28 +274,132 @@ class CheckpointManager:
             names = [e["name"] for e in CheckpointManager(where).list(checksums=False)]
             raise CheckpointError(f"{given}: no such checkpoint; {where} holds "
                                   f"{', '.join(names) if names else 'no checkpoints'}")
-        manifest, reason = verify(path)
+        # Named explicitly, a link to a checkpoint is followed (only listing and auto-resume,
+        # which choose for the user, skip links); what is inside may hold none.
+        state, reason = verify_checkpoint(path.resolve())
         if reason:
             raise CheckpointError(f"{path}: {reason}")
-        state = json.loads((path / "state.json").read_text())
-        return CheckpointState(path=path, step=int(state["step"]), state=state, manifest=manifest)
+        return state
 
     def load_latest(self) -> CheckpointState | None:
-        """The newest checkpoint that verifies; each one skipped is logged with its reason."""
-        for entry in self.list():
-            if entry["ok"]:
-                return self.load(entry["path"])
-            log.warning("skipping %s: %s", entry["path"], entry["reason"])
+        """The newest checkpoint of this run's lineage that verifies (each one skipped is
+        logged with its reason); only that one is hashed in full, once.
+
+        Without a lineage yet (a run starting with auto-resume), the lineage is that of the
+        checkpoint committed last in the directory: the run that was interrupted. Checkpoints of
+        other lineages and symlinks are never chosen."""
+        found = [f for f in self._scan() if not f["symlink"]]
+        lineage = self.lineage or _last_committed_lineage(found)
+        for entry in found:
+            if entry["readable"] and entry["lineage"] != lineage:
+                continue
+            state, reason = verify_checkpoint(entry["path"])
+            if reason is None:
+                self.continue_lineage(state)
+                return state
+            log.warning("skipping %s: %s", entry["path"], reason)
+        self.lineage = self.lineage or lineage
+        return None
+
+    # ------------------------------------------------------------------ lineage
+    def continue_lineage(self, state: CheckpointState) -> None:
+        """This manager's saves continue the loaded checkpoint's run (one written before
+        lineage ids starts a new one at the first save)."""
+        self.lineage = state.lineage or self.lineage
+
+    def begin(self, resumed: CheckpointState | None = None) -> None:
+        """A run starts (rank 0): its lineage is the resumed checkpoint's or a new one; the
+        directory must be writable; checkpoints of other runs in it are reported (one line)."""
+        if resumed is not None:
+            self.continue_lineage(resumed)
+        self.lineage = self.lineage or new_lineage()
+        self.check_writable()
+        others = [f for f in self._scan() if f["symlink"] or f["lineage"] != self.lineage]
+        if others:
+            log.warning("%s holds %d checkpoint(s) not of this run (lineage %s): %s; they are "
+                        "never resumed automatically nor deleted by retention, and a save of "
+                        "the same step fails", self.save_dir, len(others), self.lineage,
+                        ", ".join(f["name"] + _describe_foreign(f) for f in others[:8])
+                        + (" ..." if len(others) > 8 else ""))
+
+    def check_writable(self) -> None:
+        """Raise CheckpointError now, rather than at the first save after the steps trained,
+        if checkpoints cannot be written under save_dir."""
+        existing = self.save_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is not a directory")
+            probe = existing / f".apt-write-probe-{uuid.uuid4().hex[:8]}"
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as exc:
+            raise CheckpointError(f"{self.save_dir}: checkpoints cannot be written there "
+                                  f"({exc.strerror or exc}); set training.checkpoints.dir to a "
+                                  f"writable directory") from None
+
+    def _scan(self) -> list[dict]:
+        """checkpoint-<step> entries, newest first: name, step, path, symlink, and from the
+        manifest alone (nothing else is read) readable, lineage, committed (a time)."""
+        if not self.save_dir.is_dir():
+            return []
+        found = []
+        for path in self.save_dir.iterdir():
+            match = NAME.match(path.name)
+            if not match:
+                continue
+            symlink = path.is_symlink()
+            manifest = None if symlink else read_manifest(path)[0]
+            committed = None
+            if manifest is not None:
+                committed = manifest.get("committed_at") or (path / MANIFEST).stat().st_mtime
+            found.append({"name": path.name, "step": int(match.group(1)), "path": path,
+                          "symlink": symlink, "readable": manifest is not None,
+                          "lineage": manifest.get("lineage") if manifest else None,
+                          "committed": committed})
+        return sorted(found, key=lambda e: e["step"], reverse=True)
+
+    def _not_ours(self, target: Path) -> str | None:
+        """Why ``target`` must not be replaced by this run's save, None if it may."""
+        if target.is_symlink():
+            return "a symlink"
+        if not target.exists():
+            return None
+        manifest, _ = read_manifest(target)
+        if manifest is None or manifest.get("lineage") is None or \
+                manifest.get("lineage") != self.lineage:
+            return "another run's checkpoint"
         return None
 
     # ------------------------------------------------------------------ retention
     def _retain(self) -> None:
-        """Keep the newest ``keep_last_n`` good checkpoints plus every ``keep_every``-th step."""
-        good = [e for e in self.list(checksums=False) if e["ok"]]
+        """Of this run's lineage only (never symlinks, never other runs' checkpoints): keep the
+        newest ``keep_last_n`` good checkpoints plus every ``keep_every``-th step."""
+        own = [f for f in self._scan() if not f["symlink"] and self.lineage is not None
+               and f["lineage"] == self.lineage]
+        good = [f for f in own if verify(f["path"], checksums=False)[1] is None]
         for entry in good[self.keep_last_n:]:
             if self.keep_every and entry["step"] % self.keep_every == 0:
                 continue
             shutil.rmtree(entry["path"], ignore_errors=True)
+
+
+def new_lineage() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _last_committed_lineage(found: list[dict]) -> str | None:
+    readable = [f for f in found if f["readable"]]
+    return max(readable, key=lambda f: f["committed"])["lineage"] if readable else None
+
+
+def _describe_foreign(entry: dict) -> str:
+    if entry["symlink"]:
+        return " (a symlink)"
+    if not entry["readable"]:
+        return " (no readable manifest)"
+    return f" (lineage {entry['lineage'] or 'none: written before lineage ids'})"
 
 
 def load_torch_optimizer_state(path: Path) -> dict:

@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 from apt.model.pretrained import MODEL_CONFIG_FILE
 from . import results_queue
-from .safe_unpickle import check_dist_checkpoint
+from .errors import CheckpointError
+from .safe_unpickle import checked_on_rank0
+from .verification import check_weights_dir
 
 
 def _sharded_state(modules: list[torch.nn.Module], trainable_only: bool = False) -> dict:
@@ -65,12 +67,16 @@ def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
 
 
 def load_model_weights(modules: list[torch.nn.Module], directory: str | Path,
-                       trainable_only: bool = False) -> None:
+                       trainable_only: bool = False, verified: bool = False) -> None:
+    """Collective. ``verified``: the caller ran the checkpoint's verification already
+    (CheckpointManager / check_weights_dir, once per load); otherwise it runs here, on rank 0,
+    before Megatron opens the directory."""
     from megatron.core import dist_checkpointing
     if not Path(directory, "metadata.json").is_file():
-        raise FileNotFoundError(f"{directory}: not a dist_checkpointing checkpoint "
-                                f"(no metadata.json)")
-    check_dist_checkpoint(directory)   # nothing in it may run code when unpickled
+        raise CheckpointError(f"{directory}: not a dist_checkpointing checkpoint "
+                              f"(no metadata.json)")
+    if not verified:
+        checked_on_rank0(check_weights_dir, directory)   # nothing in it may run code
     state = dist_checkpointing.load(_sharded_state(modules, trainable_only), str(directory))
     for i, module in enumerate(modules):
         # Partial (trainable only): every entry asked for was loaded, or load() raised.

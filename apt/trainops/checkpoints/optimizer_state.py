@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from apt.trainops.distributed.runtime import collective_device
 from .model_weights import _sharded_state, zero3_gathered
-from .safe_unpickle import check_dist_checkpoint
+from .safe_unpickle import check_dist_checkpoint, checked_on_rank0
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 # What a rank materializes at once when loading (the full TP-local state of a few parameters):
@@ -37,12 +37,15 @@ def optimizer_sharded_state(engine):
 
 
 @torch.no_grad()   # masters may be views of the parameters themselves
-def load_optimizer_state(engine, directory: Path, batch_bytes: int = LOAD_BATCH_BYTES) -> None:
+def load_optimizer_state(engine, directory: Path, batch_bytes: int = LOAD_BATCH_BYTES,
+                         verified: bool = False) -> None:
     """Collective. Each rank reads the full (TP-local) state of its parameters a batch of at
     most ``batch_bytes`` at a time and keeps its own fragment of it, so host memory at resume
-    stays bounded whatever the model size."""
+    stays bounded whatever the model size. ``verified``: the checkpoint was verified as a whole
+    already (its pickles included); otherwise this directory's pickles are checked here."""
     from megatron.core import dist_checkpointing
-    check_dist_checkpoint(directory)   # nothing in it may run code when unpickled
+    if not verified:
+        checked_on_rank0(check_dist_checkpoint, directory)   # nothing may run code
     with zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
         engine.prepare_optimizer_state()
         batches = _batches(list(_param_shards(engine).items()), batch_bytes)

@@ -41,23 +41,34 @@ def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
 
 
 def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
-    """The checkpoint to resume from (rank 0 decides, every rank gets the same answer)."""
-    if isinstance(resume, CheckpointState):
-        return resume
-    choice = [None, None]   # (path, error): every rank raises rank 0's error, none waits
-    if dist.get_rank() == 0:
-        try:
-            if resume is not None:
-                choice[0] = str(manager.load(resume).path)
-            elif auto_resume:
-                latest = manager.load_latest()
-                choice[0] = str(latest.path) if latest else None
-        except CheckpointError as exc:
-            choice[1] = str(exc)
-    dist.broadcast_object_list(choice, src=0)
-    if choice[1]:
-        raise CheckpointError(choice[1])
-    return manager.load(choice[0]) if choice[0] else None
+    """The checkpoint to resume from, verified once: rank 0 verifies it (manifest, state,
+    pickles), settles the run's lineage, checks that the directory is writable and reports
+    other runs' checkpoints in it; every rank gets the same answer, or the same error."""
+    if isinstance(resume, CheckpointState):   # verified by whoever loaded it
+        answer = [("ok", resume)]
+        if dist.get_rank() == 0:
+            answer = [_begin_run(manager, lambda: resume)]
+    else:
+        answer = [None]
+        if dist.get_rank() == 0:
+            answer = [_begin_run(manager, lambda: manager.load(resume) if resume is not None
+                                 else manager.load_latest() if auto_resume else None)]
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    if value is not None:
+        manager.continue_lineage(value)
+    return value
+
+
+def _begin_run(manager: CheckpointManager, choose) -> tuple[str, object]:
+    try:
+        state = choose()
+        manager.begin(state)
+        return "ok", state
+    except CheckpointError as exc:
+        return "error", str(exc)
 
 
 def init_weights_directory(path: str) -> Path:
@@ -149,7 +160,8 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
     # checkpoint's record of it before any trained weight is loaded
     trainer.objective.check_resumed(ckpt.state.get("objective", {}), str(ckpt.path),
                                     same_layout=ckpt.state.get("layout") == layout_of(trainer.plan))
-    load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only)
+    load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only,
+                       verified=True)   # resolve_resume verified the whole checkpoint
     trainer.step = ckpt.step
     trainer.consumed_samples = consumed
 
@@ -189,7 +201,8 @@ def load_engine_state(trainer, ckpt: CheckpointState) -> None:
     saved = ckpt.state.get("layout")   # None: saved by CheckpointManager.save()
     batch = int(trainer.config.training.checkpoints.load_batch_mib * 2**20)
     if (ckpt.path / "optimizer" / "metadata.json").is_file():
-        load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch)   # any layout
+        load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch,   # any layout
+                             verified=True)
     else:
         # Nothing, or a plain torch optimizer's own state_dict: not the engine's model-space
         # state (its parameters are indices into an optimizer this run does not have).
