@@ -17,21 +17,10 @@ import random
 
 TRAIN_CHATS, TRAIN_PAIRS, HELDOUT = 20000, 20000, 500
 VERSION = 1  # part of the file names: a change to the generator must not reuse old files
-THREE_DIGIT_FRACTION = 0.5
 
 
 def _operands(rng: random.Random) -> tuple[int, int]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    if rng.random() < THREE_DIGIT_FRACTION:   # one operand of three digits, either side
-        if rng.random() < 0.5:
-            return rng.randint(100, 999), b
-        return a, rng.randint(100, 999)
-    return a, b
-
-
-def task_of(a: int, b: int) -> str:
-    """``add2`` (both operands below 100) or ``add3``: the scorer reports each."""
-    return "add3" if max(a, b) >= 100 else "add2"
+    return rng.randint(0, 99), rng.randint(0, 99)
 
 
 def near_miss(answer: int, rng: random.Random) -> int:
@@ -60,12 +49,12 @@ def _question(a: int, b: int) -> str:
 
 def chat(a: int, b: int) -> dict:
     return {"messages": [{"role": "user", "content": _question(a, b)},
-                         {"role": "assistant", "content": str(a + b)}], "task": task_of(a, b)}
+                         {"role": "assistant", "content": str(a + b)}], "task": "add"}
 
 
 def pair(a: int, b: int, rng: random.Random) -> dict:
     return {"prompt": _question(a, b), "chosen": str(a + b),
-            "rejected": str(near_miss(a + b, rng)), "task": task_of(a, b)}
+            "rejected": str(near_miss(a + b, rng)), "task": "add"}
 
 
 def generate(seed: int = 0, train_chats: int = TRAIN_CHATS, train_pairs: int = TRAIN_PAIRS,
