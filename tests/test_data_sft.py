@@ -64,11 +64,11 @@ def test_sft_corpus_from_profile(tmp_path):
 def test_preference_pairs():
     tok = ByteTokenizer()
     ds = PreferenceDataset([{"prompt": "hi", "chosen": "hello!", "rejected": "go away"}], tok, 40)
-    item = ds[0]
-    chosen = item["chosen_labels"][item["chosen_loss_mask"] > 0].tolist()
-    rejected = item["rejected_labels"][item["rejected_loss_mask"] > 0].tolist()
+    item = ds[0]   # one PreferenceBatch row (tests/test_data_preference.py tests the rest)
+    chosen = item.chosen.labels[item.chosen.loss_mask > 0].tolist()
+    rejected = item.rejected.labels[item.rejected.loss_mask > 0].tolist()
     assert tok.decode(chosen) == "hello!\n" and tok.decode(rejected) == "go away\n"
-    assert torch.equal(item["chosen_tokens"][:8], item["rejected_tokens"][:8])  # shared prompt
+    assert torch.equal(item.chosen.tokens[:8], item.rejected.tokens[:8])  # shared prompt
 
 
 def test_augmentations_are_deterministic_per_sample():
@@ -280,7 +280,7 @@ def test_synthetic_chats_are_deterministic_and_held_out(tmp_path):
     first = [p.read_bytes() for p in materialise("synthetic:qa:3", str(tmp_path / "a"))]
     again = [p.read_bytes() for p in materialise("synthetic:qa:3", str(tmp_path / "b"))]
     assert first == again and first[0] and first[1]
-    with pytest.raises(DataError, match="unknown built-in chat set"):
+    with pytest.raises(DataError, match="unknown built-in set"):
         materialise("synthetic:nope", str(tmp_path))
 
 

@@ -55,8 +55,11 @@ class DataConfig:
     # "indexed": Megatron .bin/.idx written by `apt preprocess` (or Megatron-LM): `path` is the
     #   prefix, or `blend: [[0.7, prefix_a], [0.3, prefix_b]]` mixes several by weight.
     # "sft": chat/instruction JSONL at `path`, loss on the responses only; `path: synthetic:qa`
-    #   is a built-in offline set of programmatic question/answer chats (synthetic_chat.py).
-    corpus: Literal["stdlib", "text", "indexed", "sft"] = "stdlib"
+    #   is a built-in offline set of programmatic question/answer chats (synthetic_chat.py),
+    #   `synthetic:arith` one of integer sums (synthetic_arith.py).
+    # "preference": {prompt, chosen, rejected} JSONL at `path` (or messages + two answers), for
+    #   preference alignment; `path: synthetic:arith` gives correct sums against near misses.
+    corpus: Literal["stdlib", "text", "indexed", "sft", "preference"] = "stdlib"
     path: Optional[str] = None
     blend: Optional[list] = None
     # "byte" needs no file; "hf" reads a tokenizer.json, "sentencepiece" a .model (tokenizer_path).
@@ -78,6 +81,10 @@ class DataConfig:
     reset_attention_mask: bool = False
     # sft: pack several records into one sample.
     packing: bool = False
+    # preference: a pair longer than seq_length + 1 keeps at most this many of the prompt's last
+    # tokens, then its answers are cut; None: half of seq_length + 1. A pair left with an empty
+    # answer (a prompt kept longer than the row allows) is dropped and counted.
+    max_prompt_length: Optional[int] = rule(None, gt=0)
     # sft: how records become text. auto: the tokenizer's own chat template when it has one
     # (chat_template.jinja or tokenizer_config.json next to tokenizer.json), else builtin
     # ("<|role|>\n{content}\n" per message).
@@ -404,7 +411,7 @@ AUGMENTATIONS = ("doc_shuffle", "span_corruption")
 
 
 def _data_checks(data: DataConfig):
-    if data.corpus in ("text", "sft") and not data.path:
+    if data.corpus in ("text", "sft", "preference") and not data.path:
         yield "data.path", f"required when data.corpus is '{data.corpus}'"
     if data.corpus == "indexed":
         if not data.path and not data.blend:
@@ -439,7 +446,15 @@ def _data_checks(data: DataConfig):
                              f"first and positive (e.g. 98,2,0)")
     if not isinstance(data.augment, list) or any(a not in AUGMENTATIONS for a in data.augment):
         yield "data.augment", f"{data.augment!r}: expected a list of {', '.join(AUGMENTATIONS)}"
-    if data.path and data.path.startswith("synthetic:") and data.corpus != "sft":
-        yield "data.path", f"{data.path!r} is a built-in chat set: needs data.corpus 'sft'"
+    if data.path and data.path.startswith("synthetic:") and data.corpus not in ("sft",
+                                                                                "preference"):
+        yield "data.path", (f"{data.path!r} is a built-in set: needs data.corpus 'sft' or "
+                            f"'preference'")
     if data.packing and data.corpus != "sft":
-        yield "data.packing", "packs SFT records: needs data.corpus 'sft'"
+        yield "data.packing", ("packs SFT records: needs data.corpus 'sft' (preference pairs "
+                               "are never packed: a row is one prompt and one answer)"
+                               if data.corpus == "preference" else
+                               "packs SFT records: needs data.corpus 'sft'")
+    if data.max_prompt_length is not None and data.corpus != "preference":
+        yield "data.max_prompt_length", ("truncates preference prompts: needs data.corpus "
+                                         "'preference'")

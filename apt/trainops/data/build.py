@@ -20,7 +20,8 @@ from .corpus import is_validation, stdlib_documents, text_documents
 from .datasets import TokenDataset
 from .errors import DataError
 from .indexed import IndexedReader, prefix_of
-from .sft import SFTDataset, read_jsonl
+from .preference import PreferenceDataset, pairs_as_chats
+from .sft import SFTDataset, read_located_jsonl
 from .synthetic_chat import PREFIX, materialise
 from .tokenizer import build_tokenizer, describe_identity, saved_identity, tokenizer_identity
 
@@ -42,6 +43,8 @@ def build_datasets(data: DataConfig, model_vocab_size: int | None = None, seed: 
         splits = _indexed_splits(data, tokenizer, options, seed)
     elif data.corpus == "sft":
         splits = _sft_splits(data, tokenizer)
+    elif data.corpus == "preference":
+        splits = _preference_splits(data, tokenizer)
     else:
         splits = _document_splits(data, tokenizer, options, seed)
     train, val, test = splits
@@ -167,10 +170,30 @@ def sft_records(data: DataConfig) -> tuple[list[dict], list[dict], str]:
     """(train, validation, name) chat records of ``data.path``: a JSONL file split by a stable
     hash of the record's line (``data.val_fraction``), or a built-in ``synthetic:`` set with
     its own held-out file. The chat scorer reads the same validation records."""
+    train, val, name = _jsonl_splits(data, "sft")
+    return [r for _, r in train], [r for _, r in val], name
+
+
+def heldout_chats(data: DataConfig) -> list[dict]:
+    """The validation records as chats for the chat scorer: SFT's own, or each preference
+    pair's prompt answered by its chosen answer."""
+    if data.corpus != "preference":
+        return sft_records(data)[1]
+    _, val, _ = preference_records(data)
+    return pairs_as_chats([r for _, r in val], [where for where, _ in val])
+
+
+def preference_records(data: DataConfig) -> tuple[list, list, str]:
+    """(train, validation, name) of ``data.path``'s preference pairs, each a (``file:line``,
+    record), split as ``sft_records`` splits chats."""
+    return _jsonl_splits(data, "preference")
+
+
+def _jsonl_splits(data: DataConfig, corpus: str):
     if data.path.startswith(PREFIX):
-        train_path, heldout_path = materialise(data.path, data.cache_dir)
-        return read_jsonl(train_path), read_jsonl(heldout_path), data.path
-    records = read_jsonl(data.path)
+        train_path, heldout_path = materialise(data.path, data.cache_dir, corpus)
+        return read_located_jsonl(train_path), read_located_jsonl(heldout_path), data.path
+    records = read_located_jsonl(data.path)
     train = [r for i, r in enumerate(records) if not is_validation(str(i), data.val_fraction)]
     val = [r for i, r in enumerate(records) if is_validation(str(i), data.val_fraction)]
     if not val:
@@ -186,3 +209,13 @@ def _sft_splits(data, tokenizer):
     return tuple(SFTDataset(records, tokenizer, data.seq_length, packing=data.packing,
                             name=f"{name}[{split}]", template=template)
                  for records, split in ((train, "train"), (val, "validation"))) + (None,)
+
+
+def _preference_splits(data, tokenizer):
+    train, val, name = preference_records(data)
+    template = resolve_chat_template(tokenizer, data.chat_template)
+    return tuple(PreferenceDataset([r for _, r in located], tokenizer, data.seq_length,
+                                   name=f"{name}[{split}]", template=template,
+                                   max_prompt_length=data.max_prompt_length,
+                                   locations=[where for where, _ in located])
+                 for located, split in ((train, "train"), (val, "validation"))) + (None,)

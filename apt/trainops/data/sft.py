@@ -1,4 +1,4 @@
-"""Supervised fine-tuning and preference data from JSONL records.
+"""Supervised fine-tuning data from JSONL records.
 
 A record is ``{"messages": [{"role": ..., "content": ...}, ...]}`` or ``{"prompt": ...,
 "response": ...}`` (``instruction``/``input``/``output`` is read as prompt and response). A chat
@@ -10,7 +10,7 @@ token after a final assistant turn are trained (loss mask 1), never the prompt.
 (greedy, in record order): position ids restart at 0 for each record and a block-diagonal causal
 ``attention_mask`` confines attention to the record; the loss never crosses a record boundary.
 A record whose assistant tokens ``seq_length`` cuts off entirely is dropped and counted.
-``PreferenceDataset`` reads ``{"prompt", "chosen", "rejected"}`` pairs for alignment."""
+Preference pairs are preference.py's."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from .batches import LMBatch
 from .chat_template import BUILTIN, ChatTemplate, encode_chat
@@ -45,10 +44,15 @@ def iter_jsonl(path):
 
 
 def read_jsonl(path) -> list[dict]:
+    return [record for _, record in read_located_jsonl(path)]
+
+
+def read_located_jsonl(path) -> list[tuple[str, dict]]:
+    """(``file:line``, record) of every record; a missing or empty file is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
-    records = [record for _, record in iter_jsonl(path)]
+    records = list(iter_jsonl(path))
     if not records:
         raise DataError(path, "empty dataset: no records")
     return records
@@ -138,42 +142,3 @@ class SFTDataset(BatchIndexed):
             # Padding (segment -1) attends to padding only, so no row is fully masked.
             batch.attention_mask = block_causal_mask(torch.from_numpy(segment))
         return batch
-
-
-class PreferenceDataset(Dataset):
-    """Pairs for DPO-style alignment: ``chosen_*`` and ``rejected_*`` tokens, labels and loss
-    masks (response tokens only), padded to ``seq_length``."""
-
-    def __init__(self, records: list[dict], tokenizer, seq_length: int, name: str = "preference"):
-        self.seq_length, self.name = seq_length, name
-        self.sides = {}
-        for side in ("chosen", "rejected"):
-            rows = []
-            for i, r in enumerate(records):
-                where = f"{name}: record {i}"
-                if "prompt" not in r or side not in r:
-                    raise DataError(where, "a preference record needs 'prompt', 'chosen' and "
-                                           "'rejected'")
-                rows.append(render([{"role": "user", "content": r["prompt"]},
-                                    {"role": "assistant", "content": r[side]}], tokenizer))
-            self.sides[side] = _pad(rows, seq_length + 1, tokenizer.pad_id)
-
-    def __len__(self) -> int:
-        return len(self.sides["chosen"][0])
-
-    def __getitem__(self, index: int) -> dict:
-        item = {"sample_id": torch.tensor(index),
-                "position_ids": torch.arange(self.seq_length)}
-        for side, (tokens, mask) in self.sides.items():
-            item[f"{side}_tokens"] = torch.from_numpy(tokens[index, :-1])
-            item[f"{side}_labels"] = torch.from_numpy(tokens[index, 1:])
-            item[f"{side}_loss_mask"] = torch.from_numpy(mask[index, 1:])
-        return item
-
-
-def _pad(rows, width: int, pad_id: int):
-    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.float32)
-    for i, (t, m) in enumerate(rows):
-        tokens[i, :min(len(t), width)], mask[i, :min(len(m), width)] = t[:width], m[:width]
-    return tokens, mask

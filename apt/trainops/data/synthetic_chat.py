@@ -82,29 +82,52 @@ def generate(seed: int = 0, train_chats: int = TRAIN_CHATS,
     return train, heldout
 
 
+# Built-in sets: name -> what they offer (data.corpus values).
+SETS = {"qa": ("sft",), "arith": ("sft", "preference")}
+
+
 def parse_source(path: str) -> tuple[str, int]:
-    """``synthetic:qa`` or ``synthetic:qa:SEED`` -> (name, seed)."""
+    """``synthetic:NAME`` or ``synthetic:NAME:SEED`` -> (name, seed)."""
     name, _, seed = path[len(PREFIX):].partition(":")
-    if name != "qa":
-        raise DataError(path, "unknown built-in chat set (known: synthetic:qa, "
-                              "synthetic:qa:SEED)", key="data.path")
+    if name not in SETS:
+        known = ", ".join(f"synthetic:{n}" for n in SETS)
+        raise DataError(path, f"unknown built-in set (known: {known}, each with an optional "
+                              f":SEED)", key="data.path")
     try:
         return name, int(seed or 0)
     except ValueError:
         raise DataError(path, f"seed {seed!r} is not an integer", key="data.path") from None
 
 
-def materialise(path: str, cache_dir: str | None = None) -> tuple[Path, Path]:
-    """Write (once) and return the train and held-out JSONL files of ``synthetic:...``.
+def _generator(name: str):
+    """(version, seed -> {file stem: records}) of a built-in set."""
+    if name == "arith":
+        from . import synthetic_arith
+        return synthetic_arith.VERSION, synthetic_arith.generate
+    return _VERSION, lambda seed: dict(zip(("train", "heldout"), generate(seed)))
+
+
+def materialise(path: str, cache_dir: str | None = None,
+                corpus: str = "sft") -> tuple[Path, Path]:
+    """Write (once) and return the train and held-out JSONL files of ``synthetic:...``:
+    chats for ``corpus="sft"``, preference pairs for ``corpus="preference"``.
     Default directory: ``~/.cache/apt/synthetic``."""
     name, seed = parse_source(path)
+    if corpus not in SETS[name]:
+        offers = [f"synthetic:{n}" for n, kinds in SETS.items() if corpus in kinds]
+        raise DataError(path, f"synthetic:{name} has no {corpus} data (data.corpus "
+                              f"{corpus!r} reads {', '.join(offers) or 'no built-in set'})",
+                        key="data.path")
     root = Path(cache_dir or Path.home() / ".cache" / "apt" / "synthetic")
-    directory = root / f"{name}-v{_VERSION}-seed{seed}"
-    files = directory / "train.jsonl", directory / "heldout.jsonl"
+    stems = ("train", "heldout") if corpus == "sft" else ("pairs-train", "pairs-heldout")
+    version, generate_files = _generator(name)
+    directory = root / f"{name}-v{version}-seed{seed}"
+    files = tuple(directory / f"{stem}.jsonl" for stem in stems)
     if all(f.is_file() for f in files):
         return files
     directory.mkdir(parents=True, exist_ok=True)
-    for records, target in zip(generate(seed), files):
+    for stem, records in generate_files(seed).items():
+        target = directory / f"{stem}.jsonl"
         temporary = target.with_name(f".{target.name}.{os.getpid()}")   # ranks may race
         temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(temporary, target)

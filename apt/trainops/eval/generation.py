@@ -158,7 +158,8 @@ def answer_scores(model, records: list[dict], turns: list, tokenizer, *, valid_v
 
 class ChatScorer:
     """``ChatScorer.from_data(cfg.data, tokenizer)(model)``: ``score_chats`` on the held-out
-    chats of a profile's SFT data (the validation records training does not see)."""
+    chats of a profile's SFT data (the validation records training does not see), or of its
+    preference pairs (each prompt answered by the chosen answer)."""
 
     def __init__(self, records: list[dict], tokenizer, template: ChatTemplate | None = None,
                  seq_length: int | None = None, max_records: int | None = None):
@@ -168,10 +169,10 @@ class ChatScorer:
 
     @classmethod
     def from_data(cls, data, tokenizer, max_records: int | None = None) -> "ChatScorer":
-        from apt.trainops.data.build import sft_records
-        _, heldout, _ = sft_records(data)
-        return cls(heldout, tokenizer, resolve_chat_template(tokenizer, data.chat_template),
-                   data.seq_length, max_records)
+        from apt.trainops.data.build import heldout_chats
+        return cls(heldout_chats(data), tokenizer,
+                   resolve_chat_template(tokenizer, data.chat_template), data.seq_length,
+                   max_records)
 
     def __call__(self, model) -> dict:
         return score_chats(model, self.records, self.tokenizer, self.template,
