@@ -7,9 +7,9 @@ reference.py); this class adds what an alignment user expects around them:
   computed once before the first step (cached with the data), after which no reference
   weights are held;
 - an evaluation before the first step and after the last: held-out preference accuracy
-  (``val_rewards/accuracies``) and, where this process holds the whole model and the data
-  keeps its records, exact-match of greedy answers against the chosen ones
-  (``val_exact_match``: does the model now *say* the preferred answer?).
+  (``val_rewards/accuracies``) and, for the profile's own pairs where this process holds the
+  whole model, exact-match of greedy answers against the chosen ones (``val_exact_match``:
+  does the model now *say* the preferred answer?).
 """
 from __future__ import annotations
 
@@ -22,23 +22,6 @@ from apt.trainops.objectives import PreferenceObjective
 from apt.trainops.objectives.reference import precompute
 from .checkpointing import layout_of
 from .trainer import Trainer
-
-
-def chosen_chats(records: list[dict]) -> list[dict]:
-    """Preference records as chats whose last assistant turn is the chosen answer."""
-    chats = []
-    for record in records:
-        chosen = record["chosen"]
-        answer = chosen.get("content") if isinstance(chosen, dict) else chosen
-        if "messages" in record:
-            chat = {"messages": list(record["messages"]) +
-                    [{"role": "assistant", "content": answer}]}
-        else:
-            chat = {"prompt": record["prompt"], "response": answer}
-        if "task" in record:
-            chat["task"] = record["task"]
-        chats.append(chat)
-    return chats
 
 
 class ClaudeTrainer(Trainer):
@@ -64,7 +47,7 @@ class ClaudeTrainer(Trainer):
         objective = self.objective
         if objective.needs_reference and cfg.training.dpo.reference == "precomputed":
             self._precompute_reference()
-        self.chat_scorer = self._chat_scorer()
+        self.chat_scorer = self._chat_scorer(own_data=train_dataset is None)
 
     def _precompute_reference(self) -> None:
         """Every pair's reference log-probs, once; then the reference weights are dropped."""
@@ -80,14 +63,11 @@ class ClaudeTrainer(Trainer):
                 self.objective.coerce, self.runtime.device))
         reference.release()
 
-    def _chat_scorer(self):
-        """Greedy exact-match against the chosen answers of the held-out pairs, where this
-        process holds the whole model (greedy decoding here is one-process)."""
-        records = getattr(getattr(self.eval_dataloader, "dataset", None), "records", None)
-        if not records or self.tokenizer is None or not self.plan.whole_model_per_rank:
+    def _chat_scorer(self, own_data: bool):
+        """Greedy exact-match against the chosen answers of the profile's held-out pairs,
+        where this process holds the whole model (greedy decoding here is one-process)."""
+        if not own_data or self.config.data.corpus != "preference" or self.tokenizer is None \
+                or not self.plan.whole_model_per_rank:
             return None
-        from apt.trainops.data.chat_template import resolve_chat_template
         from apt.trainops.eval.generation import ChatScorer
-        return ChatScorer(chosen_chats(records), self.tokenizer,
-                          resolve_chat_template(self.tokenizer, self.config.data.chat_template),
-                          self.config.data.seq_length)
+        return ChatScorer.from_data(self.config.data, self.tokenizer)

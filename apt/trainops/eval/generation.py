@@ -138,7 +138,10 @@ def answer_scores(model, records: list[dict], turns: list, tokenizer, *, valid_v
                   batch_size: int = 32, samples: int = 3) -> dict:
     """``exact_match`` (overall and per task) of greedy answers to ``turns``, ``records`` and
     ``samples`` (see ``score_chats``)."""
-    answers = greedy_generate(model, [p for p, _ in turns], [len(a) for _, a in turns],
+    # A prompt too long for the model keeps its end, as the training data truncates it.
+    max_len = getattr(getattr(model, "arch", None), "max_seq_len", None)
+    prompts = [p[max(0, len(p) - (max_len - len(a))):] if max_len else p for p, a in turns]
+    answers = greedy_generate(model, prompts, [len(a) for _, a in turns],
                               stop_id=tokenizer.eod_id, valid_vocab=valid_vocab,
                               batch_size=batch_size)
     hits = [answer == expected.tolist() for answer, (_, expected) in zip(answers, turns)]
