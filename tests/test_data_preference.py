@@ -116,7 +116,7 @@ def test_bad_records_name_the_file_and_line(tmp_path, line, problem):
     path = tmp_path / "pairs.jsonl"
     good = json.dumps(PAIRS[0])
     path.write_text("\n".join([good, good, json.dumps(line)] + [good] * 40) + "\n")
-    cfg = load_profile("tiny", ["data.corpus=preference", f"data.path={path}"])
+    cfg = load_profile("tiny", ["data.corpus=preference", "training.objective=dpo", f"data.path={path}"])
     with pytest.raises(DataError) as exc:
         build_datasets(cfg.data)
     message = str(exc.value)
@@ -124,8 +124,8 @@ def test_bad_records_name_the_file_and_line(tmp_path, line, problem):
 
 
 def test_preference_config_rules():
-    for overrides, key in ((["data.corpus=preference"], "data.path"),
-                           (["data.corpus=preference", "data.path=x.jsonl", "data.packing=true"],
+    for overrides, key in ((["data.corpus=preference", "training.objective=dpo"], "data.path"),
+                           (["data.corpus=preference", "training.objective=dpo", "data.path=x.jsonl", "data.packing=true"],
                             "data.packing"),
                            (["data.corpus=stdlib", "data.path=synthetic:arith"], "data.path"),
                            (["data.corpus=sft", "data.path=x", "data.max_prompt_length=8"],
@@ -133,7 +133,7 @@ def test_preference_config_rules():
         with pytest.raises(ConfigError) as exc:
             load_profile("tiny", overrides)
         assert exc.value.key == key, overrides
-    cfg = load_profile("tiny", ["data.corpus=preference", "data.path=synthetic:qa"])
+    cfg = load_profile("tiny", ["data.corpus=preference", "training.objective=dpo", "data.path=synthetic:qa"])
     with pytest.raises(DataError, match="synthetic:qa has no preference data"):
         build_datasets(cfg.data)
 
@@ -188,7 +188,7 @@ def test_synthetic_arith_is_deterministic_heldout_and_near(tmp_path):
     first = materialise("synthetic:arith:3", str(tmp_path / "a"), "preference")
     second = materialise("synthetic:arith:3", str(tmp_path / "b"), "preference")
     assert [f.read_bytes() for f in first] == [f.read_bytes() for f in second]
-    cfg = load_profile("tiny", ["data.corpus=preference", "data.path=synthetic:arith:3",
+    cfg = load_profile("tiny", ["data.corpus=preference", "training.objective=dpo", "data.path=synthetic:arith:3",
                                 f"data.cache_dir={tmp_path / 'a'}", "data.seq_length=40"])
     train, val, tok = build_datasets(cfg.data)
     assert len(val) == 500 and train.dropped == 0 and val.dropped == 0
