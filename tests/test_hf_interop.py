@@ -72,7 +72,8 @@ def test_export_llama_matches_transformers(tmp_path, tied):
             config["rms_norm_eps"], config["tie_word_embeddings"]) == (2, 96, 384, 1e-6, tied)
     theta = config.get("rope_theta") or config["rope_parameters"]["rope_theta"]
     assert theta == 50000.0 and config["dtype"] == "float32"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json",
+                                                     "model.safetensors"]
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(hf_model).__name__ == "LlamaForCausalLM"
     tokens = _tokens(cfg.vocab_size)
