@@ -135,12 +135,20 @@ def _assistant_turn(messages, k, template, tokenizer, where):
     return prompt, turn
 
 
-def _encode(template, messages, add_generation_prompt, tokenizer, where) -> np.ndarray:
+def render_or_fail(template, messages, add_generation_prompt, where) -> str:
+    """The template's text; its failure is a DataError naming the record."""
     try:
-        text = template.render(messages, add_generation_prompt)
+        return template.render(messages, add_generation_prompt)
     except Exception as exc:  # the template's raise_exception, an undefined variable, ...
         raise DataError(where, f"chat template {template.name} failed: {exc}") from None
+
+
+def tokens_of(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text), dtype=np.int64) if text else np.zeros(0, np.int64)
+
+
+def _encode(template, messages, add_generation_prompt, tokenizer, where) -> np.ndarray:
+    return tokens_of(tokenizer, render_or_fail(template, messages, add_generation_prompt, where))
 
 
 def _not_a_prefix(where, template, shorter, longer) -> DataError:

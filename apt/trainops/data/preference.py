@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .batches import LMBatch, PreferenceBatch
-from .chat_template import BUILTIN, ChatTemplate
+from .chat_template import BUILTIN, ChatTemplate, render_or_fail, tokens_of
 from .datasets import BatchIndexed
 from .errors import DataError
 
@@ -87,31 +87,20 @@ def encode_pair(messages: list[dict], answers: list[str], template: ChatTemplate
     """(prompt tokens, [answer tokens per answer]). The answer's text is what rendering the
     conversation with the answer adds to rendering it with the generation prompt; it is
     tokenised alone and ends with the end-of-document token."""
-    prompt_text = _render(template, messages, True, where)
-    prompt = _tokens(tokenizer, prompt_text)
+    prompt_text = render_or_fail(template, messages, True, where)
+    prompt = tokens_of(tokenizer, prompt_text)
     out = []
     for answer in answers:
-        full_text = _render(template, messages + [{"role": "assistant", "content": answer}],
+        full_text = render_or_fail(template, messages + [{"role": "assistant", "content": answer}],
                             False, where)
         if not full_text.startswith(prompt_text):
             raise DataError(where, f"chat template {template.name}: the conversation with the "
                                    f"answer does not start with the conversation with the "
                                    f"generation prompt, so the answer's text cannot be told "
                                    f"apart (use data.chat_template=builtin or fix the template)")
-        tokens = _tokens(tokenizer, full_text[len(prompt_text):])
+        tokens = tokens_of(tokenizer, full_text[len(prompt_text):])
         out.append(np.concatenate([tokens, [tokenizer.eod_id]]).astype(np.int64))
     return prompt, out
-
-
-def _render(template, messages, add_generation_prompt, where) -> str:
-    try:
-        return template.render(messages, add_generation_prompt)
-    except Exception as exc:  # the template's raise_exception, an undefined variable, ...
-        raise DataError(where, f"chat template {template.name} failed: {exc}") from None
-
-
-def _tokens(tokenizer, text: str) -> np.ndarray:
-    return np.asarray(tokenizer.encode(text), dtype=np.int64) if text else np.zeros(0, np.int64)
 
 
 def fit_pair(prompt: np.ndarray, answers: list[np.ndarray], width: int,

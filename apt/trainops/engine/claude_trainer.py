@@ -16,7 +16,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from apt.core.config import APTConfig
+from apt.core.config import APTConfig, with_overrides
 from apt.trainops.eval.forward_pass import forward_only
 from apt.trainops.objectives import PreferenceObjective
 from apt.trainops.objectives.reference import precompute
@@ -34,7 +34,6 @@ class ClaudeTrainer(Trainer):
     def __init__(self, model=None, train_dataset=None, eval_dataset=None, *,
                  config: APTConfig | None = None, beta: float | None = None,
                  loss_type: str | None = None, reference: str | None = None, **kwargs):
-        from apt.core.config import with_overrides
         cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
         overrides = {f"training.dpo.{k}": v for k, v in
                      (("beta", beta), ("loss_type", loss_type), ("reference", reference))
@@ -47,7 +46,7 @@ class ClaudeTrainer(Trainer):
         objective = self.objective
         if objective.needs_reference and cfg.training.dpo.reference == "precomputed":
             self._precompute_reference()
-        self.chat_scorer = self._chat_scorer(own_data=train_dataset is None)
+        self.chat_scorer = self._profile_chat_scorer(own_data=train_dataset is None)
 
     def _precompute_reference(self) -> None:
         """Every pair's reference log-probs, once; then the reference weights are dropped."""
@@ -62,12 +61,3 @@ class ClaudeTrainer(Trainer):
                 self.objective.logps_step, reference, cache, str(layout_of(self.plan)),
                 self.objective.coerce, self.runtime.device))
         reference.release()
-
-    def _chat_scorer(self, own_data: bool):
-        """Greedy exact-match against the chosen answers of the profile's held-out pairs,
-        where this process holds the whole model (greedy decoding here is one-process)."""
-        if not own_data or self.config.data.corpus != "preference" or self.tokenizer is None \
-                or not self.plan.whole_model_per_rank:
-            return None
-        from apt.trainops.eval.generation import ChatScorer
-        return ChatScorer.from_data(self.config.data, self.tokenizer)

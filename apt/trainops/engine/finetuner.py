@@ -76,20 +76,10 @@ class Finetuner(Trainer):
                                       self.config.training.seed)
         if self.neftune is not None:
             self.callbacks.append(_NEFTuneSteps(self.neftune))
-        self.chat_scorer = self._chat_scorer(own_data=train_dataset is None)
+        self.chat_scorer = self._profile_chat_scorer(own_data=train_dataset is None)
 
     def finetune(self) -> dict:
         return self.train()
-
-    def _chat_scorer(self, own_data: bool):
-        """Exact-match of greedy answers on the profile's held-out chats, where this process
-        holds the whole model (greedy decoding here is one-process)."""
-        plan = self.plan
-        if not own_data or self.config.data.corpus != "sft" or self.tokenizer is None or \
-                not plan.whole_model_per_rank:
-            return None
-        from apt.trainops.eval.generation import ChatScorer
-        return ChatScorer.from_data(self.config.data, self.tokenizer)
 
     def save_model(self, directory: str | Path) -> Path:
         """Collective. ``<dir>/model/dist`` (APT weights, any layout loads them),

@@ -328,6 +328,16 @@ class Trainer:
                       f"{format_duration(progress.eta(self.step))}")
 
     # ------------------------------------------------------------------ evaluation
+    def _profile_chat_scorer(self, own_data: bool):
+        """Exact-match of greedy answers on the profile's held-out chats (SFT's, or preference
+        pairs answered by the chosen answer), where the data is the profile's own and this
+        process holds the whole model (greedy decoding here is one-process)."""
+        if not own_data or self.config.data.corpus not in ("sft", "preference") or \
+                self.tokenizer is None or not self.plan.whole_model_per_rank:
+            return None
+        from apt.trainops.eval.generation import ChatScorer
+        return ChatScorer.from_data(self.config.data, self.tokenizer)
+
     def evaluate(self, max_batches: int | None = None) -> dict:
         """Validation metrics (apt.trainops.eval.Evaluator) over ``max_batches`` micro-batches
         per data-parallel rank, prefixed ``val_``; the same numbers on every layout. With a

@@ -103,7 +103,7 @@ class Evaluator:
         batches = [self._batch([r[0] for r in chunk], [r[1] for r in chunk],
                                [r[2] for r in chunk]) for chunk in
                    (rows[i:i + mbs] for i in range(0, len(rows), mbs))]
-        outputs = self._forward(batches, self._loglik_step)
+        outputs = forward_only(self.chunks, batches, self._loglik_step)
         totals = torch.zeros(3, dtype=torch.float64, device=self._device())
         if outputs:  # the last pipeline stage
             loglik = torch.cat([o["loglik"] for o in outputs]).tolist()
@@ -134,7 +134,7 @@ class Evaluator:
         batches = self.objective.prepare(batches, partial(forward_only, self.chunks))
         names = self.objective.eval_stat_names
         totals = torch.zeros(len(names), dtype=torch.float64, device=self._device())
-        for stats in self._forward(batches, self.objective.eval_forward_step) if batches else []:
+        for stats in forward_only(self.chunks, batches, self.objective.eval_forward_step):
             totals += torch.stack([stats[n].to(torch.float64) for n in names])
         sums = dict(zip(names, self._reduce(totals).tolist()))
         return self.objective.eval_metrics(sums, self.metrics)
@@ -155,9 +155,6 @@ class Evaluator:
     def _loglik_stats(self, batch: LMBatch, logits):
         loss = per_token_loss(self.model, logits, batch.labels).double()
         return {"loglik": -(loss * batch.loss_mask.double()).sum(dim=1)}
-
-    def _forward(self, batches: list, step_fn) -> list[dict]:
-        return forward_only(self.chunks, batches, step_fn)
 
     @staticmethod
     def _reduce(totals: torch.Tensor) -> torch.Tensor:
