@@ -71,27 +71,51 @@ def _begin_run(manager: CheckpointManager, choose) -> tuple[str, object]:
         return "error", str(exc)
 
 
-def init_weights_directory(path: str) -> Path:
-    """The weights ``training.init_from`` names: a dist_checkpointing directory, a directory
-    holding one as ``model/`` or ``model/dist/`` (a training checkpoint, a run directory, a
-    saved fine-tune) or a checkpoints directory (its newest verified checkpoint). This is how
-    one profile starts from another's result (e.g. dpo-tiny from arith-sft-tiny)."""
+def load_init_weights(modules, path: str) -> None:
+    """Collective: load the weights ``training.init_from`` names into ``modules``.
+
+    ``path``: a dist_checkpointing directory, a directory holding one as ``model/dist/`` (a run
+    or a saved fine-tune), a training checkpoint (its ``model/``) or a checkpoints directory
+    (its newest verified checkpoint). This is how one profile starts from another's result
+    (e.g. dpo-tiny from arith-sft-tiny). Rank 0 resolves the path and verifies what it picks
+    once; every rank gets the same answer (or the same error)."""
+    answer = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = ("ok", *_init_weights_directory(path))
+        except CheckpointError as exc:
+            answer[0] = ("error", str(exc), None)
+    dist.broadcast_object_list(answer, src=0)
+    kind, value, verified = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    load_model_weights(modules, value, verified=verified)
+
+
+def _init_weights_directory(path: str) -> tuple[str, bool]:
+    """(weights directory, whether it was verified here already)."""
     root = Path(path)
+    if (root / "state.json").is_file() and (root / "model" / "metadata.json").is_file():
+        # a training checkpoint: verified as a whole (manifest, state, pickles) before its
+        # state is read
+        return _checkpoint_weights(CheckpointManager(root.parent).load(root), path), True
     for candidate in (root, root / "model", root / "model" / "dist"):
         if (candidate / "metadata.json").is_file():
-            if candidate.name == "model" and (root / "state.json").is_file():
-                state = json.loads((root / "state.json").read_text())
-                if state.get("model_contents") == "trainable":
-                    raise CheckpointError(f"training.init_from={path}: holds only LoRA adapters, "
-                                          f"not full weights")
-            return candidate
+            return str(candidate), False   # load_model_weights checks it on rank 0
     if root.is_dir():
         latest = CheckpointManager(root).load_latest()
         if latest is not None:
-            return init_weights_directory(str(latest.path))
+            return _checkpoint_weights(latest, path), True
     raise CheckpointError(f"training.init_from={path}: no weights there (expected a "
                           f"dist_checkpointing directory, a run or checkpoint directory, or a "
                           f"checkpoints directory)")
+
+
+def _checkpoint_weights(checkpoint: CheckpointState, path: str) -> str:
+    if checkpoint.state.get("model_contents") == "trainable":
+        raise CheckpointError(f"training.init_from={path}: holds only LoRA adapters, not full "
+                              f"weights")
+    return str(checkpoint.path / "model")
 
 
 def layout_of(plan) -> dict:

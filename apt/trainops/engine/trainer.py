@@ -15,7 +15,7 @@ import torch.distributed as dist
 from apt.core.config import APTConfig, config_to_dict, with_overrides
 from apt.model.lora import apply_lora, merge_lora
 from apt.trainops.artifacts import ArtifactManager
-from apt.trainops.checkpoints import load_model_weights, save_model_weights
+from apt.trainops.checkpoints import save_model_weights
 from apt.trainops.checkpoints.model_weights import zero3_gathered
 from apt.trainops.data import APTDataLoader, create_dataloader, nats_to_bits
 from apt.trainops.data.build import build_datasets
@@ -27,7 +27,7 @@ from apt.trainops.distributed.runtime import ranks_raising, seed_everything, set
 from apt.trainops.objectives import build_objective
 from .callbacks import Callback
 from .checkpointing import (PreemptionGuard, announce_resume, checkpoint_manager,
-                            init_weights_directory, load_engine_state, load_weights,
+                            load_engine_state, load_init_weights, load_weights,
                             resolve_resume, resumed_run_dir,
                             save_training_checkpoint)
 from .progress import Progress, format_duration
@@ -127,7 +127,7 @@ class Trainer:
             self.modules = [model]
         self.modules = [m.to(self.runtime.device) for m in self.modules]
         if cfg.training.init_from:
-            load_model_weights(self.modules, init_weights_directory(cfg.training.init_from))
+            load_init_weights(self.modules, cfg.training.init_from)
         apply_lora(self.modules, cfg.lora, seed=cfg.training.seed)   # no-op when lora.rank is 0
         # The initial weights, before a resume replaces them (a preference reference keeps them).
         self.objective.bind(self.modules)
