@@ -1,7 +1,11 @@
-"""The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config),
-``apt preprocess`` (text/JSONL/Parquet -> indexed token files), ``apt benchmark`` (timed
-training steps, one summary line), ``apt export-hf`` / ``apt import-hf`` (Hugging Face
-Llama/Mixtral directories <-> APT weights), ``apt checkpoints`` (list and verify)."""
+"""The ``trainops`` command (also ``python -m apt``): ``trainops plan`` (layout and memory),
+``trainops profile`` (resolved config), ``trainops preprocess`` (text/JSONL/Parquet -> indexed
+token files), ``trainops benchmark`` (timed training steps, one summary line), ``trainops
+export-hf`` / ``trainops import-hf`` (Hugging Face Llama/Mixtral directories <-> APT weights),
+``trainops checkpoints`` (list and verify).
+
+It is not called ``apt``: on Debian and Ubuntu (every GPU node) that name is the system's
+package manager, which a virtualenv on PATH would shadow."""
 from __future__ import annotations
 
 import argparse
@@ -109,7 +113,7 @@ def _import_hf(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
+    parser = argparse.ArgumentParser(prog="trainops", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="print the parallel plan and memory per GPU")
     add_profile_arguments(plan)

@@ -52,7 +52,7 @@ class ModelConfig:
 class DataConfig:
     # "stdlib": the Python standard library's own sources, present offline on every machine.
     # "text": every *.txt/*.py file under `path` (a file or a directory).
-    # "indexed": Megatron .bin/.idx written by `apt preprocess` (or Megatron-LM): `path` is the
+    # "indexed": Megatron .bin/.idx written by `trainops preprocess` (or Megatron-LM): `path` is the
     #   prefix, or `blend: [[0.7, prefix_a], [0.3, prefix_b]]` mixes several by weight.
     # "sft": chat/instruction JSONL at `path`, loss on the responses only; `path: synthetic:qa`
     #   is a built-in offline set of programmatic question/answer chats (synthetic_chat.py),
