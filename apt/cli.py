@@ -2,7 +2,7 @@
 ``trainops profile`` (resolved config), ``trainops preprocess`` (text/JSONL/Parquet -> indexed
 token files), ``trainops benchmark`` (timed training steps, one summary line), ``trainops
 export-hf`` / ``trainops import-hf`` (Hugging Face Llama/Mixtral directories <-> APT weights),
-``trainops checkpoints`` (list and verify).
+``trainops checkpoints`` (list and verify), ``trainops doctor`` (is this machine ready).
 
 It is not called ``apt``: on Debian and Ubuntu (every GPU node) that name is the system's
 package manager, which a virtualenv on PATH would shadow."""
@@ -73,6 +73,11 @@ def _checkpoints(args) -> int:
         print(f"{e['name']:24s} step {e['step']:>8d} {size}  {lineage}  "
               f"{'ok' if e['ok'] else 'NOT LOADABLE: ' + ' '.join(e['reason'].split())}")
     return 0 if all(e["ok"] for e in entries) else EXIT_CONFIG_ERROR
+
+
+def _doctor(args) -> int:
+    from apt.trainops.doctor import run
+    return run(args)
 
 
 def _export_hf(args) -> int:
@@ -147,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     ckpts = commands.add_parser("checkpoints", help="list checkpoints and verify them")
     ckpts.add_argument("--dir", required=True, help="a checkpoint directory (save_dir)")
     ckpts.set_defaults(func=_checkpoints)
+    doctor = commands.add_parser("doctor", help="check this machine before a run: a table "
+                                 "and a verdict (exit 2 if a run would fail)")
+    add_profile_arguments(doctor)
+    from apt.trainops.doctor import add_arguments as add_doctor_arguments
+    add_doctor_arguments(doctor)
+    doctor.set_defaults(func=_doctor)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -119,6 +119,10 @@ class DistributedConfig:
     # pipeline, sequence and expert parallel (the plan says which and why).
     engine: Literal["auto", "deepspeed", "megatron"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Seconds a rank waits to reach the rendezvous store (MASTER_ADDR:MASTER_PORT) and for every
+    # rank to arrive, then fails naming the address (a launcher killed at start-up, a missing
+    # node) instead of waiting 30 minutes.
+    rendezvous_timeout_s: float = rule(300.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,10 @@ class HardwareConfig:
     # Peak dense TFLOP/s of one device at the run's precision, for MFU. None: the table of known
     # GPUs (apt/trainops/eval/flops.py), else a measured matmul (CPU, unknown GPUs).
     peak_tflops: Optional[float] = rule(None, gt=0)
+    # A run is refused before the model is built when the plan's memory estimate exceeds the
+    # memory found (GPU memory; host memory on CPU). false: start anyway (the estimate is
+    # pessimistic for this setup, or swap is intended).
+    memory_check: bool = True
 
 
 @dataclass(frozen=True)

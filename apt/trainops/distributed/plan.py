@@ -70,6 +70,16 @@ class Plan:
         return max(1, -(-self.world_size // self.gpus_per_node))
 
     @property
+    def checkpoint_bytes(self) -> int:
+        """One training checkpoint, all ranks' files together: the weights at the training
+        precision, and per trainable parameter its fp32 master copy and two Adam moments
+        (checkpoints/optimizer_state.py); RNG states and JSON files are negligible."""
+        trainable = self.params_total * self.memory.trainable_per_gpu / max(
+            1, self.memory.params_per_gpu)
+        weight_bytes = 2 if self.precision in ("bf16", "fp16") else 4
+        return int(self.params_total * weight_bytes + 12 * trainable)
+
+    @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_length
 
