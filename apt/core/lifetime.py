@@ -17,8 +17,8 @@ waits for a store), where a Python signal handler would not run: the handler's w
 read by a thread. Once the training loop installs its own SIGTERM handler (the preemption
 guard), this one stands aside.
 
-Only the standard library is imported: launch/train.py calls both first,
-before torch is imported (which takes seconds).
+Only the standard library is imported: launch/train.py calls both first, before torch is
+imported (which takes seconds).
 """
 from __future__ import annotations
 
@@ -38,13 +38,12 @@ DEFAULT_GRACE_S = float(os.environ.get("APT_ORPHAN_GRACE_S", 120))
 LAUNCHERS = ("torchrun", "torch.distributed.run", "torch/distributed/run.py",
              "torch.distributed.launch", "deepspeed", "slurmstepd", "mpirun", "mpiexec")
 
-_watched_parent: int | None = None
-
-
 # Set by a launcher for its workers (not RANK: a one-process group exports that itself):
 # torchrun, the deepspeed launcher, srun, Open MPI, MPICH/Intel MPI.
 LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "CROSS_RANK", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK",
                 "PMI_RANK")
+
+_watched_parent: int | None = None
 
 
 def launched() -> bool:
