@@ -42,7 +42,7 @@ def _listening(port: int) -> bool:
 
 def _limit_memory():
     # If the memory refusal ever breaks, building 70b must fail here, not in the OOM killer.
-    resource.setrlimit(resource.RLIMIT_AS, (24 * 2**30, 24 * 2**30))
+    resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
 
 
 def _errors(stderr: str) -> list[str]:
