@@ -31,7 +31,8 @@ class Check:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    """A size for a person: GiB, or MiB below a tenth of one."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def memory_check(cfg, plan, processes_per_node: int) -> Check:
