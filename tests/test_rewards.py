@@ -1,0 +1,264 @@
+"""Rewards for GRPO (apt/trainops/rewards): each reward on crafted completions, weights, failures,
+refusals before training, and the code sandbox's containment (a real subprocess each time)."""
+import logging
+import math
+import os
+import threading
+import time
+
+import pytest
+
+from apt.core.config.errors import ConfigError
+from apt.trainops.rewards import (Code, ExactMatch, Format, Numeric, RewardSet, SandboxLimits,
+                                  check_reward_specs, run_python)
+
+
+# --- user functions (resolved by name as tests.test_rewards:...) -------------------------------
+def length_bonus(prompt, completion, record, scale=1.0):
+    return scale * len(completion)
+
+
+def raise_on_odd(prompt, completion, record):
+    if record["i"] % 2:
+        raise RuntimeError(f"odd record {record['i']}")
+    return 1.0
+
+
+def not_finite(prompt, completion, record):
+    return math.nan if record["i"] == 0 else 0.5
+
+
+def two_arguments(prompt, completion):
+    return 0.0
+
+
+# --- built-in rewards ---------------------------------------------------------------------------
+@pytest.mark.parametrize("completion, reward", [
+    ("3 + 4 = 7, so 7 * 6 = 42\n#### 42", 1.0),       # GSM8K marker
+    ("The answer: 42.", 1.0),                          # answer: marker, trailing full stop
+    ("We get 40 + 2 = 42", 1.0),                       # last number
+    ("Answer = 42.0", 1.0),                            # number normalisation
+    ("#### 41", 0.0),
+    ("The answer is 42 but #### 43", 0.0),             # the marker wins over the last number
+    ("no idea", 0.0),
+])
+def test_exact_match_default_extraction(completion, reward):
+    assert ExactMatch()("q", completion, {"answer": "42"}) == reward
+
+
+def test_exact_match_pattern_case_and_thousands():
+    tagged = ExactMatch(pattern=r"<answer>(.*?)</answer>")
+    assert tagged("", "think 7 ... <answer> Paris </answer> 9", {"answer": "paris"}) == 1.0
+    assert tagged("", "Paris", {"answer": "Paris"}) == 0.0          # no tag: no answer
+    assert ExactMatch(case_sensitive=True)("", "answer: paris", {"answer": "Paris"}) == 0.0
+    assert ExactMatch()("", "#### 1,234", {"answer": 1234}) == 1.0
+
+
+def test_numeric_tolerance():
+    assert Numeric(abs_tol=0.01)("", "x = 3.141", {"answer": "3.14159"}) == 1.0
+    assert Numeric()("", "x = 3.141", {"answer": 3.14159}) == 0.0
+    assert Numeric(rel_tol=0.1)("", "#### 105", {"answer": 100}) == 1.0
+    assert Numeric()("", "#### many", {"answer": 1}) == 0.0
+    with pytest.raises(ValueError, match="not a number"):
+        Numeric()("", "#### 1", {"answer": "one"})
+
+
+def test_format_fullmatch_and_search():
+    think = Format(pattern=r"<think>.*</think>\s*<answer>.*</answer>")
+    assert think("", "<think>a\nb</think>\n<answer>3</answer>", {}) == 1.0
+    assert think("", "<think>a</think><answer>3</answer> extra", {}) == 0.0
+    assert Format(pattern=r"\d+", mode="search")("", "is 12 ok", {}) == 1.0
+
+
+def test_code_reward_fraction_and_all():
+    completion = "Here:\n```python\ndef add(a, b):\n    return a + b if a < 10 else 0\n```\n"
+    record = {"tests": ["assert add(1, 2) == 3", "assert add(20, 1) == 21"]}
+    assert Code(timeout_s=5)("", completion, record) == 0.5
+    assert Code(timeout_s=5, mode="all")("", completion, record) == 0.0
+    assert Code(timeout_s=5)("", "def add(a, b): return a + b", {"tests": "assert add(2, 2) == 4"}) == 1.0
+
+
+# --- the reward set ------------------------------------------------------------------------------
+def test_weights_summed_per_reward_and_failures_logged_once(caplog):
+    rewards = RewardSet.from_specs([
+        {"name": "exact_match", "weight": 2.0},
+        {"name": "format", "weight": 0.5, "pattern": r".*####.*"},
+        {"name": f"{__name__}:length_bonus", "weight": 1.0, "scale": 0.01},
+        {"name": f"{__name__}:raise_on_odd", "weight": 1.0},
+    ], "profiles/x.yaml")
+    assert rewards.required_fields == {"answer"}
+    completions = ["#### 5", "5", "#### 6", "x"]
+    records = [{"answer": "5", "i": i} for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger="apt.rewards"):
+        scores = rewards.score(["p"] * 4, completions, records)
+    assert scores.per_reward["exact_match"] == [1.0, 1.0, 0.0, 0.0]
+    assert scores.per_reward["format"] == [1.0, 0.0, 1.0, 0.0]
+    assert scores.per_reward[f"{__name__}:raise_on_odd"] == [1.0, 0.0, 1.0, 0.0]
+    assert scores.failures == {"exact_match": 0, "format": 0, f"{__name__}:length_bonus": 0,
+                               f"{__name__}:raise_on_odd": 2}
+    expected = [2 + 0.5 + 0.06 + 1, 2 + 0 + 0.01 + 0, 0 + 0.5 + 0.06 + 1, 0 + 0 + 0.01 + 0]
+    assert scores.total == pytest.approx(expected)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines  # one line per failing reward per call, not per sample
+    assert "raise_on_odd" in lines[0] and "RuntimeError: odd record 1" in lines[0]
+    assert "2 of 4" in lines[0]
+    assert scores.metrics()["reward_failures/" + f"{__name__}:raise_on_odd"] == 2.0
+
+
+def test_non_finite_reward_is_a_failure():
+    rewards = RewardSet.from_specs([{"name": f"{__name__}:not_finite"},
+                                    {"name": "format", "pattern": ".*"},
+                                    {"name": "format", "pattern": "a"}])
+    scores = rewards.score(["p", "p"], ["a", "b"], [{"i": 0}, {"i": 1}])
+    assert scores.per_reward[f"{__name__}:not_finite"] == [0.0, 0.5]
+    assert scores.failures[f"{__name__}:not_finite"] == 1
+    assert scores.per_reward["format#2"] == [1.0, 0.0]  # a repeated name gets its own label
+    assert all(math.isfinite(t) for t in scores.total)
+
+
+def test_unresolvable_names_refused_with_one_line():
+    specs = [{"name": "exact_match"}, {"name": "mymod:fn"}]
+    with pytest.raises(ConfigError) as err:
+        RewardSet.from_specs(specs, "profiles/x.yaml")
+    assert str(err.value) == ("profiles/x.yaml: training.grpo.rewards[1].name: 'mymod:fn' does "
+                              "not resolve (No module named 'mymod')")
+    refusals = {
+        f"{__name__}:missing": "has no attribute 'missing'",
+        f"{__name__}:two_arguments": r"cannot be called as fn\(prompt, completion, record\)",
+        "exact": "unknown reward 'exact'; did you mean 'exact_match'?",
+    }
+    for name, message in refusals.items():
+        with pytest.raises(ConfigError, match=message) as err:
+            RewardSet.from_specs([{"name": name}], "p.yaml")
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.patern: format has no option "
+                                          r"'patern'; did you mean 'pattern'\?"):
+        check_reward_specs([{"name": "format", "patern": "x"}], "p.yaml")
+    with pytest.raises(ConfigError, match=r"rewards\[0\]: format: pattern '\(' is not a regular"):
+        check_reward_specs([{"name": "format", "pattern": "("}], "p.yaml")
+
+
+def test_missing_record_field_refused():
+    rewards = RewardSet.from_specs([{"name": "numeric"}, {"name": "code", "timeout_s": 5}])
+    assert rewards.required_fields == {"answer", "tests"}
+    records = [{"answer": 1, "tests": []}, {"answer": 2}]
+    with pytest.raises(ConfigError) as err:
+        rewards.check_records(records, "data/prompts.jsonl")
+    assert str(err.value) == ("data/prompts.jsonl: record 2 of 2: no 'tests' field (reward code "
+                              "reads it)")
+    rewards.check_records(records[:1], "data/prompts.jsonl")
+
+
+# --- the sandbox --------------------------------------------------------------------------------
+def _sandbox_sessions():
+    """{session id: [pids]} of live (not zombie) sandbox child processes on this machine."""
+    sessions = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"sandbox_child.py" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            sessions.setdefault(int(fields[3]), []).append(int(pid))
+    return sessions
+
+
+def _run_watched(code, limits):
+    """run_python while a thread samples the sandbox's processes: (result, most processes seen in
+    one sandbox session, the sessions seen)."""
+    seen, most, done = set(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for session, pids in _sandbox_sessions().items():
+                seen.add(session)
+                most[0] = max(most[0], len(pids))
+            time.sleep(0.05)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run_python(code, ["assert True"], limits)
+    finally:
+        done.set()
+        watcher.join()
+    return result, most[0], seen
+
+
+def test_sandbox_runs_code_and_tests():
+    result = run_python("def f(x):\n    return 2 * x\nprint('hello')",
+                        ["assert f(2) == 4", "assert f(3) == 7", "assert f(0) == 0"])
+    assert (result.passed, result.total, result.reason) == (2, 3, "ok")
+    assert result.stdout_tail == "hello\n" and result.fraction == pytest.approx(2 / 3)
+    assert {"rlimits", "audit"} <= set(result.layers)
+
+
+def test_sandbox_infinite_loop_times_out_and_leaves_nothing():
+    result, most, sessions = _run_watched("while True:\n    pass", SandboxLimits(timeout_s=2))
+    assert result.reason == "timeout" and result.passed == 0
+    assert result.wall_s < 10
+    assert most >= 1  # the watcher saw it running ...
+    assert not set(_sandbox_sessions()) & sessions  # ... and it is gone
+
+
+def test_sandbox_fork_bomb_is_held_to_the_process_limit():
+    bomb = ("import os\n"
+            "while True:\n"
+            "    try:\n"
+            "        os.fork()\n"
+            "    except OSError:\n"
+            "        pass\n")
+    limit = 6
+    result, most, sessions = _run_watched(bomb, SandboxLimits(timeout_s=2, max_processes=limit))
+    assert result.reason == "timeout"
+    assert 1 < most <= limit, most  # it did fork, and never beyond the limit
+    time.sleep(0.2)
+    assert not set(_sandbox_sessions()) & sessions
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a uid of its own needs root")
+def test_sandbox_kills_a_process_that_left_the_group():
+    code = ("import os, time\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    time.sleep(60)\n"
+            "    os._exit(0)\n")
+    result, most, sessions = _run_watched(code, SandboxLimits(timeout_s=5))
+    assert result.reason == "ok" and "uid" in result.layers
+    time.sleep(0.2)
+    assert not set(_sandbox_sessions()) & sessions
+
+
+@pytest.mark.parametrize("audit_hook", [True, False], ids=["all-layers", "os-layers-only"])
+def test_sandbox_write_outside_the_directory_is_refused(tmp_path, audit_hook):
+    if not audit_hook and os.geteuid() != 0:
+        pytest.skip("without root only the audit hook guards writes")
+    target = tmp_path / "escaped.txt"
+    code = (f"open('inside.txt', 'w').write('fine')\n"
+            f"open({str(target)!r}, 'w').write('escaped')\n")
+    result = run_python(code, [], SandboxLimits(audit_hook=audit_hook))
+    assert result.reason == "error"
+    assert "PermissionError" in result.detail or "FileNotFoundError" in result.detail, result
+    assert not target.exists()
+
+
+def test_sandbox_memory_bomb():
+    result = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))",
+                        ["assert True"], SandboxLimits(memory_mb=256))
+    assert result.reason == "memory", result
+
+
+@pytest.mark.parametrize("audit_hook", [True, False], ids=["all-layers", "os-layers-only"])
+def test_sandbox_network_refused(audit_hook):
+    code = ("import socket\n"
+            "s = socket.socket()\n"
+            "s.settimeout(2)\n"
+            "s.connect(('127.0.0.1', 1))\n")  # even loopback: nothing to reach, not even refused
+    result = run_python(code, [], SandboxLimits(audit_hook=audit_hook))
+    if not audit_hook and "netns" not in result.layers:
+        pytest.skip("no network namespace here: only the audit hook guards the network")
+    assert result.reason == "error"
+    assert ("Network is unreachable" in result.detail or "sockets refused" in result.detail), result
