@@ -468,6 +468,14 @@ def _grpo_checks(cfg: APTConfig):
         yield "training.grpo.stop", f"{g.stop!r}: expected a list of non-empty strings"
     if not isinstance(g.rewards, list) or not g.rewards:
         yield "training.grpo.rewards", "expected a non-empty list of {name, weight, ...}"
+    # Sampling feeds one micro-batch per new token through the pipeline: the interleaved
+    # schedule needs PP of them; context parallelism would split a one-token pass.
+    if d.virtual_pipeline_stages > 1:
+        yield "training.distributed.virtual_pipeline_stages", (
+            "GRPO samples through a one-micro-batch pipeline pass: use 1 (no interleaving)")
+    if d.context_parallel > 1:
+        yield "training.distributed.context_parallel", (
+            "GRPO's sampler cannot split a one-token pass over context-parallel ranks: use 1")
 
 
 def _lora_checks(lora: LoRAConfig, model: ModelConfig):

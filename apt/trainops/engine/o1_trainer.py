@@ -130,6 +130,14 @@ class O1Trainer(Trainer):
         self._rollout_state = state
 
     # -- evaluation ------------------------------------------------------------------------
+    def greedy_answers(self, prompts: list) -> list[list[int]]:
+        """Greedy completions (token ids) of ``prompts`` on this layout; collective over the
+        model-parallel group (and the data-parallel group under ZeRO-3)."""
+        params = sampling_params(self.config.training.grpo, self.tokenizer,
+                                 self.config.data.seq_length, greedy=True)
+        return sample(self.modules, prompts, params, [0] * len(prompts),
+                      sync_group=self._sync_group()).tokens
+
     def evaluate(self, max_batches: int | None = None) -> dict:
         """Greedy answers to the held-out prompts (the first ``training.grpo.eval_prompts``),
         scored by the rewards; data-parallel ranks answer a share each."""
@@ -140,22 +148,20 @@ class O1Trainer(Trainer):
         count = min(len(dataset), g.eval_prompts or len(dataset))
         mine = list(range(self.runtime.dp_rank, count, self.runtime.dp_size))
         batch = dataset.get_batch(mine)
-        params = sampling_params(g, self.tokenizer, self.config.data.seq_length, greedy=True)
-        done = sample(self.modules, batch.prompts, params, [0] * len(mine),
-                      sync_group=self._sync_group())
+        answers = self.greedy_answers(batch.prompts)
         labels = [r.label for r in self.rewards.rewards]
+        roles = _RankRoles()
         sums = torch.zeros(4 + len(labels), dtype=torch.float64, device=self.runtime.device)
-        if _RankRoles().samples and mine:
-            texts = [self.tokenizer.decode(t) for t in done.tokens]
+        if roles.samples and mine:
+            texts = [self.tokenizer.decode(t) for t in answers]
             scores = self.rewards.score(batch.texts, texts, batch.records)
-            first = scores.per_reward[labels[0]]
             sums[0] = len(mine)
             sums[1] = sum(scores.total)
-            sums[2] = sum(1.0 for v in first if v >= 1.0)
-            sums[3] = sum(len(t) for t in done.tokens)
+            sums[2] = sum(1.0 for v in scores.per_reward[labels[0]] if v >= 1.0)
+            sums[3] = sum(len(t) for t in answers)
             for k, label in enumerate(labels):
                 sums[4 + k] = sum(scores.per_reward[label])
-        sums = _RankRoles().share(sums)
+        sums = roles.share(sums)
         from megatron.core import parallel_state
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         n = max(float(sums[0]), 1.0)

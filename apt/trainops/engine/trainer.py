@@ -79,8 +79,9 @@ def _eval_summary(result: dict) -> str:
         parts[0] += f" ({result['val_bits_per_token']:.3f} bits/token)"
         parts += [f"perplexity {result['val_perplexity']:.2f}",
                   f"next-token accuracy {result['val_accuracy']:.3f}"]
-    shown = {"step", "val_loss", "val_bits_per_token", "val_perplexity", "val_accuracy",
-             "val_tokens"}
+    shown = {"step", "val_loss", "val_bits_per_token", "val_perplexity", "val_tokens"}
+    if "val_bits_per_token" in result:
+        shown.add("val_accuracy")   # next-token accuracy, shown above
     parts += [f"{k[4:]} {v:.3f}" for k, v in result.items()
               if k not in shown and isinstance(v, float)]
     return " | ".join(parts)
