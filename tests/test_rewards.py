@@ -196,8 +196,11 @@ def test_sandbox_runs_code_and_tests():
     assert {"rlimits", "audit"} <= set(result.layers)
 
 
-def test_sandbox_infinite_loop_times_out_and_leaves_nothing():
-    result, most, sessions = _run_watched("while True:\n    pass", SandboxLimits(timeout_s=2))
+@pytest.mark.parametrize("loop", ["while True:\n    pass",                 # the CPU limit or
+                                  "import time\nwhile True:\n    time.sleep(1)"],  # the clock
+                         ids=["busy", "sleeping"])
+def test_sandbox_infinite_loop_times_out_and_leaves_nothing(loop):
+    result, most, sessions = _run_watched(loop, SandboxLimits(timeout_s=2))
     assert result.reason == "timeout" and result.passed == 0
     assert result.wall_s < 10
     assert most >= 1  # the watcher saw it running ...
@@ -205,12 +208,15 @@ def test_sandbox_infinite_loop_times_out_and_leaves_nothing():
 
 
 def test_sandbox_fork_bomb_is_held_to_the_process_limit():
-    bomb = ("import os\n"
-            "while True:\n"
+    # Every process forks 7 times (2**7 = 128 processes were nothing to stop it: a bomb that
+    # stays harmless on a shared machine should the limit ever fail), then waits to be killed.
+    bomb = ("import os, time\n"
+            "for _ in range(7):\n"
             "    try:\n"
             "        os.fork()\n"
             "    except OSError:\n"
-            "        pass\n")
+            "        pass\n"
+            "time.sleep(60)\n")
     limit = 6
     result, most, sessions = _run_watched(bomb, SandboxLimits(timeout_s=2, max_processes=limit))
     assert result.reason == "timeout"
@@ -232,33 +238,40 @@ def test_sandbox_kills_a_process_that_left_the_group():
     assert not set(_sandbox_sessions()) & sessions
 
 
-@pytest.mark.parametrize("audit_hook", [True, False], ids=["all-layers", "os-layers-only"])
-def test_sandbox_write_outside_the_directory_is_refused(tmp_path, audit_hook):
-    if not audit_hook and os.geteuid() != 0:
+# Each containment holds with every layer, with the operating system's alone (root: namespaces,
+# a uid of its own) and with the audit hook alone (what is left where neither is allowed).
+LAYERS = {"all-layers": SandboxLimits(), "os-layers-only": SandboxLimits(audit_hook=False),
+          "audit-hook-only": SandboxLimits(namespaces=False, own_uid=False)}
+
+
+@pytest.mark.parametrize("layers", LAYERS)
+def test_sandbox_write_outside_the_directory_is_refused(tmp_path, layers):
+    if layers == "os-layers-only" and os.geteuid() != 0:
         pytest.skip("without root only the audit hook guards writes")
     target = tmp_path / "escaped.txt"
     code = (f"open('inside.txt', 'w').write('fine')\n"
             f"open({str(target)!r}, 'w').write('escaped')\n")
-    result = run_python(code, [], SandboxLimits(audit_hook=audit_hook))
+    result = run_python(code, [], LAYERS[layers])
     assert result.reason == "error"
     assert "PermissionError" in result.detail or "FileNotFoundError" in result.detail, result
     assert not target.exists()
 
 
 def test_sandbox_memory_bomb():
-    result = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))",
+    # 1 GiB in 16 MiB steps (bounded, so a missing limit fails the test, not the machine).
+    result = run_python("chunks = [bytearray(16 << 20) for _ in range(64)]",
                         ["assert True"], SandboxLimits(memory_mb=256))
     assert result.reason == "memory", result
 
 
-@pytest.mark.parametrize("audit_hook", [True, False], ids=["all-layers", "os-layers-only"])
-def test_sandbox_network_refused(audit_hook):
+@pytest.mark.parametrize("layers", LAYERS)
+def test_sandbox_network_refused(layers):
     code = ("import socket\n"
             "s = socket.socket()\n"
             "s.settimeout(2)\n"
             "s.connect(('127.0.0.1', 1))\n")  # even loopback: nothing to reach, not even refused
-    result = run_python(code, [], SandboxLimits(audit_hook=audit_hook))
-    if not audit_hook and "netns" not in result.layers:
-        pytest.skip("no network namespace here: only the audit hook guards the network")
+    result = run_python(code, [], LAYERS[layers])
+    if layers == "os-layers-only" and os.geteuid() != 0 and "netns" not in result.layers:
+        pytest.skip("no user namespaces here: only the audit hook guards the network")
     assert result.reason == "error"
     assert ("Network is unreachable" in result.detail or "sockets refused" in result.detail), result

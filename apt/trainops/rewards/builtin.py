@@ -7,6 +7,7 @@ it reads, so a prompt file without them is refused before training.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -14,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .answers import final_answer, normalize, parse_number
 from .sandbox import SandboxLimits, run_python
+
+log = logging.getLogger("apt.rewards")
 
 
 def _pattern(pattern: str | None, flags: int = 0) -> re.Pattern | None:
@@ -131,6 +134,7 @@ class Code:
 
     def __call__(self, prompt: str, completion: str, record: dict) -> float:
         result = run_python(self.code_of(completion), self.tests_of(record), self.limits)
+        _say_once_what_is_missing(result.layers)
         if self.mode == "all":
             return float(result.total > 0 and result.passed == result.total)
         return result.fraction
@@ -145,6 +149,21 @@ class Code:
                 return exc
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(one, zip(prompts, completions, records)))
+
+
+_FULL_CAGE = ("netns", "mountns", "rlimits", "uid", "audit")
+_said = set()
+
+
+def _say_once_what_is_missing(layers) -> None:
+    # Where the kernel refuses namespaces or we are not root, the sandbox is weaker than the
+    # README's root guarantees (sandbox.py): say so once per process, naming what is missing.
+    missing = tuple(layer for layer in _FULL_CAGE if layer not in layers)
+    if missing and missing not in _said:
+        _said.add(missing)
+        log.warning("code sandbox runs without %s (see the README's sandbox guarantees)%s",
+                    ", ".join(missing), "; as root without a uid of its own the process limit "
+                    "does not apply" if "uid" in missing and os.geteuid() == 0 else "")
 
 
 BUILTIN_REWARDS = {"exact_match": ExactMatch, "numeric": Numeric, "format": Format, "code": Code}
