@@ -25,7 +25,7 @@ def raise_on_odd(prompt, completion, record):
 
 
 def not_finite(prompt, completion, record):
-    return math.nan if record["i"] == 0 else 0.5
+    return [math.nan, "high", True, 0.5][record["i"]]
 
 
 def two_arguments(prompt, completion):
@@ -75,7 +75,10 @@ def test_code_reward_fraction_and_all():
     record = {"tests": ["assert add(1, 2) == 3", "assert add(20, 1) == 21"]}
     assert Code(timeout_s=5)("", completion, record) == 0.5
     assert Code(timeout_s=5, mode="all")("", completion, record) == 0.0
-    assert Code(timeout_s=5)("", "def add(a, b): return a + b", {"tests": "assert add(2, 2) == 4"}) == 1.0
+    one_test = {"tests": "assert add(2, 2) == 4"}  # one string: one test
+    assert Code(timeout_s=5)("", "def add(a, b): return a + b", one_test) == 1.0
+    exits = "def add(a, b): return a + b\nimport sys\nsys.exit(0)"
+    assert Code(timeout_s=5)("", exits, one_test) == 1.0
 
 
 # --- the reward set ------------------------------------------------------------------------------
@@ -105,14 +108,14 @@ def test_weights_summed_per_reward_and_failures_logged_once(caplog):
     assert scores.metrics()["reward_failures/" + f"{__name__}:raise_on_odd"] == 2.0
 
 
-def test_non_finite_reward_is_a_failure():
+def test_non_finite_or_non_number_reward_is_a_failure():
     rewards = RewardSet.from_specs([{"name": f"{__name__}:not_finite"},
                                     {"name": "format", "pattern": ".*"},
                                     {"name": "format", "pattern": "a"}])
-    scores = rewards.score(["p", "p"], ["a", "b"], [{"i": 0}, {"i": 1}])
-    assert scores.per_reward[f"{__name__}:not_finite"] == [0.0, 0.5]
-    assert scores.failures[f"{__name__}:not_finite"] == 1
-    assert scores.per_reward["format#2"] == [1.0, 0.0]  # a repeated name gets its own label
+    scores = rewards.score(["p"] * 4, ["a", "b", "a", "b"], [{"i": i} for i in range(4)])
+    assert scores.per_reward[f"{__name__}:not_finite"] == [0.0, 0.0, 1.0, 0.5]
+    assert scores.failures[f"{__name__}:not_finite"] == 2
+    assert scores.per_reward["format#2"] == [1.0, 0.0, 1.0, 0.0]  # a repeated name: own label
     assert all(math.isfinite(t) for t in scores.total)
 
 
@@ -260,7 +263,7 @@ def test_sandbox_write_outside_the_directory_is_refused(tmp_path, layers):
 def test_sandbox_memory_bomb():
     # 1 GiB in 16 MiB steps (bounded, so a missing limit fails the test, not the machine).
     result = run_python("chunks = [bytearray(16 << 20) for _ in range(64)]",
-                        ["assert True"], SandboxLimits(memory_mb=256))
+                        ["assert True"], SandboxLimits(memory_mb=128))
     assert result.reason == "memory", result
 
 

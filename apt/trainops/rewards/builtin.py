@@ -44,7 +44,8 @@ class ExactMatch:
         if answer is None:
             return 0.0
         target = record[self.fields[0]]
-        return float(normalize(answer, self.case_sensitive) == normalize(target, self.case_sensitive))
+        same = normalize(answer, self.case_sensitive) == normalize(target, self.case_sensitive)
+        return float(same)
 
 
 class Numeric:
@@ -114,7 +115,8 @@ class Code:
                 raise ValueError(f"{key} must be a number > 0, got {value!r}")
         self.mode, self.extract = mode, extract
         self.limits = SandboxLimits(timeout_s=float(timeout_s), memory_mb=int(memory_mb),
-                                    max_processes=int(max_processes), file_size_mb=int(file_size_mb))
+                                    max_processes=int(max_processes),
+                                    file_size_mb=int(file_size_mb))
         # Sandboxes are processes: threads only wait on them. Default: one per core, at most 4.
         self.workers = int(workers) if workers else min(4, os.cpu_count() or 1)
         self.fields = (field,)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -80,9 +81,10 @@ def run_python(code: str, tests: list[str] | tuple[str, ...] = (),
     start = time.monotonic()
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as results:
+            cpu_s = limits.cpu_s or math.ceil(limits.timeout_s)
             job = {"code": code, "tests": tests, "dir": workdir, "uid": uid,
                    "result_fd": results.fileno(), "namespaces": limits.namespaces,
-                   "audit": limits.audit_hook, "cpu_s": limits.cpu_s or int(-(-limits.timeout_s // 1)),
+                   "audit": limits.audit_hook, "cpu_s": cpu_s,
                    "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb,
                    "max_processes": limits.max_processes, "max_open_files": limits.max_open_files,
                    "tmpfs_mb": limits.tmpfs_mb}
@@ -103,7 +105,7 @@ def _sandbox_uid() -> int:
 
 def _run_child(job, out, results, uid, timeout_s) -> tuple[int | None, bool]:
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": job["dir"], "TMPDIR": job["dir"]}
-    proc = subprocess.Popen([sys.executable, "-I", "-S", CHILD], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-I", "-S", "-u", CHILD], stdin=subprocess.PIPE,
                             stdout=out, stderr=subprocess.STDOUT, cwd=job["dir"], env=env,
                             start_new_session=True, pass_fds=(results.fileno(),))
     timed_out = False

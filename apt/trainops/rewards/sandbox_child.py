@@ -41,8 +41,10 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     report = job["result_fd"]
-    # Counted before any namespace, where the caller's uid still reads as itself.
-    already_running = _tasks_of_uid(os.getuid()) if job["uid"] is None else 0
+    # Counted before any namespace, where the caller's uid still reads as itself (root is not
+    # held to RLIMIT_NPROC at all, see the uid layer).
+    own_uid = job["uid"] is None and os.geteuid() != 0
+    already_running = _tasks_of_uid(os.getuid()) if own_uid else 0
     layers = []
     try:
         layers += _namespaces(job)
@@ -224,9 +226,11 @@ def _run(code: str, tests: list[str], report: int) -> int:
         status = "ok"
     except MemoryError:
         status, memory = "memory", True
+    except SystemExit as exc:  # a script that ends with sys.exit(0) still gets its tests run
+        status = "ok" if exc.code in (None, 0) else f"SystemExit: {exc.code}"
     except BaseException as exc:  # noqa: BLE001 - the program's own failure is its score
         status = f"{type(exc).__name__}: {exc}"
-    os.write(report, f"C {status}".replace("\n", " ").encode() + b"\n")
+    os.write(report, f"C {status}".replace("\n", " ")[:300].encode() + b"\n")
     if status == "ok":
         for test in tests:
             try:
