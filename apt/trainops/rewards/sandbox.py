@@ -137,9 +137,28 @@ def _kill_group(pgid: int) -> None:
 def _kill_uid(uid: int) -> None:
     # kill(-1) from that uid signals every process of it at once (the kernel walks the task list
     # under its lock, so a fork bomb cannot add processes meanwhile) except the caller itself.
+    kill = shutil.which("kill", path="/usr/bin:/bin")
     for _ in range(2):
-        subprocess.run(["/bin/kill", "-KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if kill:
+            subprocess.run([kill, "-KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        else:  # no kill program: find them one by one (the process limit bounds how many)
+            for pid in _pids_of_uid(uid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid:
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
 
 
 def _result(lines, returncode, timed_out, total, tail, wall_s) -> SandboxResult:
