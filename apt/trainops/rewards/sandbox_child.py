@@ -41,14 +41,16 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     report = job["result_fd"]
-    # Counted before any namespace, where the caller's uid still reads as itself (root is not
-    # held to RLIMIT_NPROC at all, see the uid layer).
-    own_uid = job["uid"] is None and os.geteuid() != 0
-    already_running = _tasks_of_uid(os.getuid()) if own_uid else 0
+    # RLIMIT_NPROC counts the tasks of the real uid in its user namespace. Not root and in the
+    # caller's namespace, those are the caller's too: count them now, before a namespace could
+    # hide whose they are. (Root is not held to the limit at all: see the uid layer.)
+    not_root = os.geteuid() != 0
+    already_running = _tasks_of_uid(os.getuid()) if not_root else 0
     layers = []
     try:
         layers += _namespaces(job)
-        _limits(job, already_running)
+        in_own_user_namespace = not_root and "netns" in layers
+        _limits(job, 0 if in_own_user_namespace else already_running)
         layers.append("rlimits")
         if job["uid"] is not None and _drop_privileges(job["uid"], job["dir"]):
             layers.append("uid")
@@ -125,8 +127,8 @@ def _world_readable(path: str) -> bool:
 def _limits(job, already_running: int) -> None:
     mb = 1 << 20
     cpu = job["cpu_s"]
-    # RLIMIT_NPROC counts every task of the real uid. Without a uid of its own that uid is the
-    # caller's: allow what it already runs plus the sandbox's share (racy, see sandbox.py).
+    # Where the count includes the caller's tasks, allow those plus the sandbox's share (racy:
+    # what the caller starts meanwhile comes off the share).
     nproc = job["max_processes"] + already_running
     for name, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
                         (resource.RLIMIT_AS, (job["memory_mb"] * mb,) * 2),
@@ -142,9 +144,10 @@ def _limits(job, already_running: int) -> None:
 
 
 def _tasks_of_uid(uid: int) -> int:
+    """Tasks (threads) of ``uid`` other than this process."""
     count = 0
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/status") as status:
