@@ -119,6 +119,15 @@ def test_non_finite_or_non_number_reward_is_a_failure():
     assert all(math.isfinite(t) for t in scores.total)
 
 
+def test_spec_parsing():
+    specs = check_reward_specs(["exact_match", {"name": "numeric", "weight": "1e-2",
+                                                "abs_tol": 0.5}], "p.yaml")
+    assert [(s.name, s.weight, s.options) for s in specs] == [
+        ("exact_match", 1.0, {}), ("numeric", 0.01, {"abs_tol": 0.5})]
+    with pytest.raises(ConfigError, match=r"^p.yaml: training.grpo.rewards\[0\].weight: "):
+        check_reward_specs([{"name": "numeric", "weight": "heavy"}], "p.yaml")
+
+
 def test_unresolvable_names_refused_with_one_line():
     specs = [{"name": "exact_match"}, {"name": "mymod:fn"}]
     with pytest.raises(ConfigError) as err:

@@ -1,6 +1,6 @@
 """Run untrusted, model-written Python code with tests in a caged subprocess.
 
-``run_python(code, tests, limits)`` starts ``python -I -S sandbox_child.py`` in a new session
+``run_python(code, tests, limits)`` starts ``python -I -S -u sandbox_child.py`` in a new session
 (its own process group) in a fresh temporary directory, with an environment that holds nothing
 of ours (no tokens, no paths but /usr/bin:/bin). The child cages itself (namespaces, rlimits,
 its own uid, an audit hook: see sandbox_child.py), runs the code and then each test, and reports
@@ -13,9 +13,10 @@ applied. As root (this machine, measured in tests/test_rewards.py): no network a
 only to the working directory and private tmpfs (other files are the ordinary permissions of a
 uid that owns nothing), CPU/memory/file-size/process limits that count only this program, and
 no process left behind. Not root: the rlimits, the timeout and the process-group kill, a network
-namespace only where unprivileged user namespaces are allowed, and otherwise the audit hook,
-which a determined program can get around (it runs in the same interpreter), and a process
-that calls setsid() can outlive the run. The program also runs in the same interpreter as its
+namespace only where unprivileged user namespaces are allowed (the process limit then counts only
+the sandbox's processes; otherwise the user's running tasks plus the limit), and otherwise the
+audit hook, which a determined program can get around (it runs in the same interpreter); and a
+process that calls setsid() can outlive the run. The program also runs in the same interpreter as its
 tests, so it could forge their results: this is containment, not a proof of correctness.
 """
 from __future__ import annotations

@@ -50,6 +50,11 @@ def check_reward_specs(specs, where: str | None = None,
                               key=at)
         options = dict(entry)
         name, weight = options.pop("name", None), options.pop("weight", 1.0)
+        if isinstance(weight, str):  # YAML 1.1 reads "1e-2" (no dot) as a string
+            try:
+                weight = float(weight)
+            except ValueError:
+                pass
         if not isinstance(name, str) or not name:
             raise ConfigError(f"expected a reward name (one of {', '.join(BUILTIN_REWARDS)}, or "
                               f"'module:function'), got {name!r}", source=where, key=f"{at}.name")
