@@ -9,6 +9,7 @@ import time
 import pytest
 
 from apt.core.config.errors import ConfigError
+from apt.trainops.rewards import sandbox
 from apt.trainops.rewards import (Code, ExactMatch, Format, Numeric, RewardSet, SandboxLimits,
                                   check_reward_specs, run_python)
 
@@ -206,6 +207,19 @@ def test_sandbox_runs_code_and_tests():
     assert (result.passed, result.total, result.reason) == (2, 3, "ok")
     assert result.stdout_tail == "hello\n" and result.fraction == pytest.approx(2 / 3)
     assert {"rlimits", "audit"} <= set(result.layers)
+
+
+def test_sandbox_that_cannot_start_is_not_the_programs_fault(monkeypatch, tmp_path):
+    # A broken install (the child script missing): the code reward must count a failure and
+    # say why, never score the program 0 as if it were wrong.
+    monkeypatch.setattr(sandbox, "CHILD", str(tmp_path / "missing.py"))
+    result = run_python("x = 1", ["assert x == 1"])
+    assert result.reason == "setup" and "can't open file" in result.detail, result
+    rewards = RewardSet.from_specs([{"name": "code", "timeout_s": 5}])
+    scores = rewards.score(["p"], ["x = 1"], [{"tests": ["assert x == 1"]}])
+    assert scores.failures == {"code": 1}
+    with pytest.raises(ValueError, match="memory_mb"):
+        SandboxLimits(memory_mb=0)
 
 
 @pytest.mark.parametrize("loop", ["while True:\n    pass",                 # the CPU limit or

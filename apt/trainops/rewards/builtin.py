@@ -136,6 +136,8 @@ class Code:
 
     def __call__(self, prompt: str, completion: str, record: dict) -> float:
         result = run_python(self.code_of(completion), self.tests_of(record), self.limits)
+        if result.reason == "setup":  # our failure, not the program's: counted, never a 0
+            raise RuntimeError(result.detail)
         _say_once_what_is_missing(result.layers)
         if self.mode == "all":
             return float(result.total > 0 and result.passed == result.total)

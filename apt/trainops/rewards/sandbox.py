@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .sandbox_child import EXIT_MEMORY, EXIT_OK, EXIT_SETUP
+from .sandbox_child import EXIT_MEMORY, EXIT_OK
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 TAIL_CHARS = 2000
@@ -56,12 +56,18 @@ class SandboxLimits:
     own_uid: bool = True            # root: run as a uid of its own
     audit_hook: bool = True         # the in-interpreter tripwire (sandbox_child.py)
 
+    def __post_init__(self):
+        for name in ("timeout_s", "memory_mb", "file_size_mb", "max_processes", "max_open_files",
+                     "tmpfs_mb") + (("cpu_s",) if self.cpu_s is not None else ()):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"sandbox {name} must be > 0, got {getattr(self, name)!r}")
+
 
 @dataclass(frozen=True)
 class SandboxResult:
     passed: int                     # tests that ran without raising
     total: int                      # tests given
-    reason: str                     # ok | timeout | memory | error | killed
+    reason: str                     # ok | timeout | memory | error | killed | setup
     detail: str = ""                # the exception or signal behind a reason other than ok
     stdout_tail: str = ""           # the last TAIL_CHARS of stdout and stderr together
     layers: tuple[str, ...] = field(default=())  # the cage actually applied
@@ -181,8 +187,9 @@ def _result(lines, returncode, timed_out, total, tail, wall_s) -> SandboxResult:
         return SandboxResult(reason="timeout", detail="wall-clock timeout", **common)
     if returncode == -signal.SIGXCPU:
         return SandboxResult(reason="timeout", detail="CPU time limit", **common)
-    if returncode == EXIT_SETUP:
-        return SandboxResult(reason="error", detail=f"sandbox setup failed: {setup}", **common)
+    if setup is not None or not layers:  # it never got to the program: not the program's fault
+        detail = setup or f"exit status {returncode}: {tail.strip()[-300:]}"
+        return SandboxResult(reason="setup", detail=f"sandbox setup failed: {detail}", **common)
     if returncode == EXIT_MEMORY or code_status == "memory":
         return SandboxResult(reason="memory", detail="MemoryError", **common)
     if returncode is not None and returncode < 0:

@@ -57,8 +57,8 @@ def main() -> None:
         if job["audit"]:
             _install_audit_hook(os.path.realpath(job["dir"]))
             layers.append("audit")
-    except OSError as exc:
-        os.write(report, f"S {type(exc).__name__}: {exc}\n".encode())
+    except (OSError, ValueError) as exc:
+        os.write(report, f"S {type(exc).__name__}: {exc}".replace("\n", " ").encode() + b"\n")
         os._exit(EXIT_SETUP)
     os.write(report, f"L {' '.join(layers)}\n".encode())
     sys.exit(_run(job["code"], job["tests"], report))
