@@ -287,6 +287,19 @@ def test_sandbox_write_outside_the_directory_is_refused(tmp_path, layers):
     assert not target.exists()
 
 
+@pytest.mark.parametrize("layers", LAYERS)
+def test_sandbox_sees_no_secrets(monkeypatch, layers):
+    if layers == "os-layers-only" and os.geteuid() != 0:
+        pytest.skip("without root only the audit hook guards the trainer's /proc")
+    monkeypatch.setenv("APT_TEST_SECRET", "s3cret-token")
+    code = ("import os\n"
+            "print(dict(os.environ))\n"
+            f"print(open('/proc/{os.getpid()}/environ').read())\n")
+    result = run_python(code, [], LAYERS[layers])
+    assert "PermissionError" in result.detail, result
+    assert "PATH" in result.stdout_tail and "s3cret" not in result.stdout_tail
+
+
 def test_sandbox_memory_bomb():
     # 1 GiB in 16 MiB steps (bounded, so a missing limit fails the test, not the machine).
     result = run_python("chunks = [bytearray(16 << 20) for _ in range(64)]",

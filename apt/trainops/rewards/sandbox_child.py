@@ -18,7 +18,8 @@ Layers, in the order they are applied (each is recorded in the result's ``layers
             is protected by ordinary permissions, and the parent can kill every process of that
             uid afterwards, including ones that left the process group.
   audit     a Python audit hook that refuses sockets, writes/removals outside the working
-            directory, running other programs, signals to other processes and ctypes. It is a
+            directory, running other programs, signals to other processes, reading other
+            processes' /proc entries and ctypes. It is a
             tripwire against accidents and the only layer where no namespace is allowed, not a
             security boundary: the program runs in the same interpreter and can get around it.
 """
@@ -207,6 +208,10 @@ def _install_audit_hook(root: str) -> None:
             if writes and path is not None and not inside(path):
                 raise PermissionError(f"sandbox: write outside the working directory refused: "
                                       f"{os.fsdecode(path)}")
+            if path is not None and not isinstance(path, int) and _other_process(path):
+                # Not root, the trainer runs as our uid: its /proc/<pid>/environ holds its secrets.
+                raise PermissionError(f"sandbox: other processes' /proc refused: "
+                                      f"{os.fsdecode(path)}")
         elif event in path_events:
             for index in path_events[event]:
                 if index < len(args) and args[index] is not None and not inside(args[index]):
@@ -217,6 +222,12 @@ def _install_audit_hook(root: str) -> None:
     # This file imported ctypes for its own setup; the program has to import it afresh (refused).
     for name in [name for name in sys.modules if name == "ctypes" or name.startswith("ctypes.")]:
         del sys.modules[name]
+
+
+def _other_process(path) -> bool:
+    parts = os.path.realpath(os.fsdecode(path)).split(os.sep)
+    return (len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit()
+            and int(parts[2]) != os.getpid())
 
 
 def _run(code: str, tests: list[str], report: int) -> int:
