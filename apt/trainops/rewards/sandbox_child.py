@@ -161,14 +161,18 @@ def _tasks_of_uid(uid: int) -> int:
 
 
 def _drop_privileges(uid: int, directory: str) -> bool:
-    """False (and still root) where the sandbox uid could not import the standard library."""
+    """False (and still root) where the sandbox uid could not import the standard library, or
+    the kernel refuses the uid."""
     if not (_world_readable(STDLIB) or any(p.startswith(STDLIB_VIEW) for p in sys.path)):
         return False
-    if os.stat(directory).st_uid != uid:  # no tmpfs of its own (no mount namespace)
-        os.chown(directory, uid, uid)
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
+    try:
+        if os.stat(directory).st_uid != uid:  # no tmpfs of its own (no mount namespace)
+            os.chown(directory, uid, uid)
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    except OSError:  # e.g. a container whose user namespace maps no such uid: stay, say so
+        return False
     return True
 
 
