@@ -25,6 +25,9 @@ def raise_on_odd(prompt, completion, record):
     return 1.0
 
 
+raise_on_odd.fields = ("i",)
+
+
 def not_finite(prompt, completion, record):
     return [math.nan, "high", True, 0.5][record["i"]]
 
@@ -90,7 +93,7 @@ def test_weights_summed_per_reward_and_failures_logged_once(caplog):
         {"name": f"{__name__}:length_bonus", "weight": 1.0, "scale": 0.01},
         {"name": f"{__name__}:raise_on_odd", "weight": 1.0},
     ], "profiles/x.yaml")
-    assert rewards.required_fields == {"answer"}
+    assert rewards.required_fields == {"answer", "i"}  # raise_on_odd declares "i"
     completions = ["#### 5", "5", "#### 6", "x"]
     records = [{"answer": "5", "i": i} for i in range(4)]
     with caplog.at_level(logging.WARNING, logger="apt.rewards"):

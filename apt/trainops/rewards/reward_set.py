@@ -59,8 +59,8 @@ class RewardSet:
                 except Unresolvable as exc:
                     raise ConfigError(f"{spec.name!r} does not resolve ({exc})", source=where,
                                       key=f"{at}.name") from None
+                fields = tuple(getattr(fn, "fields", ()))  # a user function may declare them
                 fn = functools.partial(fn, **spec.options) if spec.options else fn
-                fields = ()
             seen[spec.name] = seen.get(spec.name, 0) + 1
             label = spec.name if seen[spec.name] == 1 else f"{spec.name}#{seen[spec.name]}"
             rewards.append(Reward(label, spec.weight, fn, tuple(fields)))
