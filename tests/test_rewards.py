@@ -9,6 +9,7 @@ import time
 import pytest
 
 from apt.core.config.errors import ConfigError
+from apt.trainops.rewards import sandbox
 from apt.trainops.rewards import (Code, ExactMatch, Format, Numeric, RewardSet, SandboxLimits,
                                   check_reward_specs, run_python)
 
@@ -24,8 +25,11 @@ def raise_on_odd(prompt, completion, record):
     return 1.0
 
 
+raise_on_odd.fields = ("i",)
+
+
 def not_finite(prompt, completion, record):
-    return math.nan if record["i"] == 0 else 0.5
+    return [math.nan, "high", True, 0.5][record["i"]]
 
 
 def two_arguments(prompt, completion):
@@ -75,7 +79,10 @@ def test_code_reward_fraction_and_all():
     record = {"tests": ["assert add(1, 2) == 3", "assert add(20, 1) == 21"]}
     assert Code(timeout_s=5)("", completion, record) == 0.5
     assert Code(timeout_s=5, mode="all")("", completion, record) == 0.0
-    assert Code(timeout_s=5)("", "def add(a, b): return a + b", {"tests": "assert add(2, 2) == 4"}) == 1.0
+    one_test = {"tests": "assert add(2, 2) == 4"}  # one string: one test
+    assert Code(timeout_s=5)("", "def add(a, b): return a + b", one_test) == 1.0
+    exits = "def add(a, b): return a + b\nimport sys\nsys.exit(0)"
+    assert Code(timeout_s=5)("", exits, one_test) == 1.0
 
 
 # --- the reward set ------------------------------------------------------------------------------
@@ -86,7 +93,7 @@ def test_weights_summed_per_reward_and_failures_logged_once(caplog):
         {"name": f"{__name__}:length_bonus", "weight": 1.0, "scale": 0.01},
         {"name": f"{__name__}:raise_on_odd", "weight": 1.0},
     ], "profiles/x.yaml")
-    assert rewards.required_fields == {"answer"}
+    assert rewards.required_fields == {"answer", "i"}  # raise_on_odd declares "i"
     completions = ["#### 5", "5", "#### 6", "x"]
     records = [{"answer": "5", "i": i} for i in range(4)]
     with caplog.at_level(logging.WARNING, logger="apt.rewards"):
@@ -105,15 +112,24 @@ def test_weights_summed_per_reward_and_failures_logged_once(caplog):
     assert scores.metrics()["reward_failures/" + f"{__name__}:raise_on_odd"] == 2.0
 
 
-def test_non_finite_reward_is_a_failure():
+def test_non_finite_or_non_number_reward_is_a_failure():
     rewards = RewardSet.from_specs([{"name": f"{__name__}:not_finite"},
                                     {"name": "format", "pattern": ".*"},
                                     {"name": "format", "pattern": "a"}])
-    scores = rewards.score(["p", "p"], ["a", "b"], [{"i": 0}, {"i": 1}])
-    assert scores.per_reward[f"{__name__}:not_finite"] == [0.0, 0.5]
-    assert scores.failures[f"{__name__}:not_finite"] == 1
-    assert scores.per_reward["format#2"] == [1.0, 0.0]  # a repeated name gets its own label
+    scores = rewards.score(["p"] * 4, ["a", "b", "a", "b"], [{"i": i} for i in range(4)])
+    assert scores.per_reward[f"{__name__}:not_finite"] == [0.0, 0.0, 1.0, 0.5]
+    assert scores.failures[f"{__name__}:not_finite"] == 2
+    assert scores.per_reward["format#2"] == [1.0, 0.0, 1.0, 0.0]  # a repeated name: own label
     assert all(math.isfinite(t) for t in scores.total)
+
+
+def test_spec_parsing():
+    specs = check_reward_specs(["exact_match", {"name": "numeric", "weight": "1e-2",
+                                                "abs_tol": 0.5}], "p.yaml")
+    assert [(s.name, s.weight, s.options) for s in specs] == [
+        ("exact_match", 1.0, {}), ("numeric", 0.01, {"abs_tol": 0.5})]
+    with pytest.raises(ConfigError, match=r"^p.yaml: training.grpo.rewards\[0\].weight: "):
+        check_reward_specs([{"name": "numeric", "weight": "heavy"}], "p.yaml")
 
 
 def test_unresolvable_names_refused_with_one_line():
@@ -151,7 +167,7 @@ def test_missing_record_field_refused():
 
 # --- the sandbox --------------------------------------------------------------------------------
 def _sandbox_sessions():
-    """{session id: [pids]} of live (not zombie) sandbox child processes on this machine."""
+    """{session id: {pid: parent pid}} of live (not zombie) sandbox processes on this machine."""
     sessions = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -159,24 +175,26 @@ def _sandbox_sessions():
                 if b"sandbox_child.py" not in f.read():
                     continue
             with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
+                state, ppid, _, session = f.read().rpartition(")")[2].split()[:4]
         except OSError:
             continue
-        if fields[0] != "Z":
-            sessions.setdefault(int(fields[3]), []).append(int(pid))
+        if state != "Z":
+            sessions.setdefault(int(session), {})[int(pid)] = int(ppid)
     return sessions
 
 
 def _run_watched(code, limits):
     """run_python while a thread samples the sandbox's processes: (result, most processes seen in
-    one sandbox session, the sessions seen)."""
+    one sandbox session, the sessions seen). Only sessions this process started count (their
+    leader is our child), so other sandboxes on a shared machine do not."""
     seen, most, done = set(), [0], threading.Event()
 
     def watch():
         while not done.is_set():
             for session, pids in _sandbox_sessions().items():
-                seen.add(session)
-                most[0] = max(most[0], len(pids))
+                if session in seen or pids.get(session) == os.getpid():
+                    seen.add(session)
+                    most[0] = max(most[0], len(pids))
             time.sleep(0.05)
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -196,23 +214,46 @@ def test_sandbox_runs_code_and_tests():
     assert {"rlimits", "audit"} <= set(result.layers)
 
 
-def test_sandbox_infinite_loop_times_out_and_leaves_nothing():
-    result, most, sessions = _run_watched("while True:\n    pass", SandboxLimits(timeout_s=2))
+def test_sandbox_that_cannot_start_is_not_the_programs_fault(monkeypatch, tmp_path):
+    # A broken install (the child script missing): the code reward must count a failure and
+    # say why, never score the program 0 as if it were wrong.
+    monkeypatch.setattr(sandbox, "CHILD", str(tmp_path / "missing.py"))
+    result = run_python("x = 1", ["assert x == 1"])
+    assert result.reason == "setup" and "can't open file" in result.detail, result
+    rewards = RewardSet.from_specs([{"name": "code", "timeout_s": 5}])
+    scores = rewards.score(["p"], ["x = 1"], [{"tests": ["assert x == 1"]}])
+    assert scores.failures == {"code": 1}
+    with pytest.raises(ValueError, match="memory_mb"):
+        SandboxLimits(memory_mb=0)
+
+
+@pytest.mark.parametrize("loop", ["while True:\n    pass",                 # the CPU limit or
+                                  "import time\nwhile True:\n    time.sleep(1)"],  # the clock
+                         ids=["busy", "sleeping"])
+def test_sandbox_infinite_loop_times_out_and_leaves_nothing(loop):
+    result, most, sessions = _run_watched(loop, SandboxLimits(timeout_s=2))
     assert result.reason == "timeout" and result.passed == 0
     assert result.wall_s < 10
     assert most >= 1  # the watcher saw it running ...
     assert not set(_sandbox_sessions()) & sessions  # ... and it is gone
 
 
-def test_sandbox_fork_bomb_is_held_to_the_process_limit():
-    bomb = ("import os\n"
-            "while True:\n"
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "no-namespaces"])
+def test_sandbox_fork_bomb_is_held_to_the_process_limit(namespaces):
+    if os.geteuid() == 0 and not namespaces:
+        pytest.skip("root is held to a process limit only under a uid of its own")
+    # Every process forks 7 times (2**7 = 128 processes were nothing to stop it: a bomb that
+    # stays harmless on a shared machine should the limit ever fail), then waits to be killed.
+    bomb = ("import os, time\n"
+            "for _ in range(7):\n"
             "    try:\n"
             "        os.fork()\n"
             "    except OSError:\n"
-            "        pass\n")
+            "        pass\n"
+            "time.sleep(60)\n")
     limit = 6
-    result, most, sessions = _run_watched(bomb, SandboxLimits(timeout_s=2, max_processes=limit))
+    limits = SandboxLimits(timeout_s=4, max_processes=limit, namespaces=namespaces)
+    result, most, sessions = _run_watched(bomb, limits)
     assert result.reason == "timeout"
     assert 1 < most <= limit, most  # it did fork, and never beyond the limit
     time.sleep(0.2)
@@ -222,43 +263,66 @@ def test_sandbox_fork_bomb_is_held_to_the_process_limit():
 @pytest.mark.skipif(os.geteuid() != 0, reason="a uid of its own needs root")
 def test_sandbox_kills_a_process_that_left_the_group():
     code = ("import os, time\n"
-            "if os.fork() == 0:\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
             "    os.setsid()\n"
             "    time.sleep(60)\n"
-            "    os._exit(0)\n")
-    result, most, sessions = _run_watched(code, SandboxLimits(timeout_s=5))
+            "    os._exit(0)\n"
+            "print('escaped', pid)\n")
+    result = run_python(code, [], SandboxLimits(timeout_s=5))
     assert result.reason == "ok" and "uid" in result.layers
+    escaped = int(result.stdout_tail.split()[-1])
     time.sleep(0.2)
-    assert not set(_sandbox_sessions()) & sessions
+    assert escaped not in {pid for pids in _sandbox_sessions().values() for pid in pids}
 
 
-@pytest.mark.parametrize("audit_hook", [True, False], ids=["all-layers", "os-layers-only"])
-def test_sandbox_write_outside_the_directory_is_refused(tmp_path, audit_hook):
-    if not audit_hook and os.geteuid() != 0:
+# Each containment holds with every layer, with the operating system's alone (root: namespaces,
+# a uid of its own) and with the audit hook alone (what is left where neither is allowed).
+LAYERS = {"all-layers": SandboxLimits(), "os-layers-only": SandboxLimits(audit_hook=False),
+          "audit-hook-only": SandboxLimits(namespaces=False, own_uid=False)}
+
+
+@pytest.mark.parametrize("layers", LAYERS)
+def test_sandbox_write_outside_the_directory_is_refused(tmp_path, layers):
+    if layers == "os-layers-only" and os.geteuid() != 0:
         pytest.skip("without root only the audit hook guards writes")
     target = tmp_path / "escaped.txt"
     code = (f"open('inside.txt', 'w').write('fine')\n"
             f"open({str(target)!r}, 'w').write('escaped')\n")
-    result = run_python(code, [], SandboxLimits(audit_hook=audit_hook))
+    result = run_python(code, [], LAYERS[layers])
     assert result.reason == "error"
     assert "PermissionError" in result.detail or "FileNotFoundError" in result.detail, result
     assert not target.exists()
 
 
+@pytest.mark.parametrize("layers", LAYERS)
+def test_sandbox_sees_no_secrets(monkeypatch, layers):
+    if layers == "os-layers-only" and os.geteuid() != 0:
+        pytest.skip("without root only the audit hook guards the trainer's /proc")
+    monkeypatch.setenv("APT_TEST_SECRET", "s3cret-token")
+    code = ("import os\n"
+            "print(dict(os.environ))\n"
+            f"print(open('/proc/{os.getpid()}/environ').read())\n")
+    result = run_python(code, [], LAYERS[layers])
+    assert "PermissionError" in result.detail, result
+    assert "PATH" in result.stdout_tail and "s3cret" not in result.stdout_tail
+
+
 def test_sandbox_memory_bomb():
-    result = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))",
-                        ["assert True"], SandboxLimits(memory_mb=256))
+    # 1 GiB in 16 MiB steps (bounded, so a missing limit fails the test, not the machine).
+    result = run_python("chunks = [bytearray(16 << 20) for _ in range(64)]",
+                        ["assert True"], SandboxLimits(memory_mb=128))
     assert result.reason == "memory", result
 
 
-@pytest.mark.parametrize("audit_hook", [True, False], ids=["all-layers", "os-layers-only"])
-def test_sandbox_network_refused(audit_hook):
+@pytest.mark.parametrize("layers", LAYERS)
+def test_sandbox_network_refused(layers):
     code = ("import socket\n"
             "s = socket.socket()\n"
             "s.settimeout(2)\n"
             "s.connect(('127.0.0.1', 1))\n")  # even loopback: nothing to reach, not even refused
-    result = run_python(code, [], SandboxLimits(audit_hook=audit_hook))
-    if not audit_hook and "netns" not in result.layers:
-        pytest.skip("no network namespace here: only the audit hook guards the network")
+    result = run_python(code, [], LAYERS[layers])
+    if layers == "os-layers-only" and os.geteuid() != 0 and "netns" not in result.layers:
+        pytest.skip("no user namespaces here: only the audit hook guards the network")
     assert result.reason == "error"
     assert ("Network is unreachable" in result.detail or "sockets refused" in result.detail), result

@@ -7,6 +7,7 @@ it reads, so a prompt file without them is refused before training.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -14,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .answers import final_answer, normalize, parse_number
 from .sandbox import SandboxLimits, run_python
+
+log = logging.getLogger("apt.rewards")
 
 
 def _pattern(pattern: str | None, flags: int = 0) -> re.Pattern | None:
@@ -41,7 +44,8 @@ class ExactMatch:
         if answer is None:
             return 0.0
         target = record[self.fields[0]]
-        return float(normalize(answer, self.case_sensitive) == normalize(target, self.case_sensitive))
+        same = normalize(answer, self.case_sensitive) == normalize(target, self.case_sensitive)
+        return float(same)
 
 
 class Numeric:
@@ -111,7 +115,8 @@ class Code:
                 raise ValueError(f"{key} must be a number > 0, got {value!r}")
         self.mode, self.extract = mode, extract
         self.limits = SandboxLimits(timeout_s=float(timeout_s), memory_mb=int(memory_mb),
-                                    max_processes=int(max_processes), file_size_mb=int(file_size_mb))
+                                    max_processes=int(max_processes),
+                                    file_size_mb=int(file_size_mb))
         # Sandboxes are processes: threads only wait on them. Default: one per core, at most 4.
         self.workers = int(workers) if workers else min(4, os.cpu_count() or 1)
         self.fields = (field,)
@@ -131,6 +136,9 @@ class Code:
 
     def __call__(self, prompt: str, completion: str, record: dict) -> float:
         result = run_python(self.code_of(completion), self.tests_of(record), self.limits)
+        if result.reason == "setup":  # our failure, not the program's: counted, never a 0
+            raise RuntimeError(result.detail)
+        _say_once_what_is_missing(result.layers)
         if self.mode == "all":
             return float(result.total > 0 and result.passed == result.total)
         return result.fraction
@@ -145,6 +153,21 @@ class Code:
                 return exc
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(one, zip(prompts, completions, records)))
+
+
+_FULL_CAGE = ("netns", "mountns", "rlimits", "uid", "audit")
+_said = set()
+
+
+def _say_once_what_is_missing(layers) -> None:
+    # Where the kernel refuses namespaces or we are not root, the sandbox is weaker than the
+    # README's root guarantees (sandbox.py): say so once per process, naming what is missing.
+    missing = tuple(layer for layer in _FULL_CAGE if layer not in layers)
+    if missing and missing not in _said:
+        _said.add(missing)
+        log.warning("code sandbox runs without %s (see the README's sandbox guarantees)%s",
+                    ", ".join(missing), "; as root without a uid of its own the process limit "
+                    "does not apply" if "uid" in missing and os.geteuid() == 0 else "")
 
 
 BUILTIN_REWARDS = {"exact_match": ExactMatch, "numeric": Numeric, "format": Format, "code": Code}

@@ -59,8 +59,8 @@ class RewardSet:
                 except Unresolvable as exc:
                     raise ConfigError(f"{spec.name!r} does not resolve ({exc})", source=where,
                                       key=f"{at}.name") from None
+                fields = tuple(getattr(fn, "fields", ()))  # a user function may declare them
                 fn = functools.partial(fn, **spec.options) if spec.options else fn
-                fields = ()
             seen[spec.name] = seen.get(spec.name, 0) + 1
             label = spec.name if seen[spec.name] == 1 else f"{spec.name}#{seen[spec.name]}"
             rewards.append(Reward(label, spec.weight, fn, tuple(fields)))
@@ -119,23 +119,28 @@ def _score_one(fn, prompts, completions, records):
                 raw.append(exc)
     values, failed, first = [], 0, None
     for value in raw:
-        problem = _problem(value)
+        value, problem = _as_reward(value)
         if problem:
             failed += 1
             first = first or problem
-            value = 0.0
-        values.append(float(value))
+        values.append(value)
     return values, failed, first
 
 
-def _problem(value) -> str | None:
+def _as_reward(value) -> tuple[float, str | None]:
+    """(the float, None), or (0.0, what is wrong). Anything float() takes counts (bool, numpy
+    and one-element torch scalars included); strings do not."""
     if isinstance(value, BaseException):
-        return f"{type(value).__name__}: {value}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"returned {type(value).__name__} {value!r:.80}, not a number"
-    if not math.isfinite(value):
-        return f"returned {value!r}"
-    return None
+        return 0.0, f"{type(value).__name__}: {value}"
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return 0.0, f"returned {type(value).__name__} {value!r:.80}, not a number"
+    if not math.isfinite(number):
+        return 0.0, f"returned {number!r}"
+    return number, None
 
 
 def _describe(fn) -> str:

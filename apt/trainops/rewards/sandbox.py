@@ -1,6 +1,6 @@
 """Run untrusted, model-written Python code with tests in a caged subprocess.
 
-``run_python(code, tests, limits)`` starts ``python -I -S sandbox_child.py`` in a new session
+``run_python(code, tests, limits)`` starts ``python -I -S -u sandbox_child.py`` in a new session
 (its own process group) in a fresh temporary directory, with an environment that holds nothing
 of ours (no tokens, no paths but /usr/bin:/bin). The child cages itself (namespaces, rlimits,
 its own uid, an audit hook: see sandbox_child.py), runs the code and then each test, and reports
@@ -13,15 +13,17 @@ applied. As root (this machine, measured in tests/test_rewards.py): no network a
 only to the working directory and private tmpfs (other files are the ordinary permissions of a
 uid that owns nothing), CPU/memory/file-size/process limits that count only this program, and
 no process left behind. Not root: the rlimits, the timeout and the process-group kill, a network
-namespace only where unprivileged user namespaces are allowed, and otherwise the audit hook,
-which a determined program can get around (it runs in the same interpreter), and a process
-that calls setsid() can outlive the run. The program also runs in the same interpreter as its
+namespace only where unprivileged user namespaces are allowed (the process limit then counts only
+the sandbox's processes; otherwise the user's running tasks plus the limit), and otherwise the
+audit hook, which a determined program can get around (it runs in the same interpreter); and a
+process that calls setsid() can outlive the run. The program also runs in the same interpreter as its
 tests, so it could forge their results: this is containment, not a proof of correctness.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .sandbox_child import EXIT_MEMORY, EXIT_OK, EXIT_SETUP
+from .sandbox_child import EXIT_MEMORY, EXIT_OK
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 TAIL_CHARS = 2000
@@ -54,12 +56,18 @@ class SandboxLimits:
     own_uid: bool = True            # root: run as a uid of its own
     audit_hook: bool = True         # the in-interpreter tripwire (sandbox_child.py)
 
+    def __post_init__(self):
+        for name in ("timeout_s", "memory_mb", "file_size_mb", "max_processes", "max_open_files",
+                     "tmpfs_mb") + (("cpu_s",) if self.cpu_s is not None else ()):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"sandbox {name} must be > 0, got {getattr(self, name)!r}")
+
 
 @dataclass(frozen=True)
 class SandboxResult:
     passed: int                     # tests that ran without raising
     total: int                      # tests given
-    reason: str                     # ok | timeout | memory | error | killed
+    reason: str                     # ok | timeout | memory | error | killed | setup
     detail: str = ""                # the exception or signal behind a reason other than ok
     stdout_tail: str = ""           # the last TAIL_CHARS of stdout and stderr together
     layers: tuple[str, ...] = field(default=())  # the cage actually applied
@@ -80,9 +88,10 @@ def run_python(code: str, tests: list[str] | tuple[str, ...] = (),
     start = time.monotonic()
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as results:
+            cpu_s = limits.cpu_s or math.ceil(limits.timeout_s)
             job = {"code": code, "tests": tests, "dir": workdir, "uid": uid,
                    "result_fd": results.fileno(), "namespaces": limits.namespaces,
-                   "audit": limits.audit_hook, "cpu_s": limits.cpu_s or int(-(-limits.timeout_s // 1)),
+                   "audit": limits.audit_hook, "cpu_s": cpu_s,
                    "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb,
                    "max_processes": limits.max_processes, "max_open_files": limits.max_open_files,
                    "tmpfs_mb": limits.tmpfs_mb}
@@ -103,7 +112,7 @@ def _sandbox_uid() -> int:
 
 def _run_child(job, out, results, uid, timeout_s) -> tuple[int | None, bool]:
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": job["dir"], "TMPDIR": job["dir"]}
-    proc = subprocess.Popen([sys.executable, "-I", "-S", CHILD], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-I", "-S", "-u", CHILD], stdin=subprocess.PIPE,
                             stdout=out, stderr=subprocess.STDOUT, cwd=job["dir"], env=env,
                             start_new_session=True, pass_fds=(results.fileno(),))
     timed_out = False
@@ -135,9 +144,28 @@ def _kill_group(pgid: int) -> None:
 def _kill_uid(uid: int) -> None:
     # kill(-1) from that uid signals every process of it at once (the kernel walks the task list
     # under its lock, so a fork bomb cannot add processes meanwhile) except the caller itself.
+    kill = shutil.which("kill", path="/usr/bin:/bin")
     for _ in range(2):
-        subprocess.run(["/bin/kill", "-KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if kill:
+            subprocess.run([kill, "-KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        else:  # no kill program: find them one by one (the process limit bounds how many)
+            for pid in _pids_of_uid(uid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid:
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
 
 
 def _result(lines, returncode, timed_out, total, tail, wall_s) -> SandboxResult:
@@ -159,8 +187,9 @@ def _result(lines, returncode, timed_out, total, tail, wall_s) -> SandboxResult:
         return SandboxResult(reason="timeout", detail="wall-clock timeout", **common)
     if returncode == -signal.SIGXCPU:
         return SandboxResult(reason="timeout", detail="CPU time limit", **common)
-    if returncode == EXIT_SETUP:
-        return SandboxResult(reason="error", detail=f"sandbox setup failed: {setup}", **common)
+    if setup is not None or not layers:  # it never got to the program: not the program's fault
+        detail = setup or f"exit status {returncode}: {tail.strip()[-300:]}"
+        return SandboxResult(reason="setup", detail=f"sandbox setup failed: {detail}", **common)
     if returncode == EXIT_MEMORY or code_status == "memory":
         return SandboxResult(reason="memory", detail="MemoryError", **common)
     if returncode is not None and returncode < 0:

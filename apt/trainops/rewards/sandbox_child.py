@@ -18,7 +18,8 @@ Layers, in the order they are applied (each is recorded in the result's ``layers
             is protected by ordinary permissions, and the parent can kill every process of that
             uid afterwards, including ones that left the process group.
   audit     a Python audit hook that refuses sockets, writes/removals outside the working
-            directory, running other programs, signals to other processes and ctypes. It is a
+            directory, running other programs, signals to other processes, reading other
+            processes' /proc entries and ctypes. It is a
             tripwire against accidents and the only layer where no namespace is allowed, not a
             security boundary: the program runs in the same interpreter and can get around it.
 """
@@ -41,20 +42,24 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     report = job["result_fd"]
-    # Counted before any namespace, where the caller's uid still reads as itself.
-    already_running = _tasks_of_uid(os.getuid()) if job["uid"] is None else 0
+    # RLIMIT_NPROC counts the tasks of the real uid in its user namespace. Not root and in the
+    # caller's namespace, those are the caller's too: count them now, before a namespace could
+    # hide whose they are. (Root is not held to the limit at all: see the uid layer.)
+    not_root = os.geteuid() != 0
+    already_running = _tasks_of_uid(os.getuid()) if not_root else 0
     layers = []
     try:
         layers += _namespaces(job)
-        _limits(job, already_running)
+        in_own_user_namespace = not_root and "netns" in layers
+        _limits(job, 0 if in_own_user_namespace else already_running)
         layers.append("rlimits")
         if job["uid"] is not None and _drop_privileges(job["uid"], job["dir"]):
             layers.append("uid")
         if job["audit"]:
             _install_audit_hook(os.path.realpath(job["dir"]))
             layers.append("audit")
-    except OSError as exc:
-        os.write(report, f"S {type(exc).__name__}: {exc}\n".encode())
+    except (OSError, ValueError) as exc:
+        os.write(report, f"S {type(exc).__name__}: {exc}".replace("\n", " ").encode() + b"\n")
         os._exit(EXIT_SETUP)
     os.write(report, f"L {' '.join(layers)}\n".encode())
     sys.exit(_run(job["code"], job["tests"], report))
@@ -123,8 +128,8 @@ def _world_readable(path: str) -> bool:
 def _limits(job, already_running: int) -> None:
     mb = 1 << 20
     cpu = job["cpu_s"]
-    # RLIMIT_NPROC counts every task of the real uid. Without a uid of its own that uid is the
-    # caller's: allow what it already runs plus the sandbox's share (racy, see sandbox.py).
+    # Where the count includes the caller's tasks, allow those plus the sandbox's share (racy:
+    # what the caller starts meanwhile comes off the share).
     nproc = job["max_processes"] + already_running
     for name, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
                         (resource.RLIMIT_AS, (job["memory_mb"] * mb,) * 2),
@@ -140,9 +145,10 @@ def _limits(job, already_running: int) -> None:
 
 
 def _tasks_of_uid(uid: int) -> int:
+    """Tasks (threads) of ``uid`` other than this process."""
     count = 0
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/status") as status:
@@ -155,14 +161,18 @@ def _tasks_of_uid(uid: int) -> int:
 
 
 def _drop_privileges(uid: int, directory: str) -> bool:
-    """False (and still root) where the sandbox uid could not import the standard library."""
+    """False (and still root) where the sandbox uid could not import the standard library, or
+    the kernel refuses the uid."""
     if not (_world_readable(STDLIB) or any(p.startswith(STDLIB_VIEW) for p in sys.path)):
         return False
-    if os.stat(directory).st_uid != uid:  # no tmpfs of its own (no mount namespace)
-        os.chown(directory, uid, uid)
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
+    try:
+        if os.stat(directory).st_uid != uid:  # no tmpfs of its own (no mount namespace)
+            os.chown(directory, uid, uid)
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    except OSError:  # e.g. a container whose user namespace maps no such uid: stay, say so
+        return False
     return True
 
 
@@ -202,6 +212,10 @@ def _install_audit_hook(root: str) -> None:
             if writes and path is not None and not inside(path):
                 raise PermissionError(f"sandbox: write outside the working directory refused: "
                                       f"{os.fsdecode(path)}")
+            if path is not None and not isinstance(path, int) and _other_process(path):
+                # Not root, the trainer runs as our uid: its /proc/<pid>/environ holds its secrets.
+                raise PermissionError(f"sandbox: other processes' /proc refused: "
+                                      f"{os.fsdecode(path)}")
         elif event in path_events:
             for index in path_events[event]:
                 if index < len(args) and args[index] is not None and not inside(args[index]):
@@ -214,6 +228,12 @@ def _install_audit_hook(root: str) -> None:
         del sys.modules[name]
 
 
+def _other_process(path) -> bool:
+    parts = os.path.realpath(os.fsdecode(path)).split(os.sep)
+    return (len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit()
+            and int(parts[2]) != os.getpid())
+
+
 def _run(code: str, tests: list[str], report: int) -> int:
     """The program once, then each test in its namespace; one line per test: P, F or M."""
     sys.dont_write_bytecode = True
@@ -224,9 +244,11 @@ def _run(code: str, tests: list[str], report: int) -> int:
         status = "ok"
     except MemoryError:
         status, memory = "memory", True
+    except SystemExit as exc:  # a script that ends with sys.exit(0) still gets its tests run
+        status = "ok" if exc.code in (None, 0) else f"SystemExit: {exc.code}"
     except BaseException as exc:  # noqa: BLE001 - the program's own failure is its score
         status = f"{type(exc).__name__}: {exc}"
-    os.write(report, f"C {status}".replace("\n", " ").encode() + b"\n")
+    os.write(report, f"C {status}".replace("\n", " ")[:300].encode() + b"\n")
     if status == "ok":
         for test in tests:
             try:

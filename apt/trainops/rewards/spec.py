@@ -46,13 +46,20 @@ def check_reward_specs(specs, where: str | None = None,
         if isinstance(entry, str):  # shorthand: just the name
             entry = {"name": entry}
         if not isinstance(entry, dict):
-            raise ConfigError(f"expected a mapping with a 'name', got {entry!r}", source=where, key=at)
+            raise ConfigError(f"expected a mapping with a 'name', got {entry!r}", source=where,
+                              key=at)
         options = dict(entry)
         name, weight = options.pop("name", None), options.pop("weight", 1.0)
+        if isinstance(weight, str):  # YAML 1.1 reads "1e-2" (no dot) as a string
+            try:
+                weight = float(weight)
+            except ValueError:
+                pass
         if not isinstance(name, str) or not name:
             raise ConfigError(f"expected a reward name (one of {', '.join(BUILTIN_REWARDS)}, or "
                               f"'module:function'), got {name!r}", source=where, key=f"{at}.name")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)):
             raise ConfigError(f"expected a finite number, got {weight!r}", source=where,
                               key=f"{at}.weight")
         spec = RewardSpec(name, float(weight), options)

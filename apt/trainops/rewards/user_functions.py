@@ -2,7 +2,9 @@
 
 Signature: ``fn(prompt: str, completion: str, record: dict, **options) -> float``, where
 ``record`` is the prompt file's record and ``options`` are the spec's extra keys. The module
-must be importable by the training processes (installed, or on PYTHONPATH).
+must be importable by the training processes (installed, or on PYTHONPATH). A function may
+declare the record fields it reads, ``fn.fields = ("answer",)``, so that a prompt file without
+them is refused before training (RewardSet.check_records).
 """
 from __future__ import annotations
 
