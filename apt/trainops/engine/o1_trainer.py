@@ -30,7 +30,7 @@ from apt.trainops.data import create_dataloader
 from apt.trainops.objectives.grpo import GRPOObjective
 from apt.trainops.rewards import RewardSet
 from apt.trainops.rl.rollouts import RolloutSource, sampling_params
-from apt.trainops.rl.sampling import _RankRoles, sample
+from apt.trainops.rl.sampling import RankRoles, sample
 from .trainer import Trainer, _TimedBatches
 
 
@@ -51,7 +51,8 @@ class O1Trainer(Trainer):
             overrides["data.corpus"] = "prompts"
         cfg = with_overrides(cfg, overrides)
         # Rewards resolve before anything is built: a name that does not resolve is one line.
-        self.rewards = RewardSet.from_specs(cfg.training.grpo.rewards, where=cfg.name)
+        self.rewards = RewardSet.from_specs(
+            cfg.training.grpo.rewards, where=cfg.sources[-1] if cfg.sources else cfg.name)
         kwargs.setdefault("objective", GRPOObjective(
             cfg.training.grpo, [r.label for r in self.rewards.rewards]))
         self._rollout_state = None
@@ -150,7 +151,7 @@ class O1Trainer(Trainer):
         batch = dataset.get_batch(mine)
         answers = self.greedy_answers(batch.prompts)
         labels = [r.label for r in self.rewards.rewards]
-        roles = _RankRoles()
+        roles = RankRoles()
         sums = torch.zeros(4 + len(labels), dtype=torch.float64, device=self.runtime.device)
         if roles.samples and mine:
             texts = [self.tokenizer.decode(t) for t in answers]

@@ -124,9 +124,9 @@ class GRPOObjective(Objective):
     def _logps(self, logits, labels):
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
-        return logps_from_logits(logits, labels, self.config.temperature,
-                                 self.valid_vocab or logits.shape[-1] * ps.
-                                 get_tensor_model_parallel_world_size(),
+        tp = ps.get_tensor_model_parallel_world_size()
+        valid = self.valid_vocab or logits.shape[-1] * tp   # unset: every embedding row
+        return logps_from_logits(logits, labels, self.config.temperature, valid,
                                  ps.get_tensor_model_parallel_rank(),
                                  ps.get_tensor_model_parallel_group(), tensor_parallel)
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from apt.trainops.data.batches import RolloutBatch
 from apt.trainops.eval.forward_pass import forward_only
-from .sampling import SamplingParams, _RankRoles, sample
+from .sampling import SamplingParams, RankRoles, sample
 
 log = logging.getLogger("apt.rl")
 
@@ -127,7 +127,7 @@ class RolloutSource:
     def score(self, texts, completion_tokens, records) -> torch.Tensor:
         """[rows, 2 + R] float64: total reward, failures, then each reward; computed by the
         sampling rank of the model-parallel group and shared with the others."""
-        roles = _RankRoles()
+        roles = RankRoles()
         n = len(self.rewards.rewards)
         out = torch.zeros(len(texts), 2 + n, dtype=torch.float64, device=self.device)
         if roles.samples:

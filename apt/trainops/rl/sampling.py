@@ -30,7 +30,7 @@ Vocabulary rows beyond the tokenizer's (``valid_vocab``: embedding padding) are 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,7 @@ class Completions:
     forward_passes: int = 0
 
 
-class _RankRoles:
+class RankRoles:
     """Where this rank sits in its model-parallel group, for sampling and sharing tokens."""
 
     def __init__(self):
@@ -200,14 +200,14 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
     under ZeRO-3, whose ranks then run the same number of passes)."""
     chunks = list(chunks)
     device = next(chunks[0].parameters()).device
-    roles = _RankRoles()
+    roles = RankRoles()
     rows = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     capacity = params.max_length or int(lengths.max()) + params.max_new_tokens
     if int(lengths.max()) + params.max_new_tokens > capacity:
         raise ValueError(f"a prompt of {int(lengths.max())} tokens + {params.max_new_tokens} new "
                          f"tokens exceeds the sampler's capacity of {capacity} tokens")
-    params = _with_capacity(params, capacity)
+    params = replace(params, max_length=capacity)
     tokens = torch.zeros(rows, capacity, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p.to(device)
@@ -244,11 +244,6 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
                     active[i] = False
             position += 1
     return out
-
-
-def _with_capacity(params: SamplingParams, capacity: int) -> SamplingParams:
-    from dataclasses import replace
-    return replace(params, max_length=capacity)
 
 
 def _any_active(active: list, sync_group, device) -> bool:
