@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .chat_template import BUILTIN, ChatTemplate, render_or_fail, tokens_of
+from .chat_template import BUILTIN, ChatTemplate, checked_messages, render_or_fail, tokens_of
 from .datasets import BatchIndexed
 from .errors import DataError
 
@@ -55,12 +55,7 @@ def prompt_of(record, where: str) -> tuple[list[dict], dict]:
         raise DataError(where, "a prompt record must be a JSON object")
     fields = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
     if "messages" in record:
-        messages = record["messages"]
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in messages)):
-            raise DataError(where, "'messages' must be a non-empty list of {role, content} "
-                                   "with string values")
+        messages = checked_messages(record["messages"], where)
         if messages[-1]["role"] == "assistant":
             fields.setdefault("answer", messages[-1]["content"])
             messages = messages[:-1]
