@@ -1,4 +1,5 @@
-"""PNG plots of a run's metrics: loss (train and validation), learning rate, throughput.
+"""PNG plots of a run's metrics: loss (train and validation), learning rate, throughput, and
+for reinforcement learning the reward (train mean +- std, held-out greedy reward/accuracy).
 
 Uses matplotlib's object API on the Agg canvas: no pyplot state, no display needed.
 """
@@ -61,4 +62,29 @@ def plot_metrics(records: list[dict], out_dir: Path, title: str = "") -> list[Pa
         twin.plot(x, [100 * v for v in y], lw=0.8, color="tab:purple", alpha=0.6, label="MFU %")
         twin.set_ylabel("MFU (%)")
     written.append(_save(fig, out_dir / "throughput.png"))
+    if any("reward" in r for r in steps):
+        written.append(plot_reward(steps, [r for r in records if "val_reward" in r], out_dir,
+                                   title))
     return written
+
+
+def plot_reward(steps: list[dict], evals: list[dict], out_dir: Path, title: str = "") -> Path:
+    """reward.png: the sampled completions' mean reward per step (+- its std) and, at each
+    evaluation, the greedy held-out reward and accuracy."""
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    x, mean = _series(steps, "reward")
+    _, std = _series(steps, "reward_std")
+    ax.plot(x, mean, lw=1.2, label="train reward (sampled, mean)")
+    if len(std) == len(mean):
+        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        alpha=0.15)
+    for key, style, label in (("val_reward", "o-", "held-out reward (greedy)"),
+                              ("val_accuracy", "s--", "held-out accuracy (greedy)")):
+        ex, ey = _series(evals, key)
+        if ey:
+            ax.plot(ex, ey, style, label=label)
+    ax.set(xlabel="step", ylabel="reward", title=f"{title} reward".strip())
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(out_dir) / "reward.png")

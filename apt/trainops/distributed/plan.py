@@ -101,9 +101,9 @@ class Plan:
         if self.offload_optimizer:
             lines.append(f"host memory  optimizer state {mem['host_optimizer']:.2f} GiB per rank")
         if self.memory.host_reference:
-            lines.append(f"host memory  preference reference {mem['host_reference']:.2f} GiB per "
-                         f"rank (frozen weights + swap buffer; reference: precomputed holds "
-                         f"none while training)")
+            lines.append(f"host memory  frozen reference {mem['host_reference']:.2f} GiB per "
+                         f"rank (initial weights + swap buffer; DPO's reference: precomputed and "
+                         f"GRPO's beta: 0 hold none while training)")
         lines += [f"note         {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -246,8 +246,11 @@ def _estimate(cfg, counts, device_type, *, micro, accum, tp, pp, vp, dp, ep, cp,
 
 def _holds_reference(cfg) -> bool:
     """Preference training keeps the frozen initial weights in host memory for a live
-    reference pass (precomputed: only while precomputing; SimPO: never)."""
+    reference pass (precomputed: only while precomputing; SimPO: never), and so does GRPO with
+    a KL penalty (beta > 0)."""
     dpo = cfg.training.dpo
+    if cfg.training.objective == "grpo":
+        return cfg.training.grpo.beta > 0
     return (cfg.training.objective == "dpo" and dpo.loss_type != "simpo"
             and dpo.reference == "live")
 
