@@ -9,11 +9,12 @@ import pytest
 
 from apt.core.config import ConfigError, load_profile
 
-MOE = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4",
-       "model.ffn_hidden_size=128", "model.max_seq_len=32", "data.seq_length=32",
-       "data.max_corpus_bytes=200000", "training.batch_size=8", "training.max_steps=3",
-       "training.warmup_steps=1", "training.log_interval=3", "training.eval_interval=0",
-       "training.eval_batches=1", "output.sample_tokens=0", "model.num_experts=8",
+SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4",
+         "model.ffn_hidden_size=128", "model.max_seq_len=32", "data.seq_length=32",
+         "data.max_corpus_bytes=200000", "training.batch_size=8", "training.warmup_steps=1",
+         "training.eval_interval=0", "training.eval_batches=1", "output.sample_tokens=0"]
+MOE = SMALL + [
+       "training.max_steps=3", "training.log_interval=3", "model.num_experts=8",
        "model.moe_top_k=2",
        # seq_aux_loss: the per-sequence balance loss, the same whatever the micro-batch split
        # (aux_loss is per micro-batch by definition: a different split is a different loss)
@@ -92,3 +93,22 @@ def test_accumulation_split_and_engines_step_the_router_alike(tmp_path):
     saved = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("moe/layer1/dead_experts" in r for r in saved)
     assert (run_dir / "plots" / "expert_load.png").is_file()
+
+
+def test_gpt5_trainer_router_arguments_and_token_dropping(tmp_path):
+    """GPT5Trainer's keyword arguments set the router; a capacity drops the overflow, which the
+    metrics count; a dense model is refused."""
+    from apt.trainops.engine import GPT5Trainer
+    dense = load_profile("tiny", SMALL + [f"output.dir={tmp_path}", "training.max_steps=2",
+                                          "training.log_interval=2"])
+    with pytest.raises(ConfigError, match="model.num_experts"):
+        GPT5Trainer(config=dense)
+    trainer = GPT5Trainer(config=dense, num_experts=4, top_k=2, capacity_factor=0.5,
+                          load_balancing="aux_loss", z_loss_coeff=1e-3)
+    assert trainer.config.model.moe_capacity_factor == 0.5
+    trainer.train()
+    last = trainer.history[-1]
+    # capacity = 0.5 x 256 tokens x 2 / 4 = 64 per expert: at most half the assignments kept
+    assert 0.5 <= last["moe/dropped_fraction"] < 1, last["moe/dropped_fraction"]
+    assert last["moe/aux_loss"] > 0 and last["moe/z_loss"] > 0
+    assert last["moe/layer0/tokens_max"] >= 64 and last["moe/layer0/dead_experts"] == 0
