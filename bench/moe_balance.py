@@ -15,7 +15,7 @@ Prints, per run, the worst layer's max violation (max load / mean load - 1) and 
 experts over the first and the last log interval, and the validation loss; copies each run's
 plots/expert_load.png to ``--out``.
 
-    python bench/moe_balance.py [--steps 300 --skew 8 --out /tmp/apt-moe-balance]
+    python bench/moe_balance.py [--steps 800 --skew 8 --out /tmp/apt-moe-balance]
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def run(name: str, overrides: list[str], skew: float, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--skew", type=float, default=8.0)
     parser.add_argument("--log-interval", type=int, default=25)
     parser.add_argument("--only", nargs="*", default=None, help="run only these")
