@@ -3,7 +3,8 @@
 Handles data parallel and tensor parallel (TP-sharded params carry ``tensor_model_parallel``,
 so DeepSpeed's gradient norm is right). Layouts DeepSpeed cannot reduce correctly (pipelines,
 sequence-parallel norms, Megatron expert parallel) go to the Megatron engine: see
-``engines.select``."""
+``engines.select``. An MoE model's router gets the aux-loss gradient scale and expert-bias
+update Megatron's schedules give it (``moe_router_steps``)."""
 from __future__ import annotations
 
 import torch
