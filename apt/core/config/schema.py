@@ -35,6 +35,23 @@ class ModelConfig:
     init_std: float = rule(0.02, gt=0)
     num_experts: Optional[int] = rule(None, gt=1)
     moe_top_k: int = rule(2, gt=0)
+    # MoE router (read only when num_experts is set; apt/model/moe_routing.py maps them to
+    # Megatron's TransformerConfig). Load balancing: aux_loss (Switch/GShard, per
+    # micro-batch), seq_aux_loss (DeepSeek, per sequence), global_aux_loss (counts over the
+    # global batch), sinkhorn (S-BASE, no loss), none. Megatron's own default is no loss at all.
+    moe_load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn",
+                                "none"] = "aux_loss"
+    moe_aux_loss_coeff: float = rule(1e-2, ge=0)
+    moe_z_loss_coeff: float = rule(0.0, ge=0)       # ST-MoE router z-loss; 1e-3 is typical
+    moe_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the sigmoid scores for
+    # the top-k choice only, moved by +-rate after each step towards the mean load.
+    moe_expert_bias: bool = False
+    moe_bias_update_rate: float = rule(1e-3, gt=0)
+    # Expert capacity = factor x tokens x top_k / experts; tokens over it are dropped (their
+    # residual passes through). None: no dropping.
+    moe_capacity_factor: Optional[float] = rule(None, gt=0)
+    moe_drop_policy: Literal["probs", "position"] = "probs"
 
     @property
     def kv_heads(self) -> int:
@@ -368,8 +385,7 @@ def cross_checks(cfg: APTConfig):
                                          f"model.num_attention_heads={m.num_attention_heads}")
     if (m.hidden_size // m.num_attention_heads) % 2:
         yield "model.hidden_size", "head dimension (hidden_size / heads) must be even for RoPE"
-    if m.num_experts is not None and m.moe_top_k > m.num_experts:
-        yield "model.moe_top_k", f"{m.moe_top_k} exceeds model.num_experts={m.num_experts}"
+    yield from _moe_checks(m)
     if cfg.data.seq_length > m.max_seq_len:
         yield "data.seq_length", (f"{cfg.data.seq_length} exceeds model.max_seq_len="
                                   f"{m.max_seq_len}")
@@ -427,6 +443,25 @@ def cross_checks(cfg: APTConfig):
         yield "training.distributed.offload_optimizer", "needs ZeRO stage >= 1"
     if d.offload_optimizer and d.engine == "megatron":
         yield "training.distributed.offload_optimizer", "is a DeepSpeed ZeRO feature (engine: deepspeed)"
+
+
+def _moe_checks(m: ModelConfig):
+    """Router settings Megatron cannot combine (it would raise deep in model construction)."""
+    if m.num_experts is None:
+        return
+    if m.moe_top_k > m.num_experts:
+        yield "model.moe_top_k", f"{m.moe_top_k} exceeds model.num_experts={m.num_experts}"
+    elif m.moe_top_k == 1 and m.moe_score_function == "softmax" and \
+            m.moe_load_balancing != "sinkhorn":
+        yield "model.moe_top_k", ("1 with softmax scores gives the router no gradient (softmax "
+                                  "over one expert is 1): use top_k >= 2 or "
+                                  "model.moe_score_function sigmoid")
+    if m.moe_expert_bias and m.moe_score_function != "sigmoid":
+        yield "model.moe_expert_bias", ("needs model.moe_score_function sigmoid (the bias "
+                                        f"shifts sigmoid scores), got {m.moe_score_function!r}")
+    if m.moe_capacity_factor is not None and m.moe_load_balancing == "sinkhorn":
+        yield "model.moe_capacity_factor", ("token dropping does not work with "
+                                            "model.moe_load_balancing 'sinkhorn'")
 
 
 def _objective_checks(cfg: APTConfig):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from apt.core.config import APTConfig, ConfigError
 from apt.model.sizing import count_lora_parameters, count_parameters
-from .memory import GIB, MemoryEstimate, estimate_memory
+from .memory import GIB, MemoryEstimate, estimate_memory, expert_all_to_all_bytes
 
 BILLION = 1e9
 DIST = "training.distributed"
@@ -49,6 +49,8 @@ class Plan:
     params_active: int
     memory: MemoryEstimate
     notes: tuple = field(default=())
+    # Bytes one GPU sends per step in MoE expert-parallel all-to-alls (0 without EP).
+    expert_all_to_all: float = 0.0
 
     @property
     def zero3_partitioned(self) -> bool:
@@ -98,6 +100,9 @@ class Plan:
             "{optimizer:.2f} GiB, activations {activations:.2f} GiB, communication "
             "{communication:.2f} GiB = total {total:.2f} GiB".format(**mem),
         ]
+        if self.expert_all_to_all:
+            lines.append(f"traffic/GPU  expert all-to-all {self.expert_all_to_all / GIB:.2f} GiB "
+                         f"per step (dispatch + combine, forward + backward)")
         if self.offload_optimizer:
             lines.append(f"host memory  optimizer state {mem['host_optimizer']:.2f} GiB per rank")
         if self.memory.host_reference:
@@ -184,7 +189,10 @@ def make_plan(cfg: APTConfig, world_size: int, gpus_per_node: int | None = None,
                 offload_optimizer=d.offload_optimizer, global_batch=global_batch,
                 seq_length=cfg.data.seq_length, micro_batch=micro, grad_accum=accum,
                 params_total=counts.total, params_active=counts.active, memory=memory,
-                notes=tuple(notes))
+                notes=tuple(notes), expert_all_to_all=expert_all_to_all_bytes(
+                    hidden=m.hidden_size, seq=cfg.data.seq_length, micro_batch=micro,
+                    grad_accum=accum, moe_layers=m.num_layers // pp, top_k=_top_k(m), ep=ep,
+                    tp=tp, cp=cp, sequence_parallel=sp, precision=precision))
 
 
 def _auto_layout(cfg, counts, world_size, gpus_per_node, device_type):
@@ -241,7 +249,12 @@ def _estimate(cfg, counts, device_type, *, micro, accum, tp, pp, vp, dp, ep, cp,
         offload_optimizer=d.offload_optimizer, fused_attention=device_type == "cuda",
         lora_per_layer=count_lora_parameters(m, cfg.lora, tp=tp)[1],
         rows_per_sample=2 if cfg.training.objective == "dpo" else 1,
-        reference_weights=_holds_reference(cfg))
+        reference_weights=_holds_reference(cfg), moe_top_k=_top_k(m))
+
+
+def _top_k(m) -> int:
+    """Experts per token of an MoE model, 0 for a dense one."""
+    return m.moe_top_k if m.num_experts else 0
 
 
 def _holds_reference(cfg) -> bool:
