@@ -111,8 +111,8 @@ def _import_hf(args) -> int:
     print(f"wrote {args.out}: start a run from it with --set training.init_from={args.out} "
           f"and this model section in the profile:")
     fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
-    if not model.num_experts:
-        fields.pop("moe_top_k")
+    if not model.num_experts:   # the router's settings mean nothing for a dense model
+        fields = {k: v for k, v in fields.items() if not k.startswith("moe_")}
     print(yaml.safe_dump({"model": fields}, sort_keys=False), end="")
     return 0
 

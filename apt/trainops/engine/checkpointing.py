@@ -146,6 +146,9 @@ def save_training_checkpoint(trainer):
         tmp = ckpt.directory
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(capture_rng(), tmp / "trainer" / f"rank-{dist.get_rank():05d}.pt")
+        extra = trainer.rank_state()   # a trainer variant's own (e.g. buffered rollouts)
+        if extra is not None:
+            torch.save(extra, tmp / "trainer" / f"state-rank-{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
             (tmp / "state.json").write_text(json.dumps({
                 "step": step, "consumed_samples": step * plan.global_batch,
@@ -240,6 +243,9 @@ def load_engine_state(trainer, ckpt: CheckpointState) -> None:
         log.warning("%s holds no engine optimizer state: the optimizer starts fresh "
                     "(weights and step are restored)", ckpt.path)
     trainer.engine.load_loss_scaler_states(ckpt.state.get("loss_scalers", []))   # fp16 only
+    extra = ckpt.path / "trainer" / f"state-rank-{dist.get_rank():05d}.pt"
+    trainer.load_rank_state(torch.load(extra, weights_only=True) if extra.is_file() else None,
+                            str(ckpt.path), same_layout=saved == layout_of(trainer.plan))
     if saved == layout_of(trainer.plan):
         restore_rng(torch.load(ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt",
                                weights_only=True))

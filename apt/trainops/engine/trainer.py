@@ -36,12 +36,12 @@ from .schedule import warmup_cosine
 
 
 class _TimedBatches:
-    """The training batches, typed for the objective and moved to the device, with the time
-    spent waiting for them."""
+    """The training batches, typed (``coerce``: the objective's) and moved to the device, with
+    the time spent waiting for them."""
 
-    def __init__(self, dataloader, objective, device):
+    def __init__(self, dataloader, coerce, device):
         self._batches, self._wait = iter(dataloader), 0.0
-        self._objective, self._device = objective, device
+        self._coerce, self._device = coerce, device
         self._ids = torch.zeros(2, dtype=torch.float64)
 
     def __iter__(self):
@@ -49,7 +49,7 @@ class _TimedBatches:
 
     def __next__(self):
         start = time.perf_counter()
-        batch = self._objective.coerce(next(self._batches)).to(self._device, non_blocking=True)
+        batch = self._coerce(next(self._batches)).to(self._device, non_blocking=True)
         self._wait += time.perf_counter() - start
         ids = batch.sample_id.to(torch.float64)
         self._ids += torch.stack([ids.sum(), (ids * ids).sum()]).cpu()
@@ -66,20 +66,35 @@ class _TimedBatches:
         digest, self._ids = self._ids, torch.zeros(2, dtype=torch.float64)
         return digest
 
+    def take_extras(self) -> dict:
+        """Per-step values a batch source adds to the step's record (``time/<phase>_s``: time
+        it spent producing batches, e.g. sampling rollouts); none here."""
+        return {}
+
 
 def _eval_summary(result: dict) -> str:
     """The evaluation line: the token metrics when the objective has them, then every other
     float metric (e.g. exact-match, preference accuracy)."""
-    parts = [f"val loss {result['val_loss']:.4f} nats"]
+    parts = [f"val loss {result['val_loss']:.4f} nats"] if "val_loss" in result else []
     if "val_bits_per_token" in result:
         parts[0] += f" ({result['val_bits_per_token']:.3f} bits/token)"
         parts += [f"perplexity {result['val_perplexity']:.2f}",
                   f"next-token accuracy {result['val_accuracy']:.3f}"]
-    shown = {"step", "val_loss", "val_bits_per_token", "val_perplexity", "val_accuracy",
-             "val_tokens"}
+    shown = {"step", "val_loss", "val_bits_per_token", "val_perplexity", "val_tokens"}
+    if "val_bits_per_token" in result:
+        shown.add("val_accuracy")   # next-token accuracy, shown above
     parts += [f"{k[4:]} {v:.3f}" for k, v in result.items()
               if k not in shown and isinstance(v, float)]
     return " | ".join(parts)
+
+
+def _time_split(seconds: float, wait: float, extras: dict) -> dict:
+    """A batch source's extras; where it reports time spent on phases of its own
+    (``time/generation_s``), the rest of the step is ``time/training_s``."""
+    phases = sum(v for k, v in extras.items() if k.startswith("time/"))
+    if not phases:
+        return extras
+    return {**extras, "time/training_s": max(seconds - wait - phases, 0.0)}
 
 
 def _fmt(value: float | None) -> str:
@@ -149,7 +164,8 @@ class Trainer:
         if train_dataloader is None or eval_dataloader is None:
             if train_dataset is None:
                 train_dataset, built_eval, self.tokenizer = build_datasets(
-                    cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
+                    cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.training.seed,
+                    **self._dataset_options(cfg))
                 eval_dataset = eval_dataset or built_eval
             train_dataloader = train_dataloader or self._loader(train_dataset, train=True)
             if eval_dataset is not None:
@@ -159,6 +175,22 @@ class Trainer:
         self.callbacks = build_callbacks(cfg, extra=callbacks or [])
         self.engine = None
         self.history: list[dict] = []
+
+    def _dataset_options(self, cfg) -> dict:
+        """Extra ``build_datasets`` arguments a trainer variant's data needs."""
+        return {}
+
+    def _training_batches(self):
+        """The iterator the engine draws each step's micro-batches from."""
+        return _TimedBatches(self.train_dataloader, self.objective.coerce, self.runtime.device)
+
+    def rank_state(self) -> dict | None:
+        """Tensors this rank's training checkpoint must hold besides weights, optimizer and
+        RNGs (a trainer variant's; saved as trainer/state-rank-N.pt)."""
+        return None
+
+    def load_rank_state(self, state: dict | None, where: str, same_layout: bool) -> None:
+        """``rank_state()`` as the checkpoint saved it (None: none saved)."""
 
     @classmethod
     def from_config(cls, config: APTConfig, **kwargs) -> "Trainer":
@@ -223,8 +255,9 @@ class Trainer:
         if self.eval_before_training and self.step == 0:
             self.initial_eval = self._log_eval(progress)   # the "before" of a fine-tuning run
         tokens_per_step = plan.global_batch * cfg.data.seq_length
-        batches = _TimedBatches(self.train_dataloader, self.objective, self.runtime.device)
-        pending: list[tuple] = []  # (step, StepResult, lr, seconds, end time, data wait, digest)
+        batches = self._training_batches()
+        # (step, StepResult, lr, seconds, end time, data wait, digest, extras)
+        pending: list[tuple] = []
         started = time.perf_counter()
         with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
             while self.step < t.max_steps:
@@ -235,7 +268,8 @@ class Trainer:
                 self.step += 1
                 pending.append((self.step, result, lr,
                                 time.perf_counter() - step_start, time.time(),
-                                batches.take_wait(), batches.take_sample_digest()))
+                                batches.take_wait(), batches.take_sample_digest(),
+                                batches.take_extras()))
                 last = self.step == t.max_steps
                 # One all-reduce per step: preemption asked, a checkpoint writer still busy.
                 preempted, writing = (count > 0 for count in ranks_raising(
@@ -317,8 +351,9 @@ class Trainer:
                     else float(result.grad_norm),
                     "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
                     "time": ended, "data_wait_s": wait,
-                    "sample_digest": [int(v) for v in row[len(names):]]}
-                   for (step, result, lr, seconds, ended, wait, _), row, n
+                    "sample_digest": [int(v) for v in row[len(names):]],
+                    **_time_split(seconds, wait, extras)}
+                   for (step, result, lr, seconds, ended, wait, _, extras), row, n
                    in zip(pending, both.tolist(), units)]
         self._emit("on_log", records)
         for record in records:

@@ -3,7 +3,8 @@
 Handles data parallel and tensor parallel (TP-sharded params carry ``tensor_model_parallel``,
 so DeepSpeed's gradient norm is right). Layouts DeepSpeed cannot reduce correctly (pipelines,
 sequence-parallel norms, Megatron expert parallel) go to the Megatron engine: see
-``engines.select``."""
+``engines.select``. An MoE model's router gets the aux-loss gradient scale and expert-bias
+update Megatron's schedules give it (``moe_router_steps``)."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +17,7 @@ from apt.trainops.checkpoints.loss_scale import (deepspeed_scaler_state,
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
+from . import moe_router_steps
 from .base import StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes
 
 
@@ -67,6 +69,7 @@ class DeepSpeedEngine(TrainEngine):
             model=model, model_parameters=parameter_groups(model, cfg.training.weight_decay),
             config=deepspeed_config(cfg, plan), mpu=MegatronMPU())
         self.modules = [self.engine.module]
+        self.moe = moe_router_steps.is_moe(self.modules)
 
     def train_step(self, batches, lr: float) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
@@ -75,15 +78,23 @@ class DeepSpeedEngine(TrainEngine):
         sums = torch.zeros(len(self.objective.stat_names), dtype=torch.float64,
                            device=self.engine.device)
         for batch in micro_batches:
+            if self.moe:   # what Megatron's schedule does for the router's aux/z losses
+                moe_router_steps.set_aux_loss_scale(self.plan.grad_accum, self._loss_scale(),
+                                                    self.engine.device)
             output, loss_func = self.objective.forward_step(self.engine, batch)
             loss, stats = self.normalised(loss_func, units)(output)
             self.engine.backward(loss)   # scales by 1/accumulation itself
+            if self.moe and batch is micro_batches[-1]:
+                moe_router_steps.finish_global_batch(self.modules)   # as finalize_model_grads
             self.engine.step()           # steps the optimizer at the accumulation boundary
             sums += self.stat_vector(stats, sums.device)
-        scale = None
-        if self.plan.precision == "fp16":  # ZeRO optimizers name it loss_scale, FP16 cur_scale
-            scale = getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", None))
-        return StepResult(sums, units, self.engine.get_global_grad_norm(), scale)
+        return StepResult(sums, units, self.engine.get_global_grad_norm(), self._loss_scale())
+
+    def _loss_scale(self) -> float | None:
+        if self.plan.precision != "fp16":
+            return None
+        # ZeRO optimizers name it loss_scale, DeepSpeed's FP16 optimizer cur_scale
+        return getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", None))
 
     def static_memory(self) -> dict:
         params = list(self.engine.module.parameters())
