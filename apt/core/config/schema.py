@@ -69,7 +69,7 @@ class ModelConfig:
 class DataConfig:
     # "stdlib": the Python standard library's own sources, present offline on every machine.
     # "text": every *.txt/*.py file under `path` (a file or a directory).
-    # "indexed": Megatron .bin/.idx written by `apt preprocess` (or Megatron-LM): `path` is the
+    # "indexed": Megatron .bin/.idx written by `trainops preprocess` (or Megatron-LM): `path` is the
     #   prefix, or `blend: [[0.7, prefix_a], [0.3, prefix_b]]` mixes several by weight.
     # "sft": chat/instruction JSONL at `path`, loss on the responses only; `path: synthetic:qa`
     #   is a built-in offline set of programmatic question/answer chats (synthetic_chat.py),
@@ -142,6 +142,10 @@ class DistributedConfig:
     # pipeline, sequence and expert parallel (the plan says which and why).
     engine: Literal["auto", "deepspeed", "megatron"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Seconds a rank waits to reach the rendezvous store (MASTER_ADDR:MASTER_PORT) and for every
+    # rank to arrive, then fails naming the address (a launcher killed at start-up, a missing
+    # node) instead of waiting 30 minutes.
+    rendezvous_timeout_s: float = rule(300.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,10 @@ class HardwareConfig:
     # Peak dense TFLOP/s of one device at the run's precision, for MFU. None: the table of known
     # GPUs (apt/trainops/eval/flops.py), else a measured matmul (CPU, unknown GPUs).
     peak_tflops: Optional[float] = rule(None, gt=0)
+    # A run is refused before the model is built when the plan's memory estimate exceeds the
+    # memory found (GPU memory; host memory on CPU). false: start anyway (the estimate is
+    # pessimistic for this setup, or swap is intended).
+    memory_check: bool = True
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     <output_dir>/<experiment>-<YYYYmmdd-HHMMSS>/
         config.yaml      resolved profile (every key), with its hash
-        plan.txt         the parallel plan as `apt plan` prints it
+        plan.txt         the parallel plan as `trainops plan` prints it
         metrics.jsonl    one JSON object per logged step / evaluation / checkpoint / resume
         logs.txt         human-readable log lines
         model/           final weights (model.pt: tensors only, loads with weights_only=True)

@@ -137,7 +137,7 @@ def _indexed_splits(data, tokenizer, options, seed):
 
 def check_same_tokenizer(paths: list[str], tokenizer) -> None:
     """Token ids mean something only under the tokenizer that made them: every file of a blend
-    must come from one tokenizer, the profile's. ``apt preprocess`` saves it next to the data
+    must come from one tokenizer, the profile's. ``trainops preprocess`` saves it next to the data
     (``<prefix>.tokenizer/``); files without one (Megatron-LM's, older ones) are trusted with a
     warning."""
     configured = tokenizer_identity(tokenizer)

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from apt.core.config import config_to_dict
+# 75, EX_TEMPFAIL: "try again", what a scheduler's requeue should see (start-up exits with it too)
+from apt.core.lifetime import EXIT_PREEMPTED  # noqa: F401
 from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
                                       load_model_weights)
 from apt.trainops.checkpoints.model_weights import _sharded_state, zero3_gathered
@@ -28,14 +30,19 @@ from apt.trainops.checkpoints.rng import capture_rng, restore_rng
 from apt.trainops.artifacts.environment import package_versions
 
 log = logging.getLogger("apt.checkpoints")
-EXIT_PREEMPTED = 75   # EX_TEMPFAIL: "try again", what a scheduler's requeue should see
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def checkpoint_save_dir(cfg, directory: str | None = None) -> Path:
+    """Where the run's checkpoints go: the argument, training.checkpoints.dir, else
+    <output.dir>/<experiment or profile name>-checkpoints."""
+    default = Path(cfg.output.dir) / f"{cfg.output.experiment_name or cfg.name}-checkpoints"
+    return Path(directory or cfg.training.checkpoints.dir or default)
 
 
 def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
     c = cfg.training.checkpoints
-    default = Path(cfg.output.dir) / f"{cfg.output.experiment_name or cfg.name}-checkpoints"
-    return CheckpointManager(directory or c.dir or default, save_interval=c.save_interval,
+    return CheckpointManager(checkpoint_save_dir(cfg, directory), save_interval=c.save_interval,
                              keep_last_n=c.keep_last_n, keep_every=c.keep_every,
                              async_save=c.async_save)
 

@@ -25,9 +25,10 @@ from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import ranks_raising, seed_everything, setup_distributed
 from apt.trainops.objectives import build_objective
+from apt.trainops.preflight import refuse_unless_ready
 from .callbacks import Callback
 from .checkpointing import (PreemptionGuard, announce_resume, checkpoint_manager,
-                            load_engine_state, load_init_weights, load_weights,
+                            checkpoint_save_dir, load_engine_state, load_init_weights, load_weights,
                             resolve_resume, resumed_run_dir,
                             save_training_checkpoint)
 from .progress import Progress, format_duration
@@ -130,7 +131,12 @@ class Trainer:
         launch = detect_launch_env()
         self.plan = make_plan(cfg, launch.world_size, launch.local_world_size,
                               device_type=device_type)
-        self.runtime = setup_distributed(plan=self.plan, seed=cfg.training.seed)
+        # Memory and the checkpoint disk, before any process group or model exists.
+        refuse_unless_ready(cfg, self.plan, launch.local_world_size,
+                            checkpoint_save_dir(cfg, checkpoint_dir))
+        self.runtime = setup_distributed(
+            plan=self.plan, seed=cfg.training.seed,
+            rendezvous_timeout_s=cfg.training.distributed.rendezvous_timeout_s)
         if model is None:
             from apt.model.architectures import APTModel
             seed_everything(cfg.training.seed)  # same config, same initial weights, always
