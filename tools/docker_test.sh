@@ -5,8 +5,9 @@
 # No registry is reachable, Debian's packages are (recipe measured in FEASIBILITY.md):
 #   docker.io + debootstrap from Debian; dockerd with iptables, ip forwarding, masquerading and
 #   the bridge off (host networking untouched; every build and run uses --network host);
-#   debootstrap minbase bookworm (Python 3.11, which the CPU torch wheel on this machine is
-#   for; g++ and the Python headers: DeepSpeed builds its CPU communication op at start) + this machine's CA bundle (the package proxy re-signs HTTPS); docker import.
+#   debootstrap minbase bookworm with Python 3.11 (the CPU torch wheel on this machine is for
+#   3.11), g++ and the Python headers (DeepSpeed builds its CPU communication op at start), plus
+#   this machine's CA bundle (the package proxy re-signs HTTPS); docker import.
 # Nothing is cached between runs: everything lives under $WORK and is removed at the end, with
 # dockerd stopped by its pid and its mounts removed. Runs as root (CI does).
 set -euo pipefail

@@ -33,6 +33,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -55,6 +56,10 @@ DRY_TOTAL_BUDGET_S = 400
 DRY_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4",
              "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.max_seq_len=32",
              "data.seq_length=32", "data.max_corpus_bytes=200000"]
+# fp16_resume's GPU model, which eval_export then evaluates and exports: the 125m shape with
+# 4 layers and 1024-token rows (checkpoints of ~0.7 GiB, two runs in about a minute).
+GPU_SMALL = ["model.num_layers=4", "model.max_seq_len=1024", "data.seq_length=1024",
+             "training.batch_size=16", "training.micro_batch_size=8"]
 QUIET = ["training.eval_interval=0", "training.eval_batches=1", "output.sample_tokens=0",
          "monitoring.plots=false"]
 
@@ -97,13 +102,19 @@ class Check:
         if limit <= 1:
             raise TimeoutError("no time left in this section's budget")
         self.log.write(f"$ {' '.join(cmd)}\n")
+        # Its own process group, so that a timeout ends whatever it started too (compilers,
+        # checkpoint writers).
+        child = subprocess.Popen(cmd, cwd=cwd or REPO, env=self.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=cwd or REPO, env=self.env, capture_output=True,
-                                  text=True, timeout=limit, start_new_session=True)
-        except subprocess.TimeoutExpired as exc:
-            self.log.write(_text(exc.stdout) + _text(exc.stderr))
+            stdout, stderr = child.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            stdout, stderr = child.communicate()
+            self.log.write(stdout + stderr)
             raise TimeoutError(f"timed out after {limit:.0f} s: {' '.join(cmd[:4])} ...") \
                 from None
+        proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
         self.log.write(proc.stdout + proc.stderr + f"(exit {proc.returncode})\n")
         if check and proc.returncode != 0:
             raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd[:4])} ...: "
@@ -239,11 +250,15 @@ def micro_batch_1b(c: Check) -> dict:
         if c.remaining() < 1.5 * last_took + 5:
             break   # the next (larger) try would not finish in time
         start = time.monotonic()
-        result = c.probe("benchmark", "--spec", "local", "--profile", profile, "--steps", "3",
-                         "--warmup", "1", "--oom-ok", *_sets(sets + [
-                             f"training.micro_batch_size={micro}",
-                             f"training.batch_size={micro}",
-                             f"output.dir={c.work / 'micro_batch_1b'}"]))
+        try:
+            result = c.probe("benchmark", "--spec", "local", "--profile", profile, "--steps",
+                             "3", "--warmup", "1", "--oom-ok", *_sets(sets + [
+                                 f"training.micro_batch_size={micro}",
+                                 f"training.batch_size={micro}",
+                                 f"output.dir={c.work / 'micro_batch_1b'}"]))
+        except Exception as exc:   # keep what fitted so far
+            results.append({"micro_batch": micro, "error": f"{type(exc).__name__}: {exc}"})
+            break
         last_took = time.monotonic() - start
         results.append({"micro_batch": micro, **{k: result.get(k) for k in (
             "oom", "tokens_per_s", "mfu", "step_time_s", "mem_peak_allocated_gib",
@@ -256,6 +271,7 @@ def micro_batch_1b(c: Check) -> dict:
     mfu = largest["mfu"]
     return {"profile": profile, "largest_micro_batch": largest["micro_batch"],
             "stopped_by": "out of memory" if results[-1].get("oom") else
+            "an error" if "error" in results[-1] else
             ("the tries' end" if len(results) == len(tries) else "the time budget"),
             "tokens_per_s": largest["tokens_per_s"], "mfu": mfu, "anchor_mfu": ANCHOR_MFU,
             "mfu_vs_anchor_low": mfu / ANCHOR_MFU["low"], "tries": results}
@@ -270,9 +286,7 @@ def fp16_resume(c: Check) -> dict:
     if c.dry:
         profile, sets, precision = "tiny", DRY_MODEL + ["training.batch_size=8"], "fp32"
     else:
-        profile, precision = "125m", "fp16"
-        sets = ["model.max_seq_len=1024", "data.seq_length=1024", "training.batch_size=16",
-                "training.micro_batch_size=8"]
+        profile, precision, sets = "125m", "fp16", list(GPU_SMALL)
     n = 4
     sets = sets + QUIET + [f"training.precision={precision}", f"training.max_steps={2 * n}",
                            "training.warmup_steps=2", "training.log_interval=1",
@@ -314,9 +328,7 @@ def eval_export(c: Check) -> dict:
     none): evaluation on the held-out split, export-hf, transformers' logits against APT's."""
     runs = [Path(p).parents[2] for p in glob.glob(str(c.work / "fp16_resume" / "*" / "model" /
                                                           "dist" / "metadata.json"))]
-    sets = DRY_MODEL + ["training.batch_size=8"] if c.dry else [
-        "model.max_seq_len=1024", "data.seq_length=1024", "training.batch_size=16",
-        "training.micro_batch_size=8"]
+    sets = DRY_MODEL + ["training.batch_size=8"] if c.dry else list(GPU_SMALL)
     profile = "tiny" if c.dry else "125m"
     if not runs:
         out = c.work / "eval_export"
@@ -338,7 +350,7 @@ SECTIONS = [("install", install), ("environment", environment), ("kernels", kern
 
 
 # -- probes: run in child processes, print one JSON object last ----------------------------
-def probe_versions(_args) -> dict:
+def probe_versions(_args, import_check: bool = True) -> dict:
     from importlib import metadata
     out = {}
     for dist in ("torch", "megatron-core", "deepspeed", "transformer-engine", "transformers",
@@ -347,8 +359,9 @@ def probe_versions(_args) -> dict:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
-    import deepspeed  # noqa: F401  (importable, not only installed)
-    import megatron.core  # noqa: F401
+    if import_check:   # importable, not only installed (the install section asks)
+        import deepspeed  # noqa: F401
+        import megatron.core  # noqa: F401
     return out
 
 
@@ -357,7 +370,7 @@ def probe_environment(_args) -> dict:
     import torch
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "cuda_runtime": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-           "versions": probe_versions(_args)}
+           "versions": probe_versions(_args, import_check=False)}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
@@ -489,7 +502,7 @@ def probe_eval_export(args) -> dict:
     if apt_main(argv) != 0:
         raise RuntimeError("export-hf failed")
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(args.out, torch_dtype=torch.float32).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).to(device).eval()
     tokens = torch.tensor([tokenizer.encode("def main():\n    return 0\n")], device=device)
     with torch.no_grad():
         ours = model.eval().float()(tokens, torch.arange(tokens.shape[1], device=device)[None],
@@ -556,10 +569,6 @@ def _last_error(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line or "error:" in line]
     return (errors or lines or ["(no output)"])[-1][:400]
-
-
-def _text(data) -> str:
-    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
 def _utc() -> str:
