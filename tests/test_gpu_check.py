@@ -33,7 +33,7 @@ def test_dry_run_fills_every_section(tmp_path):
     env["APT_PYTHON"] = sys.executable
     proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--dry",
                            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1300)
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert proc.returncode == 0, proc.stdout[-3000:] + log[-3000:]
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())

@@ -91,11 +91,14 @@ say "image built in $((t_build - t_base)) s, $((size / 1048576)) MiB"
 "${DOCKER[@]}" run --rm --network host -e OMP_NUM_THREADS=2 "$IMAGE" sh -c '
     set -e
     python launch/train.py --profile tiny --set training.max_steps=20 \
-        --set training.warmup_steps=5 --set training.log_interval=5 --set output.dir=/tmp/runs
+        --set training.warmup_steps=5 --set training.log_interval=5 --set output.sample_tokens=0 \
+        --set output.dir=/tmp/runs
     python -c "import json, glob, torch
 rec = [json.loads(l) for l in open(glob.glob(\"/tmp/runs/*/metrics.jsonl\")[0])]
 steps = [r for r in rec if \"loss\" in r and \"step\" in r]
-print(f\"docker-test | in-container torch {torch.__version__}, {len(steps)} steps, final loss {steps[-1][\"loss\"]:.4f}\")
-assert len(steps) == 20 and steps[-1][\"loss\"] < steps[0][\"loss\"], steps"'
+first, last = steps[0][\"loss\"], steps[-1][\"loss\"]
+print(\"docker-test | in-container torch %s, %d steps, loss %.4f -> final loss %.4f\"
+      % (torch.__version__, len(steps), first, last))
+assert len(steps) == 20 and last < first, steps"'
 t_run=$(date +%s)
 say "ran in $((t_run - t_build)) s; total $((t_run - t0)) s (tools $((t_tools - t0)), base $((t_base - t_tools)), build $((t_build - t_base)))"

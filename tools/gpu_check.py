@@ -49,8 +49,10 @@ ANCHOR_MFU = {"source": "Megatron-LM, GPT models on H100 (published)", "low": 0.
 BUDGETS = {"install": 60, "environment": 30, "kernels": 60, "train_125m": 95,
            "micro_batch_1b": 110, "fp16_resume": 70, "async_checkpoint": 45, "eval_export": 45}
 TOTAL_BUDGET_S = 470
-DRY_BUDGETS = {name: 120 for name in BUDGETS}
-DRY_TOTAL_BUDGET_S = 400
+# The dry run checks that the script works, not how fast: budgets wide enough for a loaded
+# 2-core CI machine (it takes ~80 s there when idle).
+DRY_BUDGETS = {name: 300 for name in BUDGETS}
+DRY_TOTAL_BUDGET_S = 1200
 
 # The dry run's model: the tiny profile shrunk further, so the whole check stays cheap on CPU.
 DRY_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4",

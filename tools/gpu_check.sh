@@ -11,5 +11,8 @@ if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/apt/torch_extensions}
-# One short run: the whole check is bounded (8 minutes on the GPU) even if a child hangs.
-exec timeout --kill-after=10 "${GPU_CHECK_TIMEOUT:-480}" "$PY" -u tools/gpu_check.py "$@"
+# Bounded as a whole (8 minutes on the GPU; the dry run's sections have wider budgets) even if
+# a child hangs.
+limit=480
+for arg in "$@"; do [ "$arg" = --dry ] && limit=1260; done
+exec timeout --kill-after=10 "${GPU_CHECK_TIMEOUT:-$limit}" "$PY" -u tools/gpu_check.py "$@"
