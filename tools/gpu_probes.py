@@ -174,6 +174,7 @@ def probe_eval_export(args) -> dict:
     if apt_main(argv) != 0:
         raise RuntimeError("export-hf failed")
     from transformers import AutoModelForCausalLM
+    torch.backends.cuda.matmul.allow_tf32 = False   # compare fp32 with fp32, not TF32 noise
     hf = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).to(device).eval()
     tokens = torch.tensor([tokenizer.encode("def main():\n    return 0\n")], device=device)
     with torch.no_grad():
