@@ -64,6 +64,7 @@ def test_dry_run_fills_every_section(tmp_path):
     resume = sections["fp16_resume"]
     assert resume["bit_identical"] is True and resume["max_abs_loss_diff"] == 0
     assert resume["losses_first"] == resume["losses_resumed"] and len(resume["losses_first"]) == 4
+    assert resume["final_loss_scalers_first"] == resume["final_loss_scalers_resumed"]
 
     ckpt = sections["async_checkpoint"]
     assert ckpt["checkpoint_mib"] > 0 and ckpt["device"] == "cpu"

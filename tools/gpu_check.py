@@ -281,8 +281,9 @@ def micro_batch_1b(c: Check) -> dict:
 
 def fp16_resume(c: Check) -> dict:
     """Train 2N steps with a checkpoint at N; resume from it (a new process, launch/train.py
-    --resume) and compare steps N+1..2N: losses and dynamic loss scales bit for bit. fp16 is
-    GPU only: the dry run does the same in fp32 (the loss scale is then 1.0)."""
+    --resume) and compare steps N+1..2N: losses and dynamic loss scales bit for bit, and the
+    scaler's whole state (scale and counters) in the checkpoint at 2N. fp16 is GPU only: the
+    dry run does the same in fp32 (the loss scale is then 1.0, no scaler state)."""
     out = c.work / "fp16_resume"
     shutil.rmtree(out, ignore_errors=True)
     if c.dry:
@@ -298,12 +299,18 @@ def fp16_resume(c: Check) -> dict:
     first = _steps(run / "metrics.jsonl")
     checkpoint = out / f"{profile}-checkpoints" / f"checkpoint-{n}"
     saved = json.loads((checkpoint / "state.json").read_text())
+    # The scaler's counters (steps since the last overflow, hysteresis) decide its next change;
+    # a resume that restored only the scale would end with other counters in checkpoint-2N.
+    last = checkpoint.parent / f"checkpoint-{2 * n}" / "state.json"
+    scalers_first = json.loads(last.read_text()).get("loss_scalers")
     c.train(profile, sets, "--resume", str(checkpoint))
     second = _steps(run / "metrics.jsonl")   # the resumed run continues in the same directory
+    scalers_resumed = json.loads(last.read_text()).get("loss_scalers")   # saved again by it
     compared = list(range(n + 1, 2 * n + 1))
     diffs = {s: abs(first[s]["loss"] - second[s]["loss"]) for s in compared}
-    identical = all(first[s]["loss"] == second[s]["loss"] and
-                    first[s].get("loss_scale") == second[s].get("loss_scale") for s in compared)
+    identical = scalers_first == scalers_resumed and all(
+        first[s]["loss"] == second[s]["loss"] and
+        first[s].get("loss_scale") == second[s].get("loss_scale") for s in compared)
     scales = [first[s].get("loss_scale") for s in sorted(first)]
     result = {"precision": precision, "steps": 2 * n, "resumed_at": n,
               "bit_identical": identical, "max_abs_loss_diff": max(diffs.values()),
@@ -313,7 +320,9 @@ def fp16_resume(c: Check) -> dict:
               "loss_scales_resumed": [second[s].get("loss_scale") for s in compared],
               "loss_scale_at_checkpoint": first[n].get("loss_scale"),
               "loss_scale_changed_before_checkpoint": len(set(scales[:n])) > 1,
-              "checkpoint_loss_scalers": saved.get("loss_scalers")}
+              "checkpoint_loss_scalers": saved.get("loss_scalers"),
+              "final_loss_scalers_first": scalers_first,
+              "final_loss_scalers_resumed": scalers_resumed}
     if not identical:
         raise RuntimeError(f"resumed losses differ (max {result['max_abs_loss_diff']:.3g}): "
                            f"{result}")
