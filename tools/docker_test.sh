@@ -42,6 +42,7 @@ cleanup() {
     say "cleaned up (exit $rc) after $(( $(date +%s) - t0 )) s"
 }
 trap cleanup EXIT
+trap "exit 143" INT TERM   # a killed run cleans up too
 rm -rf "$WORK"; mkdir -p "$WORK"
 
 # 1. Tools from Debian's packages (dockerd, and the docker.io client, which has BuildKit).

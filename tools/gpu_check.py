@@ -46,12 +46,14 @@ PROBES_SCRIPT = REPO / "tools" / "gpu_probes.py"   # the in-process measurements
 REPORT, LOG = "gpu_check.json", "gpu_check.log"
 ANCHOR_MFU = {"source": "Megatron-LM, GPT models on H100 (published)", "low": 0.41, "high": 0.48}
 
-# Per-section budgets in seconds (GPU run; the total stays inside 8 minutes with the install).
-BUDGETS = {"install": 60, "environment": 30, "kernels": 60, "train_125m": 95,
-           "micro_batch_1b": 110, "fp16_resume": 70, "async_checkpoint": 45, "eval_export": 45}
+# Per-section budgets in seconds on the GPU; the whole run stops at TOTAL_BUDGET_S (< 8 min).
+# Without kernels they add up to 7.5 minutes; kernels (issue 14) get up to a minute, and
+# past the overall deadline the remaining sections are recorded as skipped.
+BUDGETS = {"install": 50, "environment": 25, "kernels": 60, "train_125m": 80,
+           "micro_batch_1b": 150, "fp16_resume": 65, "async_checkpoint": 40, "eval_export": 40}
 TOTAL_BUDGET_S = 470
 # The dry run checks that the script works, not how fast: budgets wide enough for a loaded
-# 2-core CI machine (it takes ~80 s there when idle).
+# 2-core CI machine (the dry run needs about 90 s of CPU time).
 DRY_BUDGETS = {name: 300 for name in BUDGETS}
 DRY_TOTAL_BUDGET_S = 1200
 
