@@ -68,7 +68,8 @@ def build(args, directory: Path) -> tuple[Trainer, _TimedBatches]:
         "training.checkpoints.save_interval": 0, "training.checkpoints.keep_last_n": 2,
         "output.dir": str(directory / "runs")})
     trainer = Trainer.from_config(cfg, checkpoint_dir=str(directory / "checkpoints"))
-    trainer.engine = build_engine(trainer.modules, cfg, trainer.plan)
+    trainer.artifacts = trainer._artifacts()   # a save records the run directory
+    trainer.engine = build_engine(trainer.modules, cfg, trainer.plan, trainer.objective)
     return trainer, _TimedBatches(trainer.train_dataloader, trainer.objective,
                                   trainer.runtime.device)
 

@@ -8,6 +8,7 @@ the local (pure torch) spec with our ``RMSNorm`` (see its docstring for why).
 from __future__ import annotations
 
 import copy
+import os
 from typing import Literal, Optional
 
 import torch
@@ -143,16 +144,24 @@ def _init_device(config: TransformerConfig) -> str:
     return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
 
 
-def _use_te(use_transformer_engine: Optional[bool]) -> bool:
-    if use_transformer_engine is not None:
-        return use_transformer_engine
-    if not torch.cuda.is_available():
-        return False
+def transformer_engine_installed() -> bool:
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _use_te(use_transformer_engine: Optional[bool]) -> bool:
+    if use_transformer_engine is not None:
+        return use_transformer_engine
+    if not torch.cuda.is_available():
+        return False
+    # APT_TRANSFORMER_ENGINE=0 keeps the local spec where TE is installed (tools/gpu_check.py
+    # measures both).
+    if os.environ.get("APT_TRANSFORMER_ENGINE") == "0":
+        return False
+    return transformer_engine_installed()
 
 
 def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
