@@ -16,7 +16,9 @@ from apt.trainops.checkpoints.loss_scale import (deepspeed_scaler_state,
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
-from .base import StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes
+from ..watchdog import set_phase
+from .base import (StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes,
+                   updates_dropped)
 
 
 def deepspeed_config(cfg: APTConfig, plan: Plan) -> dict:
@@ -68,18 +70,27 @@ class DeepSpeedEngine(TrainEngine):
             config=deepspeed_config(cfg, plan), mpu=MegatronMPU())
         self.modules = [self.engine.module]
 
-    def train_step(self, batches, lr: float) -> StepResult:
+    def train_step(self, batches, lr: float, before_update=None) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
         micro_batches = self.next_micro_batches(batches)
         units = self.global_units(micro_batches)
         sums = torch.zeros(len(self.objective.stat_names), dtype=torch.float64,
                            device=self.engine.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            set_phase("forward")
             output, loss_func = self.objective.forward_step(self.engine, batch)
             loss, stats = self.normalised(loss_func, units)(output)
             self.engine.backward(loss)   # scales by 1/accumulation itself
-            self.engine.step()           # steps the optimizer at the accumulation boundary
             sums += self.stat_vector(stats, sums.device)
+            if i < len(micro_batches) - 1:
+                self.engine.step()       # not the accumulation boundary: no update
+                continue
+            set_phase("optimizer")
+            # The global norm is known only inside the step; ZeRO 1-3 skip a non-finite one
+            # themselves (their overflow check) and report it as inf.
+            apply = before_update is None or before_update(sums, units, None)
+            with updates_dropped(self.optimizer, drop=not apply):
+                self.engine.step()       # steps the optimizer at the accumulation boundary
         scale = None
         if self.plan.precision == "fp16":  # ZeRO optimizers name it loss_scale, FP16 cur_scale
             scale = getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", None))
