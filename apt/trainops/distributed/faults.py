@@ -2,6 +2,7 @@
 
     APT_FAULT_INJECT="nan:rank=1:batch=3"                       # that rank's loss is NaN on
                                                                 # the 3rd global batch drawn
+    APT_FAULT_INJECT="spike:rank=1:batch=3:factor=50"           # ... multiplied by 50
     APT_FAULT_INJECT="stall:rank=1:step=3:phase=forward:seconds=600"   # sleeps in that phase
     APT_FAULT_INJECT="kill:rank=1:step=5:phase=backward:restart=0"     # SIGKILLs itself (on
                                                                 # the launcher's first attempt)
@@ -38,10 +39,17 @@ def _mine(spec: dict | None, kind: str) -> bool:
     return int(spec.get("rank", 0)) == rank and int(spec.get("restart", restart)) == restart
 
 
-def poisoned(batch: int) -> bool:
-    """Whether this rank's loss on global batch ``batch`` is to be made NaN."""
+def loss_factor(batch: int) -> float | None:
+    """What this rank's loss on global batch ``batch`` is to be multiplied by (NaN, a spike's
+    factor), or None."""
     spec = _spec()
-    return _mine(spec, "nan") and int(spec["batch"]) == batch
+    if spec is None or int(spec.get("batch", -1)) != batch:
+        return None
+    if _mine(spec, "nan"):
+        return float("nan")
+    if _mine(spec, "spike"):
+        return float(spec.get("factor", 50))
+    return None
 
 
 def at_phase(step: int, phase: str) -> None:

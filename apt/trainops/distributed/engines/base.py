@@ -66,9 +66,10 @@ class TrainEngine:
 
         def scaled(output):
             loss_sum, stats = loss_func(output)
-            if faults.poisoned(POSITION.batch):   # test-only: this rank's loss turns NaN
-                loss_sum = loss_sum * float("nan")
-                stats = {k: v * float("nan") for k, v in stats.items()}
+            injected = faults.loss_factor(POSITION.batch)   # test-only: NaN or a spike
+            if injected is not None:
+                loss_sum = loss_sum * injected
+                stats = {k: v * injected for k, v in stats.items()}
             set_phase("backward")   # the loss is the forward's last act; backward follows
             return loss_sum * (factor / units.clamp(min=1.0)).to(loss_sum.dtype), stats
         return scaled
