@@ -134,7 +134,8 @@ def _torchrun(overrides, fault=None, restarts=0, timeout=300):
 def test_rank_stalled_inside_a_step_is_named_and_the_job_exits(tmp_path, engine):
     code, out, err, seconds = _torchrun(
         ENGINES[engine] + ["training.max_steps=6", "training.watchdog.timeout_s=8",
-                           "training.watchdog.heartbeat_s=1", f"output.dir={tmp_path}"],
+                           "training.watchdog.heartbeat_s=1",
+                           "training.watchdog.startup_timeout_s=300", f"output.dir={tmp_path}"],
         fault="stall:rank=1:step=3:phase=forward:seconds=600")
     assert code != 0, out[-2000:] + err[-4000:]
     lines = [line for line in err.splitlines() if line.startswith("watchdog | rank")]

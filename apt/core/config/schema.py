@@ -163,6 +163,9 @@ class WatchdogConfig:
     # this is a hang: every rank that can reports who stopped answering, dumps its stacks and
     # exits (code 4) so the launcher can restart the job. 0: no watchdog.
     timeout_s: float = rule(1800.0, ge=0)
+    # The same for the start of train() (building the engine, compiling ops, loading a
+    # checkpoint), which may legitimately take longer than a step.
+    startup_timeout_s: float = rule(1800.0, gt=0)
     # How often each rank publishes its heartbeat (step, phase) and checks the others.
     heartbeat_s: float = rule(5.0, gt=0)
 

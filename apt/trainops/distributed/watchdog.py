@@ -4,10 +4,10 @@ The loop and the engines mark their phase (``set_phase``: data, forward, backwar
 sync, checkpoint, evaluation). A daemon thread per rank publishes a heartbeat (a counter, the
 step, micro-batch and phase) to the launcher's c10d TCPStore (MASTER_ADDR:MASTER_PORT, a client
 connection of its own) every ``heartbeat_s``. When this rank's phase has lasted longer than
-``timeout_s`` (a collective that never returns, a rank stalled inside a step) the thread reads
-every rank's heartbeat and prints one line naming the rank(s) the others wait for: those whose
-heartbeat stopped changing (dead, or frozen without releasing the GIL), else those furthest
-behind in (step, micro-batch, phase); then it dumps the Python stacks of this process's
+``timeout_s`` (a collective that never returns, a rank stalled inside a step) the thread
+prints one line naming the rank(s) the others wait for: those whose heartbeat stopped changing
+(dead, or frozen without releasing the GIL; the thread reads every heartbeat from half the
+timeout on, to tell), else those furthest behind in (step, micro-batch, phase); then it dumps the Python stacks of this process's
 threads (faulthandler) and exits with EXIT_HUNG so that torchrun --max-restarts or the SLURM
 script restarts the job, which auto-resumes from its last committed checkpoint. Every rank
 blocked by the hang does the same, so no rank waits forever.
@@ -62,8 +62,10 @@ def _order(beat: dict) -> tuple:
 class Watchdog:
     """Start with ``start()``, stop with ``stop()`` (both on every rank)."""
 
-    def __init__(self, timeout_s: float, heartbeat_s: float, rank: int, world_size: int):
+    def __init__(self, timeout_s: float, heartbeat_s: float, rank: int, world_size: int,
+                 startup_timeout_s: float | None = None):
         self.timeout_s, self.heartbeat_s = timeout_s, min(heartbeat_s, timeout_s / 2)
+        self.startup_timeout_s = startup_timeout_s or timeout_s
         self.rank, self.world_size = rank, world_size
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT",
                                  os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -76,6 +78,7 @@ class Watchdog:
         self._seen: dict[int, tuple[int, float]] = {}   # rank -> (beat, when it last changed)
 
     def start(self) -> "Watchdog":
+        set_phase("startup", step=0)
         if self.timeout_s > 0:
             self._thread.start()
         return self
@@ -99,8 +102,11 @@ class Watchdog:
         while not self._stop.wait(self.heartbeat_s):
             stuck_s = time.monotonic() - POSITION.since
             self._publish()
-            if stuck_s > self.timeout_s and not self._stop.is_set():
-                self._fire(stuck_s)
+            limit = self.startup_timeout_s if POSITION.phase == "startup" else self.timeout_s
+            if stuck_s > limit / 2 and self._store is not None:
+                self._observe()   # suspicious: start telling live peers from silent ones
+            if stuck_s > limit and not self._stop.is_set():
+                self._fire(stuck_s, limit)
 
     def _publish(self) -> None:
         if self._store is None:
@@ -126,24 +132,29 @@ class Watchdog:
                 out[rank] = None
         return out
 
-    def report(self, stuck_s: float) -> str:
+    def _observe(self) -> dict[int, dict | None]:
+        """Read every heartbeat; remember when each rank's counter last changed."""
+        now, peers = time.monotonic(), self._peers()
+        for rank, beat in peers.items():
+            if beat is not None and beat["beat"] != self._seen.get(rank, (None,))[0]:
+                self._seen[rank] = (beat["beat"], now)
+        return peers
+
+    def report(self, stuck_s: float, limit: float) -> str:
         """One line: this rank's position and who the job waits for."""
-        me = (f"rank {self.rank}: no progress for {stuck_s:.0f} s (timeout {self.timeout_s:g} s)"
+        me = (f"rank {self.rank}: no progress for {stuck_s:.0f} s (timeout {limit:g} s)"
               f" at step {POSITION.step}, phase {POSITION.phase}")
         if self._store is None:
             return f"watchdog | {me}; the other ranks' heartbeats are unreachable"
-        now, peers = time.monotonic(), self._peers()
+        now, peers = time.monotonic(), self._observe()
         silent = []
         for rank, beat in peers.items():
             if beat is None:
                 silent.append(f"rank {rank} (no heartbeat)")
-                continue
-            last, since = self._seen.get(rank, (None, now))
-            if beat["beat"] != last:
-                self._seen[rank] = (beat["beat"], now)
-            elif now - since >= 2 * self.heartbeat_s:
-                silent.append(f"rank {rank} (heartbeat silent for {now - since:.0f} s, last at "
-                              f"step {beat['step']}, phase {beat['phase']})")
+            elif now - self._seen[rank][1] >= 2 * self.heartbeat_s:
+                silent.append(f"rank {rank} (heartbeat silent for "
+                              f"{now - self._seen[rank][1]:.0f} s, last at step {beat['step']}, "
+                              f"phase {beat['phase']})")
         alive = {r: b for r, b in peers.items() if b is not None}
         if silent:
             culprit = "stopped answering: " + ", ".join(silent)
@@ -158,19 +169,17 @@ class Watchdog:
                 for r, b in sorted(alive.items()) if _order(b) == behind)
         return f"watchdog | {me}; {culprit}"
 
-    def _fire(self, stuck_s: float) -> None:
-        if self._store is not None:
-            # Two readings a heartbeat apart tell a silent peer from a live one.
-            for _ in range(3):
-                self.report(stuck_s)
-                time.sleep(self.heartbeat_s)
-                self._publish()
-        line = self.report(time.monotonic() - POSITION.since)
-        print(line, file=sys.stderr, flush=True)
+    def _fire(self, stuck_s: float, limit: float) -> None:
+        print(self.report(stuck_s, limit), file=sys.stderr, flush=True)
         print(f"watchdog | rank {self.rank}: Python stacks of this process:", file=sys.stderr,
               flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         print(f"watchdog | rank {self.rank}: exiting with code {EXIT_HUNG} (the launcher may "
               f"restart the job; auto-resume continues from the last committed checkpoint)",
               file=sys.stderr, flush=True)
+        # The other ranks' watchdogs fire within about a heartbeat of this one: give them the
+        # time to report before the launcher, seeing this exit, stops them.
+        for _ in range(2):
+            time.sleep(self.heartbeat_s)
+            self._publish()
         os._exit(EXIT_HUNG)

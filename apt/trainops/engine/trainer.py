@@ -211,7 +211,7 @@ class Trainer:
         """Train to ``training.max_steps`` under the hang watchdog (distributed/watchdog.py)."""
         t = self.config.training
         watchdog = Watchdog(t.watchdog.timeout_s, t.watchdog.heartbeat_s, self.runtime.rank,
-                            self.runtime.world_size).start()
+                            self.runtime.world_size, t.watchdog.startup_timeout_s).start()
         try:
             return self._train()
         finally:
