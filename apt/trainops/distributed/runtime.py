@@ -84,6 +84,7 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
         timeout = datetime.timedelta(minutes=int(os.environ.get("APT_DIST_TIMEOUT_MIN", 30)))
         # One process needs no rendezvous: an in-memory store avoids racing for a TCP port.
         store = dist.HashStore() if env.launcher == "python" and env.world_size == 1 else None
+        store = store or _attempt_store(env, timeout)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                 timeout=timeout, store=store)
     degrees = dict(tp=1, pp=1, vp=1, ep=1, cp=1)
@@ -94,6 +95,19 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
     seed_everything(seed)
     _RUNTIME = runtime
     return runtime
+
+
+def _attempt_store(env: LaunchEnv, timeout: datetime.timedelta):
+    """Under torchrun, its agent's TCPStore outlives the workers of a restart
+    (--max-restarts), and init_process_group would reuse the keys of the attempt before:
+    gloo then connects to the dead workers' addresses ("Connection refused", or a hang).
+    The keys of each attempt go under a prefix of their own. None: the launcher's default."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          world_size=env.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"apt/attempt-{attempt}/", store)
 
 
 def collective_device() -> torch.device:
