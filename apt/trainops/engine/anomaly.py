@@ -52,13 +52,18 @@ class AnomalyGuard:
             return None
         if not math.isfinite(loss):
             return f"non-finite loss ({loss})"
-        if grad_norm is not None and not math.isfinite(grad_norm) and not self.fp16:
-            return f"non-finite gradient norm ({grad_norm})"
+        if self.grad_norm_anomaly(grad_norm):
+            return self.grad_norm_anomaly(grad_norm)
         z = self.zscore(loss)
         if z is not None and z > self.cfg.spike_zscore:
             return (f"loss spike {loss:.4f} (z-score {z:.1f} over the last {len(self.recent)} "
                     f"steps, limit {self.cfg.spike_zscore:g})")
         return None
+
+    def grad_norm_anomaly(self, grad_norm: float | None) -> str | None:
+        if not self.enabled or grad_norm is None or math.isfinite(grad_norm) or self.fp16:
+            return None
+        return f"non-finite gradient norm ({grad_norm})"
 
     def zscore(self, loss: float) -> float | None:
         if self.cfg.spike_zscore is None or len(self.recent) < self.cfg.window:

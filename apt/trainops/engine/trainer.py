@@ -251,13 +251,16 @@ class Trainer:
                     batches, lr, before_update=lambda sums, units, norm: self._before_update(
                         preemption.requested, sums, units, norm))
                 set_phase("sync")
+                if self._step_check is None:   # an engine that does not call before_update
+                    self._before_update(preemption.requested, result.sums, result.units,
+                                        result.grad_norm)
                 self.step += 1
                 self.consumed_samples += plan.global_batch
                 # The flags the step's one all-reduce carried (``_before_update``).
                 preempted, writing, loss, anomaly = self._step_check
                 if anomaly is None and result.grad_norm is not None:
                     # DeepSpeed's ZeRO found non-finite gradients and skipped the update itself
-                    anomaly = self.anomalies.classify(0.0, float(result.grad_norm))
+                    anomaly = self.anomalies.grad_norm_anomaly(float(result.grad_norm))
                 self.anomalies.record(loss, anomaly)
                 pending.append((self.step, result, lr,
                                 time.perf_counter() - step_start, time.time(),
