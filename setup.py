@@ -28,17 +28,17 @@ setup(
     # Built-in multiple-choice tasks (apt/trainops/eval/tasks/*.jsonl).
     package_data={"apt.trainops.eval": ["tasks/*.jsonl"]},
     extras_require={
-        # Tokenizers and Parquet input for the data pipeline (apt preprocess, data.tokenizer).
+        # Tokenizers and Parquet input for the data pipeline (trainops preprocess, data.tokenizer).
         "data": ["tokenizers>=0.19", "sentencepiece>=0.2", "pyarrow>=14"],
         "test": ["pytest>=8", "tokenizers>=0.19", "sentencepiece>=0.2", "pyarrow>=14",
                  "transformers>=5,<6", "safetensors>=0.4", *MONITORING],
         # Monitoring backends (apt/trainops/monitoring, switched on in the profile); the
         # tests read each backend's files back with that library's own reader.
         "monitoring": MONITORING,
-        # Hugging Face interop (apt export-hf / import-hf): Llama and Mixtral directories.
+        # Hugging Face interop (trainops export-hf / import-hf): Llama and Mixtral directories.
         "hf": ["transformers>=5,<6", "safetensors>=0.4"],
         # Transformer Engine is optional and used only on CUDA (layer spec, fused attention).
         "gpu": ["transformer-engine[pytorch]"],
     },
-    entry_points={"console_scripts": ["apt=apt.cli:main"]},
+    entry_points={"console_scripts": ["trainops=apt.cli:main"]},
 )

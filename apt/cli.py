@@ -1,7 +1,11 @@
-"""The ``apt`` command: ``apt plan`` (layout and memory), ``apt profile`` (resolved config),
-``apt preprocess`` (text/JSONL/Parquet -> indexed token files), ``apt benchmark`` (timed
-training steps, one summary line), ``apt export-hf`` / ``apt import-hf`` (Hugging Face
-Llama/Mixtral directories <-> APT weights), ``apt checkpoints`` (list and verify)."""
+"""The ``trainops`` command (also ``python -m apt``): ``trainops plan`` (layout and memory),
+``trainops profile`` (resolved config), ``trainops preprocess`` (text/JSONL/Parquet -> indexed
+token files), ``trainops benchmark`` (timed training steps, one summary line), ``trainops
+export-hf`` / ``trainops import-hf`` (Hugging Face Llama/Mixtral directories <-> APT weights),
+``trainops checkpoints`` (list and verify), ``trainops doctor`` (is this machine ready).
+
+It is not called ``apt``: on Debian and Ubuntu (every GPU node) that name is the system's
+package manager, which a virtualenv on PATH would shadow."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +75,11 @@ def _checkpoints(args) -> int:
     return 0 if all(e["ok"] for e in entries) else EXIT_CONFIG_ERROR
 
 
+def _doctor(args) -> int:
+    from apt.trainops.doctor import run
+    return run(args)
+
+
 def _export_hf(args) -> int:
     from apt.model.hf_interop import export_hf
     cfg = load_profile(args.profile, args.overrides)
@@ -102,14 +111,14 @@ def _import_hf(args) -> int:
     print(f"wrote {args.out}: start a run from it with --set training.init_from={args.out} "
           f"and this model section in the profile:")
     fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
-    if not model.num_experts:
-        fields.pop("moe_top_k")
+    if not model.num_experts:   # the router's settings mean nothing for a dense model
+        fields = {k: v for k, v in fields.items() if not k.startswith("moe_")}
     print(yaml.safe_dump({"model": fields}, sort_keys=False), end="")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="apt", description="APT TrainOps")
+    parser = argparse.ArgumentParser(prog="trainops", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="print the parallel plan and memory per GPU")
     add_profile_arguments(plan)
@@ -143,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     ckpts = commands.add_parser("checkpoints", help="list checkpoints and verify them")
     ckpts.add_argument("--dir", required=True, help="a checkpoint directory (save_dir)")
     ckpts.set_defaults(func=_checkpoints)
+    doctor = commands.add_parser("doctor", help="check this machine before a run: a table "
+                                 "and a verdict (exit 2 if a run would fail)")
+    add_profile_arguments(doctor)
+    from apt.trainops.doctor import add_arguments as add_doctor_arguments
+    add_doctor_arguments(doctor)
+    doctor.set_defaults(func=_doctor)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,6 +1,6 @@
 """Data pipeline throughput: preprocessing, loader tokens/s per process, resume cost.
 
-1. ``apt preprocess`` of the Python standard library's sources (byte tokenizer, 2 workers).
+1. ``trainops preprocess`` of the Python standard library's sources (byte tokenizer, 2 workers).
 2. The loader over that ``.bin`` (memory-mapped) at the tiny profile's shape (micro-batch 32 x
    128 tokens, one process, no worker processes): tokens/s, plain, with per-document position
    resets, and blended over two files; compared with what the tiny model consumes.

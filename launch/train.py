@@ -9,7 +9,10 @@
     python launch/train.py --profile tiny --benchmark 50 --warmup 10        # timing only
 
 The profile is resolved and the parallel plan checked before any process group starts: a
-wrong profile exits with code 2 and a one-line reason.
+wrong profile, too little memory for the plan or an unwritable or full checkpoint disk exits
+with code 2 and a one-line reason; SIGTERM before the first step exits with 75, quietly; a
+rendezvous that does not complete in training.distributed.rendezvous_timeout_s exits with 1,
+naming its address. Launched workers die with their launcher.
 """
 from __future__ import annotations
 
@@ -20,10 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, too
 
+if __name__ == "__main__":
+    # Before torch is imported (seconds): a SIGTERM from here to the first step exits 75 with
+    # one line, and a worker dies with its launcher (apt/core/lifetime.py).
+    from apt.core.lifetime import die_with_launcher, exit_on_sigterm_until_loop
+    exit_on_sigterm_until_loop()
+    die_with_launcher()
+
 from apt.cli import EXIT_CONFIG_ERROR, add_profile_arguments  # noqa: E402
 from apt.core.config import ConfigError, load_profile  # noqa: E402
 from apt.core.logging import configure_logging  # noqa: E402
 from apt.trainops.checkpoints.manager import CheckpointError  # noqa: E402
+from apt.trainops.distributed.runtime import RendezvousError  # noqa: E402
 from apt.trainops.engine.checkpointing import EXIT_PREEMPTED  # noqa: E402
 
 
@@ -54,6 +65,9 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"apt: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except RendezvousError as exc:   # not the input's fault: a launcher's restart may help
+        print(f"apt: error: {exc}", file=sys.stderr)
+        return 1
     from apt.trainops.distributed import shutdown_distributed
     from apt.trainops.engine.anomaly import EXIT_ANOMALY, AnomalyStop
     try:

@@ -4,7 +4,7 @@ them runs, and retention / auto-resume stay inside the run's lineage.
 One real tiny training checkpoint is written once for the module (launch/train.py); every
 crafted checkpoint is a copy of it with one thing changed. Each is refused by resume,
 auto-resume (which falls back to the intact copy next to it), training.init_from,
-``apt export-hf --weights``, ``apt checkpoints`` and ``APTModel.from_pretrained``, with no
+``trainops export-hf --weights``, ``trainops checkpoints`` and ``APTModel.from_pretrained``, with no
 marker file created by its payload, even with torch's weights-only default switched off.
 """
 import io
@@ -338,7 +338,7 @@ def test_crafted_checkpoint_is_refused_on_every_loading_path(base, runtime, tmp_
                      str(crafted / "model"), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("apt: error:") and err.count("\n") == 1, err
-    assert cli.main(["checkpoints", "--dir", str(directory)]) == 2       # apt checkpoints
+    assert cli.main(["checkpoints", "--dir", str(directory)]) == 2       # trainops checkpoints
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and "NOT LOADABLE: " in lines[0] and lines[1].endswith(" ok"), lines
     assert not marker.exists()

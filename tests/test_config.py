@@ -9,7 +9,7 @@ from apt.cli import main as apt_main
 from apt.core.config import ConfigError, load_profile
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE_PROFILES = ["tiny", "standard", "125m", "1b", "7b", "13b", "70b", "moe"]
+SIZE_PROFILES = ["tiny", "standard", "125m", "1b", "7b", "13b", "70b", "moe", "moe-tiny"]
 
 
 @pytest.mark.parametrize("name", SIZE_PROFILES)

@@ -195,7 +195,7 @@ def test_export_from_a_tp2_checkpoint(tmp_path):
 
 
 def test_export_of_a_trained_run_has_its_tokenizer_and_stops_at_eos(tmp_path):
-    """``apt export-hf`` of a tiny trained run: AutoTokenizer loads the exported byte
+    """``trainops export-hf`` of a tiny trained run: AutoTokenizer loads the exported byte
     tokenizer and round-trips like APT's, config.json / generation_config.json carry APT's
     end-of-document id (256, not Llama's 2), and generate() stops there."""
     from apt.cli import main

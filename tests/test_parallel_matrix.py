@@ -19,7 +19,10 @@ from pathlib import Path
 
 WORKER = Path(__file__).parent / "workers" / "train_layouts.py"
 TOLERANCE = 1e-5
-MOE = ["model.num_experts=4", "model.moe_top_k=2"]
+# MoE with both router losses on: their gradients (scaled by MoEAuxLossAutoScaler, on the
+# one-process reference by the DeepSpeed engine) must match over EP and TP x EP + SP too.
+MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_load_balancing=aux_loss",
+       "model.moe_aux_loss_coeff=1e-2", "model.moe_z_loss_coeff=1e-3"]
 HYBRID = "training.distributed.strategy=hybrid"
 
 

@@ -67,3 +67,29 @@ def test_moe_expert_parallel_and_zero3_refused():
         plan("moe", 16, overrides=["training.distributed.strategy=hybrid",
                                    "training.distributed.expert_parallel=8",
                                    "training.distributed.zero_stage=3"])
+
+
+def test_moe_plan_counts_active_parameters_and_the_expert_all_to_all():
+    """Memory holds every expert (split over EP), activations and FLOPs follow the k experts
+    a token passes through, and expert parallel adds its all-to-all traffic and buffers."""
+    from apt.trainops.eval.flops import matmul_parameters
+    layout = ["training.distributed.strategy=hybrid", "training.distributed.tensor_parallel=2",
+              "training.distributed.sequence_parallel=true"]
+    ep1 = plan("moe", 16, overrides=layout)
+    ep8 = plan("moe", 16, overrides=layout + ["training.distributed.expert_parallel=8"])
+    m = load_profile("moe").model
+    counts = count_parameters(m)
+    assert (ep8.params_total, ep8.params_active) == (counts.total, counts.active)
+    assert counts.active < counts.total / 3                       # 2 of 8 experts
+    assert matmul_parameters(m) < counts.active                   # no input embedding
+    assert ep8.memory.params_per_gpu < ep1.memory.params_per_gpu / 3  # experts split 8 ways
+    assert ep1.expert_all_to_all == 0
+    # tokens per rank (SP) x k copies x hidden x bf16 x 4 all-to-alls x 7/8 leave the rank
+    per_layer = 4096 / 2 * 2 * 4096 * 2 * 4 * 7 / 8
+    assert ep8.expert_all_to_all == pytest.approx(per_layer * 32 * ep8.grad_accum)
+    assert "expert all-to-all" in ep8.describe()
+    assert ep8.memory.communication > ep1.memory.communication   # the all-to-all buffers
+    # the k = 2 expert passes per token: more MLP activations than one dense MLP
+    dense = plan("7b", 16, overrides=layout + ["model.num_query_groups=8",
+                                               "model.ffn_hidden_size=14336"])
+    assert ep1.memory.activations > dense.memory.activations * 1.3

@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 
 from apt.core.config import ConfigError, ModelConfig
 from apt.core.config.schema import cross_checks, APTConfig
+from .moe_routing import router_settings
 from .megatron_gpt import check_tensor_parallel_marks, gpt_model_kwargs, make_transformer_config
 from .packed_documents import PackedDocumentsGPTModel
 
@@ -59,6 +60,7 @@ class APTModel(PackedDocumentsGPTModel):
             sequence_parallel=plan.sequence_parallel if plan else False,
             expert_model_parallel_size=plan.ep if plan else 1,
             num_moe_experts=arch.num_experts, moe_router_topk=arch.moe_top_k,
+            moe_router=router_settings(arch),
             recompute=None if not plan or plan.recompute == "none" else plan.recompute)
         super().__init__(**gpt_model_kwargs(
             transformer_config, vocab_size=arch.vocab_size, max_sequence_length=arch.max_seq_len,

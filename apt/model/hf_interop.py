@@ -47,6 +47,12 @@ def export_hf(source, model_config: ModelConfig, out_dir: str | Path, *,
     ``AutoTokenizer`` and its end-of-document / pad ids in config.json and
     generation_config.json, so that ``generate()`` stops where APT's documents end. Without
     one, no special-token ids are written (not Llama's defaults, which mean other tokens)."""
+    if model_config.num_experts and (model_config.moe_score_function != "softmax"
+                                     or model_config.moe_expert_bias):
+        # Mixtral routes by softmax over the top-k logits, with no per-expert bias.
+        raise ConfigError("Mixtral routes with softmax scores and no expert bias: this "
+                          "router (sigmoid scores / expert bias) has no Hugging Face form",
+                          key="model.moe_score_function")
     if isinstance(source, (str, Path)):
         state, stored_dtype = _load_weights_dir(source, model_config)
     else:

@@ -45,11 +45,13 @@ def make_transformer_config(
     num_moe_experts: Optional[int] = None,
     moe_router_topk: int = 2,
     moe_token_dispatcher_type: str = "alltoall",
+    moe_router: Optional[dict] = None,
     recompute: Optional[Literal["full", "selective"]] = None,
     init_method_std: float = 0.02,
     deterministic: bool = True,
 ) -> TransformerConfig:
-    """A ``TransformerConfig`` with the Llama architecture choices."""
+    """A ``TransformerConfig`` with the Llama architecture choices. ``moe_router``: the
+    router's load-balancing settings (``apt.model.moe_routing.router_settings``)."""
     on_cpu = not torch.cuda.is_available()
     recompute_kwargs = {}
     if recompute == "full":
@@ -65,12 +67,12 @@ def make_transformer_config(
 
     moe_kwargs = {}
     if num_moe_experts:
-        moe_kwargs = dict(
+        moe_kwargs = {**dict(
             num_moe_experts=num_moe_experts,
             moe_router_topk=moe_router_topk,
             moe_token_dispatcher_type=moe_token_dispatcher_type,
             moe_router_dtype="fp32",  # stable routing decisions in bf16 runs
-        )
+        ), **(moe_router or {})}
 
     return TransformerConfig(
         num_layers=num_layers,

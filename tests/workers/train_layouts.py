@@ -3,9 +3,12 @@
     torchrun --nproc_per_node N tests/workers/train_layouts.py --spec spec.json --out out.json
 
 spec.json: {"common": [overrides...], "layouts": {name: {"set": [...], "sabotage_sp": bool,
-                                                           "lora_merge_check": bool}}}
+                                                           "lora_merge_check": bool,
+                                                           "greedy_probe": int}}}
 Rank 0 writes {name: {"losses": [...], "grad_norms": [...], "metrics": [{name: value}, ...],
-"engine": ..., "layout": ...}}; the trainer class is the profile's (``trainer_for``).
+"eval": {val_...}, "engine": ..., "layout": ...}}; the trainer class is the profile's
+(``trainer_for``). ``greedy_probe`` (O1Trainer): also the greedy answers to that many held-out
+prompts after training (``greedy``).
 ``sabotage_sp`` unmarks sequence-parallel params, so their gradients are not all-reduced over
 TP: the matrix must catch that wiring bug. ``lora_merge_check`` trains nothing: it gives the
 LoRA adapters non-zero B, and reports the largest logit change merge_lora makes on this layout.
@@ -68,7 +71,7 @@ def main() -> None:
             for module in trainer.modules:
                 for param in module.parameters():
                     param.sequence_parallel = False
-        trainer.train()
+        summary = trainer.train()
         plan = trainer.plan
         measured = _max_over_ranks(trainer.engine.static_memory())
         results[name] = {"memory_measured": measured,
@@ -79,9 +82,15 @@ def main() -> None:
                          # an objective's own step metrics (e.g. rewards/accuracies)
                          "metrics": [{k: v for k, v in r.items() if "/" in k}
                                      for r in trainer.history],
+                         "eval": {k: v for k, v in summary.items()
+                                  if k.startswith(("val_", "initial_val_"))},
                          "engine": plan.engine, "zero_stage": plan.zero_stage,
                          "layout": [plan.tp, plan.pp, plan.vp, plan.dp, plan.ep,
                                     plan.sequence_parallel]}
+        if layout.get("greedy_probe"):   # O1Trainer: greedy answers to held-out prompts
+            dataset = trainer.eval_dataloader.dataset
+            results[name]["greedy"] = trainer.greedy_answers(
+                dataset.get_batch(range(layout["greedy_probe"])).prompts)
     if trainer.runtime.is_main:
         json.dump(results, open(args.out, "w"))
     shutdown_distributed()

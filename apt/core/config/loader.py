@@ -90,12 +90,17 @@ def _resolve(path: Path, provenance: dict, chain: tuple) -> tuple[dict, list[str
         cycle = " -> ".join(str(p.name) for p in chain + (path,))
         raise ConfigError(f"extends forms a cycle: {cycle}", source=str(path), key="extends")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(_profile_text(path), Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"invalid YAML{where}: {problem}", source=str(path)) from None
+    if data is None or data == {}:
+        # Otherwise an empty file (a failed copy, a wrong path to a placeholder) would start a
+        # run with every default, silently.
+        raise ConfigError("the profile is empty (no keys); write at least `extends: tiny` or "
+                          "one section", source=str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"a profile must be a mapping, got {type(data).__name__}",
                           source=str(path))
@@ -114,6 +119,35 @@ def _resolve(path: Path, provenance: dict, chain: tuple) -> tuple[dict, list[str
         provenance[key] = str(path)
     provenance.setdefault("", str(path))
     return merged, sources + [str(path)]
+
+
+def _profile_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}): a profile is YAML text", source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot be read ({exc.strerror or exc})", source=str(path)) from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one
+    silently, so the first value a user wrote would be ignored without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (first at line {seen[key]})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:   # an unhashable key: SafeLoader's own message says so
+                break
+        return super().construct_mapping(node, deep=deep)
 
 
 def _deep_merge(into: dict, new: dict) -> None:

@@ -35,6 +35,23 @@ class ModelConfig:
     init_std: float = rule(0.02, gt=0)
     num_experts: Optional[int] = rule(None, gt=1)
     moe_top_k: int = rule(2, gt=0)
+    # MoE router (read only when num_experts is set; apt/model/moe_routing.py maps them to
+    # Megatron's TransformerConfig). Load balancing: aux_loss (Switch/GShard, per
+    # micro-batch), seq_aux_loss (DeepSeek, per sequence), global_aux_loss (counts over the
+    # global batch), sinkhorn (S-BASE, no loss), none. Megatron's own default is no loss at all.
+    moe_load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn",
+                                "none"] = "aux_loss"
+    moe_aux_loss_coeff: float = rule(1e-2, ge=0)
+    moe_z_loss_coeff: float = rule(0.0, ge=0)       # ST-MoE router z-loss; 1e-3 is typical
+    moe_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the sigmoid scores for
+    # the top-k choice only, moved by +-rate after each step towards the mean load.
+    moe_expert_bias: bool = False
+    moe_bias_update_rate: float = rule(1e-3, gt=0)
+    # Expert capacity = factor x tokens x top_k / experts; tokens over it are dropped (their
+    # residual passes through). None: no dropping.
+    moe_capacity_factor: Optional[float] = rule(None, gt=0)
+    moe_drop_policy: Literal["probs", "position"] = "probs"
 
     @property
     def kv_heads(self) -> int:
@@ -52,14 +69,18 @@ class ModelConfig:
 class DataConfig:
     # "stdlib": the Python standard library's own sources, present offline on every machine.
     # "text": every *.txt/*.py file under `path` (a file or a directory).
-    # "indexed": Megatron .bin/.idx written by `apt preprocess` (or Megatron-LM): `path` is the
+    # "indexed": Megatron .bin/.idx written by `trainops preprocess` (or Megatron-LM): `path` is the
     #   prefix, or `blend: [[0.7, prefix_a], [0.3, prefix_b]]` mixes several by weight.
     # "sft": chat/instruction JSONL at `path`, loss on the responses only; `path: synthetic:qa`
     #   is a built-in offline set of programmatic question/answer chats (synthetic_chat.py),
     #   `synthetic:arith` one of integer sums (synthetic_arith.py).
     # "preference": {prompt, chosen, rejected} JSONL at `path` (or messages + two answers), for
     #   preference alignment; `path: synthetic:arith` gives correct sums against near misses.
-    corpus: Literal["stdlib", "text", "indexed", "sft", "preference"] = "stdlib"
+    # "prompts": prompts for reinforcement learning (training.objective grpo): JSONL records
+    #   with `prompt` (or `messages`) and the fields its rewards check (e.g. `answer`); a chat
+    #   whose last message is the assistant's becomes its prompt + `answer`
+    #   (`synthetic:arith`: the sums as questions).
+    corpus: Literal["stdlib", "text", "indexed", "sft", "preference", "prompts"] = "stdlib"
     path: Optional[str] = None
     blend: Optional[list] = None
     # "byte" needs no file; "hf" reads a tokenizer.json, "sentencepiece" a .model (tokenizer_path).
@@ -84,6 +105,8 @@ class DataConfig:
     # preference: a pair longer than seq_length + 1 keeps at most this many of the prompt's last
     # tokens, then its answers are cut; None: half of seq_length + 1. A pair left with an empty
     # answer (a prompt kept longer than the row allows) is dropped and counted.
+    # prompts: a longer prompt keeps its last max_prompt_length tokens (counted); None:
+    # seq_length - training.grpo.max_new_tokens.
     max_prompt_length: Optional[int] = rule(None, gt=0)
     # sft: how records become text. auto: the tokenizer's own chat template when it has one
     # (chat_template.jinja or tokenizer_config.json next to tokenizer.json), else builtin
@@ -119,6 +142,10 @@ class DistributedConfig:
     # pipeline, sequence and expert parallel (the plan says which and why).
     engine: Literal["auto", "deepspeed", "megatron"] = "auto"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Seconds a rank waits to reach the rendezvous store (MASTER_ADDR:MASTER_PORT) and for every
+    # rank to arrive, then fails naming the address (a launcher killed at start-up, a missing
+    # node) instead of waiting 30 minutes.
+    rendezvous_timeout_s: float = rule(300.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,46 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
+class GRPOConfig:
+    """Reinforcement learning with verifiable rewards (the O1Trainer,
+    apt/trainops/objectives/grpo.py, apt/trainops/rl/)."""
+    # Completions sampled per prompt (a group); training.batch_size counts completions, so it
+    # must be a multiple of num_generations x data-parallel size.
+    num_generations: int = rule(8, gt=1)
+    # Optimizer steps on each batch of rollouts (> 1: PPO-style reuse with the old policy's
+    # log-probs and the clipped ratio).
+    num_iterations: int = rule(1, gt=0)
+    # Sampling: temperature, nucleus top_p (1 = off), top_k (0 = off), new-token limit, and
+    # stop strings (the tokenizer's end-of-document token always stops).
+    temperature: float = rule(1.0, gt=0)
+    top_p: float = rule(1.0, gt=0, le=1)
+    top_k: int = rule(0, ge=0)
+    max_new_tokens: int = rule(32, gt=0)
+    stop: list = rule([])
+    # Key-value cache while sampling (off: every new token recomputes the whole prefix; for the
+    # generation benchmark).
+    kv_cache: bool = True
+    # Rewards: [{name, weight, ...options}] summed with their weights; names are built-ins
+    # (exact_match, numeric, format, code) or module:function (apt/trainops/rewards).
+    rewards: list = rule([{"name": "exact_match", "weight": 1.0}])
+    # Advantages: reward minus the group mean, divided by the std of the group, of the whole
+    # batch, or not at all (none: Dr. GRPO).
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    # KL penalty (k3 estimator) to the frozen initial policy; 0 holds no reference.
+    beta: float = rule(0.0, ge=0)
+    # Clipped surrogate: ratio within [1 - epsilon, 1 + epsilon_high] (epsilon_high None:
+    # epsilon; DAPO's clip-higher raises it).
+    epsilon: float = rule(0.2, gt=0, lt=1)
+    epsilon_high: Optional[float] = rule(None, gt=0)
+    # How per-token losses become the step's loss: grpo = mean over each completion's tokens,
+    # then over completions; bnpo = over the tokens of each micro-batch; dr_grpo = sum over
+    # tokens / (completions x max_new_tokens); dapo = over every token of the global batch.
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    # Held-out prompts scored (greedy, the rewards) at every evaluation; 0 = all.
+    eval_prompts: int = rule(200, ge=0)
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     # Global batch in sequences (all data-parallel ranks, all accumulation steps together).
     batch_size: int = rule(32, gt=0)
@@ -224,8 +291,10 @@ class TrainingConfig:
     # What the loss is (apt/trainops/objectives): lm = next-token cross-entropy on the labels
     # the data's loss mask selects (pretraining, SFT). Trainer classes set it.
     # dpo = preference pairs (data.corpus preference), losses and reference in training.dpo.
-    objective: Literal["lm", "dpo"] = "lm"
+    # grpo = RL on prompts (data.corpus prompts) with rewards, settings in training.grpo.
+    objective: Literal["lm", "dpo", "grpo"] = "lm"
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
@@ -250,6 +319,10 @@ class HardwareConfig:
     # Peak dense TFLOP/s of one device at the run's precision, for MFU. None: the table of known
     # GPUs (apt/trainops/eval/flops.py), else a measured matmul (CPU, unknown GPUs).
     peak_tflops: Optional[float] = rule(None, gt=0)
+    # A run is refused before the model is built when the plan's memory estimate exceeds the
+    # memory found (GPU memory; host memory on CPU). false: start anyway (the estimate is
+    # pessimistic for this setup, or swap is intended).
+    memory_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -353,8 +426,7 @@ def cross_checks(cfg: APTConfig):
                                          f"model.num_attention_heads={m.num_attention_heads}")
     if (m.hidden_size // m.num_attention_heads) % 2:
         yield "model.hidden_size", "head dimension (hidden_size / heads) must be even for RoPE"
-    if m.num_experts is not None and m.moe_top_k > m.num_experts:
-        yield "model.moe_top_k", f"{m.moe_top_k} exceeds model.num_experts={m.num_experts}"
+    yield from _moe_checks(m)
     if cfg.data.seq_length > m.max_seq_len:
         yield "data.seq_length", (f"{cfg.data.seq_length} exceeds model.max_seq_len="
                                   f"{m.max_seq_len}")
@@ -414,6 +486,25 @@ def cross_checks(cfg: APTConfig):
         yield "training.distributed.offload_optimizer", "is a DeepSpeed ZeRO feature (engine: deepspeed)"
 
 
+def _moe_checks(m: ModelConfig):
+    """Router settings Megatron cannot combine (it would raise deep in model construction)."""
+    if m.num_experts is None:
+        return
+    if m.moe_top_k > m.num_experts:
+        yield "model.moe_top_k", f"{m.moe_top_k} exceeds model.num_experts={m.num_experts}"
+    elif m.moe_top_k == 1 and m.moe_score_function == "softmax" and \
+            m.moe_load_balancing != "sinkhorn":
+        yield "model.moe_top_k", ("1 with softmax scores gives the router no gradient (softmax "
+                                  "over one expert is 1): use top_k >= 2 or "
+                                  "model.moe_score_function sigmoid")
+    if m.moe_expert_bias and m.moe_score_function != "sigmoid":
+        yield "model.moe_expert_bias", ("needs model.moe_score_function sigmoid (the bias "
+                                        f"shifts sigmoid scores), got {m.moe_score_function!r}")
+    if m.moe_capacity_factor is not None and m.moe_load_balancing == "sinkhorn":
+        yield "model.moe_capacity_factor", ("token dropping does not work with "
+                                            "model.moe_load_balancing 'sinkhorn'")
+
+
 def _objective_checks(cfg: APTConfig):
     objective, corpus = cfg.training.objective, cfg.data.corpus
     if objective == "dpo" and corpus != "preference":
@@ -422,6 +513,45 @@ def _objective_checks(cfg: APTConfig):
     if corpus == "preference" and objective != "dpo":
         yield "data.corpus", (f"'preference' pairs train with training.objective 'dpo' (got "
                               f"{objective!r})")
+    if (objective == "grpo") != (corpus == "prompts"):
+        key = "training.objective" if objective == "grpo" else "data.corpus"
+        yield key, (f"training.objective 'grpo' and data.corpus 'prompts' go together (got "
+                    f"{objective!r} on {corpus!r})")
+    if objective == "grpo":
+        yield from _grpo_checks(cfg)
+
+
+def _grpo_checks(cfg: APTConfig):
+    g, t, d = cfg.training.grpo, cfg.training, cfg.training.distributed
+    groups = g.num_generations * max(1, d.data_parallel or 1)
+    if t.batch_size % g.num_generations:
+        yield "training.grpo.num_generations", (
+            f"{g.num_generations} does not divide training.batch_size={t.batch_size} (the "
+            f"batch counts completions: num_generations per prompt)")
+    elif d.data_parallel and t.batch_size % groups:
+        yield "training.batch_size", (
+            f"{t.batch_size} completions cannot be split into whole groups of "
+            f"{g.num_generations} over data_parallel={d.data_parallel}")
+    prompt = cfg.data.max_prompt_length
+    if g.max_new_tokens >= cfg.data.seq_length:
+        yield "training.grpo.max_new_tokens", (f"{g.max_new_tokens} leaves no room for a prompt "
+                                               f"in data.seq_length={cfg.data.seq_length}")
+    elif prompt is not None and prompt + g.max_new_tokens > cfg.data.seq_length:
+        yield "data.max_prompt_length", (f"{prompt} + training.grpo.max_new_tokens="
+                                         f"{g.max_new_tokens} exceeds data.seq_length="
+                                         f"{cfg.data.seq_length}")
+    if not isinstance(g.stop, list) or not all(isinstance(s, str) and s for s in g.stop):
+        yield "training.grpo.stop", f"{g.stop!r}: expected a list of non-empty strings"
+    if not isinstance(g.rewards, list) or not g.rewards:
+        yield "training.grpo.rewards", "expected a non-empty list of {name, weight, ...}"
+    # Sampling feeds one micro-batch per new token through the pipeline: the interleaved
+    # schedule needs PP of them; context parallelism would split a one-token pass.
+    if d.virtual_pipeline_stages > 1:
+        yield "training.distributed.virtual_pipeline_stages", (
+            "GRPO samples through a one-micro-batch pipeline pass: use 1 (no interleaving)")
+    if d.context_parallel > 1:
+        yield "training.distributed.context_parallel", (
+            "GRPO's sampler cannot split a one-token pass over context-parallel ranks: use 1")
 
 
 def _lora_checks(lora: LoRAConfig, model: ModelConfig):
@@ -444,7 +574,7 @@ AUGMENTATIONS = ("doc_shuffle", "span_corruption")
 
 
 def _data_checks(data: DataConfig):
-    if data.corpus in ("text", "sft", "preference") and not data.path:
+    if data.corpus in ("text", "sft", "preference", "prompts") and not data.path:
         yield "data.path", f"required when data.corpus is '{data.corpus}'"
     if data.corpus == "indexed":
         if not data.path and not data.blend:
@@ -479,7 +609,7 @@ def _data_checks(data: DataConfig):
                              f"first and positive (e.g. 98,2,0)")
     if not isinstance(data.augment, list) or any(a not in AUGMENTATIONS for a in data.augment):
         yield "data.augment", f"{data.augment!r}: expected a list of {', '.join(AUGMENTATIONS)}"
-    if data.path and data.path.startswith("synthetic:") and data.corpus not in ("sft",
+    if data.path and data.path.startswith("synthetic:") and data.corpus not in ("sft", "prompts",
                                                                                 "preference"):
         yield "data.path", (f"{data.path!r} is a built-in set: needs data.corpus 'sft' or "
                             f"'preference'")
@@ -488,6 +618,6 @@ def _data_checks(data: DataConfig):
                                "are never packed: a row is one prompt and one answer)"
                                if data.corpus == "preference" else
                                "packs SFT records: needs data.corpus 'sft'")
-    if data.max_prompt_length is not None and data.corpus != "preference":
+    if data.max_prompt_length is not None and data.corpus not in ("preference", "prompts"):
         yield "data.max_prompt_length", ("truncates preference prompts: needs data.corpus "
                                          "'preference'")

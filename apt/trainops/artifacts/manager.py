@@ -2,14 +2,14 @@
 
     <output_dir>/<experiment>-<YYYYmmdd-HHMMSS>/
         config.yaml      resolved profile (every key), with its hash
-        plan.txt         the parallel plan as `apt plan` prints it
+        plan.txt         the parallel plan as `trainops plan` prints it
         metrics.jsonl    one JSON object per logged step / evaluation / checkpoint / resume
         logs.txt         human-readable log lines
         model/           final weights (model.pt: tensors only, loads with weights_only=True)
         tokenizer/       the tokenizer as tokenizer.save() writes it (load_tokenizer() reads it)
         environment.json package versions, Python, CPU/RAM or GPUs, world size, git commit
         results/         intermediate results (eval-step000100.json per evaluation)
-        plots/           loss.png, lr.png, throughput.png
+        plots/           loss.png, lr.png, throughput.png (+ reward.png for RL)
         sample.txt       generated text at the end of training
         summary.json     final numbers of the run
         tensorboard/ wandb/ mlflow.db   monitoring backends, when enabled
@@ -101,7 +101,8 @@ class ArtifactManager:
         self._write(f"results/{name}.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
 
     def save_plots(self, records: list[dict] | None = None, title: str = "") -> list[Path]:
-        """plots/{loss,lr,throughput}.png from ``records`` (default: metrics.jsonl)."""
+        """plots/{loss,lr,throughput}.png (and reward.png for RL) from ``records`` (default:
+        metrics.jsonl)."""
         if not self.enabled:
             return []
         from .plots import plot_metrics

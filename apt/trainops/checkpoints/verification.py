@@ -1,4 +1,4 @@
-"""Whether a checkpoint loads: the one verification ``apt checkpoints`` and every loading path
+"""Whether a checkpoint loads: the one verification ``trainops checkpoints`` and every loading path
 run, before anything in the checkpoint is unpickled.
 
 1. The manifest (manifest.py): exactly the files on disk, no symlinks, sizes, SHA-256.

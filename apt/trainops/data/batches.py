@@ -165,3 +165,56 @@ def require_supported(batch: LMBatch, supported: set[str], where: str) -> None:
             raise ValueError(f"{where} cannot honour the batch's {name} (supported: "
                              f"{', '.join(sorted(supported)) or 'none'}); training without it "
                              f"would let documents attend to each other or mis-position them")
+
+
+@dataclass
+class RolloutBatch(_Fields):
+    """Completions sampled from the policy, ready for a policy-gradient loss
+    (apt/trainops/objectives/grpo.py). Rows are prompt + completion, right-padded; like
+    ``LMBatch``, ``labels[t]`` is the token after ``tokens[t]`` and ``loss_mask`` (float 0/1)
+    selects the completion's tokens (as labels). Per label position [b, s] (0 where masked):
+    ``sampler_logps`` the sampler's log-probabilities, ``old_logps`` the policy's before this
+    batch's first update (num_iterations > 1; None: the current policy, detached),
+    ``ref_logps`` the frozen initial policy's (KL penalty; None without one). Per row [b]:
+    ``advantages``, ``rewards`` (the weighted sum), ``zero_std`` (1 when the row's group
+    scored all alike), ``stopped`` (1 when the completion ended by itself); ``reward_parts``
+    [b, R]: each reward before weighting; ``reward_failures`` [b, R]: 1 where a reward raised.
+    ``sample_id`` [b]: the prompt's index."""
+
+    tokens: Tensor
+    labels: Tensor
+    loss_mask: Tensor
+    sampler_logps: Tensor
+    advantages: Tensor
+    rewards: Tensor
+    reward_parts: Tensor
+    reward_failures: Tensor
+    zero_std: Tensor
+    stopped: Tensor
+    old_logps: Optional[Tensor] = None
+    ref_logps: Optional[Tensor] = None
+    sample_id: Optional[Tensor] = None
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)
+
+    def index(self, rows) -> "RolloutBatch":
+        return self._map(lambda v: v[rows])
+
+    def as_lm(self) -> LMBatch:
+        return LMBatch(self.tokens, self.labels, self.loss_mask, sample_id=self.sample_id)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RolloutBatch":
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"RolloutBatch has no field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dict(self.items())

@@ -21,6 +21,7 @@ from .datasets import TokenDataset
 from .errors import DataError
 from .indexed import IndexedReader, prefix_of
 from .preference import PreferenceDataset, pairs_as_chats
+from .prompts import PromptDataset
 from .sft import SFTDataset, read_located_jsonl
 from .synthetic_chat import PREFIX, materialise
 from .tokenizer import build_tokenizer, describe_identity, saved_identity, tokenizer_identity
@@ -30,8 +31,11 @@ log = logging.getLogger(__name__)
 
 
 def build_datasets(data: DataConfig, model_vocab_size: int | None = None, seed: int = 0,
-                   with_test: bool = False):
-    """Return (train, validation, tokenizer) (and test when ``with_test``)."""
+                   with_test: bool = False, max_prompt_length: int | None = None,
+                   required_fields=()):
+    """Return (train, validation, tokenizer) (and test when ``with_test``). Prompts (RL) keep
+    at most ``max_prompt_length`` tokens (default ``data.max_prompt_length``, else half of
+    ``data.seq_length``) and must hold the ``required_fields`` their rewards read."""
     tokenizer = build_tokenizer(data.tokenizer, data.tokenizer_path)
     if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
         raise DataError(data.tokenizer_path or data.tokenizer,
@@ -45,6 +49,10 @@ def build_datasets(data: DataConfig, model_vocab_size: int | None = None, seed: 
         splits = _sft_splits(data, tokenizer)
     elif data.corpus == "preference":
         splits = _preference_splits(data, tokenizer)
+    elif data.corpus == "prompts":
+        splits = _prompt_splits(data, tokenizer,
+                                max_prompt_length or data.max_prompt_length
+                                or data.seq_length // 2, required_fields)
     else:
         splits = _document_splits(data, tokenizer, options, seed)
     train, val, test = splits
@@ -129,7 +137,7 @@ def _indexed_splits(data, tokenizer, options, seed):
 
 def check_same_tokenizer(paths: list[str], tokenizer) -> None:
     """Token ids mean something only under the tokenizer that made them: every file of a blend
-    must come from one tokenizer, the profile's. ``apt preprocess`` saves it next to the data
+    must come from one tokenizer, the profile's. ``trainops preprocess`` saves it next to the data
     (``<prefix>.tokenizer/``); files without one (Megatron-LM's, older ones) are trusted with a
     warning."""
     configured = tokenizer_identity(tokenizer)
@@ -189,6 +197,12 @@ def preference_records(data: DataConfig) -> tuple[list, list, str]:
     return _jsonl_splits(data, "preference")
 
 
+def prompt_records(data: DataConfig) -> tuple[list, list, str]:
+    """(train, validation, name) of ``data.path``'s prompts, each a (``file:line``, record),
+    split as ``sft_records`` splits chats."""
+    return _jsonl_splits(data, "prompts")
+
+
 def _jsonl_splits(data: DataConfig, corpus: str):
     if data.path.startswith(PREFIX):
         train_path, heldout_path = materialise(data.path, data.cache_dir, corpus)
@@ -218,4 +232,14 @@ def _preference_splits(data, tokenizer):
                                    name=f"{name}[{split}]", template=template,
                                    max_prompt_length=data.max_prompt_length,
                                    locations=[where for where, _ in located])
+                 for located, split in ((train, "train"), (val, "validation"))) + (None,)
+
+
+def _prompt_splits(data, tokenizer, max_prompt_length, required_fields):
+    train, val, name = prompt_records(data)
+    template = resolve_chat_template(tokenizer, data.chat_template)
+    return tuple(PromptDataset([r for _, r in located], tokenizer, max_prompt_length,
+                               name=f"{name}[{split}]", template=template,
+                               locations=[where for where, _ in located],
+                               required_fields=required_fields)
                  for located, split in ((train, "train"), (val, "validation"))) + (None,)

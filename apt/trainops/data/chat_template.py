@@ -135,6 +135,17 @@ def _assistant_turn(messages, k, template, tokenizer, where):
     return prompt, turn
 
 
+def checked_messages(messages, where: str) -> list[dict]:
+    """A record's ``messages``: a non-empty list of {role, content} with string values, else a
+    DataError naming ``where``."""
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                       and isinstance(m.get("content"), str) for m in messages)):
+        raise DataError(where, "'messages' must be a non-empty list of {role, content} with "
+                               "string values")
+    return messages
+
+
 def render_or_fail(template, messages, add_generation_prompt, where) -> str:
     """The template's text; its failure is a DataError naming the record."""
     try:

@@ -1,6 +1,6 @@
 """APT's tokenizers as files ``transformers.AutoTokenizer.from_pretrained`` loads
 (``tokenizer.json`` + ``tokenizer_config.json``), with the same ids as ``encode`` and the same
-text as ``decode`` (special tokens skipped): what ``apt export-hf`` puts next to the weights.
+text as ``decode`` (special tokens skipped): what ``trainops export-hf`` puts next to the weights.
 
 - ``byte``: a ``tokenizers`` BPE without merges over the 256 byte symbols of GPT-2's byte-level
   alphabet, so token i is byte i; ``<|endoftext|>`` (256) and ``<|pad|>`` (257) are special.

@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .batches import LMBatch, PreferenceBatch
+from .prompts import PromptBatch
 from .sampler import GlobalBatchSampler
 
 
@@ -48,7 +49,7 @@ def _data_parallel_position() -> tuple[int, int]:
 def _stack(samples):
     """Datasets with ``__getitems__`` hand over a whole batch already (one vectorised read);
     otherwise stack per-sample fields, keeping the samples' type (LMBatch or dict)."""
-    if isinstance(samples, (dict, LMBatch, PreferenceBatch)):
+    if isinstance(samples, (dict, LMBatch, PreferenceBatch, PromptBatch)):
         return samples
     stacked = {key: torch.stack([s[key] for s in samples]) for key in samples[0].keys()}
     return stacked if isinstance(samples[0], dict) else type(samples[0]).from_dict(stacked)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .batches import LMBatch, PreferenceBatch
-from .chat_template import BUILTIN, ChatTemplate, render_or_fail, tokens_of
+from .chat_template import BUILTIN, ChatTemplate, checked_messages, render_or_fail, tokens_of
 from .datasets import BatchIndexed
 from .errors import DataError
 
@@ -47,12 +47,7 @@ def pair_of(record: dict, where: str) -> tuple[list[dict], str, str]:
     if not isinstance(record, dict):
         raise DataError(where, "a preference record must be a JSON object")
     if "messages" in record:
-        messages = record["messages"]
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in messages)):
-            raise DataError(where, "'messages' must be a non-empty list of {role, content} "
-                                   "with string values")
+        messages = checked_messages(record["messages"], where)
         if messages[-1]["role"] != "user":
             raise DataError(where, f"'messages' must end with a user turn (the answers reply "
                                    f"to it), not {messages[-1]['role']!r}")

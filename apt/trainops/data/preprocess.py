@@ -1,6 +1,6 @@
-"""``apt preprocess``: text, JSONL and Parquet -> Megatron indexed dataset (``.bin`` + ``.idx``).
+"""``trainops preprocess``: text, JSONL and Parquet -> Megatron indexed dataset (``.bin`` + ``.idx``).
 
-    apt preprocess corpus/*.jsonl --field text --output data/web --tokenizer hf \\
+    trainops preprocess corpus/*.jsonl --field text --output data/web --tokenizer hf \\
         --tokenizer-path tokenizer.json --workers 8
     python -m apt.trainops.data.preprocess books/ --output data/books --train-bpe 32000
 
@@ -195,7 +195,8 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     from apt.cli import EXIT_CONFIG_ERROR
-    parser = argparse.ArgumentParser(prog="apt preprocess", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="trainops preprocess",
+                                     description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -83,7 +83,7 @@ def generate(seed: int = 0, train_chats: int = TRAIN_CHATS,
 
 
 # Built-in sets: name -> what they offer (data.corpus values).
-SETS = {"qa": ("sft",), "arith": ("sft", "preference")}
+SETS = {"qa": ("sft",), "arith": ("sft", "preference", "prompts")}
 
 
 def parse_source(path: str) -> tuple[str, int]:
@@ -110,7 +110,8 @@ def _generator(name: str):
 def materialise(path: str, cache_dir: str | None = None,
                 corpus: str = "sft") -> tuple[Path, Path]:
     """Write (once) and return the train and held-out JSONL files of ``synthetic:...``:
-    chats for ``corpus="sft"``, preference pairs for ``corpus="preference"``.
+    chats for ``corpus="sft"`` (and ``"prompts"``: a chat's last answer is the prompt's
+    ``answer``), preference pairs for ``corpus="preference"``.
     Default directory: ``~/.cache/apt/synthetic``."""
     name, seed = parse_source(path)
     if corpus not in SETS[name]:
@@ -119,7 +120,7 @@ def materialise(path: str, cache_dir: str | None = None,
                               f"{corpus!r} reads {', '.join(offers) or 'no built-in set'})",
                         key="data.path")
     root = Path(cache_dir or Path.home() / ".cache" / "apt" / "synthetic")
-    stems = ("train", "heldout") if corpus == "sft" else ("pairs-train", "pairs-heldout")
+    stems = ("pairs-train", "pairs-heldout") if corpus == "preference" else ("train", "heldout")
     version, generate_files = _generator(name)
     directory = root / f"{name}-v{version}-seed{seed}"
     files = tuple(directory / f"{stem}.jsonl" for stem in stems)

@@ -28,7 +28,7 @@ _HF_COMPANIONS = ("tokenizer_config.json", "chat_template.jinja")
 class _Tokenizer:
     def save_pretrained(self, directory) -> Path:
         """Files ``transformers.AutoTokenizer.from_pretrained(directory)`` loads, with this
-        tokenizer's ids (hf_tokenizer.py); ``apt export-hf`` writes them next to the weights."""
+        tokenizer's ids (hf_tokenizer.py); ``trainops export-hf`` writes them next to the weights."""
         from .hf_tokenizer import save_for_transformers
         return save_for_transformers(self, directory)
 

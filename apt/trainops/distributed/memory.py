@@ -13,12 +13,16 @@ micro-batch, h = hidden, f = FFN width, k = key/value width, a = heads, t = TP, 
   SwiGLU (gate, up, silu(gate), product)      8 s b f / t
   attention probabilities (no fused attention) 2 a s^2 b / t   (dropped by selective recompute
                                                               and by fused/flash attention)
+An MoE layer (top-k of E experts) keeps the SwiGLU tensors of k expert passes per token,
+  8 s b k f / t, plus the permuted tokens going to and coming back from the experts, 2 s b k h
+  (/t with SP): with expert parallel each rank's experts receive s b k tokens on average.
 Full recompute keeps only each layer's input (2 s b h, /t with SP). 1F1B keeps up to PP
 micro-batches in flight on the first stage (so about L layers' worth), interleaving adds the
 factor 1 + (PP-1)/(PP*VP). fp32 training doubles every activation byte. The loss keeps fp32
 logits of the last stage: 4 s b V / t.
 Communication buffers: gradient-reduce bucket (fp32) plus, under ZeRO-3, the gathered
-parameters of two layers (current and prefetched).
+parameters of two layers (current and prefetched), plus with expert parallel one layer's
+all-to-all send and receive buffers (2 s b k h).
 """
 from __future__ import annotations
 
@@ -80,12 +84,12 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
                     distributed_optimizer: bool, precision: str, recompute: str,
                     offload_optimizer: bool, fused_attention: bool,
                     lora_per_layer: int = 0, rows_per_sample: int = 1,
-                    reference_weights: bool = False) -> MemoryEstimate:
+                    reference_weights: bool = False, moe_top_k: int = 0) -> MemoryEstimate:
     """``lora_per_layer``: LoRA adapter parameters per layer on one TP rank (sizing.py); with
     adapters the base is frozen, so gradients and optimizer state exist for adapters only.
     ``rows_per_sample``: model rows per sample (a preference pair is 2: both answers go through
     the model together); ``reference_weights``: a frozen copy of the weights is kept in host
-    memory (live preference reference)."""
+    memory (live preference reference); ``moe_top_k``: experts per token (0: dense MLP)."""
     frozen = stage_params(counts, tp=tp, pp=pp, ep=ep) if lora_per_layer else 0
     trainable = (math.ceil(counts.num_layers / pp) * lora_per_layer if lora_per_layer
                  else stage_params(counts, tp=tp, pp=pp, ep=ep))
@@ -112,7 +116,11 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
 
     s, b, h = seq / cp, micro_batch * rows_per_sample, hidden
     boundary = 8 * s * b * h / (tp if sequence_parallel else 1)
-    inside = s * b * (4 * h + 4 * kv_dim) / tp + 8 * s * b * ffn / tp
+    sp_split = tp if sequence_parallel else 1
+    routed = moe_top_k or 1                       # MLP passes per token
+    inside = s * b * (4 * h + 4 * kv_dim) / tp + 8 * s * b * routed * ffn / tp
+    if moe_top_k:
+        inside += 2 * s * b * moe_top_k * h / sp_split   # permuted tokens, to and from experts
     attention_probs = 0 if (fused_attention or recompute != "none") else 2 * heads * s * s * b / tp
     per_layer = boundary + inside + attention_probs
     if recompute == "full":
@@ -127,7 +135,23 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
 
     bucket = min(trainable, REDUCE_BUCKET_ELEMENTS) * 4 if dp > 1 else 0
     gathered = 2 * counts.per_layer // tp * weight_bytes if zero_stage >= 3 else 0
+    all_to_all = (2 * s * b * moe_top_k * h / sp_split * weight_bytes
+                  if moe_top_k and ep > 1 else 0)
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer,
-                          activations=activations, communication=bucket + gathered,
+                          activations=activations, communication=bucket + gathered + all_to_all,
                           params_per_gpu=params, trainable_per_gpu=trainable,
                           host_optimizer=host_optimizer, host_reference=host_reference)
+
+
+def expert_all_to_all_bytes(*, hidden: int, seq: int, micro_batch: int, grad_accum: int,
+                            moe_layers: int, top_k: int, ep: int, tp: int, cp: int,
+                            sequence_parallel: bool, precision: str) -> float:
+    """Bytes one GPU sends per optimizer step in the expert-parallel all-to-alls: each MoE
+    layer dispatches its tokens' k copies to the experts and combines them back, forward and
+    backward (4 all-to-alls), keeping the 1/EP share addressed to its own experts local."""
+    if ep <= 1 or not top_k:
+        return 0.0
+    tokens = seq / cp * micro_batch / (tp if sequence_parallel else 1)
+    element = 2 if precision in ("bf16", "fp16") else 4
+    per_layer = 4 * tokens * top_k * hidden * element * (ep - 1) / ep
+    return per_layer * moe_layers * grad_accum

@@ -6,15 +6,24 @@ import datetime
 import logging
 import os
 import random
+import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from apt.core.lifetime import die_with_launcher
 from .launcher_env import LaunchEnv, detect_launch_env, export
 
 _RUNTIME: "Runtime | None" = None
+# DistributedConfig.rendezvous_timeout_s's default, for callers without a profile.
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
+
+
+class RendezvousError(RuntimeError):
+    """The ranks did not all meet at the rendezvous store within the timeout."""
 
 
 @dataclass
@@ -52,16 +61,20 @@ class Runtime:
 
 
 def setup_distributed(backend: str | None = None, world_size: int | None = None,
-                      rank: int | None = None, plan=None, seed: int = 1234) -> Runtime:
+                      rank: int | None = None, plan=None, seed: int = 1234,
+                      rendezvous_timeout_s: float = DEFAULT_RENDEZVOUS_TIMEOUT_S) -> Runtime:
     """Start (or join) the process group and build Megatron-core's groups from ``plan``.
 
     Works under ``deepspeed``, ``torchrun``, ``srun`` and plain ``python`` (a one-process
-    group). ``backend`` defaults to NCCL on CUDA and gloo on CPU. Idempotent."""
+    group). ``backend`` defaults to NCCL on CUDA and gloo on CPU. Idempotent. A rendezvous
+    that does not complete within ``rendezvous_timeout_s`` raises RendezvousError, and the
+    worker dies with its launcher (apt/core/lifetime.py)."""
     global _RUNTIME
     if _RUNTIME is not None:
         if plan is not None:
             _reconfigure(_RUNTIME, plan)
         return _RUNTIME
+    die_with_launcher()   # first thing in launch/train.py too; here for every other entry point
     env = detect_launch_env()
     if rank is not None or world_size is not None:
         env = dataclasses.replace(env, rank=env.rank if rank is None else rank,
@@ -83,8 +96,12 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
         export(env)
         timeout = datetime.timedelta(minutes=int(os.environ.get("APT_DIST_TIMEOUT_MIN", 30)))
         # One process needs no rendezvous: an in-memory store avoids racing for a TCP port.
-        store = dist.HashStore() if env.launcher == "python" and env.world_size == 1 else None
-        store = store or _attempt_store(env, timeout)
+        if env.launcher == "python" and env.world_size == 1:
+            store = dist.HashStore()
+        else:
+            store = _rendezvous(env, rendezvous_timeout_s)
+            store.set_timeout(timeout)   # from here on: the collectives' timeout
+            store = _per_attempt(store)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                 timeout=timeout, store=store)
     degrees = dict(tp=1, pp=1, vp=1, ep=1, cp=1)
@@ -97,17 +114,50 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
     return runtime
 
 
-def _attempt_store(env: LaunchEnv, timeout: datetime.timedelta):
+def _per_attempt(store):
     """Under torchrun, its agent's TCPStore outlives the workers of a restart
     (--max-restarts), and init_process_group would reuse the keys of the attempt before:
     gloo then connects to the dead workers' addresses ("Connection refused", or a hang).
-    The keys of each attempt go under a prefix of their own. None: the launcher's default."""
+    The keys of each attempt go under a prefix of their own."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          world_size=env.world_size, is_master=False, timeout=timeout)
+        return store
     return dist.PrefixStore(f"apt/attempt-{attempt}/", store)
+
+
+def _rendezvous(env: LaunchEnv, timeout_s: float):
+    """The env:// store torch would create (the launcher's agent store under torchrun, else
+    hosted by rank 0), with its own timeout: connecting to it and waiting for every rank to
+    arrive end after ``timeout_s`` with one line naming the address."""
+    deadline = time.monotonic() + timeout_s
+    hosted_here = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        if not hosted_here:
+            # Wait for the store to listen here, in Python: TCPStore's own retries print a C++
+            # stack trace per attempt.
+            _wait_for_listener(env.master_addr, env.master_port, deadline)
+        remaining = max(1.0, deadline - time.monotonic())
+        store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size,
+                                           timeout=datetime.timedelta(seconds=remaining)))
+    except (dist.DistStoreError, RuntimeError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        raise RendezvousError(
+            f"rendezvous at {env.master_addr}:{env.master_port} did not complete within "
+            f"{timeout_s:g} s (rank {env.rank} of {env.world_size}, launcher {env.launcher}): "
+            f"{reason}; is the launcher alive and every node started? "
+            f"(training.distributed.rendezvous_timeout_s)") from None
+    return store
+
+
+def _wait_for_listener(host: str, port: int, deadline: float) -> None:
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise OSError(f"nothing listens there ({exc.strerror or exc})") from None
+            time.sleep(0.5)
 
 
 def collective_device() -> torch.device:

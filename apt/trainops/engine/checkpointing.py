@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from apt.core.config import config_to_dict
+# 75, EX_TEMPFAIL: "try again", what a scheduler's requeue should see (start-up exits with it too)
+from apt.core.lifetime import EXIT_PREEMPTED  # noqa: F401
 from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
                                       load_model_weights)
 from apt.trainops.checkpoints.model_weights import _sharded_state, zero3_gathered
@@ -29,14 +31,19 @@ from apt.trainops.artifacts.environment import package_versions
 from .anomaly import check_weights_finite
 
 log = logging.getLogger("apt.checkpoints")
-EXIT_PREEMPTED = 75   # EX_TEMPFAIL: "try again", what a scheduler's requeue should see
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def checkpoint_save_dir(cfg, directory: str | None = None) -> Path:
+    """Where the run's checkpoints go: the argument, training.checkpoints.dir, else
+    <output.dir>/<experiment or profile name>-checkpoints."""
+    default = Path(cfg.output.dir) / f"{cfg.output.experiment_name or cfg.name}-checkpoints"
+    return Path(directory or cfg.training.checkpoints.dir or default)
 
 
 def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
     c = cfg.training.checkpoints
-    default = Path(cfg.output.dir) / f"{cfg.output.experiment_name or cfg.name}-checkpoints"
-    return CheckpointManager(directory or c.dir or default, save_interval=c.save_interval,
+    return CheckpointManager(checkpoint_save_dir(cfg, directory), save_interval=c.save_interval,
                              keep_last_n=c.keep_last_n, keep_every=c.keep_every,
                              async_save=c.async_save)
 
@@ -141,6 +148,9 @@ def save_training_checkpoint(trainer):
         tmp = ckpt.directory
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(capture_rng(), tmp / "trainer" / f"rank-{dist.get_rank():05d}.pt")
+        extra = trainer.rank_state()   # a trainer variant's own (e.g. buffered rollouts)
+        if extra is not None:
+            torch.save(extra, tmp / "trainer" / f"state-rank-{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
             (tmp / "state.json").write_text(json.dumps({
                 "step": step, "consumed_samples": trainer.consumed_samples,
@@ -235,6 +245,9 @@ def load_engine_state(trainer, ckpt: CheckpointState) -> None:
         log.warning("%s holds no engine optimizer state: the optimizer starts fresh "
                     "(weights and step are restored)", ckpt.path)
     trainer.engine.load_loss_scaler_states(ckpt.state.get("loss_scalers", []))   # fp16 only
+    extra = ckpt.path / "trainer" / f"state-rank-{dist.get_rank():05d}.pt"
+    trainer.load_rank_state(torch.load(extra, weights_only=True) if extra.is_file() else None,
+                            str(ckpt.path), same_layout=saved == layout_of(trainer.plan))
     if saved == layout_of(trainer.plan):
         restore_rng(torch.load(ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt",
                                weights_only=True))

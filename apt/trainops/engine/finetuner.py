@@ -85,7 +85,7 @@ class Finetuner(Trainer):
         """Collective. ``<dir>/model/dist`` (APT weights, any layout loads them),
         ``<dir>/config.yaml``, ``<dir>/tokenizer`` and, when this process holds the whole
         model, ``<dir>/hf`` (transformers' ``from_pretrained`` loads it; otherwise run
-        ``apt export-hf --weights <dir>``). ``APTModel.from_pretrained(<dir>)`` reads it back."""
+        ``trainops export-hf --weights <dir>``). ``APTModel.from_pretrained(<dir>)`` reads it back."""
         from apt.trainops.checkpoints import save_model_weights
         directory = Path(directory)
         save_model_weights(self.modules, directory / "model" / "dist",

@@ -27,10 +27,11 @@ from apt.trainops.distributed.runtime import (collective_device, seed_everything
                                               setup_distributed)
 from apt.trainops.distributed.watchdog import Watchdog, set_phase
 from apt.trainops.objectives import build_objective
+from apt.trainops.preflight import refuse_unless_ready
 from .anomaly import AnomalyGuard, AnomalyStop
 from .callbacks import Callback
 from .checkpointing import (PreemptionGuard, announce_resume, checkpoint_manager,
-                            load_engine_state, load_init_weights, load_weights,
+                            checkpoint_save_dir, load_engine_state, load_init_weights, load_weights,
                             resolve_resume, resumed_run_dir,
                             save_training_checkpoint)
 from .progress import Progress, format_duration
@@ -38,12 +39,12 @@ from .schedule import warmup_cosine
 
 
 class _TimedBatches:
-    """The training batches, typed for the objective and moved to the device, with the time
-    spent waiting for them."""
+    """The training batches, typed (``coerce``: the objective's) and moved to the device, with
+    the time spent waiting for them."""
 
-    def __init__(self, dataloader, objective, device):
+    def __init__(self, dataloader, coerce, device):
         self._batches, self._wait = iter(dataloader), 0.0
-        self._objective, self._device = objective, device
+        self._coerce, self._device = coerce, device
         self._ids = torch.zeros(2, dtype=torch.float64)
 
     def __iter__(self):
@@ -51,7 +52,7 @@ class _TimedBatches:
 
     def __next__(self):
         start = time.perf_counter()
-        batch = self._objective.coerce(next(self._batches)).to(self._device, non_blocking=True)
+        batch = self._coerce(next(self._batches)).to(self._device, non_blocking=True)
         self._wait += time.perf_counter() - start
         ids = batch.sample_id.to(torch.float64)
         self._ids += torch.stack([ids.sum(), (ids * ids).sum()]).cpu()
@@ -68,20 +69,35 @@ class _TimedBatches:
         digest, self._ids = self._ids, torch.zeros(2, dtype=torch.float64)
         return digest
 
+    def take_extras(self) -> dict:
+        """Per-step values a batch source adds to the step's record (``time/<phase>_s``: time
+        it spent producing batches, e.g. sampling rollouts); none here."""
+        return {}
+
 
 def _eval_summary(result: dict) -> str:
     """The evaluation line: the token metrics when the objective has them, then every other
     float metric (e.g. exact-match, preference accuracy)."""
-    parts = [f"val loss {result['val_loss']:.4f} nats"]
+    parts = [f"val loss {result['val_loss']:.4f} nats"] if "val_loss" in result else []
     if "val_bits_per_token" in result:
         parts[0] += f" ({result['val_bits_per_token']:.3f} bits/token)"
         parts += [f"perplexity {result['val_perplexity']:.2f}",
                   f"next-token accuracy {result['val_accuracy']:.3f}"]
-    shown = {"step", "val_loss", "val_bits_per_token", "val_perplexity", "val_accuracy",
-             "val_tokens"}
+    shown = {"step", "val_loss", "val_bits_per_token", "val_perplexity", "val_tokens"}
+    if "val_bits_per_token" in result:
+        shown.add("val_accuracy")   # next-token accuracy, shown above
     parts += [f"{k[4:]} {v:.3f}" for k, v in result.items()
               if k not in shown and isinstance(v, float)]
     return " | ".join(parts)
+
+
+def _time_split(seconds: float, wait: float, extras: dict) -> dict:
+    """A batch source's extras; where it reports time spent on phases of its own
+    (``time/generation_s``), the rest of the step is ``time/training_s``."""
+    phases = sum(v for k, v in extras.items() if k.startswith("time/"))
+    if not phases:
+        return extras
+    return {**extras, "time/training_s": max(seconds - wait - phases, 0.0)}
 
 
 def _fmt(value: float | None) -> str:
@@ -122,7 +138,12 @@ class Trainer:
             raise ConfigError("rewind reloads weights into a running engine, which ZeRO-3's "
                               "partitioned parameters do not allow: use skip or stop",
                               key="training.anomaly.policy")
-        self.runtime = setup_distributed(plan=self.plan, seed=cfg.training.seed)
+        # Memory and the checkpoint disk, before any process group or model exists.
+        refuse_unless_ready(cfg, self.plan, launch.local_world_size,
+                            checkpoint_save_dir(cfg, checkpoint_dir))
+        self.runtime = setup_distributed(
+            plan=self.plan, seed=cfg.training.seed,
+            rendezvous_timeout_s=cfg.training.distributed.rendezvous_timeout_s)
         if model is None:
             from apt.model.architectures import APTModel
             seed_everything(cfg.training.seed)  # same config, same initial weights, always
@@ -150,7 +171,8 @@ class Trainer:
         if train_dataloader is None or eval_dataloader is None:
             if train_dataset is None:
                 train_dataset, built_eval, self.tokenizer = build_datasets(
-                    cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.training.seed)
+                    cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.training.seed,
+                    **self._dataset_options(cfg))
                 eval_dataset = eval_dataset or built_eval
             train_dataloader = train_dataloader or self._loader(train_dataset, train=True)
             if eval_dataset is not None:
@@ -161,6 +183,22 @@ class Trainer:
         self.engine = None
         self.history: list[dict] = []
         self.anomalies = AnomalyGuard(cfg.training.anomaly, fp16=self.plan.precision == "fp16")
+
+    def _dataset_options(self, cfg) -> dict:
+        """Extra ``build_datasets`` arguments a trainer variant's data needs."""
+        return {}
+
+    def _training_batches(self):
+        """The iterator the engine draws each step's micro-batches from."""
+        return _TimedBatches(self.train_dataloader, self.objective.coerce, self.runtime.device)
+
+    def rank_state(self) -> dict | None:
+        """Tensors this rank's training checkpoint must hold besides weights, optimizer and
+        RNGs (a trainer variant's; saved as trainer/state-rank-N.pt)."""
+        return None
+
+    def load_rank_state(self, state: dict | None, where: str, same_layout: bool) -> None:
+        """``rank_state()`` as the checkpoint saved it (None: none saved)."""
 
     @classmethod
     def from_config(cls, config: APTConfig, **kwargs) -> "Trainer":
@@ -235,9 +273,9 @@ class Trainer:
         if self.eval_before_training and self.step == 0:
             self.initial_eval = self._log_eval(progress)   # the "before" of a fine-tuning run
         tokens_per_step = plan.global_batch * cfg.data.seq_length
-        batches = _TimedBatches(self.train_dataloader, self.objective, self.runtime.device)
-        pending: list[tuple] = []  # (step, StepResult, lr, seconds, end time, data wait, digest,
-                                   #  anomaly)
+        batches = self._training_batches()
+        # (step, StepResult, lr, seconds, end time, data wait, digest, extras, anomaly)
+        pending: list[tuple] = []
         started = time.perf_counter()
         with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
             while self.step < t.max_steps:
@@ -264,7 +302,8 @@ class Trainer:
                 self.anomalies.record(loss, anomaly)
                 pending.append((self.step, result, lr,
                                 time.perf_counter() - step_start, time.time(),
-                                batches.take_wait(), batches.take_sample_digest(), anomaly))
+                                batches.take_wait(), batches.take_sample_digest(),
+                                batches.take_extras(), anomaly))
                 last = self.step == t.max_steps
                 if anomaly is not None:
                     self._flush(pending, tokens_per_step, progress)
@@ -425,8 +464,9 @@ class Trainer:
                     "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
                     "time": ended, "data_wait_s": wait,
                     "sample_digest": [int(v) for v in row[len(names):]],
+                    **_time_split(seconds, wait, extras),
                     **({"anomaly": anomaly} if anomaly else {})}
-                   for (step, result, lr, seconds, ended, wait, _, anomaly), row, n
+                   for (step, result, lr, seconds, ended, wait, _, extras, anomaly), row, n
                    in zip(pending, both.tolist(), units)]
         self._emit("on_log", records)
         for record in records:

@@ -1,7 +1,7 @@
 """Monitoring: callbacks the Trainer registers from ``config.monitoring``.
 
-Order matters: PerformanceMonitor enriches the step records first, then the caller's own
-callbacks, then run artifacts and the backends, which write what the records hold by then.
+Order matters: PerformanceMonitor (and ExpertMetrics for MoE) enrich the step records first,
+then the caller's own callbacks, then run artifacts and the backends, which write what the records hold by then.
 metrics.jsonl is always written (by the Trainer, after the callbacks).
 """
 from __future__ import annotations
@@ -30,6 +30,9 @@ def build_callbacks(config, extra=()) -> list:
         if getattr(mon, flag):
             _require(flag, module)
     callbacks = [PerformanceMonitor(), *extra, RunArtifacts(plots=mon.plots)]
+    if config.model.num_experts:   # before the artifacts and backends, which write the records
+        from .expert_metrics import ExpertMetrics
+        callbacks.insert(1, ExpertMetrics())
     if mon.tensorboard:
         callbacks.append(TensorBoardBackend())
     if mon.wandb:

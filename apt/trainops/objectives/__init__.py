@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from .base import Objective, unwrap
 from .lm import LanguageModelObjective, lm_output
+from .grpo import GRPOObjective
 from .preference import PreferenceObjective
 
-OBJECTIVES = {"lm": LanguageModelObjective, "dpo": PreferenceObjective}
+OBJECTIVES = {"lm": LanguageModelObjective, "dpo": PreferenceObjective, "grpo": GRPOObjective}
 
 
 def build_objective(spec="lm", config=None) -> Objective:
@@ -20,8 +21,11 @@ def build_objective(spec="lm", config=None) -> Objective:
         raise ValueError(f"unknown objective {spec!r}; known: {', '.join(sorted(OBJECTIVES))}")
     if spec == "dpo":
         return PreferenceObjective(config.training.dpo if config is not None else None)
+    if spec == "grpo":
+        raise ValueError("training.objective 'grpo' learns from rollouts the O1Trainer samples "
+                         "(apt.trainops.engine.O1Trainer; launch/train.py picks it)")
     return OBJECTIVES[spec]()
 
 
-__all__ = ["LanguageModelObjective", "OBJECTIVES", "Objective", "PreferenceObjective",
+__all__ = ["GRPOObjective", "LanguageModelObjective", "OBJECTIVES", "Objective", "PreferenceObjective",
            "build_objective", "lm_output", "unwrap"]

@@ -3,7 +3,8 @@
 Handles data parallel and tensor parallel (TP-sharded params carry ``tensor_model_parallel``,
 so DeepSpeed's gradient norm is right). Layouts DeepSpeed cannot reduce correctly (pipelines,
 sequence-parallel norms, Megatron expert parallel) go to the Megatron engine: see
-``engines.select``."""
+``engines.select``. An MoE model's router gets the aux-loss gradient scale and expert-bias
+update Megatron's schedules give it (``moe_router_steps``)."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +18,7 @@ from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
 from ..watchdog import set_phase
+from . import moe_router_steps
 from .base import (StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes,
                    updates_dropped)
 
@@ -69,6 +71,7 @@ class DeepSpeedEngine(TrainEngine):
             model=model, model_parameters=parameter_groups(model, cfg.training.weight_decay),
             config=deepspeed_config(cfg, plan), mpu=MegatronMPU())
         self.modules = [self.engine.module]
+        self.moe = moe_router_steps.is_moe(self.modules)
 
     def train_step(self, batches, lr: float, before_update=None) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
@@ -77,6 +80,9 @@ class DeepSpeedEngine(TrainEngine):
         sums = torch.zeros(len(self.objective.stat_names), dtype=torch.float64,
                            device=self.engine.device)
         for i, batch in enumerate(micro_batches):
+            if self.moe:   # what Megatron's schedule does for the router's aux/z losses
+                moe_router_steps.set_aux_loss_scale(self.plan.grad_accum, self._loss_scale(),
+                                                    self.engine.device)
             set_phase("forward")
             output, loss_func = self.objective.forward_step(self.engine, batch)
             loss, stats = self.normalised(loss_func, units)(output)
@@ -85,16 +91,21 @@ class DeepSpeedEngine(TrainEngine):
             if i < len(micro_batches) - 1:
                 self.engine.step()       # not the accumulation boundary: no update
                 continue
+            if self.moe:
+                moe_router_steps.finish_global_batch(self.modules)   # as finalize_model_grads
             set_phase("optimizer")
             # The global norm is known only inside the step; ZeRO 1-3 skip a non-finite one
             # themselves (their overflow check) and report it as inf.
             apply = before_update is None or before_update(sums, units, None)
             with updates_dropped(self.optimizer, drop=not apply):
                 self.engine.step()       # steps the optimizer at the accumulation boundary
-        scale = None
-        if self.plan.precision == "fp16":  # ZeRO optimizers name it loss_scale, FP16 cur_scale
-            scale = getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", None))
-        return StepResult(sums, units, self.engine.get_global_grad_norm(), scale)
+        return StepResult(sums, units, self.engine.get_global_grad_norm(), self._loss_scale())
+
+    def _loss_scale(self) -> float | None:
+        if self.plan.precision != "fp16":
+            return None
+        # ZeRO optimizers name it loss_scale, DeepSpeed's FP16 optimizer cur_scale
+        return getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", None))
 
     def static_memory(self) -> dict:
         params = list(self.engine.module.parameters())

@@ -1,0 +1,173 @@
+"""O1Trainer: reinforcement learning with verifiable rewards (the GRPO family) on the one loop.
+
+The seed's name for RL on checkable tasks: the policy samples ``num_generations`` answers per
+prompt, programs score them (apt/trainops/rewards), and group-relative advantages push the
+policy toward the answers that scored. The pieces live where they belong and this class wires
+them: the loss and its metrics in the objective (apt/trainops/objectives/grpo.py); sampling on
+every layout and the rollouts in apt/trainops/rl/; the loop is ``Trainer.train``, drawing its
+micro-batches from a ``RolloutSource`` instead of the data loader.
+
+What it adds around them:
+- the prompt data (``data.corpus: prompts``), each record checked for the fields the rewards
+  read, and a prompt loader that advances one step's prompts (batch / num_generations) per
+  generation round;
+- evaluation by greedy answers to the held-out prompts on this layout: ``val_reward``,
+  ``val_rewards/<name>``, ``val_accuracy`` (the share whose first reward scored 1) and
+  ``val_completion_length``, before the first step and after the last;
+- checkpoints that continue bit-identically: the rollouts of a round that a checkpoint cuts
+  in the middle (num_iterations > 1) are saved with it; the prompt position follows the step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from apt.core.config import APTConfig, ConfigError, with_overrides
+from apt.trainops.checkpoints import CheckpointError
+from apt.trainops.data import create_dataloader
+from apt.trainops.objectives.grpo import GRPOObjective
+from apt.trainops.rewards import RewardSet
+from apt.trainops.rl.rollouts import RolloutSource, sampling_params
+from apt.trainops.rl.sampling import RankRoles, sample
+from .trainer import Trainer, _TimedBatches
+
+
+class O1Trainer(Trainer):
+    """``O1Trainer(config=load_profile("grpo-tiny")).train()``, or with ``train_dataset`` /
+    ``eval_dataset`` PromptDatasets. Keyword arguments override ``training.grpo``
+    (e.g. ``num_generations=8, beta=0.04, loss_type="dapo"``)."""
+
+    eval_before_training = True
+
+    def __init__(self, model=None, train_dataset=None, eval_dataset=None, *,
+                 config: APTConfig | None = None, **kwargs):
+        cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
+        grpo_keys = set(cfg.training.grpo.__dataclass_fields__)
+        overrides = {f"training.grpo.{k}": kwargs.pop(k) for k in list(kwargs) if k in grpo_keys}
+        overrides.setdefault("training.objective", "grpo")
+        if cfg.data.corpus != "prompts" and train_dataset is not None:
+            overrides["data.corpus"] = "prompts"
+        cfg = with_overrides(cfg, overrides)
+        # Rewards resolve before anything is built: a name that does not resolve is one line.
+        self.rewards = RewardSet.from_specs(
+            cfg.training.grpo.rewards, where=cfg.sources[-1] if cfg.sources else cfg.name)
+        kwargs.setdefault("objective", GRPOObjective(
+            cfg.training.grpo, [r.label for r in self.rewards.rewards]))
+        self._rollout_state = None
+        super().__init__(model=model, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         config=cfg, **kwargs)
+        groups = cfg.training.grpo.num_generations * self.plan.dp
+        if self.plan.global_batch % groups:
+            raise ConfigError(f"{self.plan.global_batch} completions per step cannot be split "
+                              f"into whole groups of num_generations="
+                              f"{cfg.training.grpo.num_generations} on each of "
+                              f"{self.plan.dp} data-parallel ranks",
+                              key="training.batch_size")
+        for loader in (self.train_dataloader, self.eval_dataloader):
+            dataset = getattr(loader, "dataset", None)
+            if dataset is not None and hasattr(dataset, "records"):
+                self.rewards.check_records(dataset.records, dataset.name)
+        self.objective.valid_vocab = self.tokenizer.vocab_size
+
+    # -- data ------------------------------------------------------------------------------
+    def _dataset_options(self, cfg) -> dict:
+        g = cfg.training.grpo
+        return {"max_prompt_length": cfg.data.max_prompt_length
+                or cfg.data.seq_length - g.max_new_tokens,
+                "required_fields": self.rewards.required_fields}
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.plan.global_batch // self.config.training.grpo.num_generations
+
+    def _loader(self, dataset, train: bool):
+        """One batch of this rank's prompts per generation round (train), or the held-out
+        prompts one at a time (evaluation reads the dataset directly)."""
+        prompts = self.prompts_per_step
+        rounds = math.ceil(self.step / self.config.training.grpo.num_iterations)
+        return create_dataloader(
+            dataset, prompts // self.runtime.dp_size if train else 1, 0,
+            shuffle=self.config.data.shuffle and train, seed=self.config.training.seed,
+            global_batch_size=prompts if train else self.runtime.dp_size,
+            data_parallel_rank=self.runtime.dp_rank, data_parallel_size=self.runtime.dp_size,
+            infinite=train, consumed_samples=rounds * prompts if train else 0,
+            permutation=self.config.data.shuffle_method)
+
+    def _training_batches(self):
+        prompts = _TimedBatches(self.train_dataloader, lambda batch: batch, self.runtime.device)
+        source = RolloutSource(prompts, self.modules, self.objective, self.rewards,
+                               self.tokenizer, self.config, self.plan, self.runtime.device,
+                               start_step=self.step, sync_group=self._sync_group())
+        if self._rollout_state is not None:
+            source.load_state(self._rollout_state)
+        self.rollouts = source
+        return source
+
+    def _sync_group(self):
+        """ZeRO-3 gathers parameters over data-parallel ranks in every forward pass, so those
+        ranks sample in lockstep."""
+        if not self.plan.zero3_partitioned:
+            return None
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_group()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def rank_state(self):
+        source = getattr(self, "rollouts", None)
+        return source.state() if source is not None else None
+
+    def load_rank_state(self, state, where: str, same_layout: bool) -> None:
+        if self.step % self.config.training.grpo.num_iterations == 0:
+            return   # a round boundary: the next step samples anew
+        if state is None or not same_layout:
+            raise CheckpointError(
+                f"{where}: step {self.step} is inside a round of num_iterations="
+                f"{self.config.training.grpo.num_iterations} and its rollouts "
+                f"{'are not saved' if state is None else 'were saved on another layout'}: "
+                f"resume from a checkpoint at a multiple of num_iterations, or on the layout "
+                f"it was saved on")
+        self._rollout_state = state
+
+    # -- evaluation ------------------------------------------------------------------------
+    def greedy_answers(self, prompts: list) -> list[list[int]]:
+        """Greedy completions (token ids) of ``prompts`` on this layout; collective over the
+        model-parallel group (and the data-parallel group under ZeRO-3)."""
+        params = sampling_params(self.config.training.grpo, self.tokenizer,
+                                 self.config.data.seq_length, greedy=True)
+        return sample(self.modules, prompts, params, [0] * len(prompts),
+                      sync_group=self._sync_group()).tokens
+
+    def evaluate(self, max_batches: int | None = None) -> dict:
+        """Greedy answers to the held-out prompts (the first ``training.grpo.eval_prompts``),
+        scored by the rewards; data-parallel ranks answer a share each."""
+        dataset = getattr(self.eval_dataloader, "dataset", None)
+        if dataset is None:
+            return {}
+        g = self.config.training.grpo
+        count = min(len(dataset), g.eval_prompts or len(dataset))
+        mine = list(range(self.runtime.dp_rank, count, self.runtime.dp_size))
+        batch = dataset.get_batch(mine)
+        answers = self.greedy_answers(batch.prompts)
+        labels = [r.label for r in self.rewards.rewards]
+        roles = RankRoles()
+        sums = torch.zeros(4 + len(labels), dtype=torch.float64, device=self.runtime.device)
+        if roles.samples and mine:
+            texts = [self.tokenizer.decode(t) for t in answers]
+            scores = self.rewards.score(batch.texts, texts, batch.records)
+            sums[0] = len(mine)
+            sums[1] = sum(scores.total)
+            sums[2] = sum(1.0 for v in scores.per_reward[labels[0]] if v >= 1.0)
+            sums[3] = sum(len(t) for t in answers)
+            for k, label in enumerate(labels):
+                sums[4 + k] = sum(scores.per_reward[label])
+        sums = roles.share(sums)
+        from megatron.core import parallel_state
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        n = max(float(sums[0]), 1.0)
+        out = {"val_reward": float(sums[1]) / n, "val_accuracy": float(sums[2]) / n,
+               "val_completion_length": float(sums[3]) / n, "val_prompts": int(sums[0])}
+        out.update({f"val_rewards/{label}": float(sums[4 + k]) / n
+                    for k, label in enumerate(labels)})
+        return out

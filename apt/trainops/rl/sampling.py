@@ -1,0 +1,263 @@
+"""Sampling completions from the policy itself, on the layout it trains on (DP, TP, SP, PP).
+
+``sample(chunks, prompts, params, seeds)`` continues every prompt with at most
+``params.max_new_tokens`` tokens and records the log-probability of each sampled token.
+
+How a step runs on any layout: every new token is one forward pass through Megatron's own
+forward-only schedule (apt/trainops/eval/forward_pass.py), so pipeline stages pass activations
+as in training; the last stage gathers the vocabulary-parallel logits (TP), samples, and the
+tokens go back to every rank of the model-parallel group (a broadcast over TP, then over PP).
+Data-parallel ranks sample their own prompts independently; under ZeRO-3, whose forward passes
+gather parameters over the data-parallel group, they agree on the number of passes.
+
+The KV cache is Megatron-core's static inference context (``StaticInferenceContext``): each
+attention layer keeps this rank's heads' keys and values, so a new token costs one token's
+forward pass. Rows of different prompt lengths advance together (Megatron's static batching):
+the shortest prompt is prefilled, then each pass feeds one position for every row, the prompt's
+own token where a row's prompt has not ended, else the sampled one. Without the cache
+(``kv_cache=False``) each pass recomputes the whole prefix: the same tokens, slower (the
+generation benchmark measures both). Sequence parallelism is switched off while sampling (a
+one-token pass cannot be split over TP ranks) and restored afterwards, as Megatron's inference
+does.
+
+Randomness: each prompt has its own generator (``seeds[i]``), so a prompt's completions do not
+depend on which rank or batch it landed in: one process, DP, TP and PP sample the same tokens
+from the same logits. Temperature, then top-k and nucleus (top-p) truncation; the recorded
+log-probability is the token's under the temperature-scaled distribution (what the trainer
+computes, apt/trainops/objectives/grpo.py), before truncation. Greedy takes the arg-max.
+Vocabulary rows beyond the tokenizer's (``valid_vocab``: embedding padding) are never sampled.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.distributed as dist
+
+from apt.trainops.eval.forward_pass import forward_only
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    eod_id: int
+    valid_vocab: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    kv_cache: bool = True
+    # Token sequences that end a completion (tokenised stop strings), besides eod_id.
+    stop_sequences: tuple = ()
+    # Capacity of the cache: every row's prompt + completion fits (data.seq_length).
+    max_length: int = 0
+
+
+@dataclass
+class Completions:
+    """Per row: the sampled token ids, their log-probabilities (float32), and whether the row
+    ended by itself (end-of-document or a stop sequence) rather than at max_new_tokens."""
+    tokens: list = field(default_factory=list)
+    logps: list = field(default_factory=list)
+    stopped: list = field(default_factory=list)
+    forward_passes: int = 0
+
+
+class RankRoles:
+    """Where this rank sits in its model-parallel group, for sampling and sharing tokens."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+        self.ps = ps
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.samples = self.last_stage and ps.get_tensor_model_parallel_rank() == 0
+
+    def share(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sampling rank's ``tensor`` on every rank of the model-parallel group."""
+        if self.tp > 1:
+            dist.broadcast(tensor, self.ps.get_tensor_model_parallel_src_rank(),
+                           group=self.ps.get_tensor_model_parallel_group())
+        if self.pp > 1:
+            dist.broadcast(tensor, self.ps.get_pipeline_model_parallel_last_rank(),
+                           group=self.ps.get_pipeline_model_parallel_group())
+        return tensor
+
+
+@contextlib.contextmanager
+def inference_mode(chunks):
+    """Eval mode and no sequence parallelism for the duration of sampling."""
+    from megatron.core.transformer.utils import set_model_to_sequence_parallel
+    was_training = [c.training for c in chunks]
+    sequence_parallel = [c.config.sequence_parallel for c in chunks]
+    for chunk in chunks:
+        chunk.eval()
+        if chunk.config.sequence_parallel:
+            set_model_to_sequence_parallel(chunk, False)
+    try:
+        yield
+    finally:
+        for chunk, training, sp in zip(chunks, was_training, sequence_parallel):
+            chunk.train(training)
+            if sp:
+                set_model_to_sequence_parallel(chunk, True)
+
+
+def _temperature_logps(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """log-softmax of logits / temperature over the tokenizer's vocabulary (float32)."""
+    logits = logits.float()
+    if params.valid_vocab < logits.shape[-1]:
+        logits[:, params.valid_vocab:] = float("-inf")
+    return torch.log_softmax(logits / params.temperature, dim=-1)
+
+
+def _truncated(logps: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after top-k and top-p truncation (renormalised)."""
+    probs = logps.exp()
+    if params.top_k and params.top_k < probs.shape[-1]:
+        kth = torch.topk(probs, params.top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs     # mass of the tokens ranked above
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generators) -> tuple:
+    """(next token per row, its log-probability) from last-position logits [b, V]."""
+    logps = _temperature_logps(logits, params)
+    if params.greedy:
+        tokens = logps.argmax(-1)
+    else:
+        probs = _truncated(logps, params)
+        # One uniform per row from the row's own generator, then the inverse CDF: a row's
+        # draw does not depend on the other rows of the batch.
+        uniform = torch.stack([torch.rand((), generator=g, dtype=torch.float64)
+                               for g in generators]).to(probs.device)
+        cdf = probs.double().cumsum(-1)
+        tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).squeeze(-1)
+        tokens = tokens.clamp(max=params.valid_vocab - 1)
+    return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class _Step:
+    """One forward-only pass over positions [start, end) of every row."""
+
+    def __init__(self, chunks, params: SamplingParams, rows: int, device):
+        from megatron.core.inference.contexts import StaticInferenceContext
+        self.chunks, self.params, self.device = chunks, params, device
+        self.context = (StaticInferenceContext(rows, params.max_length) if params.kv_cache
+                        else None)
+
+    def __call__(self, tokens: torch.Tensor, start: int, end: int):
+        """Logits [b, V] at position end - 1 (on the last stage; None elsewhere)."""
+        first = start if self.context is not None else 0
+        batch = _Positions(tokens[:, first:end], first)
+
+        def step_fn(model, b):
+            kwargs = dict(runtime_gather_output=True)
+            if self.context is not None:
+                kwargs["inference_context"] = self.context
+            out = model(b.tokens, b.positions, None, **kwargs)
+            return out, lambda logits: {"logits": logits[:, -1].float()}
+
+        outputs = forward_only(self.chunks, [batch], step_fn)
+        if self.context is not None:
+            self.context.sequence_len_offset += end - start
+            self.context.enable_decode_mode()
+        return outputs[0]["logits"] if outputs else None
+
+
+@dataclass
+class _Positions:
+    tokens: torch.Tensor
+    offset: int
+
+    @property
+    def positions(self) -> torch.Tensor:
+        b, s = self.tokens.shape
+        return torch.arange(self.offset, self.offset + s,
+                            device=self.tokens.device).expand(b, -1)
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)
+
+
+def _ends_with(row: list[int], sequences) -> bool:
+    return any(len(s) and row[-len(s):] == list(s) for s in sequences)
+
+
+@torch.no_grad()
+def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
+           sync_group=None) -> Completions:
+    """Completions of ``prompts`` (1-D token id tensors); ``seeds[i]`` seeds row i's draws.
+    Collective over the model-parallel group (and ``sync_group``, e.g. the data-parallel group
+    under ZeRO-3, whose ranks then run the same number of passes)."""
+    chunks = list(chunks)
+    device = next(chunks[0].parameters()).device
+    roles = RankRoles()
+    rows = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    capacity = params.max_length or int(lengths.max()) + params.max_new_tokens
+    if int(lengths.max()) + params.max_new_tokens > capacity:
+        raise ValueError(f"a prompt of {int(lengths.max())} tokens + {params.max_new_tokens} new "
+                         f"tokens exceeds the sampler's capacity of {capacity} tokens")
+    params = replace(params, max_length=capacity)
+    tokens = torch.zeros(rows, capacity, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p.to(device)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    out = Completions(tokens=[[] for _ in range(rows)], logps=[[] for _ in range(rows)],
+                      stopped=[False] * rows)
+    active = [True] * rows
+    step = _Step(chunks, params, rows, device)
+    # Synchronised ranks start at the same position, so they also reach the end together.
+    position = _agreed_start(int(lengths.min()) if rows else capacity, sync_group, device)
+    start = 0
+    with inference_mode(chunks):
+        while _any_active(active, sync_group, device):
+            if position >= capacity:
+                break
+            logits = step(tokens, start, position)
+            out.forward_passes += 1
+            start = position
+            chosen = torch.zeros(2, rows, dtype=torch.float64, device=device)
+            if roles.samples and rows:
+                next_tokens, logps = choose(logits, params, generators)
+                chosen[0], chosen[1] = next_tokens.double(), logps.double()
+            chosen = roles.share(chosen)
+            for i in range(rows):
+                if not active[i] or position < lengths[i]:
+                    continue    # a finished row, or a prompt token that is fed as it is
+                token = int(chosen[0, i])
+                tokens[i, position] = token
+                out.tokens[i].append(token)
+                out.logps[i].append(float(chosen[1, i]))
+                if token == params.eod_id or _ends_with(out.tokens[i], params.stop_sequences):
+                    active[i], out.stopped[i] = False, True
+                elif len(out.tokens[i]) >= params.max_new_tokens:
+                    active[i] = False
+            position += 1
+    return out
+
+
+def _any_active(active: list, sync_group, device) -> bool:
+    mine = any(active)
+    if sync_group is None:
+        return mine
+    flag = torch.tensor([float(mine)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=sync_group)
+    return bool(flag.item())
+
+
+def _agreed_start(shortest: int, sync_group, device) -> int:
+    if sync_group is None:
+        return shortest
+    value = torch.tensor([float(shortest)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=sync_group)
+    return int(value.item())
