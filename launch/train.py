@@ -69,8 +69,14 @@ def main(argv=None) -> int:
         print(f"apt: error: {exc}", file=sys.stderr)
         return 1
     from apt.trainops.distributed import shutdown_distributed
+    from apt.trainops.engine.anomaly import EXIT_ANOMALY, AnomalyStop
     try:
-        summary = trainer.train()
+        try:
+            summary = trainer.train()
+        except AnomalyStop as exc:   # every rank stops alike, weights and checkpoints finite
+            if trainer.runtime.is_main:
+                print(f"apt: error: {exc}", file=sys.stderr)
+            return EXIT_ANOMALY
         if summary.get("preempted"):
             return EXIT_PREEMPTED
         if args.benchmark:

@@ -1,7 +1,7 @@
 """launch/slurm.sbatch run by bash as SLURM would run it, with stand-ins for the SLURM binaries
 (``srun``, ``scontrol``: tiny scripts on PATH that record their arguments; srun exits with the
-code the test asks for). Checks: the job requeues itself on exit code 75 (preempted) and only
-then, it runs the repository's .venv python (or APT_PYTHON), and its log path needs no
+code the test asks for). Checks: the job requeues itself on exit code 75 (preempted) and on
+the watchdog's 4 (a bounded number of times) and only then, it runs the repository's .venv python (or APT_PYTHON), and its log path needs no
 directory SLURM would not create."""
 import os
 import re
@@ -20,7 +20,7 @@ def _tool(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def _submit(tmp: Path, srun_exit: int, python: Path | None = None):
+def _submit(tmp: Path, srun_exit: int, python: Path | None = None, restarts: int = 0):
     bin_dir, calls = tmp / "bin", tmp / "calls.txt"
     bin_dir.mkdir(exist_ok=True)
     calls.write_text("")
@@ -32,7 +32,8 @@ def _submit(tmp: Path, srun_exit: int, python: Path | None = None):
     _tool(submit / ".venv" / "bin" / "python", "exit 0\n")
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "node[001-002]", "SLURM_CPUS_PER_TASK": "4",
-           "SLURM_SUBMIT_DIR": str(submit), "HOME": str(tmp)}
+           "SLURM_SUBMIT_DIR": str(submit), "HOME": str(tmp),
+           "SLURM_RESTART_COUNT": str(restarts)}
     if python is not None:
         env["APT_PYTHON"] = str(python)
     proc = subprocess.run(["bash", str(SCRIPT), "--profile", "tiny"], env=env, cwd=tmp,
@@ -51,6 +52,17 @@ def test_requeues_only_when_preempted(tmp_path, srun_exit):
         assert requeues == ["scontrol requeue 4242"] and proc.returncode == 0, proc.stderr
     else:
         assert requeues == [] and proc.returncode == srun_exit, proc.stderr
+
+
+@pytest.mark.parametrize("restarts", [0, 3])
+def test_a_hang_requeues_a_bounded_number_of_times(tmp_path, restarts):
+    """The watchdog's exit code 4: requeued (the next start resumes) up to APT_MAX_REQUEUES."""
+    proc, calls, _ = _submit(tmp_path, 4, restarts=restarts)
+    requeues = [c for c in calls if c.startswith("scontrol requeue")]
+    if restarts < 3:
+        assert requeues == ["scontrol requeue 4242"] and proc.returncode == 0, proc.stderr
+    else:
+        assert requeues == [] and proc.returncode == 4, proc.stderr
 
 
 def test_apt_python_overrides_and_a_missing_python_is_one_line(tmp_path):

@@ -166,6 +166,37 @@ class CheckpointConfig:
     auto_resume: bool = False
 
 
+@dataclass(frozen=True)
+class AnomalyConfig:
+    """The anomaly guard (apt/trainops/engine/anomaly.py): what a step whose loss or gradient
+    norm is not finite, or whose loss spikes, does. Every rank decides the same."""
+    # off: no check; skip: the step's update is dropped (the step counter, learning rate and
+    # data cursor move on); rewind: the update is dropped, the run reloads its last committed
+    # checkpoint and continues on the data after the anomalous step; stop: the update is
+    # dropped and the run exits (code 3).
+    policy: Literal["off", "skip", "rewind", "stop"] = "skip"
+    # Exit (code 3) at the anomaly after this many (skip and rewind).
+    max_anomalies: int = rule(10, gt=0)
+    # A loss more than this many standard deviations above the mean of the last `window`
+    # normal steps is a spike. None: only non-finite values count.
+    spike_zscore: Optional[float] = rule(None, gt=0)
+    window: int = rule(50, ge=2)
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    """The hang watchdog (apt/trainops/distributed/watchdog.py): a heartbeat thread per rank."""
+    # A phase (forward, backward, optimizer, checkpoint, evaluation, ...) lasting longer than
+    # this is a hang: every rank that can reports who stopped answering, dumps its stacks and
+    # exits (code 4) so the launcher can restart the job. 0: no watchdog.
+    timeout_s: float = rule(1800.0, ge=0)
+    # The same for the start of train() (building the engine, compiling ops, loading a
+    # checkpoint), which may legitimately take longer than a step.
+    startup_timeout_s: float = rule(1800.0, gt=0)
+    # How often each rank publishes its heartbeat (step, phase) and checks the others.
+    heartbeat_s: float = rule(5.0, gt=0)
+
+
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 
 
@@ -266,6 +297,8 @@ class TrainingConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
         else:
             store = _rendezvous(env, rendezvous_timeout_s)
             store.set_timeout(timeout)   # from here on: the collectives' timeout
+            store = _per_attempt(store)
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                 timeout=timeout, store=store)
     degrees = dict(tp=1, pp=1, vp=1, ep=1, cp=1)
@@ -111,6 +112,17 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
     seed_everything(seed)
     _RUNTIME = runtime
     return runtime
+
+
+def _per_attempt(store):
+    """Under torchrun, its agent's TCPStore outlives the workers of a restart
+    (--max-restarts), and init_process_group would reuse the keys of the attempt before:
+    gloo then connects to the dead workers' addresses ("Connection refused", or a hang).
+    The keys of each attempt go under a prefix of their own."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
+    return dist.PrefixStore(f"apt/attempt-{attempt}/", store)
 
 
 def _rendezvous(env: LaunchEnv, timeout_s: float):

@@ -28,6 +28,7 @@ from apt.trainops.checkpoints.optimizer_state import (load_optimizer_state,
                                                       optimizer_sharded_state)
 from apt.trainops.checkpoints.rng import capture_rng, restore_rng
 from apt.trainops.artifacts.environment import package_versions
+from .anomaly import check_weights_finite
 
 log = logging.getLogger("apt.checkpoints")
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -134,6 +135,7 @@ def save_training_checkpoint(trainer):
     """Collective; returns the CheckpointWrite. With async saves this returns once the state is
     in host memory, and ``trainer.checkpoints.wait()`` commits the checkpoint later."""
     plan, cfg, step = trainer.plan, trainer.config, trainer.step
+    check_weights_finite(trainer.modules, step)   # a checkpoint never keeps a NaN
     meta = {"config_hash": cfg.config_hash, "layout": layout_of(plan)}
     # LoRA: only the adapters (and their optimizer state) are saved; the frozen base comes back
     # from training.init_from (or the seeded init) on resume.
@@ -151,7 +153,7 @@ def save_training_checkpoint(trainer):
             torch.save(extra, tmp / "trainer" / f"state-rank-{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
             (tmp / "state.json").write_text(json.dumps({
-                "step": step, "consumed_samples": step * plan.global_batch,
+                "step": step, "consumed_samples": trainer.consumed_samples,
                 "global_batch": plan.global_batch, "config_hash": cfg.config_hash,
                 "run_dir": str(trainer.artifacts.run_dir),   # a resume continues there
                 "model_contents": "trainable" if adapters_only else "all",
@@ -275,7 +277,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> dict:
 class PreemptionGuard:
     """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a checkpoint
     at the next step boundary; ranks agree on it through the trainer's one per-step
-    all-reduce (``runtime.ranks_raising``)."""
+    all-reduce (``Trainer._before_update``)."""
 
     def __init__(self):
         self.requested = False

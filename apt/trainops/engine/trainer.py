@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from apt.core.config import APTConfig, config_to_dict, with_overrides
+from apt.core.config import APTConfig, ConfigError, config_to_dict, with_overrides
 from apt.model.lora import apply_lora, merge_lora
 from apt.trainops.artifacts import ArtifactManager
 from apt.trainops.checkpoints import save_model_weights
@@ -23,9 +23,12 @@ from apt.trainops.distributed.ddp_wrapper import unwrap_strategy_request
 from apt.trainops.distributed.engines import build_engine
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
-from apt.trainops.distributed.runtime import ranks_raising, seed_everything, setup_distributed
+from apt.trainops.distributed.runtime import (collective_device, seed_everything,
+                                              setup_distributed)
+from apt.trainops.distributed.watchdog import Watchdog, set_phase
 from apt.trainops.objectives import build_objective
 from apt.trainops.preflight import refuse_unless_ready
+from .anomaly import AnomalyGuard, AnomalyStop
 from .callbacks import Callback
 from .checkpointing import (PreemptionGuard, announce_resume, checkpoint_manager,
                             checkpoint_save_dir, load_engine_state, load_init_weights, load_weights,
@@ -131,6 +134,10 @@ class Trainer:
         launch = detect_launch_env()
         self.plan = make_plan(cfg, launch.world_size, launch.local_world_size,
                               device_type=device_type)
+        if cfg.training.anomaly.policy == "rewind" and self.plan.zero3_partitioned:
+            raise ConfigError("rewind reloads weights into a running engine, which ZeRO-3's "
+                              "partitioned parameters do not allow: use skip or stop",
+                              key="training.anomaly.policy")
         # Memory and the checkpoint disk, before any process group or model exists.
         refuse_unless_ready(cfg, self.plan, launch.local_world_size,
                             checkpoint_save_dir(cfg, checkpoint_dir))
@@ -175,6 +182,7 @@ class Trainer:
         self.callbacks = build_callbacks(cfg, extra=callbacks or [])
         self.engine = None
         self.history: list[dict] = []
+        self.anomalies = AnomalyGuard(cfg.training.anomaly, fp16=self.plan.precision == "fp16")
 
     def _dataset_options(self, cfg) -> dict:
         """Extra ``build_datasets`` arguments a trainer variant's data needs."""
@@ -238,6 +246,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
+        """Train to ``training.max_steps`` under the hang watchdog (distributed/watchdog.py)."""
+        t = self.config.training
+        watchdog = Watchdog(t.watchdog.timeout_s, t.watchdog.heartbeat_s, self.runtime.rank,
+                            self.runtime.world_size, t.watchdog.startup_timeout_s).start()
+        try:
+            return self._train()
+        finally:
+            watchdog.stop()
+
+    def _train(self) -> dict:
         cfg, plan, t = self.config, self.plan, self.config.training
         main = self.runtime.is_main
         self.artifacts = self._artifacts()
@@ -256,31 +274,50 @@ class Trainer:
             self.initial_eval = self._log_eval(progress)   # the "before" of a fine-tuning run
         tokens_per_step = plan.global_batch * cfg.data.seq_length
         batches = self._training_batches()
-        # (step, StepResult, lr, seconds, end time, data wait, digest, extras)
+        # (step, StepResult, lr, seconds, end time, data wait, digest, extras, anomaly)
         pending: list[tuple] = []
         started = time.perf_counter()
         with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
             while self.step < t.max_steps:
                 step_start = time.perf_counter()
+                set_phase("data", step=self.step + 1,
+                          batch=self.consumed_samples // plan.global_batch + 1)
                 self._emit("on_step_start", self.step)
                 lr = self.learning_rate(self.step)
-                result = self.engine.train_step(batches, lr)
+                self._step_check = None
+                result = self.engine.train_step(
+                    batches, lr, before_update=lambda sums, units, norm: self._before_update(
+                        preemption.requested, sums, units, norm))
+                set_phase("sync")
+                if self._step_check is None:   # an engine that does not call before_update
+                    self._before_update(preemption.requested, result.sums, result.units,
+                                        result.grad_norm)
                 self.step += 1
+                self.consumed_samples += plan.global_batch
+                # The flags the step's one all-reduce carried (``_before_update``).
+                preempted, writing, loss, anomaly = self._step_check
+                if anomaly is None and result.grad_norm is not None:
+                    # DeepSpeed's ZeRO found non-finite gradients and skipped the update itself
+                    anomaly = self.anomalies.grad_norm_anomaly(float(result.grad_norm))
+                self.anomalies.record(loss, anomaly)
                 pending.append((self.step, result, lr,
                                 time.perf_counter() - step_start, time.time(),
                                 batches.take_wait(), batches.take_sample_digest(),
-                                batches.take_extras()))
+                                batches.take_extras(), anomaly))
                 last = self.step == t.max_steps
-                # One all-reduce per step: preemption asked, a checkpoint writer still busy.
-                preempted, writing = (count > 0 for count in ranks_raising(
-                    preemption.requested, self.checkpoints.writing_in_background()))
+                if anomaly is not None:
+                    self._flush(pending, tokens_per_step, progress)
+                    pending = []
+                    if self._handle_anomaly(anomaly, progress):
+                        continue   # rewound to the last committed checkpoint
                 if not writing:
                     self._commit_checkpoint(progress)   # every rank's writer is done: commit
-                if self.step % t.log_interval == 0 or last or preempted:
+                if pending and (self.step % t.log_interval == 0 or last or preempted):
                     self._flush(pending, tokens_per_step, progress)
                     pending = []
                 if preempted or self.checkpoints.should_save(self.step) or (
                         last and t.checkpoints.save_interval):
+                    set_phase("checkpoint")
                     write = save_training_checkpoint(self)
                     if write.committed:
                         self._report_checkpoint(progress, write.committed)
@@ -295,12 +332,87 @@ class Trainer:
                     return {"steps": self.step, "preempted": True}
                 if t.eval_interval and self.step % t.eval_interval == 0 and not last:
                     self._log_eval(progress)
+            set_phase("checkpoint")
             self._commit_checkpoint(progress)   # the last save, before the run reports done
         eval_result = self._log_eval(progress)
         elapsed = time.perf_counter() - started
         summary = self._finish(eval_result, elapsed, tokens_per_step, progress)
         progress.close()
         return summary
+
+    def _before_update(self, preemption_requested: bool, sums, units, grad_norm) -> bool:
+        """Collective, called by the engine between the backward passes and the update: the
+        step's one all-reduce. It carries the preemption flag, the checkpoint writer's "still
+        busy" flag, a "non-finite here" flag and the loss statistics (divided by the
+        model-parallel replicas that hold the same ones), so every rank knows the global loss
+        and the anomaly guard decides alike everywhere. Returns whether to apply the update."""
+        device = collective_device()
+        replicas = self.runtime.world_size // self.plan.dp
+        sums = sums.detach().to(device=device, dtype=torch.float64)
+        flags = [float(preemption_requested), float(self.checkpoints.writing_in_background()),
+                 float(not bool(torch.isfinite(sums).all()))]
+        vector = torch.cat([torch.tensor(flags, dtype=torch.float64, device=device),
+                            sums / replicas])
+        dist.all_reduce(vector)
+        values = vector.tolist()
+        preempted, writing, non_finite = (v > 0 for v in values[:3])
+        loss = self.objective.step_metrics(dict(zip(self.objective.stat_names, values[3:])),
+                                           float(units))["loss"]
+        anomaly = self.anomalies.classify(float("nan") if non_finite else loss,
+                                          None if grad_norm is None else float(grad_norm))
+        self._step_check = (preempted, writing, loss, anomaly)
+        return anomaly is None
+
+    def _handle_anomaly(self, anomaly: str, progress) -> bool:
+        """Apply ``training.anomaly.policy`` to a step whose update was dropped (every rank
+        alike). Returns whether the run rewound to its last committed checkpoint."""
+        guard, cfg = self.anomalies, self.config.training.anomaly
+        record = {"anomaly_step": self.step, "anomaly": anomaly, "anomalies": guard.count,
+                  "policy": cfg.policy}
+        progress.line(f"anomaly | step {self.step}: {anomaly}; its update was dropped "
+                      f"(anomaly {guard.count} of at most {cfg.max_anomalies}, policy "
+                      f"{cfg.policy})")
+        if guard.must_stop():
+            self._commit_checkpoint(progress)   # a good checkpoint being written is kept
+            if self.runtime.is_main:
+                self.artifacts.save_metrics({**record, "action": "stop"})
+            why = ("training.anomaly.policy is stop" if cfg.policy == "stop" else
+                   f"training.anomaly.max_anomalies={cfg.max_anomalies} reached")
+            raise AnomalyStop(f"step {self.step}: {anomaly}; stopping ({why}); no update was "
+                              f"applied from it and no checkpoint holds it")
+        rewound = cfg.policy == "rewind" and self._rewind(record, progress)
+        if not rewound and self.runtime.is_main:
+            self.artifacts.save_metrics({**record, "action": "skip"})
+        return rewound
+
+    def _rewind(self, record: dict, progress) -> bool:
+        """Reload the last committed checkpoint (weights, optimizer, RNGs, step) and keep the
+        data cursor: the global batches since that checkpoint, the anomalous one included, are
+        skipped. False (the step is just skipped) when no checkpoint was committed yet."""
+        self._commit_checkpoint(progress)   # a write in flight becomes the last committed
+        answer = [None]
+        if self.runtime.is_main:
+            answer = [self.checkpoints.load_latest()]   # verified, this run's lineage
+        dist.broadcast_object_list(answer, src=0)
+        ckpt = answer[0]
+        if ckpt is None:
+            progress.line("anomaly | no committed checkpoint to rewind to: the step is skipped")
+            return False
+        cursor, anomalous_step = self.consumed_samples, self.step
+        load_weights(self, ckpt)            # weights, step (and the checkpoint's data cursor)
+        load_engine_state(self, ckpt)       # optimizer state, loss scale, RNGs
+        skipped = [ckpt.state.get("consumed_samples", ckpt.step * self.plan.global_batch),
+                   cursor]
+        self.consumed_samples = cursor      # the data continues after the anomalous batch
+        self.history = [r for r in self.history if r["step"] <= ckpt.step]
+        if self.runtime.is_main:
+            self.artifacts.supersede_metrics(ckpt.step)
+            self.artifacts.save_metrics({**record, "action": "rewind", "rewound_to": ckpt.step,
+                                         "skipped_samples": skipped})
+        progress.line(f"anomaly | rewound from step {anomalous_step} to {ckpt.path} (step "
+                      f"{ckpt.step}); samples {skipped[0]}-{skipped[1] - 1} of the data order "
+                      f"are skipped")
+        return True
 
     def _commit_checkpoint(self, progress) -> None:
         """Collective: commit the checkpoint written in the background, if one is pending."""
@@ -352,8 +464,9 @@ class Trainer:
                     "step_time": seconds, "tokens_per_s": tokens_per_step / seconds,
                     "time": ended, "data_wait_s": wait,
                     "sample_digest": [int(v) for v in row[len(names):]],
-                    **_time_split(seconds, wait, extras)}
-                   for (step, result, lr, seconds, ended, wait, _, extras), row, n
+                    **_time_split(seconds, wait, extras),
+                    **({"anomaly": anomaly} if anomaly else {})}
+                   for (step, result, lr, seconds, ended, wait, _, extras, anomaly), row, n
                    in zip(pending, both.tolist(), units)]
         self._emit("on_log", records)
         for record in records:
@@ -401,6 +514,7 @@ class Trainer:
         return result
 
     def _log_eval(self, progress) -> dict:
+        set_phase("evaluation")
         result = self.evaluate()
         if result:
             result = {"step": self.step, **result}
@@ -412,6 +526,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end of a run
     def _finish(self, eval_result, elapsed, tokens_per_step, progress) -> dict:
+        set_phase("finish")
         summary = {"steps": self.step, "config_hash": self.config.config_hash,
                    "train_seconds": elapsed,
                    # A run resumed from its final checkpoint trains no step in this process.

@@ -1,6 +1,7 @@
 """What the Trainer needs from an engine: one optimizer step over a global batch."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -11,7 +12,9 @@ from megatron.core import parallel_state
 
 from apt.trainops.eval.forward_pass import forward_only
 from apt.trainops.objectives import Objective
+from .. import faults
 from ..plan import Plan
+from ..watchdog import POSITION, set_phase
 
 
 @dataclass
@@ -31,9 +34,12 @@ class TrainEngine:
     objective: Objective
     plan: Plan
 
-    def train_step(self, batches: Iterator, lr: float) -> StepResult:
+    def train_step(self, batches: Iterator, lr: float, before_update=None) -> StepResult:
         """One optimizer step over the next ``plan.grad_accum`` micro-batches (typed batches,
-        on the device)."""
+        on the device). ``before_update(sums, units, grad_norm)``, when given, is called once on
+        every rank after the backward passes, before the update (``grad_norm``: the global
+        norm, or None where the engine knows it only later); it returns whether to apply the
+        update (the anomaly guard, engine/anomaly.py)."""
         raise NotImplementedError
 
     def next_micro_batches(self, batches) -> list:
@@ -60,6 +66,11 @@ class TrainEngine:
 
         def scaled(output):
             loss_sum, stats = loss_func(output)
+            injected = faults.loss_factor(POSITION.batch)   # test-only: NaN or a spike
+            if injected is not None:
+                loss_sum = loss_sum * injected
+                stats = {k: v * injected for k, v in stats.items()}
+            set_phase("backward")   # the loss is the forward's last act; backward follows
             return loss_sum * (factor / units.clamp(min=1.0)).to(loss_sum.dtype), stats
         return scaled
 
@@ -151,3 +162,18 @@ def ensure_adam_state(optimizers) -> None:
                     inner.state[flat] = {"step": torch.tensor(0.0),
                                          "exp_avg": torch.zeros_like(flat),
                                          "exp_avg_sq": torch.zeros_like(flat)}
+
+
+@contextlib.contextmanager
+def updates_dropped(optimizer, drop: bool):
+    """While active (when ``drop``), the torch optimizers inside ``optimizer`` (a DeepSpeed or
+    Megatron wrapper) step nothing: the wrapper still clips, counts and copies, but no weight,
+    master weight or Adam moment changes."""
+    inners = torch_optimizers(optimizer) if drop else []
+    for inner in inners:
+        inner.step = lambda *args, **kwargs: None   # shadows the class's step
+    try:
+        yield
+    finally:
+        for inner in inners:
+            del inner.step

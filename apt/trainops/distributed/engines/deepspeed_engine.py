@@ -17,8 +17,10 @@ from apt.trainops.checkpoints.loss_scale import (deepspeed_scaler_state,
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
+from ..watchdog import set_phase
 from . import moe_router_steps
-from .base import StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes
+from .base import (StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes,
+                   updates_dropped)
 
 
 def deepspeed_config(cfg: APTConfig, plan: Plan) -> dict:
@@ -71,23 +73,32 @@ class DeepSpeedEngine(TrainEngine):
         self.modules = [self.engine.module]
         self.moe = moe_router_steps.is_moe(self.modules)
 
-    def train_step(self, batches, lr: float) -> StepResult:
+    def train_step(self, batches, lr: float, before_update=None) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
         micro_batches = self.next_micro_batches(batches)
         units = self.global_units(micro_batches)
         sums = torch.zeros(len(self.objective.stat_names), dtype=torch.float64,
                            device=self.engine.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             if self.moe:   # what Megatron's schedule does for the router's aux/z losses
                 moe_router_steps.set_aux_loss_scale(self.plan.grad_accum, self._loss_scale(),
                                                     self.engine.device)
+            set_phase("forward")
             output, loss_func = self.objective.forward_step(self.engine, batch)
             loss, stats = self.normalised(loss_func, units)(output)
             self.engine.backward(loss)   # scales by 1/accumulation itself
-            if self.moe and batch is micro_batches[-1]:
-                moe_router_steps.finish_global_batch(self.modules)   # as finalize_model_grads
-            self.engine.step()           # steps the optimizer at the accumulation boundary
             sums += self.stat_vector(stats, sums.device)
+            if i < len(micro_batches) - 1:
+                self.engine.step()       # not the accumulation boundary: no update
+                continue
+            if self.moe:
+                moe_router_steps.finish_global_batch(self.modules)   # as finalize_model_grads
+            set_phase("optimizer")
+            # The global norm is known only inside the step; ZeRO 1-3 skip a non-finite one
+            # themselves (their overflow check) and report it as inf.
+            apply = before_update is None or before_update(sums, units, None)
+            with updates_dropped(self.optimizer, drop=not apply):
+                self.engine.step()       # steps the optimizer at the accumulation boundary
         return StepResult(sums, units, self.engine.get_global_grad_norm(), self._loss_scale())
 
     def _loss_scale(self) -> float | None:

@@ -13,12 +13,14 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from apt.core.config import APTConfig
 from apt.trainops.checkpoints.loss_scale import load_megatron_scaler_state, megatron_scaler_state
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..plan import Plan
+from ..watchdog import set_phase
 from .base import StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes
 
 ADAM = ("exp_avg", "exp_avg_sq")
@@ -62,7 +64,7 @@ class MegatronEngine(TrainEngine):
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
 
-    def train_step(self, batches, lr: float) -> StepResult:
+    def train_step(self, batches, lr: float, before_update=None) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -71,6 +73,7 @@ class MegatronEngine(TrainEngine):
         units = self.global_units(micro_batches)
 
         def forward_step(data_iterator, model):
+            set_phase("forward")
             output, loss_func = self.objective.forward_step(model, next(data_iterator))
             return output, self.normalised(loss_func, units)
 
@@ -81,10 +84,31 @@ class MegatronEngine(TrainEngine):
             forward_step_func=forward_step, data_iterator=iterators if len(iterators) > 1
             else iterators[0], model=self.chunks, num_microbatches=self.plan.grad_accum,
             seq_length=seq_length, micro_batch_size=rows, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
-        return StepResult(self._pipeline_sums(stats, units.device), units, grad_norm,
-                          self.optimizer.get_loss_scale().item()
+        set_phase("optimizer")
+        sums = self._pipeline_sums(stats, units.device)
+        grad_norm = self._update(lambda norm: before_update is None or
+                                 before_update(sums, units, norm))
+        return StepResult(sums, units, grad_norm, self.optimizer.get_loss_scale().item()
                           if self.plan.precision == "fp16" else None)
+
+    def _update(self, allowed) -> float | None:
+        """Megatron's ChainedOptimizer.step() with ``allowed(grad_norm)`` asked between the
+        global gradient norm and the update (the anomaly guard). Returns the norm (None after
+        an fp16 overflow, which Megatron skips and rescales itself)."""
+        if self.optimizer.prepare_grads():   # fp16 overflow: found on every rank alike
+            allowed(None)                    # every rank still joins the per-step all-reduce
+            return None
+        grad_norm = self.optimizer.get_grad_norm()
+        if not allowed(grad_norm):
+            return grad_norm
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+            if params and opt.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.optimizer.step_with_ready_grads()
+        return grad_norm
 
     def _pipeline_sums(self, stats: list[dict], device) -> torch.Tensor:
         """Only the last pipeline stage computes the loss: share its sums with every stage."""
