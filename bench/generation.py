@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from apt.core.config import load_profile  # noqa: E402
 from apt.model.architectures import APTModel  # noqa: E402
-from apt.trainops.distributed.runtime import seed_everything  # noqa: E402
+from apt.trainops.distributed.runtime import seed_everything, setup_distributed  # noqa: E402
 from apt.trainops.rl.sampling import SamplingParams, sample  # noqa: E402
 
 
@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)   # a fixed thread count: comparable numbers on CPU
-    cfg = load_profile(args.profile, [f"model.max_seq_len={args.prompt + args.new}"])
+    length = args.prompt + args.new
+    cfg = load_profile(args.profile, [f"model.max_seq_len={length}", f"data.seq_length={length}"])
+    setup_distributed(plan=None)   # one process: the model-parallel groups Megatron asks for
     seed_everything(0)
     model = APTModel(cfg.model)
     generator = torch.Generator().manual_seed(0)

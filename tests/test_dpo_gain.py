@@ -1,23 +1,19 @@
 """The measured gain of preference alignment, shortened from the dpo-tiny demo.
 
-The tiny model is fine-tuned on sums (synthetic:arith chats) for 300 steps, then aligned with
+The tiny model is fine-tuned on sums (synthetic:arith chats) for 300 steps (arith-sft-base, the
+session fixture in conftest.py, shared with the GRPO gain test), then aligned with
 the dpo-tiny profile for 250 steps on preference pairs (chosen = the correct sum, rejected = a
 near miss) from that checkpoint. Scored on the 500 held-out sums before and after: the
 preference accuracy must reach 0.9 and greedy exact-match must rise by at least 15 points.
 Everything is made offline and trains on CPU (about a minute on 2 idle cores).
 """
 from apt.core.config import load_profile
-from apt.trainops.engine import ClaudeTrainer, Finetuner
+from apt.trainops.engine import ClaudeTrainer
 
 
-def test_dpo_raises_preference_accuracy_and_exact_match(tmp_path):
-    checkpoints = tmp_path / "sft-checkpoints"
-    Finetuner.from_config(load_profile("arith-sft-tiny", [
-        "training.max_steps=300", "training.eval_interval=0",
-        f"training.checkpoints.dir={checkpoints}", "training.checkpoints.save_interval=300",
-        f"output.dir={tmp_path / 'sft'}", "output.sample_tokens=0"])).train()
+def test_dpo_raises_preference_accuracy_and_exact_match(arith_sft_checkpoint, tmp_path):
     summary = ClaudeTrainer.from_config(load_profile("dpo-tiny", [
-        f"training.init_from={checkpoints}", "training.max_steps=250",
+        f"training.init_from={arith_sft_checkpoint}", "training.max_steps=250",
         "training.eval_interval=0", f"output.dir={tmp_path / 'dpo'}"])).train()
     before, after = summary["initial_val_exact_match"], summary["val_exact_match"]
     print(f"exact-match {before:.3f} -> {after:.3f}, preference accuracy "
