@@ -36,7 +36,6 @@ from apt.trainops.checkpoints.optimizer_state import load_optimizer_state  # noq
 from apt.trainops.distributed.engines import build_engine  # noqa: E402
 from apt.trainops.engine import Trainer  # noqa: E402
 from apt.trainops.engine.checkpointing import save_training_checkpoint  # noqa: E402
-from apt.trainops.engine.trainer import _TimedBatches  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -59,7 +58,7 @@ def disk_write_speed(directory: Path, size: int) -> float:
     return written / MIB / seconds
 
 
-def build(args, directory: Path) -> tuple[Trainer, _TimedBatches]:
+def build(args, directory: Path):
     cfg = with_overrides(load_profile("tiny"), {
         "model.hidden_size": args.hidden, "model.num_layers": args.layers,
         "model.num_attention_heads": args.hidden // 64, "model.num_query_groups": args.hidden // 64,
@@ -70,8 +69,7 @@ def build(args, directory: Path) -> tuple[Trainer, _TimedBatches]:
     trainer = Trainer.from_config(cfg, checkpoint_dir=str(directory / "checkpoints"))
     trainer.artifacts = trainer._artifacts()   # a save records the run directory
     trainer.engine = build_engine(trainer.modules, cfg, trainer.plan, trainer.objective)
-    return trainer, _TimedBatches(trainer.train_dataloader, trainer.objective,
-                                  trainer.runtime.device)
+    return trainer, trainer._training_batches()
 
 
 def step(trainer, batches) -> float:

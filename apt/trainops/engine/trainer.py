@@ -94,10 +94,10 @@ def _eval_summary(result: dict) -> str:
 def _time_split(seconds: float, wait: float, extras: dict) -> dict:
     """A batch source's extras; where it reports time spent on phases of its own
     (``time/generation_s``), the rest of the step is ``time/training_s``."""
-    phases = sum(v for k, v in extras.items() if k.startswith("time/"))
+    phases = [v for k, v in extras.items() if k.startswith("time/")]
     if not phases:
         return extras
-    return {**extras, "time/training_s": max(seconds - wait - phases, 0.0)}
+    return {**extras, "time/training_s": max(seconds - wait - sum(phases), 0.0)}
 
 
 def _fmt(value: float | None) -> str:
