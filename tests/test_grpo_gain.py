@@ -9,7 +9,7 @@ made offline and trains on CPU.
 from apt.core.config import load_profile
 from apt.trainops.engine import O1Trainer
 
-STEPS = 30
+STEPS = 40
 
 
 def test_grpo_raises_reward_and_held_out_accuracy(arith_sft_checkpoint, tmp_path):
@@ -19,9 +19,10 @@ def test_grpo_raises_reward_and_held_out_accuracy(arith_sft_checkpoint, tmp_path
         f"output.dir={tmp_path}"]))
     summary = trainer.train()
     rewards = [r["reward"] for r in trainer.history]
-    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     before, after = summary["initial_val_accuracy"], summary["val_accuracy"]
     print(f"sampled reward {first:.3f} -> {last:.3f}; held-out greedy accuracy "
           f"{before:.3f} -> {after:.3f}")
+    # measured on this machine: 0.168 -> 0.27 and 0.375 -> 0.52 (the same numbers every run)
     assert last - first >= 0.05
     assert after - before >= 0.05
