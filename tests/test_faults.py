@@ -5,6 +5,7 @@ from the test-only hook APT_FAULT_INJECT (apt/trainops/distributed/faults.py).""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,11 @@ def test_rank_stalled_inside_a_step_is_named_and_the_job_exits(tmp_path, engine)
                                                          "watchdog | rank 1"}, err[-4000:]
     assert all("stalled: rank 1 (step 3, phase forward" in line for line in reports), reports
     assert "Python stacks" in err and "faults.py" in err   # the stalled frame is in the dump
-    assert seconds < 60 + 30, seconds   # report within 60 s of the stall (+ start-up)
+    # named within 60 s of the stall (the report says how long the rank made no progress);
+    # the whole job, start-up included, exits instead of hanging
+    stuck = [float(re.search(r"no progress for (\d+) s", line).group(1)) for line in reports]
+    assert max(stuck) < 60, reports
+    assert seconds < 300, seconds
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
