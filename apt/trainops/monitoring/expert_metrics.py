@@ -39,12 +39,15 @@ def _tracked(name: str, num_layers: int, device) -> torch.Tensor:
 
 class ExpertMetrics(Callback):
     def on_train_start(self, trainer) -> None:
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
         m = trainer.config.model
         self.layers, self.experts = m.num_layers, m.num_experts
         self.counters = RoutingCounters(trainer.modules, self.layers, self.experts)
         self.routers = routers(trainer.modules)
-        clear_aux_losses_tracker()
+        # Megatron's tracker is process-global and sized by the first model that recorded into
+        # it (clearing only zeroes it): a run after another in the same process, with more
+        # layers, would index past it. Start this run's with nothing.
+        get_moe_layer_wise_logging_tracker().clear()
 
     def on_log(self, trainer, records: list[dict]) -> None:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
