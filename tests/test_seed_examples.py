@@ -157,7 +157,7 @@ SINGLE = {   # one process: python script.py
         # --- checks: resumed at step 998 from the saved weights, trained the last 2 steps
         assert state.step == 998 and trainer.resumed_from.path == state.path
         assert [r['step'] for r in trainer.history] == [999, 1000]
-        assert trainer.consumed_samples == 998 * 32
+        assert trainer.consumed_samples == 1000 * 32   # resumed at 998 x 32, 2 steps since
         assert not torch.equal(saved, model.embedding.word_embeddings.weight)
         """,
     "relation": """
