@@ -150,9 +150,9 @@ def test_rank_stalled_inside_a_step_is_named_and_the_job_exits(tmp_path, engine)
     assert code != 0, out[-2000:] + err[-4000:]
     lines = [line for line in err.splitlines() if line.startswith("watchdog | rank")]
     reports = [line for line in lines if "no progress" in line]
-    # both ranks report, both name rank 1 stalled in step 3's forward pass
-    assert {line.split(":")[0] for line in reports} == {"watchdog | rank 0",
-                                                         "watchdog | rank 1"}, err[-4000:]
+    # the ranks report (the first to exit may end the job before the other prints: seen on a
+    # loaded CI machine), and every report names rank 1 stalled in step 3's forward pass
+    assert reports, err[-4000:]
     assert all("stalled: rank 1 (step 3, phase forward" in line for line in reports), reports
     assert "Python stacks" in err and "faults.py" in err   # the stalled frame is in the dump
     # named within 60 s of the stall (the report says how long the rank made no progress);
