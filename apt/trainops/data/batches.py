@@ -48,6 +48,14 @@ class _Fields:
     def pin_memory(self):  # DataLoader(pin_memory=True) calls this on custom batch types
         return self._map(lambda v: v.pin_memory())
 
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The batch from a plain dict of its fields (an unknown field is refused)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+        return cls(**data)
+
 
 @dataclass
 class LMBatch(_Fields):
@@ -84,13 +92,6 @@ class LMBatch(_Fields):
 
     def index(self, rows) -> "LMBatch":
         return self._map(lambda v: v[rows])
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LMBatch":
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"LMBatch has no field(s) {', '.join(unknown)}")
-        return cls(**data)
 
     @classmethod
     def concat(cls, batches: list["LMBatch"]) -> "LMBatch":
@@ -208,13 +209,6 @@ class RolloutBatch(_Fields):
 
     def as_lm(self) -> LMBatch:
         return LMBatch(self.tokens, self.labels, self.loss_mask, sample_id=self.sample_id)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RolloutBatch":
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"RolloutBatch has no field(s) {', '.join(unknown)}")
-        return cls(**data)
 
     def to_dict(self) -> dict:
         return dict(self.items())
