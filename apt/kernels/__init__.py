@@ -1,0 +1,62 @@
+"""APT's fused kernels: one Python function per kernel, fused where a kernel is built for the
+tensor's device, eager otherwise.
+
+- ``rms_norm(x, weight, eps)``: RMSNorm forward and backward (``kernels/rmsnorm``).
+- ``apply_rope(t, freqs, interleaved=False)``: rotary embeddings with Megatron's layout and
+  semantics (``kernels/rope``).
+- ``linear_cross_entropy(hidden, weight, labels, tp_group=None)``: the output projection and
+  the cross-entropy in chunks, vocabulary-parallel under TP (``kernels/linear_cross_entropy``).
+
+The model picks them through the profile key ``model.kernels`` (``resolve``): the layer spec's
+norms, Megatron's RoPE hook and the output layer call these functions, so the model code is the
+same with kernels on or off, and so are its losses.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Union
+
+from ._build import KernelUnavailable, available, load
+
+KERNELS = ("rmsnorm", "rope", "linear_cross_entropy")
+log = logging.getLogger(__name__)
+
+KernelSetting = Union[str, Iterable[str]]
+
+
+def check_setting(setting: KernelSetting) -> str | None:
+    """The reason ``setting`` is not a valid ``model.kernels`` value, or None."""
+    if isinstance(setting, str):
+        return None if setting in ("auto", "none") else \
+            f"must be 'auto', 'none' or a list of {', '.join(KERNELS)}; got {setting!r}"
+    names = list(setting)
+    unknown = [n for n in names if n not in KERNELS]
+    if unknown:
+        return f"unknown kernel(s) {', '.join(map(repr, unknown))}; known: {', '.join(KERNELS)}"
+    return None
+
+
+def resolve(setting: KernelSetting, device_type: str) -> tuple[str, ...]:
+    """The kernels a model uses for ``model.kernels``: ``auto`` = every kernel that builds for
+    ``device_type`` (one warning per kernel that does not, which then runs eager); ``none`` =
+    none; a list = exactly those, and a kernel that cannot be built is an error."""
+    problem = check_setting(setting)
+    if problem:
+        raise ValueError(f"model.kernels {problem}")
+    if setting == "none":
+        return ()
+    wanted = KERNELS if setting == "auto" else tuple(dict.fromkeys(setting))
+    chosen = []
+    for name in wanted:
+        try:
+            load(name, device_type)
+        except KernelUnavailable as err:
+            if setting != "auto":
+                raise
+            log.warning("%s; it runs eager", err)
+            continue
+        chosen.append(name)
+    return tuple(chosen)
+
+
+__all__ = ["KERNELS", "KernelUnavailable", "available", "check_setting", "load", "resolve"]

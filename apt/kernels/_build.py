@@ -1,0 +1,103 @@
+"""Build a fused kernel from ``kernels/<name>/`` on first use (torch.utils.cpp_extension).
+
+Sources live at the repository root (``kernels/``, next to ``apt/``), one folder per kernel:
+``<name>_cpu.cpp`` is the CPU kernel; ``<name>_cuda.cu`` (raw pointers, no torch headers: it
+compiles without the CUDA parts of torch, see FEASIBILITY.md) plus ``<name>_cuda.cpp`` (the
+binding, which takes tensors and the caller's stream) are the GPU kernel. The compiled module
+goes to ``TORCH_EXTENSIONS_DIR`` and is reused while the sources are unchanged (cpp_extension
+hashes them); several processes building at once wait on its lock. Nothing compiled ships.
+
+A build that fails (no compiler, no CUDA toolkit) raises ``KernelUnavailable`` with the reason;
+``apt.kernels.resolve`` turns that into eager fallback for ``auto`` and an error for a kernel a
+profile asked for by name.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+KERNEL_SOURCES = Path(__file__).resolve().parents[2] / "kernels"
+log = logging.getLogger(__name__)
+
+# -O3 and OpenMP: at::parallel_for is an inline template whose OpenMP region is compiled into
+# the extension itself; without -fopenmp it silently runs on one thread.
+CPU_FLAGS = ["-O3", "-fopenmp", "-march=x86-64-v2"]
+CUDA_ARCHS = ("80", "90")  # A100, H100/H200
+CUDA_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"] + [
+    f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+
+
+class KernelUnavailable(RuntimeError):
+    """A fused kernel cannot be built or loaded on this machine."""
+
+
+def sources(name: str, device_type: str) -> list[Path]:
+    folder = KERNEL_SOURCES / name
+    if device_type == "cpu":
+        wanted = [folder / f"{name}_cpu.cpp"]
+    elif device_type == "cuda":
+        wanted = [folder / f"{name}_cuda.cpp", folder / f"{name}_cuda.cu"]
+    else:
+        raise KernelUnavailable(f"kernel {name!r} has no {device_type} implementation")
+    missing = [str(p) for p in wanted if not p.is_file()]
+    if missing:
+        raise KernelUnavailable(f"kernel {name!r}: sources not found: {', '.join(missing)} "
+                                "(an install without the repository's kernels/ folder)")
+    return wanted
+
+
+def load(name: str, device_type: str):
+    """The compiled extension module of kernel ``name`` for ``device_type`` ('cpu' / 'cuda');
+    raises ``KernelUnavailable``. Both outcomes are remembered: a failed build is not retried
+    on every call."""
+    outcome = _load_once(name, device_type)
+    if isinstance(outcome, KernelUnavailable):
+        raise outcome
+    return outcome
+
+
+def available(name: str, device_type: str) -> bool:
+    return not isinstance(_load_once(name, device_type), KernelUnavailable)
+
+
+@functools.cache
+def _load_once(name: str, device_type: str):
+    try:
+        return _build(name, device_type)
+    except KernelUnavailable as err:
+        return err
+
+
+def _build(name: str, device_type: str):
+    if os.environ.get("APT_KERNELS") == "none":
+        raise KernelUnavailable("APT_KERNELS=none in the environment")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise KernelUnavailable("no CUDA device")
+    files = sources(name, device_type)
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    log.info("kernel %s (%s): loading, building on first use (about a minute)", name,
+             device_type)
+    try:
+        module = cpp_extension.load(
+            name=f"apt_{name}_{device_type}",
+            sources=[str(p) for p in files],
+            extra_cflags=CPU_FLAGS,
+            extra_cuda_cflags=CUDA_FLAGS,
+            extra_ldflags=["-fopenmp"] if device_type == "cpu" else [],
+            with_cuda=device_type == "cuda",
+            verbose=os.environ.get("APT_KERNELS_VERBOSE") == "1",
+        )
+    except Exception as err:  # compiler missing or failing, linker, import
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KernelUnavailable(f"kernel {name!r} ({device_type}) did not build: {first}") \
+            from err
+    log.info("kernel %s (%s): ready in %.1f s", name, device_type,
+             time.perf_counter() - start)
+    return module
