@@ -29,6 +29,8 @@ def check_setting(setting: KernelSetting) -> str | None:
     if isinstance(setting, str):
         return None if setting in ("auto", "none") else \
             f"must be 'auto', 'none' or a list of {', '.join(KERNELS)}; got {setting!r}"
+    if not isinstance(setting, (list, tuple)):
+        return f"must be 'auto', 'none' or a list of kernel names; got {setting!r}"
     names = list(setting)
     unknown = [n for n in names if n not in KERNELS]
     if unknown:

@@ -12,9 +12,12 @@ import torch
 from megatron.core import parallel_state
 
 from apt.core.config import ConfigError, ModelConfig
+from apt.kernels import KernelUnavailable
 from apt.core.config.schema import cross_checks, APTConfig
 from .moe_routing import router_settings
-from .megatron_gpt import check_tensor_parallel_marks, gpt_model_kwargs, make_transformer_config
+from .megatron_gpt import (
+    check_tensor_parallel_marks, gpt_model_kwargs, make_transformer_config, transformer_engine_spec,
+)
 from .packed_documents import PackedDocumentsGPTModel
 
 
@@ -29,6 +32,21 @@ def resolve_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
         if key.startswith("model."):
             raise ConfigError(message, key=key)
     return config
+
+
+def model_kernels(arch: ModelConfig) -> tuple[str, ...]:
+    """The fused kernels this process's model uses for ``model.kernels``. Under Transformer
+    Engine its own fused norms and RoPE fill the layer spec, so ``auto`` keeps only ours that TE
+    lacks; a kernel named explicitly is used as asked."""
+    from apt.kernels import KERNELS, resolve
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    setting = arch.kernels
+    if setting == "auto" and transformer_engine_spec():
+        setting = [k for k in KERNELS if k not in ("rmsnorm", "rope")]
+    try:
+        return resolve(setting, device)
+    except (ValueError, KernelUnavailable) as err:
+        raise ConfigError(str(err), key="model.kernels") from err
 
 
 class APTModel(PackedDocumentsGPTModel):
@@ -48,6 +66,7 @@ class APTModel(PackedDocumentsGPTModel):
         ensure_runtime()
         arch = resolve_model_config(config or self.default_config, overrides)
         bf16 = plan is not None and plan.precision == "bf16"
+        kernels = model_kernels(arch)
         transformer_config = make_transformer_config(
             num_layers=arch.num_layers, hidden_size=arch.hidden_size,
             num_attention_heads=arch.num_attention_heads, num_query_groups=arch.kv_heads,
@@ -61,13 +80,14 @@ class APTModel(PackedDocumentsGPTModel):
             expert_model_parallel_size=plan.ep if plan else 1,
             num_moe_experts=arch.num_experts, moe_router_topk=arch.moe_top_k,
             moe_router=router_settings(arch),
-            recompute=None if not plan or plan.recompute == "none" else plan.recompute)
-        super().__init__(**gpt_model_kwargs(
+            recompute=None if not plan or plan.recompute == "none" else plan.recompute,
+            kernels=kernels)
+        super().__init__(kernels=kernels, **gpt_model_kwargs(
             transformer_config, vocab_size=arch.vocab_size, max_sequence_length=arch.max_seq_len,
             tie_embeddings=arch.tie_embeddings, rotary_base=arch.rope_base,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage))
+            vp_stage=vp_stage, kernels=kernels))
         check_tensor_parallel_marks(self)
         self.arch = arch
 

@@ -50,10 +50,15 @@ def make_transformer_config(
     recompute: Optional[Literal["full", "selective"]] = None,
     init_method_std: float = 0.02,
     deterministic: bool = True,
+    kernels: tuple[str, ...] = (),
 ) -> TransformerConfig:
     """A ``TransformerConfig`` with the Llama architecture choices. ``moe_router``: the
-    router's load-balancing settings (``apt.model.moe_routing.router_settings``)."""
+    router's load-balancing settings (``apt.model.moe_routing.router_settings``). ``kernels``:
+    APT's fused kernels in use (``apt.kernels.resolve``); ``rope`` goes through Megatron's
+    fused-RoPE switch."""
     on_cpu = not torch.cuda.is_available()
+    if "rope" in kernels:
+        install_rope_kernel()
     recompute_kwargs = {}
     if recompute == "full":
         # Recompute every layer's forward in backward ("uniform", 1 layer per checkpoint).
@@ -113,6 +118,7 @@ def make_transformer_config(
         # run-dependent order (two fresh runs differed by ~1e-5 after 10 steps), while
         # F.embedding's CPU backward splits the rows between threads (bit-identical).
         deterministic_mode=deterministic and not on_cpu,
+        apply_rope_fusion="rope" in kernels,
         **recompute_kwargs,
         **moe_kwargs,
     )
@@ -140,6 +146,27 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class KernelRMSNorm(RMSNorm):
+    """``RMSNorm`` computed by APT's fused kernel (``apt.kernels.rms_norm``): same parameters,
+    same state dict, same result."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from apt.kernels.rmsnorm import rms_norm
+        return rms_norm(x, self.weight, self.eps)
+
+
+def install_rope_kernel() -> None:
+    """Make APT's RoPE kernel the function behind Megatron's ``apply_rope_fusion`` switch.
+
+    Megatron looks its fused RoPE up at call time in a module global (``rope_utils.
+    fused_apply_rotary_pos_emb``, Transformer Engine's when TE is installed, else None), with the
+    signature of ``apt.kernels.apply_rope``. Only configs with ``apply_rope_fusion`` use it."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from apt.kernels.rope import apply_rope
+
+    rope_utils.fused_apply_rotary_pos_emb = apply_rope
+
+
 def _init_device(config: TransformerConfig) -> str:
     return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
 
@@ -164,15 +191,26 @@ def _use_te(use_transformer_engine: Optional[bool]) -> bool:
     return transformer_engine_installed()
 
 
-def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
-    """The transformer-layer spec: TE when CUDA + transformer_engine, else local + our RMSNorm."""
+def norm_class(kernels: tuple[str, ...]) -> type:
+    return KernelRMSNorm if "rmsnorm" in kernels else RMSNorm
+
+
+def transformer_engine_spec() -> bool:
+    """Whether models built in this process get Megatron's Transformer Engine spec."""
+    return _use_te(None)
+
+
+def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool] = None,
+               kernels: tuple[str, ...] = ()) -> ModuleSpec:
+    """The transformer-layer spec: TE when CUDA + transformer_engine, else local + our RMSNorm
+    (the fused kernel's when ``rmsnorm`` is among ``kernels``)."""
     num_experts = config.num_moe_experts  # None -> dense MLP
     if _use_te(use_transformer_engine):
         return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
     spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
     spec = copy.deepcopy(spec)  # specs may be shared objects: do not edit Megatron's
-    spec.submodules.input_layernorm = RMSNorm
-    spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.input_layernorm = norm_class(kernels)
+    spec.submodules.pre_mlp_layernorm = norm_class(kernels)
     return spec
 
 
@@ -187,19 +225,20 @@ def gpt_model_kwargs(
     post_process: bool = True,
     vp_stage: Optional[int] = None,
     use_transformer_engine: Optional[bool] = None,
+    kernels: tuple[str, ...] = (),
 ) -> dict:
     """``GPTModel.__init__`` arguments for this pipeline stage of a Llama-style decoder.
 
     A dict rather than a model so that ``APTModel`` (a ``GPTModel`` subclass) and
     ``build_gpt_model`` construct from the same description."""
     use_te = _use_te(use_transformer_engine)
-    spec = layer_spec(config, use_transformer_engine=use_te)
+    spec = layer_spec(config, use_transformer_engine=use_te, kernels=kernels)
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm
     else:
-        final_norm = RMSNorm  # the block's final norm must honour sequence_parallel too
+        final_norm = norm_class(kernels)  # it must honour sequence_parallel too
     block = TransformerBlockSubmodules(
         layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=final_norm,

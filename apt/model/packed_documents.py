@@ -26,6 +26,8 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from .fused_output import FusedOutputLossGPTModel
+
 Tensor = torch.Tensor
 
 
@@ -57,7 +59,7 @@ def _core_attentions(model: GPTModel) -> list:
             for layer in model.decoder.layers]
 
 
-class PackedDocumentsGPTModel(GPTModel):
+class PackedDocumentsGPTModel(FusedOutputLossGPTModel):
     """``GPTModel`` whose forward honours per-row ``position_ids`` and a document mask."""
 
     def __init__(self, *args, **kwargs):
@@ -78,7 +80,8 @@ class PackedDocumentsGPTModel(GPTModel):
             return why
         if self.position_embedding_type != "rope" or cfg.multi_latent_attention:
             why["position_ids"] = f"position embedding {self.position_embedding_type!r}"
-        elif cfg.apply_rope_fusion:
+        elif cfg.apply_rope_fusion and "rope" not in self.kernels:
+            # APT's RoPE kernel takes per-row tables [s, b, 1, d]; TE's fused RoPE does not.
             why["position_ids"] = "fused RoPE (apply_rope_fusion) takes one table for all rows"
         attentions = _core_attentions(self)
         foreign = [a for a in attentions if not isinstance(a, DotProductAttention)]

@@ -8,7 +8,7 @@ same way and names the key that is wrong. Rules that relate several keys live in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 def rule(default, **constraints):
@@ -52,6 +52,10 @@ class ModelConfig:
     # residual passes through). None: no dropping.
     moe_capacity_factor: Optional[float] = rule(None, gt=0)
     moe_drop_policy: Literal["probs", "position"] = "probs"
+    # Fused kernels (apt/kernels, sources in kernels/): "auto" = every kernel that builds on this
+    # machine (the others run eager, with a warning), "none", or a list of rmsnorm, rope,
+    # linear_cross_entropy (each must build). Same losses on or off; built on first use.
+    kernels: Any = "auto"
 
     @property
     def kv_heads(self) -> int:
@@ -427,6 +431,9 @@ def cross_checks(cfg: APTConfig):
     if (m.hidden_size // m.num_attention_heads) % 2:
         yield "model.hidden_size", "head dimension (hidden_size / heads) must be even for RoPE"
     yield from _moe_checks(m)
+    from apt.kernels import check_setting
+    if (problem := check_setting(m.kernels)) is not None:
+        yield "model.kernels", problem
     if cfg.data.seq_length > m.max_seq_len:
         yield "data.seq_length", (f"{cfg.data.seq_length} exceeds model.max_seq_len="
                                   f"{m.max_seq_len}")
