@@ -33,3 +33,13 @@ def arith_sft_checkpoint(tmp_path_factory):
         f"training.checkpoints.dir={root / 'checkpoints'}", f"output.dir={root / 'runs'}",
         "output.sample_tokens=0"])).train()
     return root / "checkpoints"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fused_kernels_built():
+    """Build the CPU kernels (model.kernels: auto) once, before any test: otherwise the first
+    test that builds a model, or the first launch's workers, would pay the build (about a
+    minute) inside their own timeouts. The builds land in TORCH_EXTENSIONS_DIR, where every
+    later process finds them."""
+    from apt.kernels import resolve
+    resolve("auto", "cpu")
