@@ -41,22 +41,22 @@ def errors(shape, dtype, device) -> tuple[float, float]:
     return err(fused), err(eager)
 
 
-def timings(rows, h, dtype, device) -> dict:
+def timings(repeats, rows, h, dtype, device) -> dict:
     x = torch.randn(rows, h, device=device, dtype=dtype)
     w = torch.ones(h, device=device, dtype=dtype)
     dy = torch.randn_like(x)
     ops = _build.load("rmsnorm", device.type)
     _, rstd = ops.forward(x, w, EPS)
-    fwd_ms = median_ms(lambda: ops.forward(x, w, EPS), device)
-    bwd_ms = median_ms(lambda: ops.backward(dy, x, w, rstd), device)
+    fwd_ms = median_ms(lambda: ops.forward(x, w, EPS), device, repeats)
+    bwd_ms = median_ms(lambda: ops.backward(dy, x, w, rstd), device, repeats)
 
     def step(fn):
         xr = x.detach().requires_grad_()
         wr = w.detach().requires_grad_()
         torch.autograd.grad(fn(xr, wr, EPS), (xr, wr), dy)
 
-    ms = median_ms(lambda: step(rms_norm), device)
-    eager_ms = median_ms(lambda: step(eager_rms_norm), device)
+    ms = median_ms(lambda: step(rms_norm), device, repeats)
+    eager_ms = median_ms(lambda: step(eager_rms_norm), device, repeats)
     size = x.element_size()
     fwd_bytes = 2 * x.numel() * size + h * size + rows * 4            # x in, y out, w, rstd
     bwd_bytes = 3 * x.numel() * size + h * size + rows * 4            # x, dy in, dx out
@@ -96,7 +96,8 @@ def main() -> int:
     result = {"passed": passed, "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "build_s": build_s, "max_abs_err": max(max_err.values()),
               "errors": max_err, "eager_errors": eager_err}
-    result.update(timings(*big, torch.bfloat16, device))
+    # few repeats in the dry run: it checks that the script works, not the speed
+    result.update(timings(5 if args.dry else 20, *big, torch.bfloat16, device))
     if args.dry:
         result["cuda"] = "skipped: dry run on CPU"
     result["seconds"] = time.perf_counter() - start

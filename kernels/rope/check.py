@@ -51,21 +51,21 @@ def errors(s, b, h, d, d_rot, fb, dtype, device) -> tuple[float, float]:
     return err(fused), err(eager)
 
 
-def timings(s, b, h, d, dtype, device) -> dict:
+def timings(repeats, s, b, h, d, dtype, device) -> dict:
     qkv = torch.randn(s, b, h, 3 * d, device=device, dtype=dtype)
     t = qkv[..., :d]                       # the layout Megatron hands to RoPE
     freqs = megatron_freqs(s, 1, d, device)
     dy = torch.randn(s, b, h, d, device=device, dtype=dtype)
     ops = _build.load("rope", device.type)
-    fwd_ms = median_ms(lambda: ops.apply(t, freqs, False, False), device)
-    bwd_ms = median_ms(lambda: ops.apply(dy, freqs, False, True), device)
+    fwd_ms = median_ms(lambda: ops.apply(t, freqs, False, False), device, repeats)
+    bwd_ms = median_ms(lambda: ops.apply(dy, freqs, False, True), device, repeats)
 
     def step(fn):
         tr = t.detach().requires_grad_()
         torch.autograd.grad(fn(tr, freqs), (tr,), dy)
 
-    ms = median_ms(lambda: step(apply_rope), device)
-    eager_ms = median_ms(lambda: step(eager_apply_rope), device)
+    ms = median_ms(lambda: step(apply_rope), device, repeats)
+    eager_ms = median_ms(lambda: step(eager_apply_rope), device, repeats)
     # one read and one write of t per direction; the angle table is s*d fp32 per direction
     moved = 2 * t.numel() * t.element_size() + freqs.numel() * 4 * 3
     out = {"shape": [s, b, h, d], "dtype": str(dtype).replace("torch.", ""), "ms": ms,
@@ -105,7 +105,8 @@ def main() -> int:
     result = {"passed": passed, "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "build_s": build_s, "max_abs_err": max(max_err.values()),
               "errors": max_err, "eager_errors": eager_err}
-    result.update(timings(*big, torch.bfloat16, device))
+    # few repeats in the dry run: it checks that the script works, not the speed
+    result.update(timings(5 if args.dry else 20, *big, torch.bfloat16, device))
     if args.dry:
         result["cuda"] = "skipped: dry run on CPU"
     result["seconds"] = time.perf_counter() - start
