@@ -174,7 +174,10 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, CUDA_HOME): the CUDA sources cannot be compiled here")
-    jobs = [subprocess.Popen([nvcc, "-c", "-std=c++17", *_build.CUDA_FLAGS, "-Xptxas", "-v",
+    from torch.utils import cpp_extension
+    # the flags cpp_extension compiles with (no implicit half/bf16 conversions), and the loader's
+    jobs = [subprocess.Popen([nvcc, "-c", "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS,
+                              *_build.CUDA_FLAGS, "-Xptxas", "-v",
                               str(src), "-o", str(tmp_path / (src.stem + ".o"))],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for src in CUDA_SOURCES]
@@ -184,9 +187,8 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     both = tmp_path / "bindings.cpp"
     both.write_text("".join(f'#include "{b}"\n' for b in BINDINGS))
-    from torch.utils import cpp_extension
     host = subprocess.run(
-        ["c++", "-fsyntax-only", "-std=c++17", "-w", f"-I{tmp_path / 'shim'}",
+        ["c++", "-fsyntax-only", "-std=c++20", "-w", f"-I{tmp_path / 'shim'}",
          *[f"-I{p}" for p in cpp_extension.include_paths()], *_cuda_includes(nvcc),
          f"-I{sysconfig.get_paths()['include']}", str(both)],
         capture_output=True, text=True)

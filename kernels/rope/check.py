@@ -29,7 +29,7 @@ def megatron_freqs(s, fb, d_rot, device):
     return torch.cat([angles, angles], dim=-1).view(s, fb, 1, d_rot)
 
 
-def errors(s, b, h, d, d_rot, fb, dtype, device) -> tuple[float, float]:
+def errors(s, b, h, d, d_rot, fb, interleaved, dtype, device) -> tuple[float, float]:
     """Max abs error of the fused and of the eager path against fp64 (output and dt)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     qkv0 = torch.randn(s, b, h, 3 * d, generator=gen).to(device)
@@ -38,7 +38,7 @@ def errors(s, b, h, d, d_rot, fb, dtype, device) -> tuple[float, float]:
 
     def run(fn, dt):
         t = qkv0.to(dtype).to(dt)[..., d:2 * d].detach().requires_grad_()   # a strided view
-        y = fn(t, freqs.to(torch.float64) if dt == torch.float64 else freqs)
+        y = fn(t, freqs.to(torch.float64) if dt == torch.float64 else freqs, interleaved)
         y.backward(g0.to(dtype).to(dt))
         return [y.detach().double(), t.grad.double()]
 
@@ -92,13 +92,18 @@ def main() -> int:
     start = time.perf_counter()
     _build.load("rope", device.type)             # builds from source; raises with the reason
     build_s = time.perf_counter() - start
-    # (s, b, h, d, d_rot, freqs rows): Megatron's layout, then no vector width anywhere
-    cases = [(16, 2, 4, 64, 64, 1), (9, 3, 7, 10, 6, 3)] if args.dry else \
-        [(512, 2, 16, 128, 128, 1), (33, 3, 7, 10, 6, 3)]
+    # (s, b, h, d, d_rot, freqs rows, interleaved): Megatron's layout, no vector width
+    # anywhere (per-row tables, partial rotation), interleaved pairs
+    cases = [(16, 2, 4, 64, 64, 1, False), (9, 3, 7, 10, 6, 3, False),
+             (8, 2, 3, 32, 16, 1, True)] if args.dry else \
+        [(512, 2, 16, 128, 128, 1, False), (33, 3, 7, 10, 6, 3, False),
+         (64, 2, 8, 64, 32, 2, True)]
     max_err, eager_err, passed = {}, {}, True
     for dtype in (torch.float32, torch.bfloat16):
         for case in cases:
-            key = f"{str(dtype).replace('torch.', '')}_{'x'.join(map(str, case))}"
+            s_, b, h, d, d_rot, fb, il = case
+            key = (f"{str(dtype).replace('torch.', '')}_{s_}x{b}x{h}x{d}_rot{d_rot}_fb{fb}"
+                   + ("_interleaved" if il else ""))
             max_err[key], eager_err[key] = errors(*case, dtype, device)
             passed &= max_err[key] <= TOL[dtype]
     big = (64, 2, 8, 128) if args.dry else (4096, 8, 32, 128)
