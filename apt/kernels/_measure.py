@@ -1,0 +1,96 @@
+"""Timing and bandwidth helpers shared by the kernels' GPU checks (``kernels/<name>/check.py``)
+and ``bench/kernels.py``."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+# Peak HBM bandwidth by device name (vendor figures, TB/s). The first matching entry wins,
+# so the more specific names come first.
+HBM_PEAK_TB_S = (
+    (("H200",), 4.8),
+    (("H100", "PCIe"), 2.0),
+    (("H100",), 3.35),          # SXM
+    (("A100", "80GB"), 2.0),
+    (("A100",), 1.555),         # 40GB
+)
+
+
+def hbm_peak_gb_s(device_name: str) -> float | None:
+    for words, tb_s in HBM_PEAK_TB_S:
+        if all(w.lower() in device_name.lower() for w in words):
+            return tb_s * 1000.0
+    return None
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20,
+              warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in milliseconds: CUDA events on a GPU (each repeat timed
+    on the stream), the CPU clock otherwise."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device,
+                   rounds: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of each of ``fns``, timed in interleaved rounds (one call of each
+    per round), so that a load change on a shared machine hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_ms(fn, device, repeats=1, warmup=0))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory allocated while ``fn()`` runs, above what was allocated before, in MB:
+    the CUDA caching allocator's counter on a GPU; on CPU, torch's allocations and frees
+    replayed from the profiler's memory events (Python's tracemalloc does not see them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each allocation is an op's self memory, each free a "[memory]" event: replayed in order
+    current = peak = 0
+    for _, delta in sorted((e.time_range.start, e.self_cpu_memory_usage)
+                           for e in prof.events() if e.self_cpu_memory_usage):
+        current += delta
+        peak = max(peak, current)
+    return peak / 2 ** 20
+
+
+def emit(result: dict) -> None:
+    """The check's one JSON object, as the last line of stdout (tools/gpu_check.py reads it)."""
+    print(json.dumps(result, default=float), flush=True)
+
+
+__all__ = ["hbm_peak_gb_s", "interleaved_ms", "median_ms", "peak_memory_mb", "emit"]
