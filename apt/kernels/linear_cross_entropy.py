@@ -1,9 +1,32 @@
 """The output projection and the cross-entropy in one: per-token ``logsumexp(h W^T) - (h W^T)[y]``
-over the whole (vocabulary-parallel) vocabulary."""
+over the whole (vocabulary-parallel) vocabulary.
+
+The fused path never holds the [tokens, vocab] logits. It walks blocks of (token rows x
+vocabulary slice): one matmul (ATen: cuBLAS / oneDNN, in the input dtype) writes the block
+into a reused buffer and a row kernel (``kernels/linear_cross_entropy``) folds it into running
+per-row (max, sum of exp, target logit) in fp32: an online logsumexp. Under tensor parallelism
+those three [tokens] vectors are combined across the TP group (max, then the rescaled sums and
+target logits, as Megatron's vocab-parallel cross-entropy does). Backward recomputes each
+block, turns it in place into ``(softmax - onehot) * grad_loss`` with the saved global
+logsumexp, and multiplies it into dh and dW. Extra memory: one block buffer plus [tokens]
+vectors, and an fp32 accumulator for dW's slice / dh when the inputs are bf16/fp16 and the
+sum runs over several blocks (a bf16 running sum would round at every block).
+"""
 from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+
+from ._build import KernelUnavailable, load
+
+# Default block sizes. CUDA: 1024-row blocks keep the matmuls tensor-core bound (a 128k-vocab
+# weight is not re-read for every few rows), 2^25 logits per block = 64 MiB in bf16 (the
+# unfused path holds about 10 bytes per logit: bf16 logits, fp32 copy, fp32 gradient). CPU:
+# the matmul's efficiency is flat from ~128 rows on, and a 2^22-logit block (16 MiB in fp32)
+# already makes the kernel's share small (bench/kernels_linear_ce.py measures it).
+_ROWS = {"cuda": 1024, "cpu": 256}
+_BLOCK_LOGITS = {"cuda": 1 << 25, "cpu": 1 << 22}
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def eager_linear_cross_entropy(hidden, weight, labels, tp_group=None):
@@ -13,10 +36,182 @@ def eager_linear_cross_entropy(hidden, weight, labels, tp_group=None):
     return tensor_parallel.vocab_parallel_cross_entropy(logits.float()[None], labels[None])[0]
 
 
+def block_shape(tokens: int, vocab: int, device_type: str, chunk_tokens: int | None = None,
+                chunk_vocab: int | None = None) -> tuple[int, int]:
+    """(rows, vocabulary columns) of one logits block: the defaults above, or what the caller
+    gave. Full vocabulary rows when they fit the block budget (no per-slice overhead), more
+    rows then; otherwise the vocabulary is sliced (multiples of 128 columns)."""
+    rows_target = _ROWS.get(device_type, 256)
+    budget = _BLOCK_LOGITS.get(device_type, 1 << 22)
+    if chunk_tokens is None and chunk_vocab is None:
+        if vocab * rows_target <= budget:
+            rows, cols = max(rows_target, budget // vocab), vocab
+        else:
+            rows, cols = rows_target, max(128, budget // rows_target // 128 * 128)
+    else:
+        rows = chunk_tokens or max(1, budget // (chunk_vocab or vocab))
+        cols = chunk_vocab or max(1, budget // rows)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"linear_cross_entropy: chunk sizes must be positive, got "
+                         f"chunk_tokens={chunk_tokens}, chunk_vocab={chunk_vocab}")
+    return min(rows, max(tokens, 1)), min(cols, vocab)
+
+
+def _spans(total: int, step: int):
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _tp(tp_group):
+    if tp_group is None or not torch.distributed.is_initialized():
+        return 0, 1
+    return torch.distributed.get_rank(tp_group), torch.distributed.get_world_size(tp_group)
+
+
+class _Blocks:
+    """The (token, vocabulary) block walk and its one reused logits buffer."""
+
+    def __init__(self, hidden, weight, rows, cols):
+        self.hidden, self.weight = hidden, weight
+        self.token_spans = _spans(hidden.shape[0], rows)
+        self.vocab_spans = _spans(weight.shape[0], cols)
+        self.buffer = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
+
+    def logits(self, r0, r1, w_block):
+        """h[r0:r1] @ w_block^T written into the buffer: one allocation for the whole walk
+        (on CPU a fresh large tensor per block would be fresh pages, zero-filled by the OS)."""
+        out = self.buffer[:(r1 - r0) * w_block.shape[0]].view(r1 - r0, w_block.shape[0])
+        return torch.mm(self.hidden[r0:r1], w_block.t(), out=out)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, tp_group, rows, cols, kernel):
+        n = hidden.shape[0]
+        rank, world = _tp(tp_group)
+        vocab_start = rank * weight.shape[0]   # Megatron's VocabUtility: equal contiguous shards
+        m = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        s = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        t = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        blocks = _Blocks(hidden, weight, rows, cols)
+        for v0, v1 in blocks.vocab_spans:
+            w_block = weight[v0:v1]
+            for r0, r1 in blocks.token_spans:
+                kernel.stats_(blocks.logits(r0, r1, w_block), labels[r0:r1], vocab_start + v0,
+                              m[r0:r1], s[r0:r1], t[r0:r1])
+        del blocks
+        if world > 1:
+            # As Megatron: the global max, each rank's sum rescaled to it, summed; the target
+            # logit is nonzero only on the rank owning the label, so a sum gathers it.
+            global_max = m.clone()
+            torch.distributed.all_reduce(global_max, torch.distributed.ReduceOp.MAX,
+                                         group=tp_group)
+            s.mul_(torch.exp(m - global_max))
+            torch.distributed.all_reduce(s, group=tp_group)
+            torch.distributed.all_reduce(t, group=tp_group)
+            m = global_max
+        lse = m + torch.log(s)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.vocab_start, ctx.rows, ctx.cols, ctx.kernel = vocab_start, rows, cols, kernel
+        return lse - t
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = grad_loss.float().contiguous()
+        blocks = _Blocks(hidden, weight, ctx.rows, ctx.cols)
+        exact = hidden.dtype == torch.float32
+        # Sums over several blocks run in fp32 for bf16/fp16 inputs, then round once, as one
+        # unfused matmul would.
+        h_acc = exact or len(blocks.vocab_spans) == 1
+        grad_h = None
+        if want_h:
+            grad_h = torch.empty_like(hidden) if h_acc else torch.zeros_like(
+                hidden, dtype=torch.float32)
+        grad_w = torch.empty_like(weight) if want_w else None
+        for j, (v0, v1) in enumerate(blocks.vocab_spans):
+            w_block = weight[v0:v1]
+            w_direct = exact or len(blocks.token_spans) == 1
+            gw = None
+            if want_w:
+                gw = grad_w[v0:v1] if w_direct else torch.zeros(
+                    v1 - v0, weight.shape[1], dtype=torch.float32, device=weight.device)
+            for i, (r0, r1) in enumerate(blocks.token_spans):
+                g_logits = blocks.logits(r0, r1, w_block)
+                ctx.kernel.softmax_grad_(g_logits, labels[r0:r1], ctx.vocab_start + v0,
+                                         lse[r0:r1], grad[r0:r1])
+                if want_h:
+                    if not h_acc:
+                        grad_h[r0:r1] += torch.mm(g_logits, w_block)
+                    elif j == 0:
+                        torch.mm(g_logits, w_block, out=grad_h[r0:r1])
+                    else:
+                        grad_h[r0:r1].addmm_(g_logits, w_block)
+                if want_w:
+                    if not w_direct:
+                        gw += torch.mm(g_logits.t(), hidden[r0:r1])
+                    elif i == 0:
+                        torch.mm(g_logits.t(), hidden[r0:r1], out=gw)
+                    else:
+                        gw.addmm_(g_logits.t(), hidden[r0:r1])
+            if want_w and not w_direct:
+                grad_w[v0:v1].copy_(gw)
+        if grad_h is not None and grad_h.dtype != hidden.dtype:
+            grad_h = grad_h.to(hidden.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _check(hidden, weight, labels):
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
+        raise ValueError(f"linear_cross_entropy: expected hidden [n, H], weight [V, H], labels "
+                         f"[n]; got {tuple(hidden.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(labels.shape)}")
+    if hidden.shape[1] != weight.shape[1] or labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"linear_cross_entropy: shapes do not match: hidden "
+                         f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels "
+                         f"{tuple(labels.shape)}")
+    if hidden.dtype != weight.dtype or hidden.device != weight.device \
+            or labels.device != hidden.device:
+        raise ValueError(f"linear_cross_entropy: hidden and weight need one dtype and device "
+                         f"(labels too); got {hidden.dtype}/{hidden.device}, "
+                         f"{weight.dtype}/{weight.device}, labels on {labels.device}")
+
+
+def fused_kernel(hidden: torch.Tensor):
+    """The compiled row kernels for ``hidden``'s device and dtype, or None (eager path)."""
+    if hidden.dtype not in _FUSED_DTYPES:
+        return None
+    try:
+        return load("linear_cross_entropy", hidden.device.type)
+    except KernelUnavailable:
+        return None
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         tp_group=None) -> torch.Tensor:
+                         tp_group=None, chunk_tokens: int | None = None,
+                         chunk_vocab: int | None = None) -> torch.Tensor:
     """Per-token loss [n] (fp32) of ``hidden`` [n, H] against ``labels`` [n] for the output
     weight shard ``weight`` [V / TP, H] (rank r holds rows r*V/TP...(r+1)*V/TP, Megatron's
     vocab-parallel layout). The gradient it gives ``hidden`` is this rank's partial sum: the
-    caller's TP mapping (copy / sequence-parallel gather) reduces it, as for the output layer."""
-    return eager_linear_cross_entropy(hidden, weight, labels, tp_group)
+    caller's TP mapping (copy / sequence-parallel gather) reduces it, as for the output layer.
+
+    Fused (``kernels/linear_cross_entropy``, blocks of ``chunk_tokens`` x ``chunk_vocab``
+    logits; defaults in ``block_shape``) when the kernel builds for the device and the dtype
+    is fp32/bf16/fp16; eager otherwise. Labels must lie in [0, V): the fused path does not
+    check them on the GPU (that would synchronise every step); no ignore index (mask the
+    per-token loss instead)."""
+    _check(hidden, weight, labels)
+    kernel = fused_kernel(hidden)
+    if kernel is None:
+        return eager_linear_cross_entropy(hidden, weight, labels, tp_group)
+    labels = labels.to(torch.int64).contiguous()
+    if hidden.device.type == "cpu" and labels.numel():
+        _, world = _tp(tp_group)
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= weight.shape[0] * world:
+            raise ValueError(f"linear_cross_entropy: labels must lie in [0, "
+                             f"{weight.shape[0] * world}); got {low}..{high}")
+    rows, cols = block_shape(hidden.shape[0], weight.shape[0], hidden.device.type,
+                             chunk_tokens, chunk_vocab)
+    return _FusedLinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), labels,
+                                          tp_group, rows, cols, kernel)

@@ -1,0 +1,254 @@
+// Row kernels of the fused linear + cross-entropy (apt/kernels/linear_cross_entropy.py), CPU.
+//
+// The Python side computes one block of logits at a time (hidden rows x a slice of the
+// vocabulary, one ATen matmul into a reused buffer) and hands it here:
+//   stats_          folds the block into per-row running (max, sum of exp, target logit): the
+//                   online logsumexp, so no [tokens, vocab] tensor ever exists;
+//   softmax_grad_   turns a recomputed block IN PLACE into (softmax - onehot) * grad_out, the
+//                   gradient of the logits, which the caller then multiplies into dW and dh.
+// Math is fp32 whatever the logits' dtype (bf16/fp16 rows are widened into a per-thread
+// buffer). Rows run in parallel (at::parallel_for); the per-element loops are `omp simd`
+// loops over fp32 with an exp written in plain arithmetic, so they vectorise (libm's expf
+// does not without -ffast-math, which would also relax the max/sum reductions everywhere).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// The clamps in fast_exp are compares; under GCC's default -ftrapping-math it will not turn
+// them into selects (a compare "may trap"), which leaves "control flow in loop" and no
+// vectorisation (checked with -fopt-info-vec). Nothing here reads floating-point exception
+// flags, so this file's own functions (not the torch headers above) drop that assumption.
+#pragma GCC optimize("no-trapping-math")
+
+namespace {
+
+// exp(x) for x <= ~88: 2^k * p(r), r = x - k ln2 in [-ln2/2, ln2/2], Cephes' degree-6
+// polynomial (about 1 ulp). Inputs below -87.3 give ~1e-38 instead of a denormal or 0: the
+// callers only take exp of (logit - max or lse), where such terms are below fp32 resolution
+// of the sum anyway. Branch-free so that `omp simd` loops over it vectorise.
+#pragma omp declare simd notinbranch
+inline float fast_exp(float x) {
+  x = x < -87.33654f ? -87.33654f : x;
+  x = x > 88.37626f ? 88.37626f : x;
+  // round to nearest by adding and removing 1.5 * 2^23 (std::floor would be a libm call here)
+  float k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+}  // namespace
+
+// The row loops get one copy per ISA, picked at load time (GCC target_clones, an ifunc): the
+// build targets x86-64-v2 (SSE4.2) so that one build runs on any CI machine, while eager ATen
+// dispatches to AVX2 / AVX-512 at run time; without clones these loops run 2-4x narrower.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define APT_ROW_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define APT_ROW_LOOP
+#endif
+
+namespace apt_lce {
+
+APT_ROW_LOOP float row_max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+APT_ROW_LOOP float row_sum_exp(const float* x, int64_t n, float shift) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += fast_exp(x[j] - shift);
+  return s;
+}
+
+// x <- exp(x - lse) * g, in place.
+APT_ROW_LOOP void row_scaled_softmax(float* x, int64_t n, float lse, float g) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] = fast_exp(x[j] - lse) * g;
+}
+
+// bf16 <-> fp32 for a whole row, by bits (c10::BFloat16's per-element conversions do not
+// vectorise): widening is a shift; narrowing rounds to nearest even, NaN stays NaN.
+APT_ROW_LOOP void widen_bf16(const uint16_t* x, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits = static_cast<uint32_t>(x[j]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    out[j] = f;
+  }
+}
+
+APT_ROW_LOOP void narrow_bf16(const float* x, uint16_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[j], sizeof bits);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    out[j] = static_cast<uint16_t>(x[j] != x[j] ? 0x7fc0u : rounded);
+  }
+}
+
+}  // namespace apt_lce
+
+namespace {
+using apt_lce::row_max;
+using apt_lce::row_scaled_softmax;
+using apt_lce::row_sum_exp;
+
+void widen(const c10::BFloat16* x, float* out, int64_t n) {
+  apt_lce::widen_bf16(reinterpret_cast<const uint16_t*>(x), out, n);
+}
+void widen(const c10::Half* x, float* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(x[j]);
+}
+void narrow(const float* x, c10::BFloat16* out, int64_t n) {
+  apt_lce::narrow_bf16(x, reinterpret_cast<uint16_t*>(out), n);
+}
+void narrow(const float* x, c10::Half* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<c10::Half>(x[j]);
+}
+
+// The block's rows as fp32: fp32 blocks are used where they are; others are widened into buf.
+template <typename scalar_t>
+const float* as_float(const scalar_t* x, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    buf.resize(n);
+    widen(x, buf.data(), n);
+    return buf.data();
+  }
+}
+
+int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+template <typename scalar_t>
+void stats_impl(const scalar_t* logits, int64_t rows, int64_t cols, const int64_t* labels,
+                int64_t vocab_start, float* m, float* s, float* t) {
+  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = as_float(logits + r * cols, cols, buf);
+      const float block_max = row_max(x, cols);
+      const float new_max = std::max(m[r], block_max);
+      const float sum = row_sum_exp(x, cols, new_max);
+      // the running sum was relative to the old max; m = -inf (no block yet) gives 0 * 0
+      s[r] = (m[r] == new_max ? s[r] : s[r] * std::exp(m[r] - new_max)) + sum;
+      m[r] = new_max;
+      const int64_t local = labels[r] - vocab_start;
+      if (local >= 0 && local < cols) t[r] += x[local];
+    }
+  });
+}
+
+template <typename scalar_t>
+void softmax_grad_impl(scalar_t* logits, int64_t rows, int64_t cols, const int64_t* labels,
+                       int64_t vocab_start, const float* lse, const float* grad) {
+  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* row = logits + r * cols;
+      const int64_t local = labels[r] - vocab_start;
+      const bool has_target = local >= 0 && local < cols;
+      const float g = grad[r];
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const float target = has_target ? row[local] : 0.f;
+        row_scaled_softmax(row, cols, lse[r], g);
+        // (p - 1) * g as Megatron computes it, from the logit read before the loop
+        if (has_target) row[local] = (fast_exp(target - lse[r]) - 1.f) * g;
+      } else {
+        buf.resize(cols);
+        widen(row, buf.data(), cols);
+        const float target = has_target ? buf[local] : 0.f;
+        row_scaled_softmax(buf.data(), cols, lse[r], g);
+        if (has_target) buf[local] = (fast_exp(target - lse[r]) - 1.f) * g;
+        narrow(buf.data(), row, cols);
+      }
+    }
+  });
+}
+
+void check_block(const at::Tensor& logits, const at::Tensor& labels, const char* what) {
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(),
+              what, ": CPU kernel given a tensor on ", logits.device());
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(),
+              what, ": logits must be a contiguous [rows, cols] block");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) &&
+                  labels.scalar_type() == at::kLong && labels.is_contiguous(),
+              what, ": labels must be contiguous int64 [rows]");
+}
+
+void check_rows(const at::Tensor& v, int64_t rows, const char* what, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == rows && v.scalar_type() == at::kFloat &&
+                  v.is_contiguous() && v.device().is_cpu(),
+              what, ": ", name, " must be contiguous fp32 [", rows, "]");
+}
+
+// float32 / bfloat16 / float16 only: fp64 callers take the eager path (it is the reference).
+template <typename F>
+void dispatch(at::ScalarType type, const char* what, F&& body) {
+  switch (type) {
+    case at::kFloat: body(float{}); break;
+    case at::kBFloat16: body(c10::BFloat16{}); break;
+    case at::kHalf: body(c10::Half{}); break;
+    default: TORCH_CHECK(false, what, ": logits must be float32, bfloat16 or float16, not ", type);
+  }
+}
+
+}  // namespace
+
+// Fold a logits block [rows, cols] (vocabulary ids vocab_start ... vocab_start + cols - 1) into
+// the running per-row max m, sum s of exp(logit - m) and target logit t, all in place.
+void stats_(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
+            at::Tensor& m, at::Tensor& s, at::Tensor& t) {
+  check_block(logits, labels, "linear_cross_entropy stats_");
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  check_rows(m, rows, "linear_cross_entropy stats_", "m");
+  check_rows(s, rows, "linear_cross_entropy stats_", "s");
+  check_rows(t, rows, "linear_cross_entropy stats_", "t");
+  dispatch(logits.scalar_type(), "linear_cross_entropy stats_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    stats_impl<scalar_t>(logits.const_data_ptr<scalar_t>(), rows, cols,
+                         labels.const_data_ptr<int64_t>(), vocab_start, m.data_ptr<float>(),
+                         s.data_ptr<float>(), t.data_ptr<float>());
+  });
+}
+
+// Turn a recomputed logits block into (softmax - onehot(label)) * grad in place, softmax taken
+// with the global logsumexp lse [rows].
+void softmax_grad_(at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
+                   const at::Tensor& lse, const at::Tensor& grad) {
+  check_block(logits, labels, "linear_cross_entropy softmax_grad_");
+  const int64_t rows = logits.size(0), cols = logits.size(1);
+  check_rows(lse, rows, "linear_cross_entropy softmax_grad_", "lse");
+  check_rows(grad, rows, "linear_cross_entropy softmax_grad_", "grad");
+  dispatch(logits.scalar_type(), "linear_cross_entropy softmax_grad_", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    softmax_grad_impl<scalar_t>(logits.data_ptr<scalar_t>(), rows, cols,
+                                labels.const_data_ptr<int64_t>(), vocab_start,
+                                lse.const_data_ptr<float>(), grad.const_data_ptr<float>());
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("stats_", &stats_, "fold a logits block into running (max, sum exp, target logit)");
+  module.def("softmax_grad_", &softmax_grad_, "logits block -> (softmax - onehot) * grad, in place");
+}
