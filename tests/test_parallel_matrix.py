@@ -4,6 +4,9 @@ Real Megatron-core and DeepSpeed code on CPU/gloo. All layouts start from one
 dist_checkpointing checkpoint (resharded on load) and train 3 optimizer steps on the same
 global batches; per-step losses must match the reference within 1e-5 (fp32). Layouts are
 grouped per process launch (one 2-process and one 4-process launch) to keep the suite fast.
+
+Every run uses the fused kernels (``model.kernels: auto``, apt/kernels); the reference and
+a TP2 + SP layout also run without them (``model.kernels=none``): on or off, the same losses.
 """
 import json
 
@@ -14,6 +17,7 @@ from apt.model.architectures import APTModel
 from apt.trainops.checkpoints import save_model_weights
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
 from apt.trainops.engine import Trainer
+from apt.trainops.objectives.base import unwrap
 from tests._launch import run_distributed
 from pathlib import Path
 
@@ -24,6 +28,8 @@ TOLERANCE = 1e-5
 MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_load_balancing=aux_loss",
        "model.moe_aux_loss_coeff=1e-2", "model.moe_z_loss_coeff=1e-3"]
 HYBRID = "training.distributed.strategy=hybrid"
+KERNELS_OFF = ["model.kernels=none"]
+ALL_KERNELS = ["rmsnorm", "rope", "linear_cross_entropy"]
 
 
 def _common(tmp, init):
@@ -44,6 +50,8 @@ LAYOUTS_2 = {
     "tp2": [HYBRID, "training.distributed.tensor_parallel=2"],
     "tp2_sp": [HYBRID, "training.distributed.tensor_parallel=2",
                "training.distributed.sequence_parallel=true"],
+    "tp2_sp_kernels_off": KERNELS_OFF + [HYBRID, "training.distributed.tensor_parallel=2",
+                                         "training.distributed.sequence_parallel=true"],
     "pp2": [HYBRID, "training.distributed.pipeline_parallel=2"],
     "pp2_vp2": [HYBRID, "training.distributed.pipeline_parallel=2",
                 "training.distributed.virtual_pipeline_stages=2", "training.eval_batches=2"],
@@ -69,19 +77,22 @@ EXPECTED_ENGINE = {"dp2_zero1": "deepspeed", "dp2_zero2": "deepspeed", "dp2_zero
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """One-process runs (dense and MoE) from freshly initialised weights saved to disk."""
+    """One-process runs (dense and MoE) from freshly initialised weights saved to disk; the
+    dense one also with the kernels off."""
     tmp = tmp_path_factory.mktemp("matrix")
     refs = {}
-    for kind, extra in (("dense", []), ("moe", MOE)):
-        init = tmp / f"init_{kind}"
-        cfg = load_profile("tiny", _common(tmp, init) + extra + ["training.init_from=null"])
-        setup_distributed(plan=None)
-        seed_everything(cfg.training.seed)
-        save_model_weights([APTModel(cfg.model)], init)
+    for kind, extra in (("dense", []), ("moe", MOE), ("dense_kernels_off", KERNELS_OFF)):
+        init = tmp / f"init_{kind.split('_')[0]}"
+        if not init.exists():
+            cfg = load_profile("tiny", _common(tmp, init) + extra + ["training.init_from=null"])
+            setup_distributed(plan=None)
+            seed_everything(cfg.training.seed)
+            save_model_weights([APTModel(cfg.model)], init)
         trainer = Trainer.from_config(load_profile("tiny", _common(tmp, init) + extra))
         trainer.train()
         refs[kind] = [r["loss"] for r in trainer.history]
         assert len(refs[kind]) == 3 and refs[kind][-1] < refs[kind][0]
+        assert unwrap(trainer.modules[0]).kernels == (() if extra == KERNELS_OFF else tuple(ALL_KERNELS))
     return tmp, refs
 
 
@@ -107,6 +118,8 @@ def _check(results, refs, layouts):
         if len(losses) != len(ref) or diff > TOLERANCE:
             failures.append(f"{name} {results[name]['layout']}: max diff {diff:.2e} "
                             f"ref={ref} got={losses}")
+        want = [] if "kernels_off" in name else ALL_KERNELS
+        assert results[name]["kernels"] == want, (name, results[name]["kernels"])
         if name in EXPECTED_ENGINE:
             assert results[name]["engine"] == EXPECTED_ENGINE[name], name
         elif not name.startswith("dp2_zero"):
@@ -124,6 +137,14 @@ def _check_memory(results, names):
             assert abs(real - estimated[kind]) <= 0.01 * estimated[kind], (name, kind)
 
 
+def test_kernels_on_and_off_give_the_same_losses(references):
+    """One process: the fused kernels change no per-step loss (fp32)."""
+    _, refs = references
+    diff = max(abs(a - b) for a, b in zip(refs["dense"], refs["dense_kernels_off"]))
+    print(f"one process, kernels on vs off: max |loss difference| {diff:.2e}")
+    assert diff <= TOLERANCE, (refs["dense"], refs["dense_kernels_off"])
+
+
 def test_two_process_layouts_match_single_process(references):
     tmp, refs = references
     sabotaged = {"tp2_sp_no_sp_allreduce": {
@@ -131,6 +152,10 @@ def test_two_process_layouts_match_single_process(references):
         "sabotage_sp": True}}
     results = _launch(tmp, 2, LAYOUTS_2, sabotaged)
     _check(results, refs, LAYOUTS_2)
+    on, off = results["tp2_sp"]["losses"], results["tp2_sp_kernels_off"]["losses"]
+    print(f"TP2 + SP, kernels on vs off: max |loss difference| "
+          f"{max(abs(a - b) for a, b in zip(on, off)):.2e}")
+    assert max(abs(a - b) for a, b in zip(on, off)) <= TOLERANCE, (on, off)
     _check_memory(results, ["dp2_zero1", "dp2_zero2", "dp2_zero3", "pp2"])
     # The same layout with the sequence-parallel gradient all-reduce removed must NOT match:
     broken = results["tp2_sp_no_sp_allreduce"]["losses"]

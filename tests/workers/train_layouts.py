@@ -58,6 +58,7 @@ def main() -> None:
     from apt.core.config import load_profile
     from apt.trainops.distributed import shutdown_distributed
     from apt.trainops.engine import trainer_for
+    from apt.trainops.objectives.base import unwrap
 
     spec = json.load(open(args.spec))
     results = {}
@@ -77,7 +78,8 @@ def main() -> None:
         results[name] = {"memory_measured": measured,
                          "memory_estimated": {"weights": plan.memory.weights,
                                               "gradients": plan.memory.gradients,
-                                              "optimizer": plan.memory.optimizer},"losses": [r["loss"] for r in trainer.history],
+                                              "optimizer": plan.memory.optimizer},
+                         "losses": [r["loss"] for r in trainer.history],
                          "grad_norms": [r["grad_norm"] for r in trainer.history],
                          # an objective's own step metrics (e.g. rewards/accuracies)
                          "metrics": [{k: v for k, v in r.items() if "/" in k}
@@ -85,6 +87,7 @@ def main() -> None:
                          "eval": {k: v for k, v in summary.items()
                                   if k.startswith(("val_", "initial_val_"))},
                          "engine": plan.engine, "zero_stage": plan.zero_stage,
+                         "kernels": list(unwrap(trainer.modules[0]).kernels),
                          "layout": [plan.tp, plan.pp, plan.vp, plan.dp, plan.ep,
                                     plan.sequence_parallel]}
         if layout.get("greedy_probe"):   # O1Trainer: greedy answers to held-out prompts
