@@ -19,7 +19,9 @@ An MoE layer (top-k of E experts) keeps the SwiGLU tensors of k expert passes pe
 Full recompute keeps only each layer's input (2 s b h, /t with SP). 1F1B keeps up to PP
 micro-batches in flight on the first stage (so about L layers' worth), interleaving adds the
 factor 1 + (PP-1)/(PP*VP). fp32 training doubles every activation byte. The loss keeps fp32
-logits of the last stage: 4 s b V / t.
+logits of the last stage: 4 s b V / t; with the fused linear + cross-entropy kernel
+(apt/kernels) only one block of them (at most 2^25 logits on a GPU) and a few fp32 values per
+token.
 Communication buffers: gradient-reduce bucket (fp32) plus, under ZeRO-3, the gathered
 parameters of two layers (current and prefetched), plus with expert parallel one layer's
 all-to-all send and receive buffers (2 s b k h).
@@ -84,12 +86,14 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
                     distributed_optimizer: bool, precision: str, recompute: str,
                     offload_optimizer: bool, fused_attention: bool,
                     lora_per_layer: int = 0, rows_per_sample: int = 1,
-                    reference_weights: bool = False, moe_top_k: int = 0) -> MemoryEstimate:
+                    reference_weights: bool = False, moe_top_k: int = 0,
+                    fused_loss: bool = False, device_type: str = "cuda") -> MemoryEstimate:
     """``lora_per_layer``: LoRA adapter parameters per layer on one TP rank (sizing.py); with
     adapters the base is frozen, so gradients and optimizer state exist for adapters only.
     ``rows_per_sample``: model rows per sample (a preference pair is 2: both answers go through
     the model together); ``reference_weights``: a frozen copy of the weights is kept in host
-    memory (live preference reference); ``moe_top_k``: experts per token (0: dense MLP)."""
+    memory (live preference reference); ``moe_top_k``: experts per token (0: dense MLP);
+    ``fused_loss``: the loss comes from the fused linear + cross-entropy kernel."""
     frozen = stage_params(counts, tp=tp, pp=pp, ep=ep) if lora_per_layer else 0
     trainable = (math.ceil(counts.num_layers / pp) * lora_per_layer if lora_per_layer
                  else stage_params(counts, tp=tp, pp=pp, ep=ep))
@@ -131,6 +135,10 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
     in_flight = min(pp, grad_accum) if pp > 1 else 1
     interleave = 1 + (pp - 1) / (pp * vp) if vp > 1 else 1
     logits = 4 * s * b * vocab / tp
+    if fused_loss:
+        from apt.kernels.linear_cross_entropy import block_shape
+        rows, cols = block_shape(int(s * b), math.ceil(vocab / tp), device_type)
+        logits = min(logits, 4 * rows * cols + 16 * s * b)
     activations = per_layer * layers_per_stage * in_flight * interleave + logits
 
     bucket = min(trainable, REDUCE_BUCKET_ELEMENTS) * 4 if dp > 1 else 0

@@ -260,7 +260,17 @@ def _estimate(cfg, counts, device_type, *, micro, accum, tp, pp, vp, dp, ep, cp,
         offload_optimizer=d.offload_optimizer, fused_attention=device_type == "cuda",
         lora_per_layer=count_lora_parameters(m, cfg.lora, tp=tp)[1],
         rows_per_sample=2 if cfg.training.objective == "dpo" else 1,
-        reference_weights=_holds_reference(cfg), moe_top_k=_top_k(m))
+        reference_weights=_holds_reference(cfg), moe_top_k=_top_k(m),
+        fused_loss=_fused_loss(cfg), device_type=device_type)
+
+
+def _fused_loss(cfg) -> bool:
+    """Whether the loss comes from the fused linear + cross-entropy kernel: next-token losses
+    take the model's labels path (apt/model/fused_output.py); DPO and GRPO need log-probs
+    from the logits. ``auto`` counts as on: a GPU node builds the kernel."""
+    kernels = cfg.model.kernels
+    wanted = kernels == "auto" or (kernels != "none" and "linear_cross_entropy" in kernels)
+    return wanted and cfg.training.objective == "lm"
 
 
 def _top_k(m) -> int:
