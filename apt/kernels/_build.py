@@ -21,6 +21,7 @@ profile asked for by name.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -93,9 +94,16 @@ def _build(name: str, device_type: str):
     start = time.perf_counter()
     log.info("kernel %s (%s): loading, building on first use (about a minute)", name,
              device_type)
+    # The build's name carries a digest of its sources and flags: two checkouts (or a helper's
+    # worktree and main) sharing one TORCH_EXTENSIONS_DIR would otherwise rebuild over each
+    # other's folder, and a process could load the other's library or fail mid-build.
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    digest.update(repr((CPU_FLAGS, CUDA_FLAGS, torch.__version__)).encode())
     try:
         module = cpp_extension.load(
-            name=f"apt_{name}_{device_type}",
+            name=f"apt_{name}_{device_type}_{digest.hexdigest()[:10]}",
             sources=[str(p) for p in files],
             extra_cflags=CPU_FLAGS,
             extra_cuda_cflags=CUDA_FLAGS,
