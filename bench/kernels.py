@@ -5,12 +5,13 @@ Each kernel is one section: a function that yields result rows, registered in ``
 (add a kernel by writing its ``bench_<name>`` and one entry there). Threads are fixed
 (``--threads``, default 1): on a shared machine more threads measure the neighbours.
 
-    python bench/kernels.py [--only rmsnorm,rope] [--threads 1] [--rounds 10]
+    python bench/kernels.py [--only rmsnorm,rope] [--threads 1] [--rounds 10] [--clock wall|cpu]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,6 +24,8 @@ from apt.kernels._measure import interleaved_ms, peak_memory_mb  # noqa: E402
 
 DEVICE = torch.device("cpu")
 DTYPES = (torch.float32, torch.bfloat16)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = time.perf_counter
 
 
 def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
@@ -34,7 +37,7 @@ def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grad: torch.Tensor) -> Cal
 
 
 def compare(label: str, shape, dtype, fused: Callable, eager: Callable, rounds: int) -> dict:
-    ms = interleaved_ms({"fused": fused, "eager": eager}, DEVICE, rounds=rounds)
+    ms = interleaved_ms({"fused": fused, "eager": eager}, DEVICE, rounds=rounds, clock=clock)
     return {"shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
             "what": label, "fused_ms": ms["fused"], "eager_ms": ms["eager"],
             "speedup": ms["eager"] / ms["fused"],
@@ -95,15 +98,22 @@ def main() -> int:
                         help=f"comma-separated sections (default: all of {', '.join(SECTIONS)})")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="cpu: this thread's CPU time (with --threads 1 on a loaded machine, "
+                             "where wall time measures the neighbours)")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu counts one thread: use it with --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"# bench/kernels.py: CPU, {args.threads} thread(s), median of {args.rounds} "
-          f"interleaved rounds; peak MB = memory allocated during one fwd+bwd")
+    print(f"# bench/kernels.py: CPU, {args.threads} thread(s), {args.clock} clock, median of "
+          f"{args.rounds} interleaved rounds; peak MB = memory allocated during one fwd+bwd")
     for name in names:
         _build.load(name, "cpu")   # build (or load) outside the timed region
         print_table(name, list(SECTIONS[name](args.rounds)))

@@ -75,7 +75,8 @@ def _rope_inputs(s, b, h, d, d_rot, fb, dtype):
     qkv = torch.randn(s, b, h, 3 * d).to(dtype)
     t = qkv[..., d:2 * d].detach().requires_grad_()
     assert not t.is_contiguous()
-    positions = torch.arange(s, dtype=torch.float32).view(s, 1, 1, 1) + 100 * torch.arange(fb).view(1, fb, 1, 1)
+    positions = (torch.arange(s, dtype=torch.float32).view(s, 1, 1, 1)
+                 + 100 * torch.arange(fb).view(1, fb, 1, 1))   # per-row tables: other offsets
     inv = 1.0 / (10000 ** (torch.arange(0, d_rot // 2, dtype=torch.float32) * 2 / d_rot))
     freqs = positions * torch.cat([inv, inv]).view(1, 1, 1, d_rot)   # large angles too
     return t, freqs

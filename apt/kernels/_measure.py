@@ -28,9 +28,10 @@ def hbm_peak_gb_s(device_name: str) -> float | None:
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20,
-              warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds: CUDA events on a GPU (each repeat timed
-    on the stream), the CPU clock otherwise."""
+              warmup: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median time of ``fn()`` in milliseconds: CUDA events on a GPU (each repeat timed on the
+    stream), ``clock`` otherwise (wall time; ``time.thread_time`` counts only this thread's
+    CPU time, which a one-thread run on a loaded machine needs)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -45,14 +46,15 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20,
             times.append(start.elapsed_time(end))
     else:
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append((clock() - start) * 1e3)
     return statistics.median(times)
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device,
-                   rounds: int = 10, warmup: int = 2) -> dict[str, float]:
+                   rounds: int = 10, warmup: int = 2,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median milliseconds of each of ``fns``, timed in interleaved rounds (one call of each
     per round), so that a load change on a shared machine hits all of them alike."""
     for fn in fns.values():
@@ -61,7 +63,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device,
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(median_ms(fn, device, repeats=1, warmup=0))
+            times[name].append(median_ms(fn, device, repeats=1, warmup=0, clock=clock))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

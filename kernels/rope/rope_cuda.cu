@@ -80,10 +80,23 @@ rope_rotate(const T* __restrict__ t, const float* __restrict__ tables, T* __rest
     const int pc = INTERLEAVED ? (c0 ^ 1) : (c0 < half ? c0 + half : c0 - half);
     pv = *reinterpret_cast<const P*>(x + pc);
   }
+  float cv[VEC], av[VEC];
+  if (VEC % 4 == 0) {  // 16-byte table loads: rows of the tables are 8 * d_rot bytes apart
+#pragma unroll
+    for (int e = 0; e < VEC; e += 4) {
+      *reinterpret_cast<float4*>(cv + e) = *reinterpret_cast<const float4*>(C + c0 + e);
+      *reinterpret_cast<float4*>(av + e) = *reinterpret_cast<const float4*>(A + c0 + e);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      cv[e] = C[c0 + e];
+      av[e] = A[c0 + e];
+    }
+  }
   P res;
 #pragma unroll
-  for (int e = 0; e < VEC; ++e)
-    res.v[e] = from_f<T>(to_f(xv.v[e]) * C[c0 + e] + to_f(pv.v[e]) * A[c0 + e]);
+  for (int e = 0; e < VEC; ++e) res.v[e] = from_f<T>(to_f(xv.v[e]) * cv[e] + to_f(pv.v[e]) * av[e]);
   *o = res;
 }
 
