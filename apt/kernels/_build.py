@@ -7,6 +7,13 @@ binding, which takes tensors and the caller's stream) are the GPU kernel. The co
 goes to ``TORCH_EXTENSIONS_DIR`` and is reused while the sources are unchanged (cpp_extension
 hashes them); several processes building at once wait on its lock. Nothing compiled ships.
 
+A kernel is either a Python module (its binding defines ``PYBIND11_MODULE`` and includes
+``torch/extension.h``) or, lighter to compile (about a fifth of the compile time), a library of
+torch ops registered with ``TORCH_LIBRARY(apt_<name>_<device_type>, m)`` from
+``ATen/core/Tensor.h`` + ``torch/library.h``: ``load`` then returns the op namespace
+``torch.ops.apt_<name>_<device_type>``, whose attributes are the kernel's functions, the same
+way a module's are.
+
 A build that fails (no compiler, no CUDA toolkit) raises ``KernelUnavailable`` with the reason;
 ``apt.kernels.resolve`` turns that into eager fallback for ``auto`` and an error for a kernel a
 profile asked for by name.
@@ -81,6 +88,8 @@ def _build(name: str, device_type: str):
     files = sources(name, device_type)
     from torch.utils import cpp_extension
 
+    # Torch-op libraries are loaded with torch.ops.load_library instead of imported.
+    python_module = any("PYBIND11_MODULE" in p.read_text() for p in files if p.suffix == ".cpp")
     start = time.perf_counter()
     log.info("kernel %s (%s): loading, building on first use (about a minute)", name,
              device_type)
@@ -92,12 +101,15 @@ def _build(name: str, device_type: str):
             extra_cuda_cflags=CUDA_FLAGS,
             extra_ldflags=["-fopenmp"] if device_type == "cpu" else [],
             with_cuda=device_type == "cuda",
+            is_python_module=python_module,
             verbose=os.environ.get("APT_KERNELS_VERBOSE") == "1",
         )
     except Exception as err:  # compiler missing or failing, linker, import
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise KernelUnavailable(f"kernel {name!r} ({device_type}) did not build: {first}") \
             from err
+    if not python_module:
+        module = getattr(torch.ops, f"apt_{name}_{device_type}")
     log.info("kernel %s (%s): ready in %.1f s", name, device_type,
              time.perf_counter() - start)
     return module
