@@ -10,8 +10,18 @@
 // buffer). Rows run in parallel (at::parallel_for); the per-element loops are `omp simd`
 // loops over fp32 with an exp written in plain arithmetic, so they vectorise (libm's expf
 // does not without -ffast-math, which would also relax the max/sum reductions everywhere).
-#include <torch/extension.h>
+//
+// Registered as torch ops (TORCH_LIBRARY apt_linear_cross_entropy_cpu, reached as
+// torch.ops.apt_linear_cross_entropy_cpu.*) from light headers: torch/extension.h would
+// take about 5x the compile time (CI builds each kernel once per run).
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
 
 #include <cmath>
 #include <cstdint>
@@ -218,7 +228,7 @@ void dispatch(at::ScalarType type, const char* what, F&& body) {
 // Fold a logits block [rows, cols] (vocabulary ids vocab_start ... vocab_start + cols - 1) into
 // the running per-row max m, sum s of exp(logit - m) and target logit t, all in place.
 void stats_(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
-            at::Tensor& m, at::Tensor& s, at::Tensor& t) {
+            const at::Tensor& m, const at::Tensor& s, const at::Tensor& t) {
   check_block(logits, labels, "linear_cross_entropy stats_");
   const int64_t rows = logits.size(0), cols = logits.size(1);
   check_rows(m, rows, "linear_cross_entropy stats_", "m");
@@ -234,7 +244,7 @@ void stats_(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_st
 
 // Turn a recomputed logits block into (softmax - onehot(label)) * grad in place, softmax taken
 // with the global logsumexp lse [rows].
-void softmax_grad_(at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
+void softmax_grad_(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
                    const at::Tensor& lse, const at::Tensor& grad) {
   check_block(logits, labels, "linear_cross_entropy softmax_grad_");
   const int64_t rows = logits.size(0), cols = logits.size(1);
@@ -248,7 +258,10 @@ void softmax_grad_(at::Tensor& logits, const at::Tensor& labels, int64_t vocab_s
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("stats_", &stats_, "fold a logits block into running (max, sum exp, target logit)");
-  module.def("softmax_grad_", &softmax_grad_, "logits block -> (softmax - onehot) * grad, in place");
+// The schemas mark what each op writes in place (m, s, t; the logits block).
+TORCH_LIBRARY(apt_linear_cross_entropy_cpu, module) {
+  module.def("stats_(Tensor logits, Tensor labels, int vocab_start, Tensor(a!) m, "
+             "Tensor(b!) s, Tensor(c!) t) -> ()", &stats_);
+  module.def("softmax_grad_(Tensor(a!) logits, Tensor labels, int vocab_start, Tensor lse, "
+             "Tensor grad) -> ()", &softmax_grad_);
 }

@@ -3,9 +3,12 @@
 // semantics as the CPU kernel (linear_cross_entropy_cpu.cpp), so the Python side
 // (apt/kernels/linear_cross_entropy.py: the block walk and its cuBLAS matmuls) is one code path.
 // Builds and runs only where a CUDA torch is installed (the lent GPU); CI compiles the .cu alone.
-#include <torch/extension.h>
+// Registered as torch ops (apt_linear_cross_entropy_cuda::*) from light headers, for a short
+// build on the GPU machine (see linear_cross_entropy_cpu.cpp).
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <cstdint>
 
@@ -55,7 +58,7 @@ void check_launch(cudaError_t err, const char* what) {
 }  // namespace
 
 void stats_(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
-            at::Tensor& m, at::Tensor& s, at::Tensor& t) {
+            const at::Tensor& m, const at::Tensor& s, const at::Tensor& t) {
   const char* what = "linear_cross_entropy stats_";
   check_block(logits, labels, what);
   check_rows(m, logits, what, "m");
@@ -70,7 +73,7 @@ void stats_(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_st
                what);
 }
 
-void softmax_grad_(at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
+void softmax_grad_(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start,
                    const at::Tensor& lse, const at::Tensor& grad) {
   const char* what = "linear_cross_entropy softmax_grad_";
   check_block(logits, labels, what);
@@ -85,7 +88,9 @@ void softmax_grad_(at::Tensor& logits, const at::Tensor& labels, int64_t vocab_s
                what);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("stats_", &stats_, "fold a logits block into running (max, sum exp, target logit)");
-  module.def("softmax_grad_", &softmax_grad_, "logits block -> (softmax - onehot) * grad, in place");
+TORCH_LIBRARY(apt_linear_cross_entropy_cuda, module) {
+  module.def("stats_(Tensor logits, Tensor labels, int vocab_start, Tensor(a!) m, "
+             "Tensor(b!) s, Tensor(c!) t) -> ()", &stats_);
+  module.def("softmax_grad_(Tensor(a!) logits, Tensor labels, int vocab_start, Tensor lse, "
+             "Tensor grad) -> ()", &softmax_grad_);
 }
