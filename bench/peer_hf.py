@@ -53,6 +53,7 @@ SHAPES = {
     "feasibility": (256, 4, 4, 4, 640, 8192, 256, 8, 12, 3),    # FEASIBILITY.md's comparison
     "large": (512, 8, 8, 8, 1408, 32000, 512, 4, 6, 2),
 }
+QUICK = {"tiny": (10, 3), "feasibility": (7, 2), "large": (4, 1)}   # --quick: steps, warm-up
 
 
 WARMUP = [0]   # the shape being run's warm-up steps (not timed)
@@ -60,6 +61,7 @@ WARMUP = [0]   # the shape being run's warm-up steps (not timed)
 
 def apt_config(shape: str, out: str):
     hidden, layers, heads, groups, ffn, vocab, seq, batch, steps, warmup = SHAPES[shape]
+    steps, warmup = QUICK[shape] if ARGS.quick else (steps, warmup)
     overrides = [f"model.hidden_size={hidden}", f"model.num_layers={layers}",
                  f"model.num_attention_heads={heads}", f"model.num_query_groups={groups}",
                  f"model.ffn_hidden_size={ffn}", f"model.vocab_size={vocab}",
@@ -103,10 +105,27 @@ class _Samples(torch.utils.data.Dataset):
         return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
 
 
-def apt_round(cfg, train_set) -> tuple[float, float]:
+@contextlib.contextmanager
+def issue14_fixes_off():
+    """APT as it was before issue 14's step fixes, for the --unfixed column: Megatron's
+    DotProductAttention in the local spec, torch AdamW's single-tensor loop."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    import apt.model.megatron_gpt as gpt
+    import apt.trainops.distributed.engines.deepspeed_engine as ds
+    saved = gpt.SDPAttention, ds._fused_adamw
+    gpt.SDPAttention, ds._fused_adamw = DotProductAttention, (lambda plan: {})
+    try:
+        yield
+    finally:
+        gpt.SDPAttention, ds._fused_adamw = saved
+
+
+def apt_round(cfg, train_set, unfixed: bool = False) -> tuple[float, float]:
     loader = create_dataloader(train_set, cfg.training.batch_size, seed=cfg.training.seed)
-    trainer = Trainer.from_config(cfg, train_dataloader=loader)
-    trainer.train()
+    with issue14_fixes_off() if unfixed else contextlib.nullcontext():
+        trainer = Trainer.from_config(cfg, train_dataloader=loader)
+        trainer.train()
     return _rate([r["time"] for r in trainer.history], cfg), trainer.history[-1]["loss"]
 
 
@@ -210,7 +229,7 @@ def param_counts(cfg) -> tuple[int, int]:
 def run_shape(shape: str) -> dict:
     out = tempfile.mkdtemp(prefix=f"apt-peer-{shape}-")
     cfg = apt_config(shape, out)
-    WARMUP[0] = SHAPES[shape][9]
+    WARMUP[0] = QUICK[shape][1] if ARGS.quick else SHAPES[shape][9]
     t = cfg.training
     train_set, _, _ = build_datasets(cfg.data, model_vocab_size=cfg.model.vocab_size,
                                      seed=t.seed)
@@ -223,20 +242,23 @@ def run_shape(shape: str) -> dict:
           f"heads / {m.kv_heads} kv groups, ffn {m.ffn_size}, vocab {m.vocab_size}, seq "
           f"{cfg.data.seq_length}, batch {t.batch_size} | params APT {apt_params:,} HF "
           f"{hf_params:,} | init std {m.init_std}, rope base {m.rope_base}, eps {m.norm_eps}, "
-          f"untied {not m.tie_embeddings} | {t.max_steps} steps, {SHAPES[shape][9]} warm-up, "
+          f"untied {not m.tie_embeddings} | {t.max_steps} steps, {WARMUP[0]} warm-up, "
           f"threads {torch.get_num_threads()}", flush=True)
     if apt_params != hf_params:
         raise SystemExit(f"{shape}: the models differ ({apt_params:,} vs {hf_params:,} params)")
     rows = []
     for r in range(ARGS.rounds):
+        unfixed = apt_round(cfg, train_set, unfixed=True)[0] if ARGS.unfixed else None
         apt, apt_loss = apt_round(cfg, train_set)
         with as_a_user_runs_hf():
             hf, hf_loss = hf_round(cfg, tokens, out)
             plain, plain_loss = plain_round(cfg, tokens)
-        rows.append((apt, hf, plain))
-        print(f"{shape:12s} round {r + 1} | APT {apt:9,.0f} | HF Trainer {hf:9,.0f} | plain "
-              f"{plain:9,.0f} tok/s | APT/HF {apt / hf:.3f} | APT/plain {apt / plain:.3f} | "
-              f"final loss APT {apt_loss:.3f} HF {hf_loss:.3f} plain {plain_loss:.3f} | "
+        rows.append((apt, hf, plain, unfixed))
+        before = (f"APT unfixed {unfixed:9,.0f} (/HF {unfixed / hf:.3f}) | " if unfixed else "")
+        print(f"{shape:12s} round {r + 1} | {before}APT {apt:9,.0f} | HF Trainer {hf:9,.0f} | "
+              f"plain {plain:9,.0f} tok/s | APT/HF {apt / hf:.3f} | APT/plain {apt / plain:.3f} | "
+              f"loss: last step APT {apt_loss:.3f} plain {plain_loss:.3f}, HF's mean over the "
+              f"run {hf_loss:.3f} | "
               f"threads {torch.get_num_threads()}", flush=True)
     return {"shape": shape, "rows": rows}
 
@@ -249,13 +271,18 @@ def main() -> None:
           f"{'':10s} | APT/HF median | APT/plain median")
     for res in results:
         rows = res["rows"]
-        per_round = [a / h for a, h, _ in rows]
-        print(f"{res['shape']:12s} | {statistics.median(a for a, _, _ in rows):9,.0f} | "
-              f"{statistics.median(h for _, h, _ in rows):10,.0f} | "
-              f"{statistics.median(p for _, _, p in rows):9,.0f} | "
+        per_round = [a / h for a, h, _, _ in rows]
+        print(f"{res['shape']:12s} | {statistics.median(a for a, _, _, _ in rows):9,.0f} | "
+              f"{statistics.median(h for _, h, _, _ in rows):10,.0f} | "
+              f"{statistics.median(p for _, _, p, _ in rows):9,.0f} | "
               f"{' '.join(f'{x:.3f}' for x in per_round):26s} | "
               f"{statistics.median(per_round):13.3f} | "
-              f"{statistics.median(a / p for a, _, p in rows):.3f}")
+              f"{statistics.median(a / p for a, _, p, _ in rows):.3f}")
+        if ARGS.unfixed:
+            before = [u / h for _, h, _, u in rows]
+            print(f"{'':12s}   APT unfixed/HF per round {' '.join(f'{x:.3f}' for x in before)} "
+                  f"| median {statistics.median(before):.3f} | APT/APT unfixed median "
+                  f"{statistics.median(a / u for a, _, _, u in rows):.3f}")
     print(f"(fp32, one process, {ARGS.threads} threads, {ARGS.rounds} interleaved rounds; "
           f"overrides {ARGS.apt_override or 'none'})")
     shutdown_distributed()
@@ -267,6 +294,9 @@ if __name__ == "__main__":
                         help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="fewer steps per round")
+    parser.add_argument("--unfixed", action="store_true",
+                        help="add a column: APT without issue 14's step fixes (before/after)")
     parser.add_argument("--apt-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a profile override for APT's side only (repeatable), e.g. "
                              "training.distributed.zero_stage=0")
