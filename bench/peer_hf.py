@@ -14,6 +14,10 @@ table shows each round's APT/HF and APT/plain ratio and their medians.
 
     python bench/peer_hf.py [--shapes tiny,feasibility,large] [--rounds 3] [--threads 2]
                             [--apt-override model.kernels=auto] [--model-kernels auto]
+                            [--unfixed] [--quick]
+
+``--unfixed`` adds APT without issue 14's step fixes (Megatron's DotProductAttention, torch
+AdamW's single-tensor loop) to every round: before and after under the same machine load.
 
 Needs the ``bench`` extra (transformers, accelerate: ``pip install -e .[bench]``).
 """
