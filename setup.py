@@ -37,6 +37,8 @@ setup(
         "monitoring": MONITORING,
         # Hugging Face interop (trainops export-hf / import-hf): Llama and Mixtral directories.
         "hf": ["transformers>=5,<6", "safetensors>=0.4"],
+        # bench/peer_hf.py: APT against the Hugging Face Trainer (which needs accelerate).
+        "bench": ["transformers>=5,<6", "accelerate>=1.0"],
         # Transformer Engine is optional and used only on CUDA (layer spec, fused attention).
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -107,6 +107,12 @@ class _CudaToCpuMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Fast path: this mode sees EVERY torch call of a CPU run (~2,000 per training step of
+        # the tiny model), and almost all of them have no keyword to rewrite and are none of
+        # the methods handled below. Measured: +1.9 us per call with the general path below,
+        # +~1 us with this early return (bench/peer_hf.py, issue 14).
+        if not kwargs and func not in _REWRITTEN_METHODS:
+            return func(*args)
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
@@ -123,6 +129,10 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["pin_memory"] = False
         return func(*args, **kwargs)
 
+
+# The methods __torch_function__ rewrites whatever their keywords (positional devices included).
+_REWRITTEN_METHODS = frozenset({torch.Tensor.cuda, torch.Tensor.pin_memory,
+                                torch.Tensor.record_stream, torch.Tensor.type, torch.Tensor.to})
 
 _MODE = _CudaToCpuMode()
 

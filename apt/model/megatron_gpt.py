@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from .packed_documents import PackedDocumentsGPTModel
+from .sdpa_attention import SDPAttention
 
 
 def make_transformer_config(
@@ -203,7 +204,7 @@ def transformer_engine_spec() -> bool:
 def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool] = None,
                kernels: tuple[str, ...] = ()) -> ModuleSpec:
     """The transformer-layer spec: TE when CUDA + transformer_engine, else local + our RMSNorm
-    (the fused kernel's when ``rmsnorm`` is among ``kernels``)."""
+    (the fused kernel's when ``rmsnorm`` is among ``kernels``) and SDPA core attention."""
     num_experts = config.num_moe_experts  # None -> dense MLP
     if _use_te(use_transformer_engine):
         return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
@@ -211,6 +212,9 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool]
     spec = copy.deepcopy(spec)  # specs may be shared objects: do not edit Megatron's
     spec.submodules.input_layernorm = norm_class(kernels)
     spec.submodules.pre_mlp_layernorm = norm_class(kernels)
+    # Fused SDPA instead of baddbmm + masked softmax + bmm (sdpa_attention.py says why); a
+    # DotProductAttention subclass, so everything that accepts the local one accepts it.
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 
