@@ -129,7 +129,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if want_h:
             grad_h = torch.empty_like(hidden) if h_acc else torch.zeros_like(
                 hidden, dtype=torch.float32)
-        grad_w = torch.empty_like(weight) if want_w else None
+        grad_w = None
+        if want_w:   # every slice is written below, unless there are no tokens at all
+            grad_w = torch.empty_like(weight) if blocks.token_spans else torch.zeros_like(weight)
         for j, (v0, v1) in enumerate(blocks.vocab_spans):
             w_block = weight[v0:v1]
             w_direct = exact or len(blocks.token_spans) == 1
