@@ -16,7 +16,7 @@ that sees everything: each path's growth of peak RSS (VmHWM) in a fresh process.
 A section of bench/kernels.py (``bench_linear_cross_entropy`` yields its rows; ``section``
 prints them), and a script of its own:
 
-    python bench/kernels_linear_ce.py [--threads 1] [--rounds 3] [--quick] [--rss]
+    python bench/kernels_linear_ce.py [--threads 1] [--rounds 3] [--quick | --shapes ...] [--rss]
 """
 from __future__ import annotations
 
@@ -156,7 +156,8 @@ def _mib(value) -> str:
 
 def section(args) -> list[dict]:
     """The linear_cross_entropy section: ``args.rounds``, ``args.threads`` (set by the caller
-    or here), ``args.quick`` (two shapes only), ``args.rss`` (the RSS cross-check)."""
+    or here), ``args.quick`` (two shapes only) or ``args.shapes``, ``args.rss`` (the RSS
+    cross-check)."""
     from apt.kernels import load
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -166,12 +167,22 @@ def section(args) -> list[dict]:
           f"fwd+bwd; logits part = (peak - grads) unfused / fused)")
     print(HEADER)
     rows = []
-    for row in bench_linear_cross_entropy(args.rounds,
-                                          QUICK if getattr(args, "quick", False) else SHAPES,
+    shapes = getattr(args, "shapes", None) or (QUICK if getattr(args, "quick", False)
+                                               else SHAPES)
+    for row in bench_linear_cross_entropy(args.rounds, shapes,
                                           rss_check=getattr(args, "rss", False)):
         rows.append(row)
         print_row(row)
     return rows
+
+
+def _shapes(text: str) -> list:
+    shapes = []
+    for item in text.split(","):
+        dims, _, dtype = item.partition(":")
+        tokens, hidden_size, vocab = (int(d) for d in dims.split("x"))
+        shapes.append((tokens, hidden_size, vocab, getattr(torch, dtype or "float32")))
+    return shapes
 
 
 def main() -> int:
@@ -179,6 +190,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="two shapes (32k and 128k)")
+    parser.add_argument("--shapes", type=_shapes, help="tokens x hidden x vocab : dtype, "
+                        "comma-separated, e.g. 2048x256x128256:float32 (instead of the list)")
     parser.add_argument("--rss", action="store_true",
                         help="also each path's peak RSS growth in a fresh process (Linux)")
     section(parser.parse_args())

@@ -121,6 +121,14 @@ def test_default_blocks_bound_the_logits():
         assert rows * cols <= 1 << 25 and cols <= vocab
 
 
+def test_no_tokens_gives_zero_gradients():
+    h = torch.zeros(0, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    loss.sum().backward()
+    assert loss.shape == (0,) and h.grad.shape == (0, 8) and not w.grad.any()
+
+
 def test_bad_inputs_are_refused():
     h, w, labels, _ = data(8, 16, 40, torch.float32)
     with pytest.raises(ValueError, match="shapes do not match"):

@@ -22,8 +22,9 @@ from ._build import KernelUnavailable, load
 # Default block sizes. CUDA: 1024-row blocks keep the matmuls tensor-core bound (a 128k-vocab
 # weight is not re-read for every few rows), 2^25 logits per block = 64 MiB in bf16 (the
 # unfused path holds about 10 bytes per logit: bf16 logits, fp32 copy, fp32 gradient). CPU:
-# the matmul's efficiency is flat from ~128 rows on, and a 2^22-logit block (16 MiB in fp32)
-# already makes the kernel's share small (bench/kernels_linear_ce.py measures it).
+# 2^22 logits (16 MiB in fp32) in blocks of at least 256 rows, so the weight is read once per
+# 256 tokens. Neither is tuned: on the shared 2-core machine block-size timings were within
+# its noise; the GPU numbers come from kernels/linear_cross_entropy/check.py on a lent GPU.
 _ROWS = {"cuda": 1024, "cpu": 256}
 _BLOCK_LOGITS = {"cuda": 1 << 25, "cpu": 1 << 22}
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -128,7 +129,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if want_h:
             grad_h = torch.empty_like(hidden) if h_acc else torch.zeros_like(
                 hidden, dtype=torch.float32)
-        grad_w = torch.empty_like(weight) if want_w else None
+        grad_w = None
+        if want_w:   # every slice is written below, unless there are no tokens at all
+            grad_w = torch.empty_like(weight) if blocks.token_spans else torch.zeros_like(weight)
         for j, (v0, v1) in enumerate(blocks.vocab_spans):
             w_block = weight[v0:v1]
             w_direct = exact or len(blocks.token_spans) == 1

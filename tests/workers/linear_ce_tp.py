@@ -66,7 +66,16 @@ def main() -> None:
     dist.init_process_group("gloo")
     from megatron.core import parallel_state, tensor_parallel
 
+    from apt.kernels import load
     from apt.kernels.linear_cross_entropy import linear_cross_entropy
+
+    # One rank after the other: the loader's no-op ninja run in the shared build folder is
+    # locked, but a failure is clearer here (KernelUnavailable with its reason) than as an
+    # eager fallback caught below.
+    for rank in range(dist.get_world_size()):
+        if rank == dist.get_rank():
+            load("linear_cross_entropy", "cpu")
+        dist.barrier()
 
     results = []
     for tp in (2, 1):
