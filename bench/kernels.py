@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/kernels_linear_ce.py
 
 import torch  # noqa: E402
 
@@ -76,9 +77,17 @@ def bench_rope(rounds: int) -> Iterator[dict]:
                           fwd_bwd(lambda a: eager_apply_rope(a, freqs), [t], g), rounds)
 
 
+def bench_linear_cross_entropy(rounds: int) -> Iterator[dict]:
+    """32k and 128k vocabularies (bench/kernels_linear_ce.py has more shapes and an RSS
+    cross-check of the memory)."""
+    import kernels_linear_ce
+    yield from kernels_linear_ce.bench_linear_cross_entropy(rounds, kernels_linear_ce.QUICK)
+
+
 SECTIONS: dict[str, Callable[[int], Iterator[dict]]] = {
     "rmsnorm": bench_rmsnorm,
     "rope": bench_rope,
+    "linear_cross_entropy": bench_linear_cross_entropy,
 }
 
 
@@ -89,7 +98,9 @@ def print_table(name: str, rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['shape']:>16} {r['dtype']:>9} {r['what']:>8} {r['fused_ms']:9.3f} "
               f"{r['eager_ms']:9.3f} {r['speedup']:6.2f}x {r['fused_peak_mb']:9.1f} "
-              f"{r['eager_peak_mb']:9.1f}", flush=True)
+              f"{r['eager_peak_mb']:9.1f}"
+              + (f"  logits part {r['logits_part_ratio']:.1f}x less" if "logits_part_ratio" in r
+                 else ""), flush=True)
 
 
 def main() -> int:

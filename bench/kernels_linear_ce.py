@@ -31,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from apt.kernels._measure import interleaved_ms, peak_memory_mb  # noqa: E402
+
+CPU = torch.device("cpu")
+
 # (tokens, hidden, vocab, dtype): the 32k and 128k vocabularies of Llama 2 / Llama 3.
 SHAPES = [(2048, 256, 32000, torch.float32), (4096, 512, 32000, torch.float32),
           (2048, 256, 32000, torch.bfloat16), (2048, 256, 128256, torch.float32),
@@ -45,35 +49,6 @@ def step(fn: Callable, hidden, weight, labels) -> Callable[[], None]:
         w = weight.detach().requires_grad_()
         torch.autograd.grad(fn(h, w, labels).mean(), [h, w])
     return run
-
-
-def interleaved_ms(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()   # warm up
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_mib(fn: Callable[[], None]) -> float:
-    """Peak MiB torch's CPU allocator held during ``fn()`` above what it held before: the
-    profiler's per-allocation ``[memory]`` events (bytes allocated > 0, freed < 0) replayed in
-    time order. (Replaying the ops' *self* memory instead is wrong: an op's self figure nets
-    its frees against its own start time, before the allocations they free.)"""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak / 2 ** 20
 
 
 def rss_peak_mib(path: str, tokens: int, hidden_size: int, vocab: int, dtype) -> float:
@@ -123,9 +98,9 @@ def bench_linear_cross_entropy(rounds: int, shapes=SHAPES, rss_check: bool = Fal
         assert fused_kernel(hidden) is not None, "the CPU kernel did not build"
         fused = step(linear_cross_entropy, hidden, weight, labels)
         eager = step(eager_linear_cross_entropy, hidden, weight, labels)
-        ms = interleaved_ms({"fused": fused, "eager": eager}, rounds)
+        ms = interleaved_ms({"fused": fused, "eager": eager}, CPU, rounds=rounds, warmup=1)
         grads = (hidden.numel() + weight.numel()) * hidden.element_size() / 2 ** 20
-        fused_peak, eager_peak = peak_mib(fused), peak_mib(eager)
+        fused_peak, eager_peak = peak_memory_mb(fused, CPU), peak_memory_mb(eager, CPU)
         rss = {p: rss_peak_mib(p, tokens, hidden_size, vocab, dtype) for p in ("fused", "eager")} \
             if rss_check else {}
         yield {"shape": f"{tokens}x{hidden_size}x{vocab}",
