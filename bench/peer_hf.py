@@ -140,8 +140,11 @@ def as_a_user_runs_hf():
     (a torch-function mode that sees every torch call; APT keeps it for its own rounds)."""
     shutdown_distributed()
     # APT exported torch.distributed's rendezvous variables; with LOCAL_RANK set the HF
-    # Trainer would start a process group of its own and wrap the model in DDP.
-    launch = {k: os.environ.pop(k) for k in _RENDEZVOUS if k in os.environ}
+    # Trainer would start a process group of its own and wrap the model in DDP. They are not
+    # put back: APT's next round then starts a one-process group on a fresh free port (the
+    # old port may be taken by then: EADDRINUSE).
+    for name in _RENDEZVOUS:
+        os.environ.pop(name, None)
     remap = cpu_compat._MODE in _get_current_function_mode_stack()
     if remap:
         cpu_compat._MODE.__exit__(None, None, None)
@@ -150,7 +153,6 @@ def as_a_user_runs_hf():
     finally:
         if remap:
             cpu_compat._MODE.__enter__()
-        os.environ.update(launch)
 
 
 _RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
