@@ -98,7 +98,7 @@ def _build(name: str, device_type: str):
     # worktree and main) sharing one TORCH_EXTENSIONS_DIR would otherwise rebuild over each
     # other's folder, and a process could load the other's library or fail mid-build.
     digest = hashlib.sha256()
-    for path in files:
+    for path in files + sorted((KERNEL_SOURCES / "common").glob("*")):  # + shared headers
         digest.update(path.read_bytes())
     digest.update(repr((CPU_FLAGS, CUDA_FLAGS, torch.__version__)).encode())
     try:

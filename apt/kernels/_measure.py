@@ -94,9 +94,20 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2 ** 20
 
 
+def with_hbm_fractions(out: dict, device: torch.device) -> dict:
+    """``out`` plus, on a GPU, the HBM peak and the fraction of it that each ``*gb_per_s``
+    figure (``fwd_``, ``bwd_``, both) reaches."""
+    if device.type == "cuda":
+        peak = hbm_peak_gb_s(torch.cuda.get_device_name(device))
+        out["hbm_peak_gb_s"] = peak
+        for key in ("fwd_", "bwd_", ""):
+            out[f"{key}hbm_fraction"] = out[f"{key}gb_per_s"] / peak if peak else None
+    return out
+
+
 def emit(result: dict) -> None:
     """The check's one JSON object, as the last line of stdout (tools/gpu_check.py reads it)."""
     print(json.dumps(result, default=float), flush=True)
 
 
-__all__ = ["hbm_peak_gb_s", "interleaved_ms", "median_ms", "peak_memory_mb", "emit"]
+__all__ = ["hbm_peak_gb_s", "interleaved_ms", "median_ms", "peak_memory_mb", "emit", "with_hbm_fractions"]

@@ -15,26 +15,14 @@
 
 #include <cstdint>
 
+#include "../common/dtype_cuda.cuh"
+
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// cpp_extension compiles with __CUDA_NO_BFLOAT16_CONVERSIONS__ / __CUDA_NO_HALF_CONVERSIONS__:
-// explicit conversions only.
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-template <> __device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half(x);
-}
 
 // exp(x) as exp2(x * log2 e): one ex2.approx instruction (about 2 ulp).
 __device__ __forceinline__ float exp_fast(float x) { return exp2f(x * kLog2e); }
@@ -47,12 +35,8 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
   m = mx;
 }
 
-// Up to 16 bytes per load when the row allows it (cols a multiple of VEC, aligned base).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
+// Up to 16 bytes per load (Pack, common/dtype_cuda.cuh) when the row allows it (cols a
+// multiple of VEC, aligned base).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
 stats_kernel(const T* __restrict__ logits, int64_t cols, const int64_t* __restrict__ labels,
@@ -66,7 +50,7 @@ stats_kernel(const T* __restrict__ logits, int64_t cols, const int64_t* __restri
     const Pack<T, VEC> pack = packs[p];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float v = to_float(pack.v[k]);
+      const float v = to_f(pack.v[k]);
       if (v > m) {  // rescale the running sum to the new max
         s = s * exp_fast(m - v) + 1.f;
         m = v;
@@ -95,7 +79,7 @@ stats_kernel(const T* __restrict__ logits, int64_t cols, const int64_t* __restri
     m_out[row] = m;
     s_out[row] = s;
     const int64_t local = labels[row] - vocab_start;
-    if (local >= 0 && local < cols) t_out[row] += to_float(x[local]);
+    if (local >= 0 && local < cols) t_out[row] += to_f(x[local]);
   }
 }
 
@@ -113,9 +97,9 @@ softmax_grad_kernel(T* __restrict__ logits, int64_t cols, const int64_t* __restr
     Pack<T, VEC> pack = packs[p];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float prob = exp_fast(to_float(pack.v[k]) - row_lse);
+      const float prob = exp_fast(to_f(pack.v[k]) - row_lse);
       const float onehot = (p * VEC + k == local) ? 1.f : 0.f;
-      pack.v[k] = from_float<T>((prob - onehot) * g);
+      pack.v[k] = from_f<T>((prob - onehot) * g);
     }
     packs[p] = pack;
   }

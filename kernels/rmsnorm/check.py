@@ -12,7 +12,7 @@ import time
 import torch
 
 from apt.kernels import _build
-from apt.kernels._measure import emit, hbm_peak_gb_s, median_ms
+from apt.kernels._measure import emit, median_ms, with_hbm_fractions
 from apt.kernels.rmsnorm import eager_rms_norm, fused_supported, rms_norm
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}   # max abs error against fp64, unit-scale data
@@ -65,12 +65,7 @@ def timings(repeats, rows, h, dtype, device) -> dict:
            "eager_ms": eager_ms, "speedup": eager_ms / ms, "fwd_kernel_ms": fwd_ms,
            "bwd_kernel_ms": bwd_ms, "fwd_gb_per_s": fwd_bytes / (fwd_ms * 1e-3) / 1e9,
            "bwd_gb_per_s": bwd_bytes / (bwd_ms * 1e-3) / 1e9, "gb_per_s": gb_per_s}
-    if device.type == "cuda":
-        peak = hbm_peak_gb_s(torch.cuda.get_device_name(device))
-        out["hbm_peak_gb_s"] = peak
-        for key in ("fwd_", "bwd_", ""):
-            out[f"{key}hbm_fraction"] = out[f"{key}gb_per_s"] / peak if peak else None
-    return out
+    return with_hbm_fractions(out, device)
 
 
 def main() -> int:

@@ -16,25 +16,9 @@
 
 #include <cstdint>
 
+#include "../common/dtype_cuda.cuh"
+
 namespace {
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 // Per-thread register budget: K vectors of VEC elements; 16 when unvectorised so that rows of
 // up to 16384 elements fit in 1024 threads either way (rmsnorm.py's CUDA_MAX_HIDDEN).

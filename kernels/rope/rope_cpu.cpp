@@ -23,25 +23,9 @@
 #include <cstdint>
 #include <cstring>
 
-namespace {
+#include "../common/dtype_cpu.h"
 
-// bf16 as raw bits: integer conversions the compiler vectorises; round to nearest even.
-template <typename S> inline float to_f(S v);
-template <> inline float to_f<float>(float v) { return v; }
-template <> inline float to_f<uint16_t>(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-template <typename S> inline S from_f(float f);
-template <> inline float from_f<float>(float f) { return f; }
-template <> inline uint16_t from_f<uint16_t>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
-}
+namespace {
 
 // tables [positions, 2, d_rot]: C = cos(f), then A, the coefficient of the partner channel.
 void make_tables(const float* freqs, float* tables, int64_t positions, int64_t d_rot,
