@@ -1,9 +1,10 @@
 """The seed README's Python API, in this process (a one-process gloo group)."""
 import json
 
+import pytest
 import torch
 
-from apt.core.config import load_profile
+from apt.core.config import ConfigError, load_profile
 from apt.model.architectures import APTLargeModel, APTModel
 from apt.trainops.data import create_dataloader
 from apt.trainops.data.build import build_datasets
@@ -66,3 +67,29 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     for one, many in zip(*histories):
         assert abs(one["loss"] - many["loss"]) < 1e-5
         assert abs(one["grad_norm"] - many["grad_norm"]) < 1e-4 * max(1.0, one["grad_norm"])
+
+
+def test_training_ends_at_its_target_with_a_checkpoint_there(tmp_path):
+    """training.target: the first evaluation that reaches it ends the run, checkpointed at that
+    step and not evaluated twice; a metric the evaluation does not produce is named."""
+    base = ["data.max_corpus_bytes=200000", "training.max_steps=12", "training.warmup_steps=1",
+            "training.batch_size=8", "training.eval_interval=3", "training.eval_batches=1",
+            "output.sample_tokens=0", f"output.dir={tmp_path}",
+            "training.checkpoints.save_interval=100",
+            f"training.checkpoints.dir={tmp_path / 'ck'}"]
+    trainer = Trainer.from_config(load_profile("tiny", base + [
+        "training.target.metric=val_loss", "training.target.mode=min",
+        "training.target.value=100"]))
+    summary = trainer.train()
+    assert summary["steps"] == 3 and summary["stopped_at_target"]
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.is_dir()] == ["checkpoint-3"]
+    (run,) = [p for p in tmp_path.iterdir() if (p / "metrics.jsonl").exists()]
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3] and summary["val_loss"] == evals[0]["val_loss"]
+
+    trainer = Trainer.from_config(load_profile("tiny", base + [
+        "training.target.metric=val_exact_match", f"output.dir={tmp_path / 'typo'}"]))
+    with pytest.raises(ConfigError, match=r"training\.target\.metric: 'val_exact_match' is not "
+                                          r"among this run's evaluation results \(val_loss, "):
+        trainer.train()

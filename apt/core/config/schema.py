@@ -201,6 +201,23 @@ class WatchdogConfig:
     heartbeat_s: float = rule(5.0, gt=0)
 
 
+@dataclass(frozen=True)
+class TargetConfig:
+    """Train to a quality target (MLPerf's time-to-train rule): the run ends at the first
+    evaluation whose ``metric`` reaches ``value``, and writes its checkpoint there as it would
+    at ``max_steps`` (which stays the longest it may train, and the schedule's length)."""
+    # A key of the evaluation's record in metrics.jsonl, e.g. val_loss, val_exact_match,
+    # val_accuracy; None: no target. Checked at every evaluation (training.eval_interval).
+    metric: Optional[str] = None
+    value: float = 0.0
+    # max: reached when metric >= value (accuracies); min: when metric <= value (losses).
+    mode: Literal["max", "min"] = "max"
+
+    def reached(self, result: dict) -> bool:
+        score = result[self.metric]
+        return score >= self.value if self.mode == "max" else score <= self.value
+
+
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 
 
@@ -303,6 +320,7 @@ class TrainingConfig:
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
 
 
 @dataclass(frozen=True)
@@ -446,6 +464,9 @@ def cross_checks(cfg: APTConfig):
     if t.min_learning_rate > t.learning_rate:
         yield "training.min_learning_rate", (f"{t.min_learning_rate} exceeds "
                                              f"training.learning_rate={t.learning_rate}")
+    if t.target.metric is not None and not t.eval_interval:
+        yield "training.target.metric", (f"{t.target.metric!r} is checked at evaluations: set "
+                                         f"training.eval_interval above 0")
     if t.warmup_steps > t.max_steps:
         yield "training.warmup_steps", f"{t.warmup_steps} exceeds training.max_steps={t.max_steps}"
     if t.micro_batch_size and t.micro_batch_size > t.batch_size:

@@ -108,6 +108,8 @@ class Trainer:
     # Evaluate once before the first step too (fine-tuning reports before and after).
     eval_before_training = False
     initial_eval: dict = {}
+    # The run ended at an evaluation that reached training.target, before max_steps.
+    stopped_at_target = False
     # Exact-match of greedy answers on held-out chats (eval/generation.py's ChatScorer), added
     # to every evaluation when a trainer variant sets one.
     chat_scorer = None
@@ -276,6 +278,7 @@ class Trainer:
         batches = self._training_batches()
         # (step, StepResult, lr, seconds, end time, data wait, digest, extras, anomaly)
         pending: list[tuple] = []
+        eval_result = None   # set when the run stops at training.target
         started = time.perf_counter()
         with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
             while self.step < t.max_steps:
@@ -317,13 +320,7 @@ class Trainer:
                     pending = []
                 if preempted or self.checkpoints.should_save(self.step) or (
                         last and t.checkpoints.save_interval):
-                    set_phase("checkpoint")
-                    write = save_training_checkpoint(self)
-                    if write.committed:
-                        self._report_checkpoint(progress, write.committed)
-                    else:
-                        progress.line(f"checkpoint | step {self.step} staged in "
-                                      f"{write.stall_s:.2f} s, writing in the background")
+                    self._save_checkpoint(progress)
                 if preempted:
                     self._commit_checkpoint(progress)
                     progress.line(f"preempted | checkpoint at step {self.step} written; exiting "
@@ -331,14 +328,48 @@ class Trainer:
                     progress.close()
                     return {"steps": self.step, "preempted": True}
                 if t.eval_interval and self.step % t.eval_interval == 0 and not last:
-                    self._log_eval(progress)
+                    eval_result = self._log_eval(progress)
+                    if self._target_reached(eval_result, progress):
+                        if t.checkpoints.save_interval and not self.checkpoints.should_save(
+                                self.step):
+                            self._save_checkpoint(progress)   # as at max_steps
+                        break
+                    eval_result = None
             set_phase("checkpoint")
             self._commit_checkpoint(progress)   # the last save, before the run reports done
-        eval_result = self._log_eval(progress)
+        if eval_result is None:
+            eval_result = self._log_eval(progress)
         elapsed = time.perf_counter() - started
         summary = self._finish(eval_result, elapsed, tokens_per_step, progress)
         progress.close()
         return summary
+
+    def _save_checkpoint(self, progress) -> None:
+        set_phase("checkpoint")
+        write = save_training_checkpoint(self)
+        if write.committed:
+            self._report_checkpoint(progress, write.committed)
+        else:
+            progress.line(f"checkpoint | step {self.step} staged in {write.stall_s:.2f} s, "
+                          f"writing in the background")
+
+    def _target_reached(self, result: dict, progress) -> bool:
+        """Whether this evaluation reached ``training.target`` (every rank holds the same
+        reduced result, so every rank stops at the same step)."""
+        target = self.config.training.target
+        if target.metric is None or not result:
+            return False
+        if target.metric not in result:
+            known = ", ".join(k for k, v in result.items() if isinstance(v, float))
+            raise ConfigError(f"{target.metric!r} is not among this run's evaluation results "
+                              f"({known})", key="training.target.metric")
+        if not target.reached(result):
+            return False
+        self.stopped_at_target = True
+        sign = ">=" if target.mode == "max" else "<="
+        progress.line(f"target | {target.metric} {result[target.metric]:.4f} {sign} "
+                      f"{target.value:g} at step {self.step}: training ends here")
+        return True
 
     def _before_update(self, preemption_requested: bool, sums, units, grad_norm) -> bool:
         """Collective, called by the engine between the backward passes and the update: the
@@ -528,6 +559,7 @@ class Trainer:
     def _finish(self, eval_result, elapsed, tokens_per_step, progress) -> dict:
         set_phase("finish")
         summary = {"steps": self.step, "config_hash": self.config.config_hash,
+                   "stopped_at_target": self.stopped_at_target,
                    "train_seconds": elapsed,
                    # A run resumed from its final checkpoint trains no step in this process.
                    "final_train_loss": self.history[-1]["loss"] if self.history else None,
