@@ -22,7 +22,7 @@ train: setup
 	$(PY) launch/train.py --profile tiny
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=30
 
 plan: setup
 	$(PY) -m apt plan --profile 70b --nodes 8 --gpus-per-node 8

@@ -48,8 +48,8 @@ from apt.trainops.data import create_dataloader  # noqa: E402
 from apt.trainops.data.build import build_datasets  # noqa: E402
 from apt.trainops.distributed.runtime import shutdown_distributed  # noqa: E402
 from apt.trainops.engine import Trainer  # noqa: E402
-from apt.trainops.engine.schedule import warmup_cosine  # noqa: E402
 from apt.trainops.eval.benchmark import benchmark_config  # noqa: E402
+from bench._plain_optimizer import plain_adamw  # noqa: E402
 
 # name: (hidden, layers, heads, kv groups, ffn, vocab, seq, batch, steps, warm-up)
 SHAPES = {
@@ -196,15 +196,7 @@ def plain_round(cfg, tokens) -> tuple[float, float]:
     """LlamaForCausalLM with torch AdamW, by hand: the floor of framework overhead."""
     t = cfg.training
     model = hf_llama(cfg)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  eps=t.adam_eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, max_steps=t.max_steps, warmup_steps=t.warmup_steps, lr=t.learning_rate,
-        min_lr=t.min_learning_rate) / t.learning_rate)
+    optimizer, schedule = plain_adamw(model, t)
     ends, batch = [], t.batch_size
     for step in range(t.max_steps):
         ids = tokens[step * batch:(step + 1) * batch]

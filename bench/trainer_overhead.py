@@ -32,7 +32,7 @@ from apt.trainops.data import create_dataloader  # noqa: E402
 from apt.trainops.data.build import build_datasets  # noqa: E402
 from apt.trainops.distributed.runtime import seed_everything, shutdown_distributed  # noqa: E402
 from apt.trainops.engine import Trainer  # noqa: E402
-from apt.trainops.engine.schedule import warmup_cosine  # noqa: E402
+from bench._plain_optimizer import plain_adamw  # noqa: E402
 
 
 def trainer_round(cfg) -> float:
@@ -46,15 +46,7 @@ def plain_round(cfg, train_dataloader) -> float:
     t = cfg.training
     seed_everything(t.seed)
     model = APTModel(cfg.model)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  eps=t.adam_eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, max_steps=t.max_steps, warmup_steps=t.warmup_steps, lr=t.learning_rate,
-        min_lr=t.min_learning_rate) / t.learning_rate)
+    optimizer, schedule = plain_adamw(model, t)
     batches = iter(train_dataloader)
     ends = []
     for _ in range(t.max_steps):

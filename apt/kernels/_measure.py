@@ -1,7 +1,8 @@
 """Timing and bandwidth helpers shared by the kernels' GPU checks (``kernels/<name>/check.py``)
-and ``bench/kernels.py``."""
+and ``bench/kernels.py``, and the frame those checks run in (``run_check``)."""
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -110,4 +111,54 @@ def emit(result: dict) -> None:
     print(json.dumps(result, default=float), flush=True)
 
 
-__all__ = ["hbm_peak_gb_s", "interleaved_ms", "median_ms", "peak_memory_mb", "emit", "with_hbm_fractions"]
+def accuracy(cases: dict, tolerance: dict) -> dict:
+    """``cases``: name -> (dtype, a function returning the fused and the eager path's largest
+    error against the reference). Passed when every fused error is within tolerance[dtype]."""
+    fused, eager, passed = {}, {}, True
+    for name, (dtype, measure) in cases.items():
+        fused[name], eager[name] = measure()
+        passed &= fused[name] <= tolerance[dtype]
+    return {"passed": passed, "max_abs_err": max(fused.values()), "errors": fused,
+            "eager_errors": eager}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def run_check(kernel: str, description: str,
+              body: Callable[[torch.device, bool], dict]) -> int:
+    """What every ``kernels/<name>/check.py`` does around its own comparisons and timings.
+
+    ``--dry`` runs the C++ CPU kernel at small shapes (it shows that the script works, not how
+    fast anything is); without ``--dry`` and without CUDA it reports a skip. Otherwise it
+    builds ``kernel`` from source (timed: ``build_s``), adds ``body(device, dry)``'s results
+    (which say ``passed``) and prints one JSON object as the last stdout line whatever happens
+    (an exception becomes ``error``). Returns the exit code: 1 unless passed."""
+    from apt.kernels import _build
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dry", action="store_true", help="the CPU kernel at small shapes")
+    dry = parser.parse_args().dry
+    if not dry and not torch.cuda.is_available():
+        emit({"passed": True, "skipped": "no CUDA"})
+        return 0
+    device = torch.device("cpu" if dry else "cuda")
+    result = {"passed": False,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    start = time.perf_counter()
+    try:
+        _build.load(kernel, device.type)   # builds from source; raises with the reason
+        result["build_s"] = time.perf_counter() - start
+        result.update(body(device, dry))
+    except Exception as exc:   # one JSON line whatever happens: gpu_check records it
+        first = (str(exc).strip().splitlines() or [""])[0]
+        result.update(passed=False, error=f"{type(exc).__name__}: {first}")
+    if dry:
+        result["cuda"] = "skipped: dry run on CPU"
+    result["seconds"] = time.perf_counter() - start
+    emit(result)
+    return 0 if result["passed"] else 1
+
+
+__all__ = ["accuracy", "dtype_name", "emit", "hbm_peak_gb_s", "interleaved_ms", "median_ms",
+           "peak_memory_mb", "run_check", "with_hbm_fractions"]

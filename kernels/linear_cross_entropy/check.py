@@ -12,8 +12,6 @@ allocator peak on CPU: bench/kernels_linear_ce.py measures CPU memory).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository's apt
 
 import torch  # noqa: E402
+
+from apt.kernels._measure import run_check  # noqa: E402
 
 # fp32: GPU exp is ex2.approx (~2 ulp) and cuBLAS blocks the matmuls differently per shape;
 # bf16: both paths round their gradients to bf16.
@@ -73,7 +73,7 @@ def correctness(fused, eager, device, dry):
 def measure(fn, args, device, repeats):
     """(ms per forward + backward, peak MiB allocated beyond the inputs)."""
     fwd_bwd(fn, *args)   # warm up (cuBLAS handles, autotuning)
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -91,51 +91,35 @@ def measure(fn, args, device, repeats):
     return (time.perf_counter() - start) * 1000 / repeats, None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dry", action="store_true", help="CPU kernel, small shape")
-    args = ap.parse_args()
-    device = "cpu" if args.dry else "cuda"
-    from apt.kernels import KernelUnavailable, load
+def check(device, dry: bool) -> dict:
     from apt.kernels.linear_cross_entropy import (eager_linear_cross_entropy,
                                                   linear_cross_entropy)
-    result = {"passed": False, "device": device}
-    try:
-        if device == "cuda" and not torch.cuda.is_available():
-            raise KernelUnavailable("no CUDA device")
-        start = time.perf_counter()
-        load("linear_cross_entropy", device)
-        result["build_s"] = round(time.perf_counter() - start, 1)
 
-        def fused(h, w, y, **kw):
-            loss = linear_cross_entropy(h, w, y, **kw)
-            assert type(loss.grad_fn).__name__ == "_FusedLinearCrossEntropyBackward", \
-                "the fused op did not run"
-            return loss
+    def fused(h, w, y, **kw):
+        loss = linear_cross_entropy(h, w, y, **kw)
+        assert type(loss.grad_fn).__name__ == "_FusedLinearCrossEntropyBackward", \
+            "the fused op did not run"
+        return loss
 
-        passed, errors = correctness(fused, eager_linear_cross_entropy, device, args.dry)
-        shape = (256, 64, 4096) if args.dry else (8192, 4096, 128256)
-        inputs = make(*shape, torch.bfloat16, device, seed=1)
-        ms, peak = measure(fused, inputs, device, repeats=2 if args.dry else 3)
-        eager_ms, eager_peak = measure(eager_linear_cross_entropy, inputs, device,
-                                       repeats=2 if args.dry else 3)
-        result.update({
-            "passed": passed,
-            "max_abs_err": max(pair[0] for e in errors.values() for pair in e.values()),
-            "errors": errors,   # per case: [absolute, scaled by the reference's magnitude]
-            "shape": {"tokens": shape[0], "hidden": shape[1], "vocab": shape[2],
-                      "dtype": "bfloat16"},
-            "ms": round(ms, 3), "eager_ms": round(eager_ms, 3),
-            "peak_mib": None if peak is None else round(peak, 1),
-            "eager_peak_mib": None if eager_peak is None else round(eager_peak, 1),
-            # both peaks include the gradients of hidden and weight, which both paths return
-            "grads_mib": round((inputs[0].numel() + inputs[1].numel()) * 2 / 2 ** 20, 1),
-        })
-    except Exception as exc:   # one JSON line whatever happens, the section records it
-        result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
-    print(json.dumps(result))
-    sys.exit(0 if result["passed"] else 1)
+    passed, errors = correctness(fused, eager_linear_cross_entropy, device, dry)
+    shape = (256, 64, 4096) if dry else (8192, 4096, 128256)
+    inputs = make(*shape, torch.bfloat16, device, seed=1)
+    ms, peak = measure(fused, inputs, device, repeats=2 if dry else 3)
+    eager_ms, eager_peak = measure(eager_linear_cross_entropy, inputs, device,
+                                   repeats=2 if dry else 3)
+    return {
+        "passed": passed,
+        "max_abs_err": max(pair[0] for e in errors.values() for pair in e.values()),
+        "errors": errors,   # per case: [absolute, scaled by the reference's magnitude]
+        "shape": {"tokens": shape[0], "hidden": shape[1], "vocab": shape[2],
+                  "dtype": "bfloat16"},
+        "ms": round(ms, 3), "eager_ms": round(eager_ms, 3),
+        "peak_mib": None if peak is None else round(peak, 1),
+        "eager_peak_mib": None if eager_peak is None else round(eager_peak, 1),
+        # both peaks include the gradients of hidden and weight, which both paths return
+        "grads_mib": round((inputs[0].numel() + inputs[1].numel()) * 2 / 2 ** 20, 1),
+    }
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_check("linear_cross_entropy", __doc__.splitlines()[0], check))

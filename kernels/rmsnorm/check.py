@@ -5,14 +5,13 @@ reports the fraction of the GPU's HBM bandwidth the kernels reach at [16384, 819
 ``--dry``: the C++ CPU kernel at a small shape, same JSON. The last stdout line is the JSON."""
 from __future__ import annotations
 
-import argparse
+import functools
 import sys
-import time
 
 import torch
 
 from apt.kernels import _build
-from apt.kernels._measure import emit, median_ms, with_hbm_fractions
+from apt.kernels._measure import accuracy, dtype_name, median_ms, run_check, with_hbm_fractions
 from apt.kernels.rmsnorm import eager_rms_norm, fused_supported, rms_norm
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}   # max abs error against fp64, unit-scale data
@@ -68,37 +67,17 @@ def timings(repeats, rows, h, dtype, device) -> dict:
     return with_hbm_fractions(out, device)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry", action="store_true", help="the CPU kernel at a small shape")
-    args = parser.parse_args()
-    if not args.dry and not torch.cuda.is_available():
-        emit({"passed": True, "skipped": "no CUDA"})
-        return 0
-    device = torch.device("cpu" if args.dry else "cuda")
-    start = time.perf_counter()
-    _build.load("rmsnorm", device.type)          # builds from source; raises with the reason
-    build_s = time.perf_counter() - start
+def check(device, dry: bool) -> dict:
     # vectorised rows and rows that are not a multiple of the vector width
-    shapes = [(8, 96), (5, 37)] if args.dry else [(512, 4096), (37, 1001)]
-    max_err, eager_err, passed = {}, {}, True
-    for dtype in (torch.float32, torch.bfloat16):
-        for shape in shapes:
-            key = f"{str(dtype).replace('torch.', '')}_{shape[0]}x{shape[1]}"
-            max_err[key], eager_err[key] = errors(shape, dtype, device)
-            passed &= max_err[key] <= TOL[dtype]
-    big = (512, 1024) if args.dry else (16384, 8192)
-    result = {"passed": passed, "device": torch.cuda.get_device_name() if device.type == "cuda"
-              else "cpu", "build_s": build_s, "max_abs_err": max(max_err.values()),
-              "errors": max_err, "eager_errors": eager_err}
+    shapes = [(8, 96), (5, 37)] if dry else [(512, 4096), (37, 1001)]
+    result = accuracy({f"{dtype_name(dtype)}_{rows}x{h}":
+                       (dtype, functools.partial(errors, (rows, h), dtype, device))
+                       for dtype in (torch.float32, torch.bfloat16) for rows, h in shapes}, TOL)
+    big = (512, 1024) if dry else (16384, 8192)
     # few repeats in the dry run: it checks that the script works, not the speed
-    result.update(timings(5 if args.dry else 20, *big, torch.bfloat16, device))
-    if args.dry:
-        result["cuda"] = "skipped: dry run on CPU"
-    result["seconds"] = time.perf_counter() - start
-    emit(result)
-    return 0
+    result.update(timings(5 if dry else 20, *big, torch.bfloat16, device))
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_check("rmsnorm", __doc__.splitlines()[0], check))

@@ -6,14 +6,13 @@ GPU's HBM bandwidth reached at [4096, 8, 32, 128] bf16. ``--dry``: the C++ CPU k
 small shape, same JSON. The last stdout line is the JSON."""
 from __future__ import annotations
 
-import argparse
+import functools
 import sys
-import time
 
 import torch
 
 from apt.kernels import _build
-from apt.kernels._measure import emit, median_ms, with_hbm_fractions
+from apt.kernels._measure import accuracy, dtype_name, median_ms, run_check, with_hbm_fractions
 from apt.kernels.rope import apply_rope, eager_apply_rope, fused_supported
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}   # max abs error against fp64, unit-scale data
@@ -76,43 +75,26 @@ def timings(repeats, s, b, h, d, dtype, device) -> dict:
     return with_hbm_fractions(out, device)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry", action="store_true", help="the CPU kernel at a small shape")
-    args = parser.parse_args()
-    if not args.dry and not torch.cuda.is_available():
-        emit({"passed": True, "skipped": "no CUDA"})
-        return 0
-    device = torch.device("cpu" if args.dry else "cuda")
-    start = time.perf_counter()
-    _build.load("rope", device.type)             # builds from source; raises with the reason
-    build_s = time.perf_counter() - start
+def _case_name(dtype, s, b, h, d, d_rot, freq_rows, interleaved) -> str:
+    return (f"{dtype_name(dtype)}_{s}x{b}x{h}x{d}_rot{d_rot}_fb{freq_rows}"
+            + ("_interleaved" if interleaved else ""))
+
+
+def check(device, dry: bool) -> dict:
     # (s, b, h, d, d_rot, freqs rows, interleaved): Megatron's layout, no vector width
     # anywhere (per-row tables, partial rotation), interleaved pairs
     cases = [(16, 2, 4, 64, 64, 1, False), (9, 3, 7, 10, 6, 3, False),
-             (8, 2, 3, 32, 16, 1, True)] if args.dry else \
+             (8, 2, 3, 32, 16, 1, True)] if dry else \
         [(512, 2, 16, 128, 128, 1, False), (33, 3, 7, 10, 6, 3, False),
          (64, 2, 8, 64, 32, 2, True)]
-    max_err, eager_err, passed = {}, {}, True
-    for dtype in (torch.float32, torch.bfloat16):
-        for case in cases:
-            s_, b, h, d, d_rot, fb, il = case
-            key = (f"{str(dtype).replace('torch.', '')}_{s_}x{b}x{h}x{d}_rot{d_rot}_fb{fb}"
-                   + ("_interleaved" if il else ""))
-            max_err[key], eager_err[key] = errors(*case, dtype, device)
-            passed &= max_err[key] <= TOL[dtype]
-    big = (64, 2, 8, 128) if args.dry else (4096, 8, 32, 128)
-    result = {"passed": passed, "device": torch.cuda.get_device_name() if device.type == "cuda"
-              else "cpu", "build_s": build_s, "max_abs_err": max(max_err.values()),
-              "errors": max_err, "eager_errors": eager_err}
+    result = accuracy({_case_name(dtype, *case):
+                       (dtype, functools.partial(errors, *case, dtype, device))
+                       for dtype in (torch.float32, torch.bfloat16) for case in cases}, TOL)
+    big = (64, 2, 8, 128) if dry else (4096, 8, 32, 128)
     # few repeats in the dry run: it checks that the script works, not the speed
-    result.update(timings(5 if args.dry else 20, *big, torch.bfloat16, device))
-    if args.dry:
-        result["cuda"] = "skipped: dry run on CPU"
-    result["seconds"] = time.perf_counter() - start
-    emit(result)
-    return 0
+    result.update(timings(5 if dry else 20, *big, torch.bfloat16, device))
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_check("rope", __doc__.splitlines()[0], check))
