@@ -278,7 +278,7 @@ class Trainer:
         batches = self._training_batches()
         # (step, StepResult, lr, seconds, end time, data wait, digest, extras, anomaly)
         pending: list[tuple] = []
-        eval_result = None   # set when the run stops at training.target
+        eval_result = None   # the evaluation that reached training.target, if one did
         started = time.perf_counter()
         with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
             while self.step < t.max_steps:
@@ -328,13 +328,13 @@ class Trainer:
                     progress.close()
                     return {"steps": self.step, "preempted": True}
                 if t.eval_interval and self.step % t.eval_interval == 0 and not last:
-                    eval_result = self._log_eval(progress)
-                    if self._target_reached(eval_result, progress):
+                    evaluation = self._log_eval(progress)
+                    if self._target_reached(evaluation, progress):
                         if t.checkpoints.save_interval and not self.checkpoints.should_save(
                                 self.step):
                             self._save_checkpoint(progress)   # as at max_steps
+                        eval_result = evaluation
                         break
-                    eval_result = None
             set_phase("checkpoint")
             self._commit_checkpoint(progress)   # the last save, before the run reports done
         if eval_result is None:
