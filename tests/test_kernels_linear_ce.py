@@ -165,3 +165,40 @@ def test_cuda_kernel_compiles_without_spills(tmp_path):
         assert len(set(entries)) == 12, (arch, entries)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == 24 and all(s == ("0", "0") for s in spills), report
+
+
+class _MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matmuls run under it (aten mm and addmm, in place or not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm,
+                                    torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_pass_with_the_loss_mask_matches_eager(dtype):
+    """Given the weights it will be summed with (the loss mask), the kernel computes the
+    gradient in its forward walk: backward then runs no matmul at all and matches eager. A
+    backward weighing the tokens otherwise recomputes, and still matches."""
+    n, hidden, vocab = 300, 24, 1500
+    h, w, labels, _ = data(n, hidden, vocab, dtype, seed=2)
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(3)) > 0.3).float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for upstream, backward_matmuls in ((mask * 0.37, 0), (torch.rand(n) + 0.1, None)):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = linear_cross_entropy(hh, ww, labels, weights=mask, chunk_tokens=64)
+        with _MatmulCount() as counted:
+            (loss * upstream).sum().backward()
+        if backward_matmuls is not None:
+            assert counted.count == backward_matmuls
+        else:
+            assert counted.count > 0   # recomputed
+        eager = loss_and_grads(eager_linear_cross_entropy, h, w, labels, upstream)
+        assert scaled_err(loss, eager[0]) <= 1e-5
+        assert scaled_err(hh.grad, eager[1]) <= tol and scaled_err(ww.grad, eager[2]) <= tol

@@ -5,7 +5,8 @@ an fp32 copy of them for backward: at a 128k vocabulary that is the largest acti
 model. With ``linear_cross_entropy`` among the model's kernels, a forward that is given labels
 (training, and evaluation of the loss) hands the final hidden states and the output weight
 straight to ``apt.kernels.linear_cross_entropy``, which returns the same per-token loss
-[b, s] without those buffers. Everything else (logits for evaluation metrics and sampling,
+[b, s] without those buffers (and, given the forward's ``loss_mask``, computes the gradient
+in the same pass). Everything else (logits for evaluation metrics and sampling,
 inference, multi-token prediction) takes Megatron's own path.
 
 Tensor parallelism is handled as the output layer does it: the hidden states enter through the
@@ -49,8 +50,13 @@ class FusedOutputLossGPTModel(GPTModel):
         elif torch.distributed.is_initialized() and tp_group.size() > 1:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
         s, b, h = hidden_states.shape
+        # The loss mask (Megatron's forward takes one), when the caller gave it: how the
+        # per-token losses will be weighed, so the kernel can compute the gradient in its
+        # forward pass (one walk over the logits instead of two).
+        loss_mask = kwargs.get("loss_mask")
         per_token = linear_cross_entropy(
             hidden_states.reshape(s * b, h), weight,
             labels.transpose(0, 1).reshape(s * b),  # [b, s] -> [s, b], the hidden order
-            tp_group=tp_group if tp_group.size() > 1 else None)
+            tp_group=tp_group if tp_group.size() > 1 else None,
+            weights=None if loss_mask is None else loss_mask.transpose(0, 1).reshape(s * b))
         return per_token.view(s, b).transpose(0, 1).contiguous()  # [b, s] like Megatron's

@@ -15,11 +15,15 @@ from apt.trainops.eval.metrics import TOKEN_METRICS, metrics_from_totals, token_
 from .base import Objective
 
 
-def lm_output(model, batch: LMBatch, labels: bool = True) -> torch.Tensor:
+def lm_output(model, batch: LMBatch, labels: bool = True,
+              loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token loss [b, s] (``labels``: Megatron's vocab-parallel cross-entropy) or logits
-    [b, s, V / TP]; the batch's positions and document mask go to the model."""
+    [b, s, V / TP]; the batch's positions and document mask go to the model. ``loss_mask``:
+    the weights the caller multiplies the per-token loss by before summing (Megatron's forward
+    takes it; the fused output loss then computes its gradient in the forward pass)."""
+    extra = {} if loss_mask is None else {"loss_mask": loss_mask}
     return model(batch.tokens, batch.position_ids, batch.attention_mask,
-                 labels=batch.labels if labels else None)
+                 labels=batch.labels if labels else None, **extra)
 
 
 class LanguageModelObjective(Objective):
@@ -33,7 +37,8 @@ class LanguageModelObjective(Objective):
 
     def forward_step(self, model, batch: LMBatch):
         self.check_model(model, batch)
-        return lm_output(model, batch), partial(self._loss, batch.loss_mask)
+        return (lm_output(model, batch, loss_mask=batch.loss_mask),
+                partial(self._loss, batch.loss_mask))
 
     @staticmethod
     def _loss(loss_mask, per_token):
