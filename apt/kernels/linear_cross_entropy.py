@@ -211,8 +211,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if ctx.precomputed is not None:
             c = _scale_of(grad, weights)
             if c is not None:
-                grads = tuple(None if g is None else g.mul_(c.to(g.dtype))
-                              for g in ctx.precomputed)
+                # a Python float: multiplied in fp32 (a 0-dim tensor would round c to bf16)
+                grads = tuple(None if g is None else g.mul_(float(c)) for g in ctx.precomputed)
                 ctx.precomputed = None
                 return (*grads, None, None, None, None, None, None)
             ctx.precomputed = None   # weighed otherwise: recompute
