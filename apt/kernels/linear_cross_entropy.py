@@ -278,11 +278,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         if low < 0 or high >= weight.shape[0] * world:
             raise ValueError(f"linear_cross_entropy: labels must lie in [0, "
                              f"{weight.shape[0] * world}); got {low}..{high}")
-    one_pass = (weights is not None and _tp(tp_group)[1] == 1 and chunk_vocab is None
-                and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
-    if one_pass and weights.shape != labels.shape:
+    if weights is not None and weights.shape != labels.shape:
         raise ValueError(f"linear_cross_entropy: weights {tuple(weights.shape)} do not match "
                          f"labels {tuple(labels.shape)}")
+    one_pass = (weights is not None and _tp(tp_group)[1] == 1 and chunk_vocab is None
+                and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
     rows, cols = block_shape(hidden.shape[0], weight.shape[0], hidden.device.type,
                              chunk_tokens, chunk_vocab, whole_rows=one_pass)
     weights = weights.detach().float().contiguous() if one_pass else None

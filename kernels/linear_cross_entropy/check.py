@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository'
 
 import torch  # noqa: E402
 
-from apt.kernels._measure import run_check  # noqa: E402
+from apt.kernels._measure import dtype_name, run_check  # noqa: E402
 
 # fp32: GPU exp is ex2.approx (~2 ulp) and cuBLAS blocks the matmuls differently per shape;
 # bf16: both paths round their gradients to bf16.
@@ -62,7 +62,7 @@ def correctness(fused, eager, device, dry):
                                                 chunk_vocab=chunks[1]), h, w, labels, upstream)
             want = fwd_bwd(eager, h, w, labels, upstream)
             found = [errs(a, b) for a, b in zip(got, want)]
-            key = f"{str(dtype).split('.')[-1]}_{'default' if chunks[0] is None else 'small'}"
+            key = f"{dtype_name(dtype)}_{'default' if chunks[0] is None else 'small'}"
             errors[key] = {name: [float(f"{e:.3g}") for e in pair] for name, pair in
                            zip(("loss", "grad_hidden", "grad_weight"), found)}
             scaled = [pair[1] for pair in found]
