@@ -77,6 +77,18 @@ def bench_rope(rounds: int) -> Iterator[dict]:
                           fwd_bwd(lambda a: eager_apply_rope(a, freqs), [t], g), rounds)
 
 
+def bench_swiglu(rounds: int) -> Iterator[dict]:
+    from apt.kernels.swiglu import eager_swiglu, fused_supported, swiglu
+    # [tokens, 2 x ffn]: the tiny profile's MLP, the peer_hf large shape's, a 7B's
+    for rows, f in ((4096, 352), (2048, 1408), (2048, 11008)):
+        for dtype in DTYPES:
+            y = torch.randn(rows, 2 * f, dtype=dtype)
+            assert fused_supported(y)
+            g = torch.randn(rows, f, dtype=dtype)
+            yield compare("fwd+bwd", (rows, 2 * f), dtype, fwd_bwd(swiglu, [y], g),
+                          fwd_bwd(eager_swiglu, [y], g), rounds)
+
+
 def bench_linear_cross_entropy(rounds: int) -> Iterator[dict]:
     """32k and 128k vocabularies (bench/kernels_linear_ce.py has more shapes and an RSS
     cross-check of the memory)."""
@@ -87,6 +99,7 @@ def bench_linear_cross_entropy(rounds: int) -> Iterator[dict]:
 SECTIONS: dict[str, Callable[[int], Iterator[dict]]] = {
     "rmsnorm": bench_rmsnorm,
     "rope": bench_rope,
+    "swiglu": bench_swiglu,
     "linear_cross_entropy": bench_linear_cross_entropy,
 }
 

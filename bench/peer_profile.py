@@ -34,9 +34,10 @@ from apt.trainops.engine.callbacks import Callback  # noqa: E402
 class _Window:
     """Starts the profiler before step ``first`` and stops it before step ``last``."""
 
-    def __init__(self, first: int, last: int):
+    def __init__(self, first: int, last: int, by_shape: bool = False):
         self.first, self.last, self.marks = first, last, {}
-        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                               record_shapes=by_shape)
 
     def at(self, step: int) -> None:
         if step == self.first:
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=30, help="ops shown")
     parser.add_argument("--apt-override", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--by-shape", action="store_true",
+                        help="one row per op and input shapes (which matmul is slower)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peer_hf.ARGS = types.SimpleNamespace(quick=False, apt_override=args.apt_override,
@@ -95,7 +98,7 @@ def main() -> None:
     t = cfg.training
     train_set, _, _ = peer_hf.build_datasets(cfg.data, model_vocab_size=cfg.model.vocab_size,
                                              seed=t.seed)
-    window = _Window(warmup, warmup + args.steps)
+    window = _Window(warmup, warmup + args.steps, args.by_shape)
     if args.side == "apt":
         profile_apt(cfg, train_set, window)
     else:
@@ -104,8 +107,9 @@ def main() -> None:
         profile_hf(cfg, tokens, window)
     print(f"\n== {args.side} at {args.shape}: {window.ms_per_step():.1f} ms/step under the "
           f"profiler ({args.steps} steps, {args.threads} threads)")
-    print(window.profiler.key_averages().table(sort_by="self_cpu_time_total",
-                                               row_limit=args.rows, max_name_column_width=60))
+    averages = window.profiler.key_averages(group_by_input_shape=args.by_shape)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                         max_name_column_width=60, max_shapes_column_width=60))
 
 
 if __name__ == "__main__":

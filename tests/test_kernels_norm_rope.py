@@ -1,7 +1,7 @@
-"""Fused RMSNorm and RoPE: the C++ CPU kernels against an fp64 reference of the eager formula
-(forward and backward), the dispatch actually taking the fused path, and the CUDA sources
-compiling for sm_80 / sm_90 without register spills (the kernels run on a lent GPU only:
-kernels/<name>/check.py)."""
+"""Fused RMSNorm, RoPE and SwiGLU: the C++ CPU kernels against an fp64 reference of the eager
+formula (forward and backward), the dispatch actually taking the fused path, and the CUDA
+sources compiling for sm_80 / sm_90 without register spills (the kernels run on a lent GPU
+only: kernels/<name>/check.py)."""
 from __future__ import annotations
 
 import os
@@ -16,9 +16,11 @@ import torch
 
 import apt.kernels.rmsnorm as rmsnorm_mod
 import apt.kernels.rope as rope_mod
+import apt.kernels.swiglu as swiglu_mod
 from apt.kernels import _build, load
 from apt.kernels.rmsnorm import eager_rms_norm, rms_norm
 from apt.kernels.rope import apply_rope, eager_apply_rope
+from apt.kernels.swiglu import eager_swiglu, swiglu
 
 # Tolerances against fp64: fp32 math in the kernels, one rounding per stored value.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2 ** -7, atol=1e-3)}
@@ -32,6 +34,7 @@ def _kernels_built():
         pytest.skip("APT_KERNELS=none")
     load("rmsnorm", "cpu")
     load("rope", "cpu")
+    load("swiglu", "cpu")
 
 
 def _fp64_grads(fn, inputs, grad):
@@ -116,6 +119,26 @@ def test_rope_random_angles_per_channel():
         torch.testing.assert_close(t.grad.double(), dt, **TOL[torch.float32])
 
 
+# -- SwiGLU ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 2), (2, 5, 66), (64, 1408), (7, 3, 1030)])
+def test_swiglu_matches_fp64(dtype, shape):
+    """Both halves' gradients land in their places of dy, over the vectorised body and the
+    remainder of a row; large |a| (where sigmoid saturates) included."""
+    torch.manual_seed(0)
+    y = (torch.randn(*shape) * 4).to(dtype)
+    y.view(-1)[:4] = torch.tensor([30.0, -30.0, 90.0, -90.0]).to(dtype)
+    y.requires_grad_()
+    out = swiglu(y)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref, (dy,) = _fp64_grads(eager_swiglu, (y,), grad)
+    assert out.dtype == dtype and out.shape == (*shape[:-1], shape[-1] // 2)
+    # |out| reaches ~4 * 4 and more: the tolerance is relative to the value
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    torch.testing.assert_close(y.grad.double(), dy, **TOL[dtype])
+
+
 # -- dispatch --------------------------------------------------------------------------------
 def _no_eager(*args, **kwargs):
     raise AssertionError("the eager path ran where the fused kernel should have")
@@ -127,16 +150,19 @@ def test_fused_path_is_taken(monkeypatch, dtype):
     backward): the fused kernels ran. An input they do not take reaches eager."""
     monkeypatch.setattr(rmsnorm_mod, "eager_rms_norm", _no_eager)
     monkeypatch.setattr(rope_mod, "eager_apply_rope", _no_eager)
-    x = torch.randn(4, 6, 32).to(dtype).requires_grad_()
+    monkeypatch.setattr(swiglu_mod, "eager_swiglu", _no_eager)
+    x = torch.randn(4, 6, 64).to(dtype).requires_grad_()
     w = torch.ones(32, dtype=dtype, requires_grad=True)
     t, freqs = _rope_inputs(6, 4, 1, 32, 32, 1, dtype)
-    out = apply_rope(rms_norm(x, w, 1e-6).view(4, 6, 1, 32).transpose(0, 1), freqs)
+    out = apply_rope(rms_norm(swiglu(x), w, 1e-6).view(4, 6, 1, 32).transpose(0, 1), freqs)
     out.sum().backward()
     assert x.grad is not None and w.grad is not None
     with pytest.raises(AssertionError, match="eager path ran"):
         rms_norm(x.detach().half(), w.detach().half(), 1e-6)   # no fp16 on CPU: eager
     with pytest.raises(AssertionError, match="eager path ran"):
         apply_rope(t, freqs[:1])                                 # broadcast over s: eager
+    with pytest.raises(AssertionError, match="eager path ran"):
+        swiglu(x.detach()[..., :63])                             # an odd width: eager
 
 
 def test_bad_input_is_one_clear_line():
@@ -145,11 +171,14 @@ def test_bad_input_is_one_clear_line():
         ops.forward(torch.randn(2, 4), torch.ones(4, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(RuntimeError, match="d_rot must be even"):
         load("rope", "cpu").apply(torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 3), False, False)
+    with pytest.raises(RuntimeError, match=r"y must be a contiguous \[rows, 2 \* f\] tensor"):
+        load("swiglu", "cpu").forward(torch.randn(2, 5))
 
 
 # -- CUDA sources ----------------------------------------------------------------------------
-CUDA_SOURCES = [_build.KERNEL_SOURCES / k / f"{k}_cuda.cu" for k in ("rmsnorm", "rope")]
-BINDINGS = [_build.KERNEL_SOURCES / k / f"{k}_cuda.cpp" for k in ("rmsnorm", "rope")]
+CUDA_KERNELS = ("rmsnorm", "rope", "swiglu")
+CUDA_SOURCES = [_build.KERNEL_SOURCES / k / f"{k}_cuda.cu" for k in CUDA_KERNELS]
+BINDINGS = [_build.KERNEL_SOURCES / k / f"{k}_cuda.cpp" for k in CUDA_KERNELS]
 
 
 def _nvcc():
@@ -182,7 +211,7 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
                               str(src), "-o", str(tmp_path / (src.stem + ".o"))],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for src in CUDA_SOURCES]
-    # One translation unit for both bindings: torch's headers are parsed once.
+    # One translation unit for all the bindings: torch's headers are parsed once.
     shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")

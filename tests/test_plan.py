@@ -23,6 +23,16 @@ def test_seed_size_table():
     assert p70.memory.total < 80 * GIB        # the search picked a layout that fits
 
 
+def test_one_fp32_data_parallel_rank_needs_no_zero1():
+    """ZeRO-1 on one data-parallel rank shards nothing and only adds a flat fp32 copy: ZeRO-0
+    there in fp32; bf16 keeps ZeRO-1 (fp32 gradient accumulation), DP > 1 keeps it too."""
+    assert plan("tiny", 1, device="cpu").zero_stage == 0
+    assert plan("tiny", 2, device="cpu").zero_stage == 1
+    assert plan("tiny", 1, overrides=["training.precision=bf16"]).zero_stage == 1
+    assert plan("tiny", 1, device="cpu",
+                overrides=["training.distributed.zero_stage=1"]).zero_stage == 1
+
+
 def test_batch_arithmetic_and_explicit_layout():
     p = plan("70b", 64, overrides=["training.distributed.strategy=hybrid",
                                    "training.distributed.tensor_parallel=8",

@@ -69,6 +69,27 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert abs(one["grad_norm"] - many["grad_norm"]) < 1e-4 * max(1.0, one["grad_norm"])
 
 
+def test_one_process_fp32_skips_zero1_and_clips_as_zero1_does(tmp_path):
+    """One fp32 process defaults to ZeRO-0 (no flat fp32 copy to shard); APT then computes,
+    reports and clips the gradient norm itself (DeepSpeed's ZeRO-0 drops it). With clipping
+    active every step, ZeRO-0 and ZeRO-1 give the same losses and norms."""
+    base = ["data.max_corpus_bytes=200000", "training.max_steps=3", "training.warmup_steps=1",
+            "training.batch_size=8", "training.eval_interval=0", "output.sample_tokens=0",
+            f"output.dir={tmp_path}", "training.log_interval=1", "training.grad_clip=0.5"]
+    histories = {}
+    for stage in (None, 1):
+        cfg = load_profile("tiny", base + ([] if stage is None else
+                                           [f"training.distributed.zero_stage={stage}"]))
+        trainer = Trainer.from_config(cfg)
+        assert trainer.plan.zero_stage == (0 if stage is None else 1)
+        trainer.train()
+        histories[stage] = trainer.history
+    for zero0, zero1 in zip(histories[None], histories[1]):
+        assert zero0["grad_norm"] > 0.5 and zero1["grad_norm"] > 0.5   # clipped every step
+        assert abs(zero0["grad_norm"] - zero1["grad_norm"]) < 1e-5 * zero1["grad_norm"]
+        assert abs(zero0["loss"] - zero1["loss"]) < 1e-5
+
+
 def test_training_ends_at_its_target_with_a_checkpoint_there(tmp_path):
     """training.target: the first evaluation that reaches it ends the run, checkpointed at that
     step and not evaluated twice; a metric the evaluation does not produce is named."""

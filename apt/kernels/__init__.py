@@ -4,11 +4,13 @@ tensor's device, eager otherwise.
 - ``rms_norm(x, weight, eps)``: RMSNorm forward and backward (``kernels/rmsnorm``).
 - ``apply_rope(t, freqs, interleaved=False)``: rotary embeddings with Megatron's layout and
   semantics (``kernels/rope``).
+- ``swiglu(y)``: ``silu(a) * b`` of ``y = [a | b]``, forward and backward without splitting
+  ``y`` or concatenating its gradient (``kernels/swiglu``).
 - ``linear_cross_entropy(hidden, weight, labels, tp_group=None)``: the output projection and
   the cross-entropy in chunks, vocabulary-parallel under TP (``kernels/linear_cross_entropy``).
 
 The model picks them through the profile key ``model.kernels`` (``resolve``): the layer spec's
-norms, Megatron's RoPE hook and the output layer call these functions, so the model code is the
+norms and MLP activation, Megatron's RoPE hook and the output layer call these functions, so the model code is the
 same with kernels on or off, and so are its losses.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Iterable, Union
 
 from ._build import KernelUnavailable, available, load
 
-KERNELS = ("rmsnorm", "rope", "linear_cross_entropy")
+KERNELS = ("rmsnorm", "rope", "swiglu", "linear_cross_entropy")
 log = logging.getLogger(__name__)
 
 KernelSetting = Union[str, Iterable[str]]

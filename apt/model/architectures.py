@@ -37,12 +37,13 @@ def resolve_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
 def model_kernels(arch: ModelConfig) -> tuple[str, ...]:
     """The fused kernels this process's model uses for ``model.kernels``. Under Transformer
     Engine its own fused norms and RoPE fill the layer spec, so ``auto`` keeps only ours that TE
-    lacks; a kernel named explicitly is used as asked."""
+    lacks; a kernel named explicitly is used as asked (``swiglu`` under TE: TE's activation
+    module, as Megatron's TE spec builds it)."""
     from apt.kernels import KERNELS, resolve
     device = "cuda" if torch.cuda.is_available() else "cpu"
     setting = arch.kernels
     if setting == "auto" and transformer_engine_spec():
-        setting = [k for k in KERNELS if k not in ("rmsnorm", "rope")]
+        setting = [k for k in KERNELS if k not in ("rmsnorm", "rope", "swiglu")]
     try:
         return resolve(setting, device)
     except (ValueError, KernelUnavailable) as err:

@@ -19,12 +19,14 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
 
+from apt.kernels.swiglu import SwiGLU
 from .packed_documents import PackedDocumentsGPTModel
 from .sdpa_attention import SDPAttention
 
@@ -56,7 +58,7 @@ def make_transformer_config(
     """A ``TransformerConfig`` with the Llama architecture choices. ``moe_router``: the
     router's load-balancing settings (``apt.model.moe_routing.router_settings``). ``kernels``:
     APT's fused kernels in use (``apt.kernels.resolve``); ``rope`` goes through Megatron's
-    fused-RoPE switch."""
+    fused-RoPE switch, ``swiglu`` through its activation-module switch (``layer_spec``)."""
     on_cpu = not torch.cuda.is_available()
     if "rope" in kernels:
         install_rope_kernel()
@@ -120,6 +122,9 @@ def make_transformer_config(
         # F.embedding's CPU backward splits the rows between threads (bit-identical).
         deterministic_mode=deterministic and not on_cpu,
         apply_rope_fusion="rope" in kernels,
+        # The MLP then calls the spec's activation module on its whole [gate | up] fc1 output
+        # (named for Transformer Engine's, which the TE spec then uses: layer_spec).
+        use_te_activation_func="swiglu" in kernels,
         **recompute_kwargs,
         **moe_kwargs,
     )
@@ -207,15 +212,31 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool]
     (the fused kernel's when ``rmsnorm`` is among ``kernels``) and SDPA core attention."""
     num_experts = config.num_moe_experts  # None -> dense MLP
     if _use_te(use_transformer_engine):
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
+        # TE's own fused activation when the config asks for an activation module
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, use_te_activation_func=config.use_te_activation_func)
     spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
     spec = copy.deepcopy(spec)  # specs may be shared objects: do not edit Megatron's
     spec.submodules.input_layernorm = norm_class(kernels)
     spec.submodules.pre_mlp_layernorm = norm_class(kernels)
+    if config.use_te_activation_func:
+        _set_activation_module(spec.submodules.mlp, SwiGLU)
     # Fused SDPA instead of baddbmm + masked softmax + bmm (sdpa_attention.py says why); a
     # DotProductAttention subclass, so everything that accepts the local one accepts it.
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def _set_activation_module(spec: ModuleSpec, module: type) -> None:
+    """``module`` as the activation of every MLP under ``spec``: the dense MLP, or a MoE
+    layer's experts and shared experts. With the config's activation-module switch on, an MLP
+    left without one would apply plain SiLU to [gate | up] (no gating)."""
+    if isinstance(spec.submodules, MLPSubmodules):
+        spec.submodules.activation_func = module
+        return
+    for child in vars(spec.submodules).values():
+        if isinstance(child, ModuleSpec):
+            _set_activation_module(child, module)
 
 
 def gpt_model_kwargs(

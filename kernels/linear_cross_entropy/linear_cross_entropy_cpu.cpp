@@ -8,8 +8,8 @@
 //                   gradient of the logits, which the caller then multiplies into dW and dh.
 // Math is fp32 whatever the logits' dtype (bf16/fp16 rows are widened into a per-thread
 // buffer). Rows run in parallel (at::parallel_for); the per-element loops are `omp simd`
-// loops over fp32 with an exp written in plain arithmetic, so they vectorise (libm's expf
-// does not without -ffast-math, which would also relax the max/sum reductions everywhere).
+// loops over fp32 with an exp written in plain arithmetic, so they vectorise, one copy per ISA
+// (common/simd_cpu.h).
 //
 // Registered as torch ops (TORCH_LIBRARY apt_linear_cross_entropy_cpu, reached as
 // torch.ops.apt_linear_cross_entropy_cpu.*) from light headers: torch/extension.h would
@@ -29,48 +29,7 @@
 #include <limits>
 #include <vector>
 
-// The clamps in fast_exp are compares; under GCC's default -ftrapping-math it will not turn
-// them into selects (a compare "may trap"), which leaves "control flow in loop" and no
-// vectorisation (checked with -fopt-info-vec). Nothing here reads floating-point exception
-// flags, so this file's own functions (not the torch headers above) drop that assumption.
-#pragma GCC optimize("no-trapping-math")
-
-namespace {
-
-// exp(x) for x <= ~88: 2^k * p(r), r = x - k ln2 in [-ln2/2, ln2/2], Cephes' degree-6
-// polynomial (about 1 ulp). Inputs below -87.3 give ~1e-38 instead of a denormal or 0: the
-// callers only take exp of (logit - max or lse), where such terms are below fp32 resolution
-// of the sum anyway. Branch-free so that `omp simd` loops over it vectorise.
-#pragma omp declare simd notinbranch
-inline float fast_exp(float x) {
-  x = x < -87.33654f ? -87.33654f : x;
-  x = x > 88.37626f ? 88.37626f : x;
-  // round to nearest by adding and removing 1.5 * 2^23 (std::floor would be a libm call here)
-  float k = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 127]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-}  // namespace
-
-// The row loops get one copy per ISA, picked at load time (GCC target_clones, an ifunc): the
-// build targets x86-64-v2 (SSE4.2) so that one build runs on any CI machine, while eager ATen
-// dispatches to AVX2 / AVX-512 at run time; without clones these loops run 2-4x narrower.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define APT_ROW_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define APT_ROW_LOOP
-#endif
+#include "../common/simd_cpu.h"
 
 namespace apt_lce {
 

@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/dtype_code_cuda.h"
+
 #include <cstdint>
 
 cudaError_t lce_stats_cuda(const void* logits, int dtype, int64_t rows, int64_t cols,
@@ -20,17 +22,6 @@ cudaError_t lce_softmax_grad_cuda(void* logits, int dtype, int64_t rows, int64_t
                                   const float* grad, cudaStream_t stream);
 
 namespace {
-
-int dtype_code(const at::Tensor& logits, const char* what) {
-  switch (logits.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
-    default:
-      TORCH_CHECK(false, what, ": logits must be float32, bfloat16 or float16, not ",
-                  logits.scalar_type());
-  }
-}
 
 void check_block(const at::Tensor& logits, const at::Tensor& labels, const char* what) {
   TORCH_CHECK(logits.is_cuda() && labels.device() == logits.device(),

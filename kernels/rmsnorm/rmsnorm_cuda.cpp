@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../common/dtype_code_cuda.h"
+
 #include <tuple>
 
 const char* apt_rmsnorm_forward(int dtype, const void* x, const void* w, void* y, float* rstd,
@@ -21,16 +23,6 @@ namespace {
 
 // Rows of up to this many elements fit the kernels' registers (rmsnorm.py: CUDA_MAX_HIDDEN).
 constexpr int64_t kMaxHidden = 16384;
-
-int dtype_code(const at::Tensor& x, const char* what) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
-    default: TORCH_CHECK(false, what, ": float32, bfloat16 or float16 expected, got ", x.scalar_type());
-  }
-  return -1;
-}
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w, const char* what) {
   TORCH_CHECK(x.is_cuda() && w.device() == x.device(), what, ": CUDA tensors on one device expected");

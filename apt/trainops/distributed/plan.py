@@ -175,12 +175,12 @@ def make_plan(cfg: APTConfig, world_size: int, gpus_per_node: int | None = None,
                         "local attention has no context-parallel path)",
                         key=f"{DIST}.context_parallel")
 
-    zero_stage, engine, dist_opt = _sharding(cfg, strategy, pp, ep, sp, notes)
+    precision = _precision(cfg.training.precision, device_type)
+    zero_stage, engine, dist_opt = _sharding(cfg, strategy, pp, ep, sp, dp, precision, notes)
     if cfg.lora.enabled and engine == "deepspeed" and zero_stage == 3:
         raise PlanError("LoRA with ZeRO-3 (strategy fsdp) is not supported: use strategy ddp "
                         "or hybrid with zero_stage 1 or 2 (adapters' optimizer state is small)",
                         key=f"{DIST}.zero_stage")
-    precision = _precision(cfg.training.precision, device_type)
     global_batch, micro, accum = _batch(cfg, dp, pp, vp)
     if vp > 1:
         notes.append("interleaved pipeline: p2p sends run unbatched (batch_p2p_comm=False); "
@@ -289,7 +289,7 @@ def _holds_reference(cfg) -> bool:
             and dpo.reference == "live")
 
 
-def _sharding(cfg, strategy, pp, ep, sp, notes):
+def _sharding(cfg, strategy, pp, ep, sp, dp, precision, notes):
     """The one place that picks the engine and how optimizer state is sharded.
 
     DeepSpeed ZeRO runs data and tensor parallel layouts. Pipelines (DeepSpeed refuses ZeRO
@@ -318,9 +318,13 @@ def _sharding(cfg, strategy, pp, ep, sp, notes):
                         "ZeRO-1)" if dist_opt else ""))
         return (1 if dist_opt else 0), "megatron", dist_opt
     # ddp defaults to ZeRO-1: the same communication volume as an all-reduce (reduce-scatter +
-    # all-gather) with optimizer state sharded over DP, and DeepSpeed reports the gradient norm
-    # (its stage-0 fp32 path computes it for clipping and drops it).
+    # all-gather) with optimizer state sharded over DP. With one data-parallel rank in fp32
+    # there is nothing to shard, and ZeRO-1 would only add a flat fp32 copy of every weight
+    # that each step copies gradients into and weights out of (issue 14: a tenth of a CPU step
+    # at 60M parameters): ZeRO-0 there. bf16 keeps ZeRO-1 for its fp32 gradient accumulation.
     default = {"ddp": 1, "fsdp": 3, "hybrid": 1}[strategy]
+    if default == 1 and dp == 1 and precision == "fp32":
+        default = 0
     stage = default if requested is None else requested
     if strategy == "fsdp" and stage != 3:
         raise PlanError(f"fsdp means fully sharded parameters (ZeRO-3), got zero_stage {stage}",

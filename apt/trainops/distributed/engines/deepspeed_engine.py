@@ -7,6 +7,8 @@ sequence-parallel norms, Megatron expert parallel) go to the Megatron engine: se
 update Megatron's schedules give it (``moe_router_steps``)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -14,6 +16,7 @@ from megatron.core import parallel_state
 from apt.core.config import APTConfig
 from apt.trainops.checkpoints.loss_scale import (deepspeed_scaler_state,
                                                  load_deepspeed_scaler_state)
+from ..grad_clip import clip_by_global_norm
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
@@ -33,7 +36,8 @@ def deepspeed_config(cfg: APTConfig, plan: Plan) -> dict:
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        # ZeRO-0 fp32: APT clips (grad_clip.py), since DeepSpeed's clipping there drops the norm
+        "gradient_clipping": 0.0 if clips_itself(plan) else t.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.learning_rate, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
@@ -50,6 +54,12 @@ def deepspeed_config(cfg: APTConfig, plan: Plan) -> dict:
         # Accumulate gradients in fp32 (only possible with ZeRO >= 1, FEASIBILITY.md).
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
+
+
+def clips_itself(plan: Plan) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed steps a plain torch optimizer, which reports no gradient
+    norm; ZeRO 1-3 and the bf16/fp16 optimizers compute, report and clip it themselves."""
+    return plan.zero_stage == 0 and plan.precision == "fp32"
 
 
 def _fused_adamw(plan: Plan) -> dict:
@@ -86,6 +96,7 @@ class DeepSpeedEngine(TrainEngine):
             config=deepspeed_config(cfg, plan), mpu=MegatronMPU())
         self.modules = [self.engine.module]
         self.moe = moe_router_steps.is_moe(self.modules)
+        self.grad_clip = cfg.training.grad_clip if clips_itself(plan) else None
 
     def train_step(self, batches, lr: float, before_update=None) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
@@ -108,12 +119,21 @@ class DeepSpeedEngine(TrainEngine):
             if self.moe:
                 moe_router_steps.finish_global_batch(self.modules)   # as finalize_model_grads
             set_phase("optimizer")
-            # The global norm is known only inside the step; ZeRO 1-3 skip a non-finite one
-            # themselves (their overflow check) and report it as inf.
-            apply = before_update is None or before_update(sums, units, None)
-            with updates_dropped(self.optimizer, drop=not apply):
+            if self.grad_clip is None:
+                # The global norm is known only inside the step; ZeRO 1-3 skip a non-finite
+                # one themselves (their overflow check) and report it as inf.
+                norm, finite = None, True
+            else:   # ZeRO-0 fp32: known now, and a non-finite one is skipped here
+                norm = clip_by_global_norm(list(self.engine.module.parameters()),
+                                           self.grad_clip,
+                                           parallel_state.get_tensor_model_parallel_group())
+                finite = math.isfinite(norm)
+            apply = before_update is None or before_update(sums, units, norm)
+            with updates_dropped(self.optimizer, drop=not (apply and finite)):
                 self.engine.step()       # steps the optimizer at the accumulation boundary
-        return StepResult(sums, units, self.engine.get_global_grad_norm(), self._loss_scale())
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return StepResult(sums, units, norm, self._loss_scale())
 
     def _loss_scale(self) -> float | None:
         if self.plan.precision != "fp16":
