@@ -92,7 +92,8 @@ def test_one_process_fp32_skips_zero1_and_clips_as_zero1_does(tmp_path):
 
 def test_training_ends_at_its_target_with_a_checkpoint_there(tmp_path):
     """training.target: the first evaluation that reaches it ends the run, checkpointed at that
-    step and not evaluated twice; a metric the evaluation does not produce is named."""
+    step and not evaluated twice; resuming from that checkpoint trains no further (unless the
+    target changed); a metric the evaluation does not produce is named."""
     base = ["data.max_corpus_bytes=200000", "training.max_steps=12", "training.warmup_steps=1",
             "training.batch_size=8", "training.eval_interval=3", "training.eval_batches=1",
             "output.sample_tokens=0", f"output.dir={tmp_path}",
@@ -108,6 +109,18 @@ def test_training_ends_at_its_target_with_a_checkpoint_there(tmp_path):
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "val_loss" in r]
     assert [r["step"] for r in evals] == [3] and summary["val_loss"] == evals[0]["val_loss"]
+
+    # Resumed from there (auto-resume, e.g. a restarted job): nothing left to train; with
+    # another target it trains on.
+    target = ["training.target.metric=val_loss", "training.target.mode=min",
+              "training.checkpoints.auto_resume=true"]
+    resumed = Trainer.from_config(load_profile("tiny", base + target + [
+        "training.target.value=100"]))
+    summary = resumed.train()
+    assert summary["steps"] == 3 and summary["stopped_at_target"] and resumed.history == []
+    resumed = Trainer.from_config(load_profile("tiny", base + target + [
+        "training.target.value=0"]))
+    assert resumed.train()["steps"] == 12 and len(resumed.history) == 9
 
     trainer = Trainer.from_config(load_profile("tiny", base + [
         "training.target.metric=val_exact_match", f"output.dir={tmp_path / 'typo'}"]))

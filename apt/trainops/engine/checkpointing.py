@@ -10,6 +10,8 @@ restored when the layout is the same (on another layout each rank's streams diff
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import signal
@@ -160,6 +162,9 @@ def save_training_checkpoint(trainer):
                 "config": config_to_dict(cfg), "layout": layout_of(plan),
                 "loss_scalers": trainer.engine.loss_scaler_states(),
                 "objective": trainer.objective.state_dict(),
+                # the training.target this step reached (the run ended here), else None
+                "target_reached": (dataclasses.asdict(cfg.training.target)
+                                   if trainer.stopped_at_target else None),
                 "versions": package_versions()}, indent=1, default=str))
     return ckpt
 
@@ -200,6 +205,11 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
                        verified=True)   # resolve_resume verified the whole checkpoint
     trainer.step = ckpt.step
     trainer.consumed_samples = consumed
+    # A run resumed from the step that reached its target has nothing left to train, unless
+    # the target changed since (then it trains on toward the new one).
+    reached = ckpt.state.get("target_reached")
+    trainer.stopped_at_target = bool(reached) and reached == dataclasses.asdict(
+        trainer.config.training.target)
 
 
 def resumed_run_dir(ckpt: CheckpointState | None) -> Path | None:

@@ -280,8 +280,11 @@ class Trainer:
         pending: list[tuple] = []
         eval_result = None   # the evaluation that reached training.target, if one did
         started = time.perf_counter()
+        if self.stopped_at_target:   # resumed from the checkpoint that reached it
+            progress.line(f"target | reached at step {self.step} by the run this one resumes "
+                          f"(training.target unchanged): nothing left to train")
         with PreemptionGuard() as preemption, self._checkpoint_writes_abort_on_error():
-            while self.step < t.max_steps:
+            while self.step < t.max_steps and not self.stopped_at_target:
                 step_start = time.perf_counter()
                 set_phase("data", step=self.step + 1,
                           batch=self.consumed_samples // plan.global_batch + 1)
@@ -318,8 +321,15 @@ class Trainer:
                 if pending and (self.step % t.log_interval == 0 or last or preempted):
                     self._flush(pending, tokens_per_step, progress)
                     pending = []
+                evaluation = None
+                if t.eval_interval and self.step % t.eval_interval == 0 and not (
+                        last or preempted):
+                    evaluation = self._log_eval(progress)
+                    self._target_reached(evaluation, progress)
+                # After the evaluation: a checkpoint at the step that reached the target
+                # records it, so that resuming from it does not train on.
                 if preempted or self.checkpoints.should_save(self.step) or (
-                        last and t.checkpoints.save_interval):
+                        (last or self.stopped_at_target) and t.checkpoints.save_interval):
                     self._save_checkpoint(progress)
                 if preempted:
                     self._commit_checkpoint(progress)
@@ -327,14 +337,9 @@ class Trainer:
                                   f"(rerun with auto-resume to continue)")
                     progress.close()
                     return {"steps": self.step, "preempted": True}
-                if t.eval_interval and self.step % t.eval_interval == 0 and not last:
-                    evaluation = self._log_eval(progress)
-                    if self._target_reached(evaluation, progress):
-                        if t.checkpoints.save_interval and not self.checkpoints.should_save(
-                                self.step):
-                            self._save_checkpoint(progress)   # as at max_steps
-                        eval_result = evaluation
-                        break
+                if self.stopped_at_target:
+                    eval_result = evaluation
+                    break
             set_phase("checkpoint")
             self._commit_checkpoint(progress)   # the last save, before the run reports done
         if eval_result is None:
