@@ -51,3 +51,30 @@ inline float fast_exp(float x) {
 }
 
 }  // namespace
+
+// bf16 <-> fp32 for a whole row, by bits (per-element conversions mixed into a loop's math do
+// not vectorise; these simple loops do): widening is a shift; narrowing rounds to nearest
+// even, NaN stays NaN. Defined here, not only declared: each kernel is one translation unit.
+namespace apt_simd {
+
+APT_ROW_LOOP void widen_bf16(const uint16_t* x, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = static_cast<uint32_t>(x[j]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    out[j] = f;
+  }
+}
+
+APT_ROW_LOOP void narrow_bf16(const float* x, uint16_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[j], sizeof bits);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    out[j] = static_cast<uint16_t>(x[j] != x[j] ? 0x7fc0u : rounded);
+  }
+}
+
+}  // namespace apt_simd

@@ -53,28 +53,6 @@ APT_ROW_LOOP void row_scaled_softmax(float* x, int64_t n, float lse, float g) {
   for (int64_t j = 0; j < n; ++j) x[j] = fast_exp(x[j] - lse) * g;
 }
 
-// bf16 <-> fp32 for a whole row, by bits (c10::BFloat16's per-element conversions do not
-// vectorise): widening is a shift; narrowing rounds to nearest even, NaN stays NaN.
-APT_ROW_LOOP void widen_bf16(const uint16_t* x, float* out, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t bits = static_cast<uint32_t>(x[j]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    out[j] = f;
-  }
-}
-
-APT_ROW_LOOP void narrow_bf16(const float* x, uint16_t* out, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t bits;
-    std::memcpy(&bits, &x[j], sizeof bits);
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    out[j] = static_cast<uint16_t>(x[j] != x[j] ? 0x7fc0u : rounded);
-  }
-}
-
 }  // namespace apt_lce
 
 namespace {
@@ -83,13 +61,13 @@ using apt_lce::row_scaled_softmax;
 using apt_lce::row_sum_exp;
 
 void widen(const c10::BFloat16* x, float* out, int64_t n) {
-  apt_lce::widen_bf16(reinterpret_cast<const uint16_t*>(x), out, n);
+  apt_simd::widen_bf16(reinterpret_cast<const uint16_t*>(x), out, n);
 }
 void widen(const c10::Half* x, float* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(x[j]);
 }
 void narrow(const float* x, c10::BFloat16* out, int64_t n) {
-  apt_lce::narrow_bf16(x, reinterpret_cast<uint16_t*>(out), n);
+  apt_simd::narrow_bf16(x, reinterpret_cast<uint16_t*>(out), n);
 }
 void narrow(const float* x, c10::Half* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = static_cast<c10::Half>(x[j]);

@@ -26,30 +26,11 @@
 namespace apt_swiglu {
 
 // bf16 rows are widened to fp32 a chunk at a time into stack buffers, run through the fp32
-// loops and narrowed back: three simple loops vectorise where one loop mixing the bit
-// conversions with the math did not (measured: the mixed loop was slower than eager bf16).
+// loops and narrowed back (common/simd_cpu.h): simple loops vectorise where one loop mixing
+// the bit conversions with the math did not (measured: that one was slower than eager bf16).
 constexpr int64_t kChunk = 256;
-
-APT_ROW_LOOP void widen_bf16(const uint16_t* x, float* out, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t u = static_cast<uint32_t>(x[j]) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    out[j] = f;
-  }
-}
-
-// Rounds to nearest even; NaN stays NaN.
-APT_ROW_LOOP void narrow_bf16(const float* x, uint16_t* out, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t u;
-    std::memcpy(&u, &x[j], sizeof u);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    out[j] = static_cast<uint16_t>(x[j] != x[j] ? 0x7fc0u : rounded);
-  }
-}
+using apt_simd::narrow_bf16;
+using apt_simd::widen_bf16;
 
 APT_ROW_LOOP void forward_f32(const float* a, const float* b, float* o, int64_t f) {
 #pragma omp simd
