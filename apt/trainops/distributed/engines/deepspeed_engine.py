@@ -97,6 +97,12 @@ class DeepSpeedEngine(TrainEngine):
         self.modules = [self.engine.module]
         self.moe = moe_router_steps.is_moe(self.modules)
         self.grad_clip = cfg.training.grad_clip if clips_itself(plan) else None
+        if plan.zero_stage == 0 and plan.dp == 1:
+            # Nothing to reduce: ZeRO-0 would still flatten every gradient into a buffer,
+            # all-reduce it over a group of one, scale it by 1 and copy it back, each step
+            # (issue 14: 2.3 ms of a 16 ms step at the smallest shape, and a copy of all
+            # gradients at any size).
+            self.engine.enable_backward_allreduce = False
 
     def train_step(self, batches, lr: float, before_update=None) -> StepResult:
         self.set_lr(self.optimizer.param_groups, lr)
