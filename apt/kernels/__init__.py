@@ -10,8 +10,8 @@ tensor's device, eager otherwise.
   the cross-entropy in chunks, vocabulary-parallel under TP (``kernels/linear_cross_entropy``).
 
 The model picks them through the profile key ``model.kernels`` (``resolve``): the layer spec's
-norms and MLP activation, Megatron's RoPE hook and the output layer call these functions, so the model code is the
-same with kernels on or off, and so are its losses.
+norms and MLP activation, Megatron's RoPE hook and the output layer call these functions, so
+the model code is the same with kernels on or off, and so are its losses.
 """
 from __future__ import annotations
 

@@ -2,10 +2,11 @@
 
 Builds the CUDA kernel from source, compares the fused op with the eager path (hidden @ W^T,
 fp32 logits, cross-entropy) in fp32 and bf16 (loss and the gradients of hidden and weight, at
-sizes no multiple of the blocks, default blocks and small ones that slice the vocabulary),
-then times forward + backward of both with CUDA events and records the peak memory each
-allocates beyond its inputs (torch.cuda.max_memory_allocated) at tokens 8192, hidden 4096,
-vocab 128256 in bf16. Prints one JSON object as its last stdout line.
+sizes no multiple of the blocks: default blocks, small ones that slice the vocabulary, and the
+one-pass walk given per-token weights), then times forward + backward of each with CUDA
+events and records the peak memory each allocates beyond its inputs
+(torch.cuda.max_memory_allocated) at tokens 8192, hidden 4096, vocab 128256 in bf16. Prints
+one JSON object as its last stdout line.
 
 ``--dry``: the same on CPU with the C++ kernel at a small shape (wall-clock times; no
 allocator peak on CPU: bench/kernels_linear_ce.py measures CPU memory).
@@ -56,13 +57,16 @@ def correctness(fused, eager, device, dry):
     errors, passed = {}, True
     shape, small = ((300, 64, 5003), (64, 1000)) if dry else ((1000, 256, 50257), (96, 2000))
     for dtype in (torch.float32, torch.bfloat16):
-        for chunks in ((None, None), small):
+        # default blocks, small blocks that slice the vocabulary, and the one-pass walk (the
+        # per-token weights given, and backward's gradient exactly upstream = 1 * weights)
+        for case in ("default", "small", "one_pass"):
             h, w, labels, upstream = make(*shape, dtype, device)
-            got = fwd_bwd(lambda a, b, y: fused(a, b, y, chunk_tokens=chunks[0],
-                                                chunk_vocab=chunks[1]), h, w, labels, upstream)
+            kw = ({"chunk_tokens": small[0], "chunk_vocab": small[1]} if case == "small" else
+                  {"weights": upstream} if case == "one_pass" else {})
+            got = fwd_bwd(lambda a, b, y: fused(a, b, y, **kw), h, w, labels, upstream)
             want = fwd_bwd(eager, h, w, labels, upstream)
             found = [errs(a, b) for a, b in zip(got, want)]
-            key = f"{dtype_name(dtype)}_{'default' if chunks[0] is None else 'small'}"
+            key = f"{dtype_name(dtype)}_{case}"
             errors[key] = {name: [float(f"{e:.3g}") for e in pair] for name, pair in
                            zip(("loss", "grad_hidden", "grad_weight"), found)}
             scaled = [pair[1] for pair in found]
@@ -105,6 +109,9 @@ def check(device, dry: bool) -> dict:
     shape = (256, 64, 4096) if dry else (8192, 4096, 128256)
     inputs = make(*shape, torch.bfloat16, device, seed=1)
     ms, peak = measure(fused, inputs, device, repeats=2 if dry else 3)
+    one_pass_ms, one_pass_peak = measure(
+        lambda h, w, y: fused(h, w, y, weights=inputs[3]), inputs, device,
+        repeats=2 if dry else 3)
     eager_ms, eager_peak = measure(eager_linear_cross_entropy, inputs, device,
                                    repeats=2 if dry else 3)
     return {
@@ -114,6 +121,10 @@ def check(device, dry: bool) -> dict:
         "shape": {"tokens": shape[0], "hidden": shape[1], "vocab": shape[2],
                   "dtype": "bfloat16"},
         "ms": round(ms, 3), "eager_ms": round(eager_ms, 3),
+        # the one-pass walk (the language-model objective's path when the vocabulary is not
+        # split over TP): gradients in the forward, held until backward
+        "one_pass_ms": round(one_pass_ms, 3),
+        "one_pass_peak_mib": None if one_pass_peak is None else round(one_pass_peak, 1),
         "peak_mib": None if peak is None else round(peak, 1),
         "eager_peak_mib": None if eager_peak is None else round(eager_peak, 1),
         # both peaks include the gradients of hidden and weight, which both paths return

@@ -11,7 +11,6 @@ restored when the layout is the same (on another layout each rank's streams diff
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import signal
