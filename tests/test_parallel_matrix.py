@@ -29,7 +29,7 @@ MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_load_balancing=aux
        "model.moe_aux_loss_coeff=1e-2", "model.moe_z_loss_coeff=1e-3"]
 HYBRID = "training.distributed.strategy=hybrid"
 KERNELS_OFF = ["model.kernels=none"]
-ALL_KERNELS = ["rmsnorm", "rope", "swiglu", "linear_cross_entropy"]
+ALL_KERNELS = ["rmsnorm", "rope", "swiglu", "linear", "linear_cross_entropy"]
 
 
 def _common(tmp, init):

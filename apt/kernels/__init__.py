@@ -8,6 +8,8 @@ tensor's device, eager otherwise.
   ``y`` or concatenating its gradient (``kernels/swiglu``).
 - ``linear_cross_entropy(hidden, weight, labels, tp_group=None)``: the output projection and
   the cross-entropy in chunks, vocabulary-parallel under TP (``kernels/linear_cross_entropy``).
+- ``linear``: not compiled here: the transformer layers' fp32 GEMMs on CPU through oneDNN
+  instead of MKL (``apt/kernels/linear.py`` says why), CPU only.
 
 The model picks them through the profile key ``model.kernels`` (``resolve``): the layer spec's
 norms and MLP activation, Megatron's RoPE hook and the output layer call these functions, so
@@ -16,11 +18,15 @@ the model code is the same with kernels on or off, and so are its losses.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterable, Union
 
 from ._build import KernelUnavailable, available, load
 
-KERNELS = ("rmsnorm", "rope", "swiglu", "linear_cross_entropy")
+# Compiled from kernels/<name>/ (python -m apt.kernels builds these).
+BUILT = ("rmsnorm", "rope", "swiglu", "linear_cross_entropy")
+# What model.kernels names: the built ones and oneDNN's GEMMs for the linear layers.
+KERNELS = ("rmsnorm", "rope", "swiglu", "linear", "linear_cross_entropy")
 log = logging.getLogger(__name__)
 
 KernelSetting = Union[str, Iterable[str]]
@@ -53,8 +59,10 @@ def resolve(setting: KernelSetting, device_type: str) -> tuple[str, ...]:
     chosen = []
     for name in wanted:
         try:
-            load(name, device_type)
+            _check_usable(name, device_type)
         except KernelUnavailable as err:
+            if name == "linear" and setting == "auto" and device_type != "cpu":
+                continue   # CPU-only by design: cuBLAS is the GPU's GEMM, nothing to warn of
             if setting != "auto":
                 raise
             log.warning("%s; it runs eager", err)
@@ -63,4 +71,17 @@ def resolve(setting: KernelSetting, device_type: str) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-__all__ = ["KERNELS", "KernelUnavailable", "available", "check_setting", "load", "resolve"]
+def _check_usable(name: str, device_type: str) -> None:
+    """Build (or find) kernel ``name`` for ``device_type``; raises ``KernelUnavailable``."""
+    if name != "linear":
+        load(name, device_type)
+        return
+    from .linear import available as onednn_available
+    if os.environ.get("APT_KERNELS") == "none":
+        raise KernelUnavailable("APT_KERNELS=none in the environment")
+    if not onednn_available(device_type):
+        raise KernelUnavailable(f"kernel 'linear' (oneDNN's GEMMs) is CPU-only and needs a torch "
+                                f"built with MKL-DNN; not usable on {device_type}")
+
+
+__all__ = ["BUILT", "KERNELS", "KernelUnavailable", "available", "check_setting", "load", "resolve"]

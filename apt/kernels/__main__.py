@@ -28,7 +28,7 @@ def _build_one(name: str, device: str) -> tuple[str, float, str | None]:
 
 
 def main(argv=None) -> int:
-    from apt.kernels import KERNELS
+    from apt.kernels import BUILT as KERNELS
     parser = argparse.ArgumentParser(prog="python -m apt.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")

@@ -46,7 +46,8 @@ class LoRAAdapter(torch.nn.Module):
         from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                                    set_tensor_model_parallel_attributes)
         from megatron.core.utils import get_pg_rank, get_pg_size
-        if type(base) not in (ColumnParallelLinear, RowParallelLinear):
+        # Subclasses too: the layer spec's oneDNN ones (apt/kernels/linear.py) are these.
+        if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
             raise NotImplementedError(
                 f"LoRA wraps Megatron's local ColumnParallelLinear/RowParallelLinear, not "
                 f"{type(base).__name__} (Transformer Engine layers fuse the norm into the "

@@ -221,6 +221,9 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool]
     spec.submodules.pre_mlp_layernorm = norm_class(kernels)
     if config.use_te_activation_func:
         _set_activation_module(spec.submodules.mlp, SwiGLU)
+    if "linear" in kernels:   # oneDNN's GEMMs for every linear layer of the block
+        from apt.kernels.linear import REPLACEMENTS
+        _replace_classes(spec, REPLACEMENTS)
     # Fused SDPA instead of baddbmm + masked softmax + bmm (sdpa_attention.py says why); a
     # DotProductAttention subclass, so everything that accepts the local one accepts it.
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
@@ -237,6 +240,21 @@ def _set_activation_module(spec: ModuleSpec, module: type) -> None:
     for child in vars(spec.submodules).values():
         if isinstance(child, ModuleSpec):
             _set_activation_module(child, module)
+
+
+def _replace_classes(spec: ModuleSpec, replacements: dict) -> None:
+    """Every module class in ``spec``'s tree that is a key of ``replacements`` becomes its
+    value: the layer's own submodules and those of any spec under it (MoE experts too)."""
+    if spec.module in replacements:
+        spec.module = replacements[spec.module]
+    submodules = spec.submodules
+    if submodules is None or isinstance(submodules, (type, dict)):
+        return
+    for name, child in vars(submodules).items():
+        if isinstance(child, ModuleSpec):
+            _replace_classes(child, replacements)
+        elif isinstance(child, type) and child in replacements:
+            setattr(submodules, name, replacements[child])
 
 
 def gpt_model_kwargs(
