@@ -70,8 +70,8 @@ def _tiny_model(tmp_path, kernels: str):
 
 def test_every_linear_layer_of_a_model_takes_the_onednn_path(tmp_path, monkeypatch):
     calls = []
-    real = linear_mod._onednn_linear
-    monkeypatch.setattr(linear_mod, "_onednn_linear",
+    real = linear_mod.onednn_linear
+    monkeypatch.setattr(linear_mod, "onednn_linear",
                         lambda *args: calls.append(args[0].shape) or real(*args))
     outputs = {}
     for kernels in ("auto", "none"):
@@ -89,3 +89,27 @@ def test_every_linear_layer_of_a_model_takes_the_onednn_path(tmp_path, monkeypat
     assert layers_on == 8 and calls_on == 2 * layers_on, outputs
     assert outputs["none"][1:] == (0, 0), outputs
     assert abs(loss_on - outputs["none"][0]) <= 1e-5 * abs(loss_on), outputs
+
+
+def test_fused_cross_entropy_blocks_use_onednn_and_match_mm(monkeypatch):
+    """The fused loss's logits and dh products (apt/kernels/linear_cross_entropy.py) go
+    through oneDNN too, with the same results as its mm path."""
+    import apt.kernels.linear_cross_entropy as lce
+    torch.manual_seed(2)
+    h, w = torch.randn(300, 64), torch.randn(1000, 64) * 0.1
+    labels, mask = torch.randint(0, 1000, (300,)), (torch.rand(300) > 0.2).float()
+
+    def run():
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        for weights in (mask, None):   # the one-pass walk, then the recomputing one
+            (lce.linear_cross_entropy(hh, ww, labels, weights=weights) * mask).sum().backward()
+        return hh.grad, ww.grad
+
+    calls = []
+    real = lce.onednn_linear
+    monkeypatch.setattr(lce, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    with_onednn = run()
+    assert len(calls) >= 4, calls
+    monkeypatch.setattr(lce, "onednn_supported", lambda *a: False)
+    for got, want in zip(with_onednn, run()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -47,7 +47,7 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == torch.float32 and x.numel() > 0 and available("cpu"))
 
 
-def _onednn_linear(x2d: torch.Tensor, weight: torch.Tensor,
+def onednn_linear(x2d: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """``x2d @ weight.T (+ bias)``: [tokens, in] x [out, in] -> [tokens, out]."""
     return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
@@ -62,7 +62,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2d, weight)
         ctx.has_bias, ctx.tp_group, ctx.shape = bias is not None, tp_group, x.shape
-        return _onednn_linear(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return onednn_linear(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -73,7 +73,7 @@ class _OneDNNLinear(torch.autograd.Function):
         handle = None
         if ctx.needs_input_grad[0]:
             # dX = dY W, i.e. a linear with weight W^T: oneDNN takes the transposed view.
-            grad_x = _onednn_linear(g2d, weight.t(), None)
+            grad_x = onednn_linear(g2d, weight.t(), None)
             if ctx.tp_group is not None:
                 # Overlaps the weight gradient below, as Megatron's async all-reduce does.
                 handle = dist.all_reduce(grad_x, group=ctx.tp_group, async_op=True)

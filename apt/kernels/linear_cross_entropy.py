@@ -28,6 +28,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from ._build import KernelUnavailable, load
+from .linear import onednn_linear, supported as onednn_supported
 
 # Default block sizes. CUDA: 1024-row blocks keep the matmuls tensor-core bound (a 128k-vocab
 # weight is not re-read for every few rows), 2^25 logits per block = 64 MiB in bf16 (the
@@ -85,19 +86,31 @@ def _tp(tp_group):
 
 
 class _Blocks:
-    """The (token, vocabulary) block walk and its one reused logits buffer."""
+    """The (token, vocabulary) block walk and its one reused logits buffer.
+
+    On CPU in fp32 the row-major products (the logits, dh) go through oneDNN, as the linear
+    layers' do (``apt/kernels/linear.py``: MKL's sgemm leaves AVX-512 unused on AMD CPUs)."""
 
     def __init__(self, hidden, weight, rows, cols):
         self.hidden, self.weight = hidden, weight
         self.token_spans = _spans(hidden.shape[0], rows)
         self.vocab_spans = _spans(weight.shape[0], cols)
         self.buffer = torch.empty(rows * cols, dtype=hidden.dtype, device=hidden.device)
+        self.onednn = onednn_supported(hidden, weight)
 
     def logits(self, r0, r1, w_block):
         """h[r0:r1] @ w_block^T written into the buffer: one allocation for the whole walk
         (on CPU a fresh large tensor per block would be fresh pages, zero-filled by the OS)."""
         out = self.buffer[:(r1 - r0) * w_block.shape[0]].view(r1 - r0, w_block.shape[0])
+        if self.onednn:
+            return out.copy_(onednn_linear(self.hidden[r0:r1], w_block, None))
         return torch.mm(self.hidden[r0:r1], w_block.t(), out=out)
+
+    def grad_hidden(self, g_logits, w_block, out):
+        """g_logits @ w_block into ``out`` (a slice of dh)."""
+        if self.onednn:
+            return out.copy_(onednn_linear(g_logits, w_block.t(), None))
+        return torch.mm(g_logits, w_block, out=out)
 
 
 def _grad_blocks(blocks, labels, vocab_start, grad, kernel, want_h, want_w, lse, target=None):
@@ -139,7 +152,7 @@ def _grad_blocks(blocks, labels, vocab_start, grad, kernel, want_h, want_w, lse,
                 if not h_acc:
                     grad_h[r0:r1] += torch.mm(g_logits, w_block)
                 elif j == 0:
-                    torch.mm(g_logits, w_block, out=grad_h[r0:r1])
+                    blocks.grad_hidden(g_logits, w_block, grad_h[r0:r1])
                 else:
                     grad_h[r0:r1].addmm_(g_logits, w_block)
             if want_w:
