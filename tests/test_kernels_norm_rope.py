@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,17 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
         assert {arch for _, arch in entries} == {"80", "90"}, out[-2000:]
         assert len(spills) >= len(entries) > 0
         assert all(s == ("0", "0") for s in spills), f"{src.name} spills registers:\n{out}"
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_fresh_one_kept(tmp_path, caplog):
+    """cpp_extension waits for ever on a build folder's ``lock``; a run killed mid-build left
+    one behind and the next run hung at start-up (apt/kernels/_build.py)."""
+    from apt.kernels._build import STALE_LOCK_S, clear_stale_lock
+    lock = tmp_path / "lock"
+    lock.touch()
+    clear_stale_lock(tmp_path)
+    assert lock.exists() and "waiting for another process's build" in caplog.text
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    clear_stale_lock(tmp_path)
+    assert not lock.exists() and "left by a build that was killed" in caplog.text

@@ -81,6 +81,29 @@ def _load_once(name: str, device_type: str):
         return err
 
 
+# A CPU kernel builds in 15-45 s, a CUDA one in a few minutes: a build lock older than this
+# was left by a build that was killed (cpp_extension's lock holds no PID to check).
+STALE_LOCK_S = 900
+
+
+def clear_stale_lock(build_dir: Path) -> None:
+    """cpp_extension waits, silently and for ever, while its build folder's ``lock`` file
+    exists; a run killed mid-build leaves it behind. Remove one older than STALE_LOCK_S; for a
+    younger one say what the wait is and how to end it if nothing is building."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("kernel build lock %s is %.0f s old, left by a build that was killed: "
+                    "removing it", lock, age)
+        lock.unlink(missing_ok=True)
+    else:
+        log.warning("kernel build lock %s (%.0f s old): waiting for another process's build; "
+                    "if none is running (a build killed halfway), delete that file", lock, age)
+
+
 def _build(name: str, device_type: str):
     if os.environ.get("APT_KERNELS") == "none":
         raise KernelUnavailable("APT_KERNELS=none in the environment")
@@ -101,9 +124,11 @@ def _build(name: str, device_type: str):
     for path in files + sorted((KERNEL_SOURCES / "common").glob("*")):  # + shared headers
         digest.update(path.read_bytes())
     digest.update(repr((CPU_FLAGS, CUDA_FLAGS, torch.__version__)).encode())
+    build_name = f"apt_{name}_{device_type}_{digest.hexdigest()[:10]}"
+    clear_stale_lock(Path(cpp_extension._get_build_directory(build_name, verbose=False)))
     try:
         module = cpp_extension.load(
-            name=f"apt_{name}_{device_type}_{digest.hexdigest()[:10]}",
+            name=build_name,
             sources=[str(p) for p in files],
             extra_cflags=CPU_FLAGS,
             extra_cuda_cflags=CUDA_FLAGS,
