@@ -74,7 +74,9 @@ def test_every_linear_layer_of_a_model_takes_the_onednn_path(tmp_path, monkeypat
     monkeypatch.setattr(linear_mod, "onednn_linear",
                         lambda *args: calls.append(args[0].shape) or real(*args))
     outputs = {}
-    for kernels in ("auto", "none"):
+    # linear alone: with the fused loss on too, its block products would also count (it calls
+    # the same function, apt/kernels/linear_cross_entropy.py)
+    for kernels in ("[linear]", "none"):
         model = _tiny_model(tmp_path, kernels)
         layers = [m for m in model.modules()
                   if isinstance(m, (OneDNNColumnParallelLinear, OneDNNRowParallelLinear))]
@@ -84,7 +86,7 @@ def test_every_linear_layer_of_a_model_takes_the_onednn_path(tmp_path, monkeypat
         loss = model(tokens, positions, None, labels=tokens).sum()
         loss.backward()
         outputs[kernels] = (loss.item(), len(layers), len(calls))
-    loss_on, layers_on, calls_on = outputs["auto"]
+    loss_on, layers_on, calls_on = outputs["[linear]"]
     # 2 layers x (qkv, proj, fc1, fc2); each one oneDNN call forward, one for dX backward
     assert layers_on == 8 and calls_on == 2 * layers_on, outputs
     assert outputs["none"][1:] == (0, 0), outputs

@@ -18,10 +18,9 @@ the model code is the same with kernels on or off, and so are its losses.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Iterable, Union
 
-from ._build import KernelUnavailable, available, load
+from ._build import KernelUnavailable, available, load, refuse_if_disabled
 
 # Compiled from kernels/<name>/ (python -m apt.kernels builds these).
 BUILT = ("rmsnorm", "rope", "swiglu", "linear_cross_entropy")
@@ -77,8 +76,7 @@ def _check_usable(name: str, device_type: str) -> None:
         load(name, device_type)
         return
     from .linear import available as onednn_available
-    if os.environ.get("APT_KERNELS") == "none":
-        raise KernelUnavailable("APT_KERNELS=none in the environment")
+    refuse_if_disabled()
     if not onednn_available(device_type):
         raise KernelUnavailable(f"kernel 'linear' (oneDNN's GEMMs) is CPU-only and needs a torch "
                                 f"built with MKL-DNN; not usable on {device_type}")

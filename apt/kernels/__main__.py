@@ -28,16 +28,16 @@ def _build_one(name: str, device: str) -> tuple[str, float, str | None]:
 
 
 def main(argv=None) -> int:
-    from apt.kernels import BUILT as KERNELS
+    from apt.kernels import BUILT
     parser = argparse.ArgumentParser(prog="python -m apt.kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--jobs", type=int, default=max(1, min(len(KERNELS),
+    parser.add_argument("--jobs", type=int, default=max(1, min(len(BUILT),
                                                              (os.cpu_count() or 2) // 4)))
     args = parser.parse_args(argv)
     failed = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for name, seconds, problem in pool.map(_build_one, KERNELS, [args.device] * len(KERNELS)):
+        for name, seconds, problem in pool.map(_build_one, BUILT, [args.device] * len(BUILT)):
             failed += problem is not None
             print(f"{name:22s} {args.device:4s} {'unavailable: ' + problem if problem else 'ready'}"
                   f" ({seconds:.1f} s)", flush=True)

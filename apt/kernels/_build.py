@@ -104,9 +104,14 @@ def clear_stale_lock(build_dir: Path) -> None:
                     "if none is running (a build killed halfway), delete that file", lock, age)
 
 
-def _build(name: str, device_type: str):
+def refuse_if_disabled() -> None:
+    """``APT_KERNELS=none`` in the environment turns every kernel off (eager everywhere)."""
     if os.environ.get("APT_KERNELS") == "none":
         raise KernelUnavailable("APT_KERNELS=none in the environment")
+
+
+def _build(name: str, device_type: str):
+    refuse_if_disabled()
     if device_type == "cuda" and not torch.cuda.is_available():
         raise KernelUnavailable("no CUDA device")
     files = sources(name, device_type)

@@ -33,12 +33,8 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 @functools.cache
 def available(device_type: str = "cpu") -> bool:
     """Whether this torch build has oneDNN's linear op (CPU builds with MKL-DNN do)."""
-    if device_type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
+    return (device_type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

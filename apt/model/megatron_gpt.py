@@ -230,31 +230,35 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool]
     return spec
 
 
+def _specs(spec: ModuleSpec):
+    """``spec`` and every ModuleSpec under it (a MoE layer's experts and shared experts too)."""
+    yield spec
+    if spec.submodules is None or isinstance(spec.submodules, (type, dict)):
+        return
+    for child in vars(spec.submodules).values():
+        if isinstance(child, ModuleSpec):
+            yield from _specs(child)
+
+
 def _set_activation_module(spec: ModuleSpec, module: type) -> None:
     """``module`` as the activation of every MLP under ``spec``: the dense MLP, or a MoE
     layer's experts and shared experts. With the config's activation-module switch on, an MLP
     left without one would apply plain SiLU to [gate | up] (no gating)."""
-    if isinstance(spec.submodules, MLPSubmodules):
-        spec.submodules.activation_func = module
-        return
-    for child in vars(spec.submodules).values():
-        if isinstance(child, ModuleSpec):
-            _set_activation_module(child, module)
+    for s in _specs(spec):
+        if isinstance(s.submodules, MLPSubmodules):
+            s.submodules.activation_func = module
 
 
 def _replace_classes(spec: ModuleSpec, replacements: dict) -> None:
     """Every module class in ``spec``'s tree that is a key of ``replacements`` becomes its
     value: the layer's own submodules and those of any spec under it (MoE experts too)."""
-    if spec.module in replacements:
-        spec.module = replacements[spec.module]
-    submodules = spec.submodules
-    if submodules is None or isinstance(submodules, (type, dict)):
-        return
-    for name, child in vars(submodules).items():
-        if isinstance(child, ModuleSpec):
-            _replace_classes(child, replacements)
-        elif isinstance(child, type) and child in replacements:
-            setattr(submodules, name, replacements[child])
+    for s in _specs(spec):
+        s.module = replacements.get(s.module, s.module)
+        if s.submodules is None or isinstance(s.submodules, (type, dict)):
+            continue
+        for name, child in vars(s.submodules).items():
+            if isinstance(child, type) and child in replacements:
+                setattr(s.submodules, name, replacements[child])
 
 
 def gpt_model_kwargs(
