@@ -74,13 +74,19 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype=torch.float32
     if key not in _MEASURED:
         a = torch.randn(size, size, dtype=dtype, device=device)
         b = torch.randn(size, size, dtype=dtype, device=device)
-        a @ b  # warm-up: thread pool start, kernel selection
+        # On CPU the GEMM the model's linear layers run: oneDNN's where it takes fp32
+        # (apt/kernels/linear.py), faster than MKL's on AMD CPUs; with MKL's as the peak the
+        # utilisation read above 1.
+        from apt.kernels.linear import onednn_linear, supported
+        matmul = ((lambda: onednn_linear(a, b, None)) if device == "cpu" and supported(a, b)
+                  else (lambda: a @ b))
+        matmul()  # warm-up: thread pool start, kernel selection
         best = float("inf")
         for _ in range(repeats):
             if device != "cpu":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            a @ b
+            matmul()
             if device != "cpu":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
