@@ -52,6 +52,34 @@ class ModelConfig:
     # residual passes through). None: no dropping.
     moe_capacity_factor: Optional[float] = rule(None, gt=0)
     moe_drop_policy: Literal["probs", "position"] = "probs"
+    # Model-family features (Llama 3.x, Qwen2/2.5, Qwen3, Qwen3-MoE, Mistral, Gemma), each on
+    # Megatron-core's own option where it has one (apt/model/megatron_gpt.py maps them).
+    # Per-head dimension; None = hidden_size / num_attention_heads (Qwen3 and Gemma set it).
+    head_dim: Optional[int] = rule(None, gt=0)
+    qkv_bias: bool = False            # a bias on the q/k/v projections (Qwen2/2.5)
+    qk_norm: bool = False             # RMSNorm over each head's q and k (Qwen3, Qwen3-MoE)
+    # RoPE frequency scaling for long context: "linear" divides positions by the factor;
+    # "llama3" rescales the low frequencies (Llama 3.1-3.3; factor, low/high frequency factors
+    # and the original context length as in its config.json's rope_scaling).
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling_factor: float = rule(1.0, gt=0)
+    rope_low_freq_factor: float = rule(1.0, gt=0)
+    rope_high_freq_factor: float = rule(4.0, gt=0)
+    rope_original_max_seq_len: int = rule(8192, gt=0)
+    # Sliding-window attention (Mistral): each token attends to itself and the window - 1 before
+    # it. None = the whole (causal) sequence.
+    sliding_window: Optional[int] = rule(None, gt=0)
+    # The MLP: "swiglu" (silu(gate) * up; Llama, Qwen, Mistral) or "geglu" (tanh-GELU gate: Gemma).
+    activation: Literal["swiglu", "geglu"] = "swiglu"
+    # Gemma's RMSNorm multiplies by (1 + w), with w stored zero-centred.
+    norm_zero_centered: bool = False
+    # Gemma scales the embeddings by sqrt(hidden_size) before the first layer.
+    scale_embeddings: bool = False
+    # MoE experts' width; None = ffn_hidden_size (Qwen3-MoE's moe_intermediate_size).
+    moe_ffn_hidden_size: Optional[int] = rule(None, gt=0)
+    # Router weights: True = softmax over the chosen top-k (renormalised: Mixtral, Qwen3-MoE with
+    # norm_topk_prob); False = softmax over all experts, top-k kept as they are.
+    moe_norm_topk_prob: bool = True
     # Fused kernels (apt/kernels, sources in kernels/): "auto" = every kernel that builds on this
     # machine (the others run eager, with a warning), "none", or a list of rmsnorm, rope,
     # linear_cross_entropy (each must build). Same losses on or off; built on first use.
@@ -60,6 +88,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        """Per-head dimension: head_dim, or hidden_size / num_attention_heads."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:
@@ -440,15 +473,22 @@ KEY_ALIASES = {
 def cross_checks(cfg: APTConfig):
     """Rules between keys. Yields (dotted key, message) for each violation."""
     m, t, d = cfg.model, cfg.training, cfg.training.distributed
-    if m.hidden_size % m.num_attention_heads:
+    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
         yield "model.hidden_size", (f"{m.hidden_size} is not divisible by "
-                                    f"model.num_attention_heads={m.num_attention_heads}")
+                                    f"model.num_attention_heads={m.num_attention_heads} "
+                                    f"(or set model.head_dim)")
     if m.num_attention_heads % m.kv_heads:
         yield "model.num_query_groups", (f"{m.kv_heads} must divide "
                                          f"model.num_attention_heads={m.num_attention_heads}")
-    if (m.hidden_size // m.num_attention_heads) % 2:
-        yield "model.hidden_size", "head dimension (hidden_size / heads) must be even for RoPE"
+    if m.head_size % 2:
+        yield ("model.head_dim" if m.head_dim else "model.hidden_size"), (
+            f"head dimension {m.head_size} must be even for RoPE")
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        yield "model.rope_high_freq_factor", (
+            f"{m.rope_high_freq_factor} must exceed model.rope_low_freq_factor="
+            f"{m.rope_low_freq_factor}")
     yield from _moe_checks(m)
+    yield from _unwired_family_features(m)
     from apt.kernels import check_setting
     if (problem := check_setting(m.kernels)) is not None:
         yield "model.kernels", problem
@@ -512,6 +552,21 @@ def cross_checks(cfg: APTConfig):
         yield "training.distributed.offload_optimizer", "needs ZeRO stage >= 1"
     if d.offload_optimizer and d.engine == "megatron":
         yield "training.distributed.offload_optimizer", "is a DeepSpeed ZeRO feature (engine: deepspeed)"
+
+
+# Family features declared in ModelConfig whose model code is not wired yet: refused rather
+# than silently ignored. An entry leaves this table when the model honours it.
+_UNWIRED_DEFAULTS = {
+    "head_dim": None, "qkv_bias": False, "qk_norm": False, "rope_scaling": "none",
+    "sliding_window": None, "activation": "swiglu", "norm_zero_centered": False,
+    "scale_embeddings": False, "moe_ffn_hidden_size": None, "moe_norm_topk_prob": True,
+}
+
+
+def _unwired_family_features(m: ModelConfig):
+    for key, default in _UNWIRED_DEFAULTS.items():
+        if getattr(m, key) != default:
+            yield f"model.{key}", f"{getattr(m, key)!r} is not supported yet (only {default!r})"
 
 
 def _moe_checks(m: ModelConfig):
