@@ -34,6 +34,23 @@ def resolve_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
     return config
 
 
+# Family features declared in ModelConfig that the model does not build yet: refused when a
+# model is built (the plan and parameter counts already know them), never silently ignored.
+# An entry leaves this table when the model honours it.
+_UNWIRED_DEFAULTS = {
+    "head_dim": None, "qkv_bias": False, "qk_norm": False, "rope_scaling": "none",
+    "sliding_window": None, "activation": "swiglu", "norm_zero_centered": False,
+    "scale_embeddings": False, "moe_ffn_hidden_size": None, "moe_norm_topk_prob": True,
+}
+
+
+def refuse_unwired_features(arch: ModelConfig) -> None:
+    for key, default in _UNWIRED_DEFAULTS.items():
+        if getattr(arch, key) != default:
+            raise ConfigError(f"{getattr(arch, key)!r} is not supported by the model yet "
+                              f"(only {default!r})", key=f"model.{key}")
+
+
 def model_kernels(arch: ModelConfig) -> tuple[str, ...]:
     """The fused kernels this process's model uses for ``model.kernels``. Under Transformer
     Engine its own fused norms and RoPE fill the layer spec, so ``auto`` keeps only ours that TE
@@ -66,6 +83,7 @@ class APTModel(PackedDocumentsGPTModel):
         from apt.trainops.distributed.runtime import ensure_runtime
         ensure_runtime()
         arch = resolve_model_config(config or self.default_config, overrides)
+        refuse_unwired_features(arch)
         bf16 = plan is not None and plan.precision == "bf16"
         kernels = model_kernels(arch)
         transformer_config = make_transformer_config(

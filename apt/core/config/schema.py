@@ -488,7 +488,6 @@ def cross_checks(cfg: APTConfig):
             f"{m.rope_high_freq_factor} must exceed model.rope_low_freq_factor="
             f"{m.rope_low_freq_factor}")
     yield from _moe_checks(m)
-    yield from _unwired_family_features(m)
     from apt.kernels import check_setting
     if (problem := check_setting(m.kernels)) is not None:
         yield "model.kernels", problem
@@ -552,21 +551,6 @@ def cross_checks(cfg: APTConfig):
         yield "training.distributed.offload_optimizer", "needs ZeRO stage >= 1"
     if d.offload_optimizer and d.engine == "megatron":
         yield "training.distributed.offload_optimizer", "is a DeepSpeed ZeRO feature (engine: deepspeed)"
-
-
-# Family features declared in ModelConfig whose model code is not wired yet: refused rather
-# than silently ignored. An entry leaves this table when the model honours it.
-_UNWIRED_DEFAULTS = {
-    "head_dim": None, "qkv_bias": False, "qk_norm": False, "rope_scaling": "none",
-    "sliding_window": None, "activation": "swiglu", "norm_zero_centered": False,
-    "scale_embeddings": False, "moe_ffn_hidden_size": None, "moe_norm_topk_prob": True,
-}
-
-
-def _unwired_family_features(m: ModelConfig):
-    for key, default in _UNWIRED_DEFAULTS.items():
-        if getattr(m, key) != default:
-            yield f"model.{key}", f"{getattr(m, key)!r} is not supported yet (only {default!r})"
 
 
 def _moe_checks(m: ModelConfig):
