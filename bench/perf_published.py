@@ -13,8 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from apt.trainops.perf.goodput import goodput  # noqa: E402
 from apt.trainops.perf.published import (compare, load_runs, row_hash, table,  # noqa: E402
                                          verify_hashes)
+from apt.trainops.perf.shape import ModelShape  # noqa: E402
+
+# Llama 3 405B's reported effective training time over its 54-day snapshot (section 3.3.4).
+LLAMA3_GOODPUT = "higher than 90% effective training time (Llama 3 paper, section 3.3.4)"
 
 
 def main() -> int:
@@ -30,7 +35,17 @@ def main() -> int:
     if bad:
         print(f"rows edited without their hash: {', '.join(bad)}", file=sys.stderr)
         return 2
-    print(table([compare(r) for r in rows]))
+    comparisons = [compare(r) for r in rows]
+    print(table(comparisons))
+    # Goodput at the largest published scale: the 16,384-GPU Llama 3 row, its checkpoint at
+    # 14 bytes per parameter (bf16 weights + fp32 master + two Adam moments, as Plan's
+    # checkpoint_bytes), 15.6T tokens at the predicted rate, default failures and storage.
+    c = next(c for c in comparisons if c.row["id"] == "llama3-405b-16k-gpus")
+    shape = ModelShape(**c.row["model"])
+    train_s = 15.6e12 / (c.prediction.tokens_per_s_per_gpu * c.row["gpus"])
+    g = goodput(gpus=c.row["gpus"], checkpoint_bytes=14 * shape.total_params, train_s=train_s)
+    print(f"\ngoodput at {c.row['gpus']:,} GPUs ({shape.total_params / 1e9:.0f}B parameters, "
+          f"15.6T tokens):\n{g.describe()}\npublished: {LLAMA3_GOODPUT}")
     return 0
 
 

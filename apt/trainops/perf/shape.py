@@ -58,6 +58,12 @@ class ModelShape:
         width = self.expert_ffn or self.ffn
         return self.mlp_matrices * self.hidden * width * (self.top_k if self.moe else 1)
 
+    @property
+    def total_params(self) -> int:
+        per_layer = self.attention_params + self.expert_params + 2 * self.hidden \
+            + self.hidden * self.experts
+        return self.layers * per_layer + 2 * self.vocab * self.hidden + self.hidden
+
     def mean_keys(self) -> float:
         """Keys a query attends to on average (causal: half the sequence; windows cap it)."""
         full = self.seq / 2
