@@ -23,7 +23,16 @@ from .shape import Layout, ModelShape
 RUNS_FILE = Path(__file__).with_name("published_runs.yaml")
 ROW_KEYS = {"id", "source", "gpu", "gpus", "gpus_per_node", "model", "layout", "assumed",
             "published", "hash"}
-METRICS = ("tokens_per_s_per_gpu", "tflops_per_gpu")
+METRICS = ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu_megatron")
+UNITS = {"tokens_per_s_per_gpu": "tok/s/GPU", "tflops_per_gpu": "TFLOP/s/GPU",
+         "mfu_megatron": "% MFU"}
+
+
+def megatron_flops_per_token(s: ModelShape) -> float:
+    """Korthikanti et al. 2022's model FLOPs (their MFU): 72 l h^2 (1 + s/6h + V/12lh) per
+    token, a GPT block with a 4h MLP and attention counted without the causal half."""
+    h, layers = s.hidden, s.layers
+    return 72 * layers * h * h * (1 + s.seq / (6 * h) + s.vocab / (12 * layers * h))
 
 
 @dataclass(frozen=True)
@@ -80,8 +89,10 @@ def compare(row: dict) -> Comparison:
     metric = next((k for k in METRICS if k in row["published"]), None)
     if metric is None:
         raise ConfigError(f"{where}: published needs one of {METRICS}")
-    predicted = (p.tokens_per_s_per_gpu if metric == "tokens_per_s_per_gpu"
-                 else p.tokens_per_s_per_gpu * shape.model_flops_per_token() / 1e12)
+    predicted = {"tokens_per_s_per_gpu": p.tokens_per_s_per_gpu,
+                 "tflops_per_gpu": p.tokens_per_s_per_gpu * shape.model_flops_per_token() / 1e12,
+                 "mfu_megatron": 100 * p.tokens_per_s_per_gpu * megatron_flops_per_token(shape)
+                 / hw.peak(layout.dtype)}[metric]
     return Comparison(row=row, prediction=p, published=float(row["published"][metric]),
                       predicted=predicted, metric=metric)
 
@@ -90,13 +101,14 @@ def table(comparisons: list[Comparison]) -> str:
     lines = ["| run | GPUs | layout | published | predicted | error | source |",
              "|---|---|---|---|---|---|---|"]
     for c in comparisons:
-        r, unit = c.row, "tok/s/GPU" if c.metric == "tokens_per_s_per_gpu" else "TFLOP/s/GPU"
+        r, unit = c.row, UNITS[c.metric]
         lay = " ".join(f"{k.upper()}{v}" for k, v in r["layout"].items()
                        if k in ("tp", "pp", "vp", "cp", "ep", "dp") and v > 1)
         zero = r["layout"].get("zero", 1)
         lay += f" ZeRO-{zero} mb{r['layout'].get('micro_batch', 1)}"
-        lines.append(f"| {r['id']} | {r['gpus']} x {r['gpu']} | {lay} | {c.published:,.0f} "
-                     f"{unit} | {c.predicted:,.0f} | {c.error:+.1%} | {r['source']} |")
+        digits = 1 if c.metric == "mfu_megatron" else 0
+        lines.append(f"| {r['id']} | {r['gpus']} x {r['gpu']} | {lay} | {c.published:,.{digits}f}"
+                     f" {unit} | {c.predicted:,.{digits}f} | {c.error:+.1%} | {r['source']} |")
     errs = [abs(c.error) for c in comparisons]
     lines.append(f"\n{len(errs)} runs: median |error| {statistics.median(errs):.1%}, max "
                  f"{max(errs):.1%}, within 20%: {sum(e <= 0.2 for e in errs)}/{len(errs)}")
