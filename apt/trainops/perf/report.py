@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import time
 
-from .calibration import calibrate
-from .goodput import goodput
-from .hardware import load_hardware
-from .predict import predict
-from .search import search
-from .shape import layout_from_plan, shape_from_config
+from .hardware import gpu_names, load_hardware
 
 
 def add_arguments(parser) -> None:
-    from .hardware import gpu_names
     parser.add_argument("--gpu", choices=gpu_names(), default=None,
                         help="predict step time, tokens/s, MFU and goodput on this GPU")
     parser.add_argument("--search", action="store_true",
@@ -38,6 +32,12 @@ def performance_lines(cfg, plan, args) -> list[str]:
         raise ConfigError("--search needs --gpu (which GPU to rank the layouts for)")
     if not args.gpu:
         return []
+    # imported here: the parser is built for every trainops command, these only for --gpu
+    from .calibration import calibrate
+    from .goodput import goodput
+    from .predict import predict
+    from .search import search
+    from .shape import layout_from_plan, shape_from_config
     hw = load_hardware(args.gpu)
     lines = []
     if args.calibration:
