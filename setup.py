@@ -26,7 +26,7 @@ setup(
         "matplotlib>=3.8",  # the run's PNG plots (on by default)
     ],
     # Built-in multiple-choice tasks (apt/trainops/eval/tasks/*.jsonl).
-    package_data={"apt.trainops.eval": ["tasks/*.jsonl"]},
+    package_data={"apt.trainops.eval": ["tasks/*.jsonl"], "apt.trainops.perf": ["*.yaml"]},
     extras_require={
         # Tokenizers and Parquet input for the data pipeline (trainops preprocess, data.tokenizer).
         "data": ["tokenizers>=0.19", "sentencepiece>=0.2", "pyarrow>=14"],

@@ -29,6 +29,9 @@ def _plan(args) -> int:
     plan = make_plan(cfg, args.nodes * gpus, gpus, device_type=args.device)
     print(f"profile      {cfg.name} ({' <- '.join(reversed(cfg.sources))}), hash {cfg.config_hash}")
     print(plan.describe())
+    from apt.trainops.perf.report import performance_lines
+    for line in performance_lines(cfg, plan, args):
+        print(line)
     return 0
 
 
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--gpus-per-node", type=int, default=None,
                       help="default: the profile's hardware.gpus_per_node")
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    from apt.trainops.perf.report import add_arguments as add_performance_arguments
+    add_performance_arguments(plan)
     plan.set_defaults(func=_plan)
     profile = commands.add_parser("profile", help="print a profile fully resolved")
     add_profile_arguments(profile)

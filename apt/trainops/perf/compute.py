@@ -1,0 +1,128 @@
+"""Time of the arithmetic of one transformer layer (and the logits) on one GPU.
+
+GEMMs run at the GPU's best measured rate (gemm_fraction of the peak) times a shape factor:
+output tiles padded to the kernel's tile (128 x 256) and spread over the SMs in whole waves
+(wave quantization), capped by HBM traffic (roofline) for thin GEMMs. Attention runs at the
+flash-attention fraction of the peak (fused) or as GEMMs plus softmax traffic (unfused, CPU).
+Element-wise work (norms, activations, residuals, RoPE, MoE permutation) streams HBM.
+Backward GEMMs are the two transposed products (input gradient, weight gradient).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .hardware import Hardware
+from .shape import Layout, ModelShape
+
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "tf32": 4, "fp32": 4}
+
+
+def gemm_shape_efficiency(m: int, n: int, hw: Hardware) -> float:
+    """Fraction of the large-GEMM rate an (m x n) output keeps after tile padding and wave
+    quantization, in the better of the two tile orientations (cuBLAS picks)."""
+    if not hw.sms:
+        return 1.0
+    best = 0.0
+    for tm, tn in (hw.gemm_tile, hw.gemm_tile[::-1]):
+        tiles = math.ceil(m / tm) * math.ceil(n / tn)
+        padded = (m * n) / (tiles * tm * tn)
+        waves = math.ceil(tiles / hw.sms)
+        best = max(best, padded * tiles / (waves * hw.sms))
+    return best
+
+
+def gemm_time(m: float, n: float, k: float, hw: Hardware, dtype: str) -> float:
+    """Seconds for an (m x k) @ (k x n) product."""
+    m, n, k = max(1, round(m)), max(1, round(n)), max(1, round(k))
+    rate = hw.peak(dtype) * hw.gemm_fraction * gemm_shape_efficiency(m, n, hw)
+    traffic = ELEMENT_BYTES[dtype] * (m * k + k * n + m * n)
+    return max(2.0 * m * n * k / rate, traffic / (hw.hbm_bytes_s * hw.hbm_fraction))
+
+
+def linear_times(tokens: float, fan_in: float, fan_out: float, hw: Hardware, dtype: str,
+                 count: int = 1) -> tuple[float, float]:
+    """(forward, backward) seconds of ``count`` linear layers of this shape."""
+    fwd = gemm_time(tokens, fan_out, fan_in, hw, dtype)
+    bwd = gemm_time(tokens, fan_in, fan_out, hw, dtype) + gemm_time(fan_in, fan_out, tokens,
+                                                                     hw, dtype)
+    return count * fwd, count * bwd
+
+
+@dataclass(frozen=True)
+class LayerCompute:
+    """Seconds of one layer for one micro-batch on one GPU."""
+    gemm_fwd: float
+    gemm_bwd: float
+    attention_fwd: float
+    attention_bwd: float
+    elementwise_fwd: float
+    elementwise_bwd: float
+
+    @property
+    def forward(self) -> float:
+        return self.gemm_fwd + self.attention_fwd + self.elementwise_fwd
+
+    @property
+    def total(self) -> float:
+        return (self.forward + self.gemm_bwd + self.attention_bwd + self.elementwise_bwd)
+
+
+def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool = True
+                  ) -> LayerCompute:
+    s, tp, dt = shape, lay.tp, lay.dtype
+    tokens = lay.micro_batch * s.seq / lay.cp          # this GPU's tokens (full, before SP)
+    e = ELEMENT_BYTES[dt]
+    fwd = bwd = 0.0
+    for fan_in, fan_out in ((s.hidden, (s.q_dim + 2 * s.kv_dim) / tp), (s.q_dim / tp, s.hidden)):
+        f, b = linear_times(tokens, fan_in, fan_out, hw, dt)
+        fwd, bwd = fwd + f, bwd + b
+    width = s.expert_ffn or s.ffn
+    up = (2 if s.gated else 1) * width / tp
+    if s.moe:
+        local = max(1, s.experts // lay.ep)
+        per_expert = tokens * s.top_k / local    # tokens each local expert receives (balanced)
+        for fan_in, fan_out in ((s.hidden, up), (width / tp, s.hidden)):
+            f, b = linear_times(per_expert, fan_in, fan_out, hw, dt, count=local)
+            fwd, bwd = fwd + f, bwd + b
+        f, b = linear_times(tokens, s.hidden, s.experts, hw, dt)        # router
+        fwd, bwd = fwd + f, bwd + b
+    else:
+        for fan_in, fan_out in ((s.hidden, up), (width / tp, s.hidden)):
+            f, b = linear_times(tokens, fan_in, fan_out, hw, dt)
+            fwd, bwd = fwd + f, bwd + b
+
+    # Attention core: QK^T and AV, 4 x queries x keys x head_dim x heads (FlashAttention's
+    # count); its backward does 2.5x the forward's work (it recomputes the scores).
+    attn_flops = 4.0 * tokens * s.mean_keys() * s.q_dim / tp
+    stream = hw.hbm_bytes_s * hw.hbm_fraction
+    if fused_attention:
+        attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_fraction)
+        attn_bwd = 2.5 * attn_fwd
+    else:   # batched GEMMs plus the scores written, softmaxed and read back (fp32 softmax)
+        attn_fwd = attn_flops / (hw.peak(dt) * hw.gemm_fraction)
+        scores = lay.micro_batch * (s.heads / tp) * (s.seq / lay.cp) * s.mean_keys() * 2
+        attn_fwd += 4 * scores * 4 / stream
+        attn_bwd = 2 * attn_fwd
+
+    # Element-wise bytes per token, forward: two norms (read + write h), two residual adds
+    # (2 reads + 1 write), RoPE on q and k, the MLP activation, MoE permute/unpermute.
+    sp_split = tp if lay.sp else 1
+    per_token = (4 * s.hidden + 6 * s.hidden) / sp_split + 2 * (s.q_dim + s.kv_dim) / tp
+    routed = s.top_k if s.moe else 1
+    per_token += routed * (3 if s.gated else 2) * width / tp
+    if s.moe:
+        per_token += 4 * s.top_k * s.hidden / sp_split
+    elem_fwd = tokens * per_token * e / stream
+    return LayerCompute(gemm_fwd=fwd, gemm_bwd=bwd, attention_fwd=attn_fwd,
+                        attention_bwd=attn_bwd, elementwise_fwd=elem_fwd,
+                        elementwise_bwd=2 * elem_fwd)
+
+
+def logits_time(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
+    """Output projection forward + backward and the cross-entropy's passes over fp32 logits
+    on the last pipeline stage, one micro-batch."""
+    tokens = lay.micro_batch * shape.seq / lay.cp
+    f, b = linear_times(tokens, shape.hidden, shape.vocab / lay.tp, hw, lay.dtype)
+    ce = 3 * tokens * shape.vocab / lay.tp * 4 / (hw.hbm_bytes_s * hw.hbm_fraction)
+    return f + b + ce

@@ -1,0 +1,86 @@
+"""The machine a prediction is for: one GPU's peaks and links, and the software constants.
+
+Loaded from ``hardware.yaml`` (one data file, each number with its source). A CPU "cluster"
+(bench/perf_model_cpu.py) or a calibration (calibration.py) builds a Hardware from measured
+rates instead: the same model then predicts what was measured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from apt.core.config import ConfigError
+
+DATA_FILE = Path(__file__).with_name("hardware.yaml")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops: dict                # dtype -> dense FLOP/s
+    hbm_bytes_s: float
+    nvlink_bytes_s: float           # one direction, per GPU
+    network_bytes_s: float          # one GPU's NIC
+    nvlink_domain: int              # GPUs joined by NVLink (a node, or an NVL72 rack)
+    sms: int | None                 # None: no wave quantization (CPU)
+    gemm_fraction: float            # best measured GEMM rate / peak
+    attention_fraction: float
+    hbm_fraction: float
+    collective_fraction: float
+    latency_s: dict = field(default_factory=lambda: {"nvlink": 0.0, "network": 0.0})
+    gemm_tile: tuple = (128, 256)
+    memory_gib: float = 80.0
+    source: str = ""
+
+    def peak(self, dtype: str) -> float:
+        if dtype not in self.peak_flops:
+            raise ConfigError(f"{self.name} has no {dtype} peak in {DATA_FILE.name}; known: "
+                              f"{', '.join(sorted(self.peak_flops))}")
+        return self.peak_flops[dtype]
+
+    def with_gemm_rate(self, dtype: str, flops: float, shape_efficiency: float) -> "Hardware":
+        """This GPU with its GEMM fraction taken from a measured rate (calibration): the
+        measured shape's own quantization loss is divided out."""
+        return replace(self, gemm_fraction=flops / (self.peak(dtype) * shape_efficiency))
+
+
+@lru_cache(maxsize=1)
+def _data() -> dict:
+    return yaml.safe_load(DATA_FILE.read_text())
+
+
+def gpu_names() -> list[str]:
+    return sorted(_data()["gpus"])
+
+
+def reliability() -> dict:
+    return dict(_data()["reliability"])
+
+
+def load_hardware(name: str) -> Hardware:
+    data = _data()
+    gpus, k = data["gpus"], data["kernels"]
+    if name not in gpus:
+        raise ConfigError(f"unknown GPU '{name}' (--gpu); known: {', '.join(gpu_names())}")
+    g = gpus[name]
+    return Hardware(
+        name=name, peak_flops={d: v * 1e12 for d, v in g["peak_tflops"].items()},
+        hbm_bytes_s=g["hbm_gbs"] * 1e9, nvlink_bytes_s=g["nvlink_gbs"] * 1e9,
+        network_bytes_s=g["network_gbs"] * 1e9, nvlink_domain=g["nvlink_domain"],
+        sms=g["sms"], gemm_fraction=g["gemm_fraction"],
+        attention_fraction=k["attention_fraction"], hbm_fraction=k["hbm_fraction"],
+        collective_fraction=k["collective_fraction"], latency_s=dict(k["collective_latency_s"]),
+        gemm_tile=tuple(k["gemm_tile"]), memory_gib=g["memory_gib"], source=g["source"])
+
+
+def gpu_for_device_name(device_name: str) -> str | None:
+    """The hardware.yaml key of a torch.cuda device name (calibration files), else None."""
+    n = device_name.lower()
+    for key, name in (("h200", "h200"), ("h100", "h100-sxm"), ("b200", "b200"),
+                      ("a100-sxm4-40", "a100-40g"), ("a100", "a100-80g")):
+        if key in n:
+            return name
+    return None

@@ -1,0 +1,140 @@
+"""Step time of a layout: the layer compute (compute.py), the collectives (comms.py) and the
+pipeline schedule put together, with every term kept for the breakdown.
+
+One step on the slowest (last) pipeline stage:
+  micro-batch  = layers/PP x (layer compute + recompute + exposed TP/CP/EP communication)
+                 + logits (last stage)
+  pipeline     = (m + (PP-1)/VP) x micro-batch     (1F1B; the bubble is (PP-1)/VP of them)
+  step         = pipeline + exposed p2p + exposed DP/ZeRO communication + optimizer step
+Overlap rules: TP collectives hide behind the layer's GEMMs only with tp_overlap (Transformer
+Engine's userbuffers); CP's KV ring hides behind attention; the gradient reduce-scatter /
+all-reduce hides behind the last micro-batch's backward and the parameter all-gather behind the
+first one's forward (Megatron overlap_grad_reduce / overlap_param_gather); FSDP's gathers and
+reduce-scatters hide behind each micro-batch's compute. EP all-to-alls are counted exposed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import comms
+from .compute import ELEMENT_BYTES, layer_compute, logits_time
+from .hardware import Hardware
+from .shape import Layout, ModelShape
+
+OPTIMIZER_BYTES_PER_PARAM = 34   # Adam: fp32 param, grad, m, v read; param, m, v written;
+#                                  the 16-bit copy written; the grad norm read again
+
+
+@dataclass(frozen=True)
+class Prediction:
+    step_s: float
+    tokens_per_s_per_gpu: float
+    mfu: float
+    breakdown: dict            # seconds per step, by term
+    overlapped: dict = field(default_factory=dict)   # communication hidden behind compute
+    bubble_without_vp_s: float = 0.0
+
+    def describe(self) -> str:
+        lines = [f"step         {self.step_s:.3f} s, {self.tokens_per_s_per_gpu:,.0f} tokens/s "
+                 f"per GPU, MFU {self.mfu:.1%}"]
+        for name, secs in self.breakdown.items():
+            hidden = self.overlapped.get(name)
+            extra = f" (+{hidden:.3f} s overlapped)" if hidden else ""
+            lines.append(f"  {name:24s} {secs:9.3f} s {secs / self.step_s:6.1%}{extra}")
+        if self.bubble_without_vp_s:
+            lines.append(f"  {'(pp bubble without VP)':24s} {self.bubble_without_vp_s:9.3f} s")
+        return "\n".join(lines)
+
+
+def _dp_params(shape: ModelShape, lay: Layout) -> tuple[float, float]:
+    """(dense, expert) parameters one GPU of the last stage holds before ZeRO sharding."""
+    per_stage = shape.layers / lay.pp
+    dense = per_stage * (shape.attention_params + (0 if shape.moe else shape.expert_params)
+                         + 2 * shape.hidden + shape.hidden * shape.experts) / lay.tp
+    dense += shape.vocab * shape.hidden / lay.tp * (1 if lay.pp > 1 else 2)
+    expert = per_stage * shape.expert_params / (lay.tp * lay.ep) if shape.moe else 0.0
+    return dense, expert
+
+
+def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool = True
+            ) -> Prediction:
+    gpn, tp, cp, pp, m = lay.gpus_per_node, lay.tp, lay.cp, lay.pp, lay.grad_accum
+    e = ELEMENT_BYTES[lay.dtype]
+    c = layer_compute(shape, lay, hw, fused_attention)
+    tokens = lay.micro_batch * shape.seq / cp
+
+    # Tensor parallel: per layer 2 all-reduces forward and 2 backward (SP: all-gather +
+    # reduce-scatter pairs, the same bytes); full recompute repeats the forward's.
+    act = tokens * shape.hidden * e
+    tp_one = comms.all_reduce(act, tp, 1, hw, gpn)
+    tp_layer = tp_one * (4 + (2 if lay.recompute == "full" else 0))
+    tp_hidden = min(tp_layer, c.gemm_fwd + c.gemm_bwd) if lay.tp_overlap else 0.0
+    # Context parallel ring: (CP-1) K/V blocks forward, K/V and their gradients backward.
+    kv = tokens * 2 * shape.kv_dim / tp * e
+    cp_layer = 3 * (cp - 1) * comms.p2p(kv, tp, hw, gpn) if cp > 1 else 0.0
+    cp_hidden = min(cp_layer, c.attention_fwd + c.attention_bwd)
+    # Expert parallel: dispatch + combine, forward and backward, top-k copies of each token.
+    ep_layer = 0.0
+    if shape.moe and lay.ep > 1:
+        routed = tokens / (tp if lay.sp else 1) * shape.top_k * shape.hidden * e
+        ep_layer = 4 * comms.all_to_all(routed, lay.ep, tp * cp, hw, gpn)
+    recompute = {"full": c.forward, "selective": c.attention_fwd}.get(lay.recompute, 0.0)
+
+    layers = shape.layers / pp
+    per_mb = {"gemm": layers * (c.gemm_fwd + c.gemm_bwd),
+              "attention": layers * (c.attention_fwd + c.attention_bwd),
+              "elementwise": layers * (c.elementwise_fwd + c.elementwise_bwd),
+              "recompute": layers * recompute,
+              "logits + loss": logits_time(shape, lay, hw),
+              "tp comm exposed": layers * (tp_layer - tp_hidden),
+              "cp comm exposed": layers * (cp_layer - cp_hidden),
+              "ep all-to-all": layers * ep_layer}
+    t_mb = sum(per_mb.values())
+    bubble = (pp - 1) / lay.vp * t_mb
+    breakdown = {k: v * m for k, v in per_mb.items()}
+    breakdown["pp bubble"] = bubble
+    overlapped = {"tp comm exposed": layers * tp_hidden * m,
+                  "cp comm exposed": layers * cp_hidden * m}
+
+    # Pipeline p2p: activations forward, their gradients backward, per micro-batch; exposed
+    # in plain 1F1B, overlapped by the interleaved schedule except while filling.
+    if pp > 1:
+        one = comms.p2p(act / (tp if lay.sp else 1), tp * cp * lay.dp, hw, gpn)
+        sends = 2 * m if lay.vp == 1 else 2 * (pp - 1)
+        breakdown["pp p2p"] = sends * one
+
+    # Data parallel / ZeRO over DP x CP ranks (CP ranks hold the same weights).
+    dense, expert = _dp_params(shape, lay)
+    group, stride = lay.dp * cp, tp
+    edp = max(1, group // lay.ep)
+    grads = lambda n, g: lay.grad_bytes * n     # noqa: E731  (bytes of n gradients)
+    if lay.zero >= 3:
+        mb_comm = sum(2 * comms.all_gather(n * e, g, stride, hw, gpn)
+                      + comms.reduce_scatter(grads(n, g), g, stride, hw, gpn)
+                      for n, g in ((dense, group), (expert, edp)))
+        hidden = min(mb_comm, t_mb) if lay.dp_overlap else 0.0
+        dp_total, dp_hidden = mb_comm * m, hidden * m
+    else:
+        reduce = comms.all_reduce if lay.zero == 0 else comms.reduce_scatter
+        grad_comm = sum(reduce(grads(n, g), g, stride, hw, gpn)
+                        for n, g in ((dense, group), (expert, edp)))
+        gather = 0.0 if lay.zero == 0 else sum(comms.all_gather(n * e, g, stride, hw, gpn)
+                                               for n, g in ((dense, group), (expert, edp)))
+        backward = layers * (c.gemm_bwd + c.attention_bwd + c.elementwise_bwd)
+        forward = layers * c.forward
+        dp_hidden = (min(grad_comm, backward) + min(gather, forward)) if lay.dp_overlap else 0.0
+        dp_total = grad_comm + gather
+    breakdown["dp/zero comm exposed"] = dp_total - dp_hidden
+    overlapped["dp/zero comm exposed"] = dp_hidden
+
+    sharded = lambda n, g: n / g if lay.zero >= 1 else n   # noqa: E731
+    opt_params = sharded(dense, group) + sharded(expert, edp)
+    breakdown["optimizer step"] = (opt_params * OPTIMIZER_BYTES_PER_PARAM
+                                   / (hw.hbm_bytes_s * hw.hbm_fraction))
+
+    step = sum(breakdown.values())
+    tokens_per_s = lay.global_batch * shape.seq / step / lay.world
+    mfu = tokens_per_s * shape.model_flops_per_token() / hw.peak(lay.dtype)
+    return Prediction(step_s=step, tokens_per_s_per_gpu=tokens_per_s, mfu=mfu,
+                      breakdown=breakdown, overlapped={k: v for k, v in overlapped.items() if v},
+                      bubble_without_vp_s=(pp - 1) * t_mb if lay.vp > 1 else 0.0)

@@ -1,0 +1,66 @@
+"""`trainops plan --gpu ...`: the plan's layout through the performance model, the layout
+search, goodput and calibration, as the lines the command prints."""
+from __future__ import annotations
+
+import time
+
+from .hardware import gpu_names, load_hardware
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--gpu", choices=gpu_names(), default=None,
+                        help="predict step time, tokens/s, MFU and goodput on this GPU")
+    parser.add_argument("--search", action="store_true",
+                        help="rank the layouts that fit by predicted tokens/s (needs --gpu)")
+    parser.add_argument("--tokens", type=float, default=None,
+                        help="token budget (default: training.max_steps x tokens per step)")
+    parser.add_argument("--failures-per-gpu-day", type=float, default=None,
+                        help="interruptions per GPU-day (default: Llama 3's 419 in 54 days on "
+                             "16,384 GPUs)")
+    parser.add_argument("--storage-gbs", type=float, default=None,
+                        help="checkpoint storage bandwidth, GB/s (default: Llama 3's 2,000)")
+    parser.add_argument("--restart-min", type=float, default=10.0,
+                        help="minutes from a failure to loading the checkpoint (default 10)")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="tools/gpu_check.py's gpu_check.json: GEMM rate from it, and the "
+                             "model's error on its measured step")
+
+
+def performance_lines(cfg, plan, args) -> list[str]:
+    if args.search and not args.gpu:
+        from apt.core.config import ConfigError
+        raise ConfigError("--search needs --gpu (which GPU to rank the layouts for)")
+    if not args.gpu:
+        return []
+    # imported here: the parser is built for every trainops command, these only for --gpu
+    from .calibration import calibrate
+    from .goodput import goodput
+    from .predict import predict
+    from .search import search
+    from .shape import layout_from_plan, shape_from_config
+    hw = load_hardware(args.gpu)
+    lines = []
+    if args.calibration:
+        cal = calibrate(args.calibration)
+        lines.append(cal.describe())
+        if cal.hardware.name == hw.name:
+            hw = cal.hardware
+    shape = shape_from_config(cfg.model, cfg.data.seq_length)
+    pred = predict(shape, layout_from_plan(plan), hw)
+    lines += [f"performance  {hw.name} x {plan.world_size} ({hw.source.split(';')[0]})",
+              pred.describe()]
+    tokens = args.tokens or cfg.training.max_steps * plan.tokens_per_step
+    train_s = tokens / (pred.tokens_per_s_per_gpu * plan.world_size)
+    g = goodput(gpus=plan.world_size, checkpoint_bytes=plan.checkpoint_bytes, train_s=train_s,
+                rate_per_gpu_day=args.failures_per_gpu_day,
+                storage_bytes_s=args.storage_gbs * 1e9 if args.storage_gbs else None,
+                restart_s=args.restart_min * 60)
+    lines += [f"tokens       {tokens:,.0f} (checkpoint {plan.checkpoint_bytes / 1e9:,.0f} GB)",
+              g.describe()]
+    if args.search:
+        start = time.perf_counter()
+        top, tried, fit = search(cfg, plan.world_size, plan.gpus_per_node, hw)
+        lines.append(f"search       {tried} layouts tried, {fit} fit in {hw.memory_gib:g} GiB "
+                     f"({time.perf_counter() - start:.1f} s); top {len(top)}:")
+        lines += [f"  {i + 1}. {c.line()}" for i, c in enumerate(top)]
+    return lines

@@ -1,0 +1,124 @@
+"""The performance model (apt/trainops/perf): arithmetic checks by hand, the published-runs
+table's integrity, the CLI (`trainops plan --gpu`, `--search`, goodput), and calibration from a
+gpu_check-shaped report. All in-process and analytic: no training runs here."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from apt.cli import main
+from apt.trainops.perf import comms
+from apt.trainops.perf.calibration import calibrate
+from apt.trainops.perf.compute import gemm_shape_efficiency, gemm_time
+from apt.trainops.perf.goodput import daly_interval, default_rate_per_gpu_day, goodput
+from apt.trainops.perf.hardware import load_hardware
+from apt.trainops.perf.predict import predict
+from apt.trainops.perf.published import compare, load_runs, row_hash, verify_hashes
+from apt.trainops.perf.shape import Layout, ModelShape
+
+DATA = Path(__file__).parent / "data"
+H100 = load_hardware("h100-sxm")
+SHAPE = ModelShape(hidden=8192, layers=80, heads=64, kv_heads=8, head_dim=128, ffn=28672,
+                   vocab=128256, seq=8192)
+
+
+def test_gemm_rate_is_the_measured_fraction_for_aligned_shapes_and_drops_with_waves():
+    # 132 SMs x (128 x 256) tiles exactly: one full wave, no padding -> MAMF's fraction
+    t = gemm_time(128 * 12, 256 * 11, 8192, H100, "bf16")
+    assert 2 * 128 * 12 * 256 * 11 * 8192 / t == pytest.approx(989.4e12 * 0.801)
+    # one tile more than a wave: two waves, the second almost empty -> about half the rate
+    assert gemm_shape_efficiency(128 * 133, 256, H100) == pytest.approx(133 / 264)
+    # a wide GEMM with k = 8: bound by HBM traffic (roofline), not by the peak
+    thin = gemm_time(8192, 8192, 8, H100, "bf16")
+    assert thin == pytest.approx(2 * (8192 * 8 + 8 * 8192 + 8192 * 8192) / (3.35e12 * 0.9))
+
+
+def test_ring_collectives_use_nvlink_inside_a_node_and_the_nic_across():
+    inside = comms.all_reduce(1e9, 8, 1, H100, 8)
+    across = comms.all_reduce(1e9, 8, 8, H100, 8)     # stride 8: one rank per node
+    assert inside == pytest.approx(2 * 7 / 8 * 1e9 / (450e9 * 0.8) + 14 * 1e-5)
+    assert across == pytest.approx(2 * 7 / 8 * 1e9 / (50e9 * 0.8) + 14 * 3e-5)
+
+
+def test_schedule_terms_answer_to_the_layout():
+    lay = Layout(tp=8, pp=8, dp=1, micro_batch=1, grad_accum=8, sp=True, gpus_per_node=8)
+    p1 = predict(SHAPE, lay, H100)
+    p4 = predict(SHAPE, replace(lay, vp=5), H100)
+    mb = (p1.step_s - sum(v for k, v in p1.breakdown.items()
+                          if k in ("pp bubble", "pp p2p", "dp/zero comm exposed",
+                                   "optimizer step"))) / 8
+    assert p1.breakdown["pp bubble"] == pytest.approx(7 * mb)        # (PP-1) micro-batches
+    assert p4.breakdown["pp bubble"] == pytest.approx(7 / 5 * mb)    # / VP
+    assert p4.bubble_without_vp_s == pytest.approx(p1.breakdown["pp bubble"])
+    full = predict(SHAPE, replace(lay, recompute="full"), H100)
+    assert full.breakdown["recompute"] > 0.2 * full.breakdown["gemm"]
+    overlap = predict(SHAPE, replace(lay, tp_overlap=True), H100)
+    assert overlap.breakdown["tp comm exposed"] < p1.breakdown["tp comm exposed"]
+    moe = replace(SHAPE, experts=8, top_k=2)
+    assert predict(moe, replace(lay, ep=1), H100).breakdown["ep all-to-all"] == 0
+    ep = Layout(tp=1, pp=1, dp=8, ep=8, micro_batch=1, grad_accum=1, gpus_per_node=8)
+    assert predict(moe, ep, H100).breakdown["ep all-to-all"] > 0
+    tokens = lay.global_batch * SHAPE.seq
+    assert p1.tokens_per_s_per_gpu == pytest.approx(tokens / p1.step_s / 64)
+
+
+def test_goodput_young_daly_and_llama3_default():
+    assert default_rate_per_gpu_day() == pytest.approx(419 / (54 * 16384))
+    assert daly_interval(60, 36000) == pytest.approx(
+        math.sqrt(2 * 60 * 36000) * (1 + math.sqrt(60 / 72000) / 3 + 60 / (18 * 36000)) - 60)
+    g = goodput(gpus=16384, checkpoint_bytes=405e9 * 16, train_s=86400 * 50)
+    assert 0.5 < g.useful_fraction < 1 and g.wall_s == pytest.approx(g.train_s / g.useful_fraction)
+    slower = goodput(gpus=16384, checkpoint_bytes=405e9 * 16, train_s=86400 * 50,
+                     storage_bytes_s=2e10)
+    assert slower.useful_fraction < g.useful_fraction and slower.interval_s > g.interval_s
+
+
+def test_published_runs_are_hashed_and_compared(tmp_path):
+    rows = load_runs()
+    assert len(rows) >= 10 and not verify_hashes(rows)
+    assert len({r["source"].split(",")[0] for r in rows}) >= 4
+    edited = copy.deepcopy(rows[0])
+    edited["published"] = {k: v * 1.1 for k, v in edited["published"].items()}
+    assert row_hash(edited) != edited["hash"] and verify_hashes([edited]) == [edited["id"]]
+    c = compare(rows[0])
+    assert c.predicted > 0 and c.error == pytest.approx(c.predicted / c.published - 1)
+
+
+def test_plan_gpu_prints_breakdown_goodput_and_search(capsys):
+    assert main(["plan", "--profile", "70b", "--gpu", "h100-sxm", "--nodes", "8",
+                 "--gpus-per-node", "8", "--search", "--tokens", "1e12"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("tokens/s per GPU, MFU", "tp comm exposed", "pp bubble", "dp/zero comm",
+                   "optimizer step", "recompute", "checkpoint   every", "goodput", "top 5:"):
+        assert needle in out
+    ranked = [float(line.split("tok/s/GPU")[0].split()[-1].replace(",", ""))
+              for line in out.splitlines() if line.startswith(("  1.", "  2.", "  5."))]
+    assert len(ranked) == 3 and ranked == sorted(ranked, reverse=True)
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["plan", "--profile", "70b", "--search"]) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"sections": {"environment": {"gpu": "NVIDIA H100"}}}))
+    assert main(["plan", "--profile", "70b", "--gpu", "h100-sxm", "--calibration",
+                 str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--gpu" in err[0] and "matmul" in err[1]
+
+
+def test_calibration_uses_the_measured_gemm_and_reports_the_step_error(capsys):
+    cal = calibrate(DATA / "gpu_check_calibration.json")
+    assert cal.hardware.name == "h100-sxm"
+    # 640 TFLOP/s measured at 8192^3 (its own quantization divided out) replaces MAMF's 0.801
+    assert cal.hardware.gemm_fraction == pytest.approx(
+        640e12 / (989.4e12 * gemm_shape_efficiency(8192, 8192, H100)))
+    assert cal.prediction.step_s != cal.uncalibrated_step_s
+    assert cal.error == pytest.approx(cal.prediction.step_s / 0.5 - 1)
+    assert main(["plan", "--profile", "125m", "--gpu", "h100-sxm", "--calibration",
+                 str(DATA / "gpu_check_calibration.json")]) == 0
+    assert "step measured 500.0 ms, predicted" in capsys.readouterr().out
