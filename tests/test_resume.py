@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,36 @@ def _run(cmd, timeout=600):
 KILLS = 12
 
 
+def _newest_checkpoint(checkpoints: Path) -> int:
+    """The step of the newest committed checkpoint (0: none yet)."""
+    return max((int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")), default=0)
+
+
+class _LineCounter:
+    """Reads a run's stdout in a thread (so it never blocks the pipe) and counts its step and
+    checkpoint lines, for waiting on 'n more lines from now'."""
+
+    def __init__(self, stream):
+        self.count, self._changed = 0, threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            if line.startswith(("step ", "checkpoint |")):
+                with self._changed:
+                    self.count += 1
+                    self._changed.notify_all()
+        with self._changed:
+            self.count = float("inf")   # the stream ended: nothing more to wait for
+            self._changed.notify_all()
+
+    def wait_for_more(self, n: int, proc) -> None:
+        with self._changed:
+            target = self.count + n
+            while self.count < target and proc.poll() is None:
+                self._changed.wait(0.1)
+
+
 def test_sigkill_twelve_times_then_same_losses(tmp_path):
     """Killed with SIGKILL at random moments (some in the middle of a save) and auto-resumed
     each time, the run ends with exactly the losses of an uninterrupted run."""
@@ -82,25 +113,27 @@ def test_sigkill_twelve_times_then_same_losses(tmp_path):
     checkpoints = out / "tiny-checkpoints"
     while kills < KILLS:
         before = set(checkpoints.glob(".tmp-checkpoint-*"))   # earlier kills' leftovers
+        resume_point = _newest_checkpoint(checkpoints)
         # Its own process group: the kill takes its helper processes too, as a node crash would.
         proc = subprocess.Popen([sys.executable, *_args(common + [f"output.dir={out}"])],
                                 env=_env(), cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        # Let it run for a random number of steps/saves (at most 8 lines, so 12 attempts
-        # do not finish the 100 steps), then kill at a random instant, often inside a save.
-        wait_lines = rng.randint(1, 8)
-        for line in proc.stdout:
-            wait_lines -= line.startswith(("step ", "checkpoint |"))
-            if wait_lines <= 0:
-                break
+        # Wait for events, not for a count of lines: first a checkpoint committed by this
+        # attempt (a checkpoint-N directory newer than the resume point: every attempt makes
+        # progress however slow the machine; counting lines alone once killed all 12 attempts
+        # before any commit on a loaded machine), then 0-4 more step/checkpoint lines (so 12
+        # attempts do not finish the 100 steps) and a random instant: often inside a save.
+        lines = _LineCounter(proc.stdout)
+        while _newest_checkpoint(checkpoints) <= resume_point and proc.poll() is None:
+            time.sleep(0.02)
+        lines.wait_for_more(rng.randint(0, 4), proc)
         time.sleep(rng.uniform(0.0, 0.3))
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         kills += 1
         mid_save += bool(set(checkpoints.glob(".tmp-checkpoint-*")) - before)   # this run's save
-        good = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
-        resumed_from.append(good[-1] if good else 0)
+        resumed_from.append(_newest_checkpoint(checkpoints))
     final = _run([sys.executable, *_args(common + [f"output.dir={out}"])], timeout=900)
     assert "Traceback" not in final
     got = {s: r["loss"] for s, r in _records(out).items()}
