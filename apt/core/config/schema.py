@@ -119,6 +119,9 @@ class DataConfig:
     #   (`synthetic:arith`: the sums as questions).
     corpus: Literal["stdlib", "text", "indexed", "sft", "preference", "prompts"] = "stdlib"
     path: Optional[str] = None
+    # sft, preference, prompts: a held-out JSONL file of one's own, used as the validation
+    # split instead of holding out val_fraction of `path`'s records (all of `path` trains).
+    val_path: Optional[str] = None
     blend: Optional[list] = None
     # "byte" needs no file; "hf" reads a tokenizer.json, "sentencepiece" a .model (tokenizer_path).
     tokenizer: Literal["byte", "hf", "sentencepiece"] = "byte"
@@ -701,6 +704,13 @@ def _data_checks(data: DataConfig):
                                "are never packed: a row is one prompt and one answer)"
                                if data.corpus == "preference" else
                                "packs SFT records: needs data.corpus 'sft'")
+    if data.val_path is not None:
+        if data.corpus not in ("sft", "preference", "prompts"):
+            yield "data.val_path", (f"names held-out JSONL records: needs data.corpus 'sft', "
+                                    f"'preference' or 'prompts' (got {data.corpus!r})")
+        elif data.path and data.path.startswith("synthetic:"):
+            yield "data.val_path", (f"{data.path!r} brings its own held-out set: give "
+                                    f"data.val_path with a file of your own in data.path")
     if data.max_prompt_length is not None and data.corpus not in ("preference", "prompts"):
         yield "data.max_prompt_length", ("truncates preference prompts: needs data.corpus "
                                          "'preference'")

@@ -190,6 +190,10 @@ class Trainer:
         """Extra ``build_datasets`` arguments a trainer variant's data needs."""
         return {}
 
+    def start_lines(self) -> list[str]:
+        """Lines a trainer variant says at the start of training, after the plan (rank 0)."""
+        return []
+
     def _training_batches(self):
         """The iterator the engine draws each step's micro-batches from."""
         return _TimedBatches(self.train_dataloader, self.objective.coerce, self.runtime.device)
@@ -270,6 +274,8 @@ class Trainer:
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
                       f"{self.artifacts.run_dir}")
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
+        for line in self.start_lines():
+            progress.line(line)
         announce_resume(self, progress)
         self._emit("on_train_start")
         if self.eval_before_training and self.step == 0:
