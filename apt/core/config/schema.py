@@ -271,6 +271,10 @@ class DPOConfig:
     gamma: float = rule(0.5, ge=0)
     # RPO: weight of an SFT term, the chosen answer's per-token negative log-likelihood.
     sft_weight: float = rule(0.0, ge=0)
+    # How that NLL is averaged. pair: per pair (its chosen answer's token mean), then over the
+    # pairs; token: one token mean over all chosen tokens of the global batch (TRL's
+    # rpo_alpha and loss_type [sigmoid, sft]): long answers weigh more.
+    sft_normalize: Literal["pair", "token"] = "pair"
     # Where the reference log-probs come from: live = the frozen initial weights, held in host
     # memory and swapped into the same model for a forward pass each step; precomputed = that
     # pass once over the whole dataset before training, stored with the data (no weights held
