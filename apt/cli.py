@@ -9,17 +9,43 @@ package manager, which a virtualenv on PATH would shadow."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from apt.core.config import ConfigError, load_profile
+from apt.core.logging import quiet_library_warnings
 
 EXIT_CONFIG_ERROR = 2
+# Nothing at module level imports torch (seconds): `trainops --help` and an argument error
+# answer at once; each command imports what it needs when it runs.
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="tiny", help="profile name or YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a profile key (repeatable)")
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    """``trainops preprocess`` (and ``python -m apt.trainops.data.preprocess``)."""
+    parser.add_argument("inputs", nargs="+", help="files or directories (text, .jsonl, .parquet)")
+    parser.add_argument("--output", "-o", required=True, help="output prefix (writes .bin, .idx)")
+    parser.add_argument("--format", dest="fmt", default="auto",
+                        choices=["auto", "text", "jsonl", "parquet"])
+    parser.add_argument("--field", default="text", help="JSONL field / Parquet column")
+    parser.add_argument("--tokenizer", default="byte", choices=["byte", "hf", "sentencepiece"])
+    parser.add_argument("--tokenizer-path", default=None)
+    parser.add_argument("--train-bpe", type=int, default=None, metavar="VOCAB",
+                        help="train a byte-level BPE of this size on the inputs first")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--no-append-eod", dest="append_eod", action="store_false")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="processes per node (default: the GPUs found, else 1)")
 
 
 def _plan(args) -> int:
@@ -121,6 +147,7 @@ def _import_hf(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_warnings()   # before any command imports the libraries that warn
     parser = argparse.ArgumentParser(prog="trainops", description="APT TrainOps")
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="print the parallel plan and memory per GPU")
@@ -136,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     add_profile_arguments(profile)
     profile.set_defaults(func=_profile)
     preprocess = commands.add_parser("preprocess", help="tokenize a corpus into .bin/.idx")
-    from apt.trainops.data.preprocess import add_arguments as add_preprocess_arguments
     add_preprocess_arguments(preprocess)
     preprocess.set_defaults(func=_preprocess)
     bench = commands.add_parser("benchmark", help="time N training steps after a warm-up")
@@ -160,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     doctor = commands.add_parser("doctor", help="check this machine before a run: a table "
                                  "and a verdict (exit 2 if a run would fail)")
     add_profile_arguments(doctor)
-    from apt.trainops.doctor import add_arguments as add_doctor_arguments
     add_doctor_arguments(doctor)
     doctor.set_defaults(func=_doctor)
     args = parser.parse_args(argv)

@@ -30,12 +30,12 @@ if __name__ == "__main__":
     exit_on_sigterm_until_loop()
     die_with_launcher()
 
+from apt.core.logging import configure_logging, quiet_library_warnings  # noqa: E402
+
+quiet_library_warnings()   # before the libraries' import-time warnings (apt/core/logging.py)
+
 from apt.cli import EXIT_CONFIG_ERROR, add_profile_arguments  # noqa: E402
 from apt.core.config import ConfigError, load_profile  # noqa: E402
-from apt.core.logging import configure_logging  # noqa: E402
-from apt.trainops.checkpoints.manager import CheckpointError  # noqa: E402
-from apt.trainops.distributed.runtime import RendezvousError  # noqa: E402
-from apt.trainops.engine.checkpointing import EXIT_PREEMPTED  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +50,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", default=None, metavar="CHECKPOINT",
                         help="resume from this checkpoint directory (any layout); "
                              "--set training.checkpoints.auto_resume=true takes the newest")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)   # torch not imported yet: an argument error is instant
+    from apt.trainops.checkpoints.manager import CheckpointError
+    from apt.trainops.distributed.runtime import RendezvousError
+    from apt.trainops.engine.checkpointing import EXIT_PREEMPTED
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     configure_logging()

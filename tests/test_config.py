@@ -118,6 +118,9 @@ def test_launcher_refuses_bad_profile_before_any_process_group():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+    # one line: Megatron's import-time "Transformer Engine and Apex are not installed"
+    # warnings are kept off the console (apt/core/logging.py)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "tensor_parallel" in result.stderr.strip().splitlines()[-1]
     assert "process group" not in result.stdout + result.stderr
 

@@ -91,3 +91,63 @@ def test_profile_checks_name_the_key():
         load_profile("tiny", ["training.dpo.loss_type=kto"])
     with pytest.raises(ConfigError, match="training.objective.*preference"):
         load_profile("tiny", ["training.objective=dpo"])
+
+
+def _trl_sigmoid_sft(logits, labels, masks, reference, beta, weight):
+    """TRL's DPOTrainer with loss_type=["sigmoid", "sft"], loss_weights=[1, weight] (the same
+    as rpo_alpha=weight), written out as its code computes it: answer log-probs summed over
+    the labelled tokens, the sigmoid loss per pair, and one F.cross_entropy over the chosen
+    rows' labelled tokens (mean reduction: a token mean over the batch), added to every pair
+    before the mean over pairs."""
+    pairs = labels.shape[0] // 2
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    answer = (logp * masks).sum(-1)
+    chosen, rejected = answer[:pairs], answer[pairs:]
+    z = beta * ((chosen - reference[:, 0]) - (rejected - reference[:, 1]))
+    sigmoid = -torch.nn.functional.logsigmoid(z)
+    nll = torch.nn.functional.cross_entropy(logits[:pairs][masks[:pairs] > 0],
+                                            labels[:pairs][masks[:pairs] > 0])
+    return (sigmoid + weight * nll).mean()
+
+
+def test_token_sft_normalisation_equals_trls_sigmoid_plus_sft_under_accumulation():
+    """sft_normalize: token gives TRL's [sigmoid, sft] loss on the same token ids, also when
+    the batch is split into micro-batches (prepare counts the whole batch's tokens; the engine
+    divides the summed loss by the batch's pairs); pair (the default) differs once answers
+    differ in length."""
+    from apt.trainops.data.batches import LMBatch, PreferenceBatch
+    generator = torch.Generator().manual_seed(0)
+    pairs, width, vocab, beta, weight = 6, 7, 11, 0.4, 0.8
+    logits = torch.randn(2 * pairs, width, vocab, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (2 * pairs, width), generator=generator)
+    masks = torch.zeros(2 * pairs, width, dtype=torch.float64)
+    for row, length in enumerate([1, 5, 2, 6, 3, 4, 2, 2, 5, 1, 6, 3]):   # answers at the end
+        masks[row, width - length:] = 1.0
+    reference = -torch.rand(pairs, 2, generator=generator, dtype=torch.float64) * 20
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
+                                                  reduction="none")
+    want = _trl_sigmoid_sft(logits, labels, masks, reference, beta, weight).item()
+
+    def micro(rows):
+        side = lambda offset: LMBatch(labels[[offset + r for r in rows]],
+                                      labels[[offset + r for r in rows]],
+                                      masks[[offset + r for r in rows]])
+        return (PreferenceBatch(side(0), side(pairs), reference_logps=reference[rows]),
+                per_token[rows + [pairs + r for r in rows]])
+
+    def loss(normalize, splits):
+        objective = PreferenceObjective(DPOConfig(beta=beta, sft_weight=weight,
+                                                  sft_normalize=normalize))
+        batches = [micro(rows) for rows in splits]
+        objective.prepare([b for b, _ in batches], run_forward=None)
+        return sum(objective._loss(b, t)[0].item() for b, t in batches) / pairs
+
+    whole, split = [list(range(pairs))], [[0, 1], [2, 3], [4, 5]]
+    assert loss("token", whole) == pytest.approx(want, rel=1e-10)
+    assert loss("token", split) == pytest.approx(want, rel=1e-10)
+    assert abs(loss("pair", whole) - want) > 1e-3     # the per-pair mean is another loss
+
+
+def test_sft_normalize_is_checked():
+    with pytest.raises(ConfigError, match="training.dpo.sft_normalize"):
+        load_profile("tiny", ["training.dpo.sft_normalize=sequence"])

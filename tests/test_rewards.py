@@ -50,6 +50,18 @@ def test_exact_match_default_extraction(completion, reward):
     assert ExactMatch()("q", completion, {"answer": "42"}) == reward
 
 
+def test_exact_match_textual_answer_without_marker_is_the_stripped_completion():
+    # issue 30: "tnalp" for "plant" scored 0 (the last-number rule found no number), silently
+    reverse = ExactMatch()
+    assert reverse("reverse plant", " tnalp\n", {"answer": "tnalp"}) == 1.0
+    assert reverse("reverse plant", "Tnalp.", {"answer": "tnalp"}) == 1.0   # case, full stop
+    assert reverse("reverse plant", "plant", {"answer": "tnalp"}) == 0.0
+    assert reverse("", "I think\nanswer: tnalp", {"answer": "tnalp"}) == 1.0  # a marker wins
+    assert reverse("", "tnalp 2", {"answer": "tnalp"}) == 0.0    # no last-number rule for text
+    assert reverse("", "", {"answer": "tnalp"}) == 0.0
+    assert reverse("", "it is 42", {"answer": 42}) == 1.0        # numbers keep the last number
+
+
 def test_exact_match_pattern_case_and_thousands():
     tagged = ExactMatch(pattern=r"<answer>(.*?)</answer>")
     assert tagged("", "think 7 ... <answer> Paris </answer> 9", {"answer": "paris"}) == 1.0
@@ -110,6 +122,22 @@ def test_weights_summed_per_reward_and_failures_logged_once(caplog):
     assert "raise_on_odd" in lines[0] and "RuntimeError: odd record 1" in lines[0]
     assert "2 of 4" in lines[0]
     assert scores.metrics()["reward_failures/" + f"{__name__}:raise_on_odd"] == 2.0
+
+
+def test_a_reward_scoring_0_on_every_sample_says_so_once_then_counts(caplog):
+    rewards = RewardSet.from_specs([{"name": "exact_match", "pattern": r"<a>(.*)</a>"},
+                                    {"name": "format", "pattern": ".*"}])
+    records = [{"answer": "tnalp"}] * 3
+    with caplog.at_level(logging.WARNING, logger="apt.rewards"):
+        for _ in range(12):
+            rewards.score(["p"] * 3, ["tnalp"] * 3, records)
+        rewards.score(["p"], ["<a>tnalp</a>"], records[:1])   # scored: not counted
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines   # the first round, then the 10th: not one line per step
+    assert lines[0].startswith("reward exact_match (ExactMatch) scored 0 on all 3 samples")
+    assert "'tnalp'" in lines[0] and "answer='tnalp'" in lines[0]
+    assert "in 10 rounds so far" in lines[1]
+    assert rewards.all_zero_calls == {"exact_match": 12}
 
 
 def test_non_finite_or_non_number_reward_is_a_failure():

@@ -64,6 +64,9 @@ def test_greedy_generation_is_the_models_argmax(model):
         sampled = model.generate(torch.as_tensor(prompt), 6, top_k=1,
                                  valid_vocab=tok.vocab_size)
         assert out == sampled.tolist()
+        end = out[3]   # taken as the end-of-document token: sampling stops before it
+        assert model.generate(torch.as_tensor(prompt), 6, top_k=1, valid_vocab=tok.vocab_size,
+                              eod_id=end).tolist() == out[:out.index(end)]
     stop = batched[0][2]
     assert greedy_generate(model, prompts[:1], 6, stop_id=stop,
                            valid_vocab=tok.vocab_size)[0] == batched[0][:3]

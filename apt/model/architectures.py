@@ -124,10 +124,13 @@ class APTModel(PackedDocumentsGPTModel):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,
                  top_k: int = 20, valid_vocab: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None,
+                 eod_id: int | None = None) -> torch.Tensor:
         """Sample a continuation of ``prompt`` (1-D token ids), one process, no KV cache.
 
-        ``valid_vocab`` masks the padded embedding rows the tokenizer never produces."""
+        ``valid_vocab`` masks the padded embedding rows the tokenizer never produces. Sampling
+        ``eod_id`` (the end-of-document token) ends the continuation, which excludes it: what
+        follows a document's end is another document, not its continuation."""
         if parallel_state.get_tensor_model_parallel_world_size() > 1 or \
                 parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise NotImplementedError("generate() runs on an unsharded model (TP = PP = 1)")
@@ -145,6 +148,8 @@ class APTModel(PackedDocumentsGPTModel):
                 kth = torch.topk(logits, top_k).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             next_token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            if eod_id is not None and int(next_token) == eod_id:
+                break
             tokens = torch.cat([tokens, next_token], dim=1)
         self.train(was_training)
         return tokens[0, prompt.numel():]

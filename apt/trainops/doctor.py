@@ -24,12 +24,6 @@ PACKAGES = ("torch", "megatron-core", "deepspeed")
 MIB = 2 ** 20
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--nproc-per-node", type=int, default=None,
-                        help="processes per node (default: the GPUs found, else 1)")
-
-
 def run(args) -> int:
     cfg = load_profile(args.profile, args.overrides)
     rows = checks(cfg, args.nodes, args.nproc_per_node)
@@ -38,6 +32,7 @@ def run(args) -> int:
     for r in rows:
         where = f"{r.source}: " if r.source and r.source not in r.detail else ""
         print(f"  {r.name:<{width}}  {r.status:<4}  {where}{r.detail}")
+    _print_library_warnings()
     failed = [r for r in rows if r.status == FAIL]
     warned = [r for r in rows if r.status == WARN]
     if failed:
@@ -46,6 +41,20 @@ def run(args) -> int:
     print("verdict: ready" + (f", {len(warned)} warning(s): {', '.join(r.name for r in warned)}"
                               if warned else ""))
     return 0
+
+
+def _print_library_warnings() -> None:
+    """The libraries' warnings that runs keep off the console (apt/core/logging.py), once."""
+    try:   # the training stack, so that its import-time warnings are among them
+        import apt.trainops.engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - the package rows above already say what is broken
+        pass
+    from apt.core.logging import hidden_warnings
+    hidden = hidden_warnings()
+    if hidden:
+        print(f"library warnings ({len(hidden)}, kept off the console during runs):")
+        for line in hidden:
+            print(f"  {line}")
 
 
 def checks(cfg, nodes: int = 1, per_node: int | None = None) -> list[Check]:

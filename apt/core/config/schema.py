@@ -119,6 +119,9 @@ class DataConfig:
     #   (`synthetic:arith`: the sums as questions).
     corpus: Literal["stdlib", "text", "indexed", "sft", "preference", "prompts"] = "stdlib"
     path: Optional[str] = None
+    # sft, preference, prompts: a held-out JSONL file of one's own, used as the validation
+    # split instead of holding out val_fraction of `path`'s records (all of `path` trains).
+    val_path: Optional[str] = None
     blend: Optional[list] = None
     # "byte" needs no file; "hf" reads a tokenizer.json, "sentencepiece" a .model (tokenizer_path).
     tokenizer: Literal["byte", "hf", "sentencepiece"] = "byte"
@@ -268,6 +271,10 @@ class DPOConfig:
     gamma: float = rule(0.5, ge=0)
     # RPO: weight of an SFT term, the chosen answer's per-token negative log-likelihood.
     sft_weight: float = rule(0.0, ge=0)
+    # How that NLL is averaged. pair: per pair (its chosen answer's token mean), then over the
+    # pairs; token: one token mean over all chosen tokens of the global batch (TRL's
+    # rpo_alpha and loss_type [sigmoid, sft]): long answers weigh more.
+    sft_normalize: Literal["pair", "token"] = "pair"
     # Where the reference log-probs come from: live = the frozen initial weights, held in host
     # memory and swapped into the same model for a forward pass each step; precomputed = that
     # pass once over the whole dataset before training, stored with the data (no weights held
@@ -685,6 +692,13 @@ def _data_checks(data: DataConfig):
                                "are never packed: a row is one prompt and one answer)"
                                if data.corpus == "preference" else
                                "packs SFT records: needs data.corpus 'sft'")
+    if data.val_path is not None:
+        if data.corpus not in ("sft", "preference", "prompts"):
+            yield "data.val_path", (f"names held-out JSONL records: needs data.corpus 'sft', "
+                                    f"'preference' or 'prompts' (got {data.corpus!r})")
+        elif data.path and data.path.startswith("synthetic:"):
+            yield "data.val_path", (f"{data.path!r} brings its own held-out set: give "
+                                    f"data.val_path with a file of your own in data.path")
     if data.max_prompt_length is not None and data.corpus not in ("preference", "prompts"):
         yield "data.max_prompt_length", ("truncates preference prompts: needs data.corpus "
                                          "'preference'")

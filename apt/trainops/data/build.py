@@ -175,9 +175,11 @@ def check_token_range(reader: IndexedReader, tokenizer, cache_dir: str) -> None:
 
 
 def sft_records(data: DataConfig) -> tuple[list[dict], list[dict], str]:
-    """(train, validation, name) chat records of ``data.path``: a JSONL file split by a stable
-    hash of the record's line (``data.val_fraction``), or a built-in ``synthetic:`` set with
-    its own held-out file. The chat scorer reads the same validation records."""
+    """(train, validation, name) chat records of ``data.path``: a JSONL file whose held-out
+    records are ``data.val_path``'s when given, else those picked by a stable hash of the
+    record's position in the file (its index among the records, from 0; ``data.val_fraction``),
+    or a built-in ``synthetic:`` set with its own held-out file. The chat scorer reads the same
+    validation records."""
     train, val, name = _jsonl_splits(data, "sft")
     return [r for _, r in train], [r for _, r in val], name
 
@@ -208,6 +210,8 @@ def _jsonl_splits(data: DataConfig, corpus: str):
         train_path, heldout_path = materialise(data.path, data.cache_dir, corpus)
         return read_located_jsonl(train_path), read_located_jsonl(heldout_path), data.path
     records = read_located_jsonl(data.path)
+    if data.val_path:
+        return records, read_located_jsonl(data.val_path), os.path.basename(data.path)
     train = [r for i, r in enumerate(records) if not is_validation(str(i), data.val_fraction)]
     val = [r for i, r in enumerate(records) if is_validation(str(i), data.val_fraction)]
     if not val:

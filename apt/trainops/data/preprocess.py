@@ -169,21 +169,6 @@ def format_summary(s: dict) -> str:
             f"{s['seconds']:.2f} s, {s['tokens_per_s']:,.0f} tokens/s, {s['mb_per_s']:.2f} MB/s")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="files or directories (text, .jsonl, .parquet)")
-    parser.add_argument("--output", "-o", required=True, help="output prefix (writes .bin, .idx)")
-    parser.add_argument("--format", dest="fmt", default="auto",
-                        choices=["auto", "text", "jsonl", "parquet"])
-    parser.add_argument("--field", default="text", help="JSONL field / Parquet column")
-    parser.add_argument("--tokenizer", default="byte", choices=["byte", "hf", "sentencepiece"])
-    parser.add_argument("--tokenizer-path", default=None)
-    parser.add_argument("--train-bpe", type=int, default=None, metavar="VOCAB",
-                        help="train a byte-level BPE of this size on the inputs first")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--no-append-eod", dest="append_eod", action="store_false")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def run(args) -> int:
     summary = preprocess(args.inputs, args.output, tokenizer=args.tokenizer,
                          tokenizer_path=args.tokenizer_path, fmt=args.fmt, field=args.field,
@@ -194,10 +179,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from apt.cli import EXIT_CONFIG_ERROR
+    from apt.cli import EXIT_CONFIG_ERROR, add_preprocess_arguments
     parser = argparse.ArgumentParser(prog="trainops preprocess",
                                      description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    add_preprocess_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run(args)

@@ -78,6 +78,27 @@ class O1Trainer(Trainer):
                 or cfg.data.seq_length - g.max_new_tokens,
                 "required_fields": self.rewards.required_fields}
 
+    def start_lines(self) -> list[str]:
+        """How many prompts exceed the prompt limit and what happens to them (issue 30: 945 of
+        3,709 prompts lost their leading characters behind one warning among many)."""
+        g, data = self.config.training.grpo, self.config.data
+        limit = data.max_prompt_length or data.seq_length - g.max_new_tokens
+        formula = (f"data.max_prompt_length {limit}" if data.max_prompt_length
+                   else f"data.seq_length {data.seq_length} - training.grpo.max_new_tokens "
+                        f"{g.max_new_tokens} = {limit}")
+        parts = []
+        for split, loader in (("training", self.train_dataloader),
+                              ("held-out", self.eval_dataloader)):
+            dataset = getattr(loader, "dataset", None)
+            if hasattr(dataset, "truncation"):   # a PromptDataset
+                own = dataset.max_prompt_length
+                parts.append(f"{split} {dataset.truncation()}"
+                             + (f" (its own limit: {own})" if own != limit else ""))
+        if not parts:
+            return []
+        return [f"prompts | at most {formula} tokens, longer ones keep their end: "
+                + "; ".join(parts)]
+
     @property
     def prompts_per_step(self) -> int:
         return self.plan.global_batch // self.config.training.grpo.num_generations

@@ -162,6 +162,7 @@ class Trainer:
         # The initial weights, before a resume replaces them (a preference reference keeps them).
         self.objective.bind(self.modules)
         self.step, self.consumed_samples = 0, 0
+        self._coverage_said = False
         self.checkpoints = checkpoint_manager(cfg, checkpoint_dir)
         self.resumed_from = resolve_resume(
             self.checkpoints, resume_from_checkpoint,
@@ -189,6 +190,10 @@ class Trainer:
     def _dataset_options(self, cfg) -> dict:
         """Extra ``build_datasets`` arguments a trainer variant's data needs."""
         return {}
+
+    def start_lines(self) -> list[str]:
+        """Lines a trainer variant says at the start of training, after the plan (rank 0)."""
+        return []
 
     def _training_batches(self):
         """The iterator the engine draws each step's micro-batches from."""
@@ -270,6 +275,8 @@ class Trainer:
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
                       f"{self.artifacts.run_dir}")
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
+        for line in self.start_lines():
+            progress.line(line)
         announce_resume(self, progress)
         self._emit("on_train_start")
         if self.eval_before_training and self.step == 0:
@@ -543,6 +550,10 @@ class Trainer:
                               tasks=[t.eval_task] if t.eval_task else ())
         result = {f"val_{k}": v
                   for k, v in evaluator.evaluate(max_batches or t.eval_batches).items()}
+        from apt.trainops.eval.coverage import eval_coverage
+        self.eval_coverage = eval_coverage(self.eval_dataloader, max_batches or t.eval_batches)
+        if self.eval_coverage is not None:
+            result["val_samples"] = self.eval_coverage.scored
         if self.chat_scorer is not None:
             scores = self.chat_scorer.exact_match(self.model)
             result.update({f"val_{k}": v for k, v in scores.items()
@@ -558,6 +569,10 @@ class Trainer:
             if self.runtime.is_main:
                 self.artifacts.save_metrics(result)
             progress.line(f"eval @ step {self.step} | " + _eval_summary(result))
+            coverage = getattr(self, "eval_coverage", None)
+            if coverage is not None and coverage.left_out and not self._coverage_said:
+                progress.line("eval | " + coverage.line())   # once: the same at every eval
+                self._coverage_said = True
         return result
 
     # ------------------------------------------------------------------ the end of a run
@@ -618,7 +633,7 @@ class Trainer:
         prompt = torch.as_tensor(self.tokenizer.encode(out.sample_prompt))
         new = self.model.generate(prompt.to(self.runtime.device), out.sample_tokens,
                                           valid_vocab=self.tokenizer.vocab_size,
-                                          generator=generator)
+                                          generator=generator, eod_id=self.tokenizer.eod_id)
         return out.sample_prompt + self.tokenizer.decode(new.tolist())
 
     def _artifacts(self) -> ArtifactManager:

@@ -13,9 +13,14 @@ tokens (the loss mask). With the reference's log-probabilities (reference.py), p
     ipo      ((logp_c - ref_c)/n_c - (logp_r - ref_r)/n_r - 1/(2 beta))^2  (per-token log-ratios)
     simpo    -(1-eps) log s(beta logp_c/n_c - beta logp_r/n_r - gamma) - eps log s(-...)
                                                                      (no reference; n: tokens)
-    + sft_weight * (-logp_c / n_c)                                          (RPO)
+    + sft_weight * (-logp_c / n_c)                     (RPO; sft_normalize: pair)
 
-The loss is summed over pairs (the engine divides by the global batch's pair count). Logged per
+The loss is summed over pairs (the engine divides by the global batch's pair count). With
+``sft_normalize: token`` the SFT term is one token mean over the chosen answers of the whole
+global batch (TRL's ``rpo_alpha`` and ``loss_type=["sigmoid", "sft"]``), so after that division
+the loss is mean over pairs of the preference loss + sft_weight * sum(-logp_c) / sum(n_c):
+``prepare`` counts the step's pairs and chosen tokens over every micro-batch and data-parallel
+rank, and each micro-batch adds sft_weight * (pairs / tokens) * sum(-logp_c) of its own. Logged per
 step and per evaluation: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
 ``rewards/accuracies`` (the share of pairs with r_c strictly above r_r) and ``logps/chosen``,
 ``logps/rejected`` (means over pairs). At step 0 the policy is the reference: every reward is 0
@@ -26,6 +31,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from apt.trainops.data.batches import PreferenceBatch
@@ -59,6 +65,9 @@ class PreferenceObjective(Objective):
         self.config = config or DPOConfig()
         self.reference: FrozenReference | None = None
         self._reference_digest: str | None = None
+        # sft_normalize token: global pairs / global chosen tokens of the batches being
+        # prepared (a step's, an evaluation's); None: this micro-batch's own ratio.
+        self._pairs_per_chosen_token: torch.Tensor | None = None
 
     @property
     def needs_reference(self) -> bool:
@@ -74,6 +83,8 @@ class PreferenceObjective(Objective):
     def prepare(self, micro_batches, run_forward):
         """Live reference: one swap and one forward-only pass over the step's micro-batches.
         Batches that carry precomputed log-probs (or SimPO's) need nothing."""
+        if self.config.sft_weight and self.config.sft_normalize == "token":
+            self._pairs_per_chosen_token = _pairs_per_chosen_token(micro_batches)
         if not self.needs_reference or all(b.reference_logps is not None for b in micro_batches):
             return micro_batches
         if self.reference is None or not self.reference.weights:
@@ -138,14 +149,26 @@ class PreferenceObjective(Objective):
                 losses = (per_token[:, 0] - per_token[:, 1] - 1 / (2 * beta)) ** 2
             else:
                 raise ValueError(f"unknown training.dpo.loss_type {c.loss_type!r}")
-        if c.sft_weight:
+        if c.sft_weight and c.sft_normalize == "pair":
             losses = losses + c.sft_weight * (-logps[:, 0] / lengths[:, 0].clamp(min=1))
         return losses, rewards[:, 0], rewards[:, 1]
+
+    def token_sft_loss(self, logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """sft_normalize token: this micro-batch's share of the global batch's summed loss
+        (module docstring); 0 otherwise."""
+        c = self.config
+        if not (c.sft_weight and c.sft_normalize == "token"):
+            return logps.new_zeros(())
+        scale = self._pairs_per_chosen_token
+        if scale is None:   # not prepared (a direct call): this micro-batch is the batch
+            scale = logps.new_tensor(float(len(logps))) / lengths[:, 0].sum().clamp(min=1)
+        return c.sft_weight * scale.to(logps) * (-logps[:, 0]).sum()
 
     def _pair_stats(self, batch: PreferenceBatch, per_token: torch.Tensor) -> dict:
         logps, lengths = answer_logps(batch, per_token)
         losses, chosen, rejected = self.pair_losses(logps, lengths, batch.reference_logps)
-        return {"loss": losses.sum(), "rewards/chosen": chosen.sum(),
+        loss = losses.sum() + self.token_sft_loss(logps, lengths)
+        return {"loss": loss, "rewards/chosen": chosen.sum(),
                 "rewards/rejected": rejected.sum(), "rewards/margins": (chosen - rejected).sum(),
                 "rewards/accuracies": (chosen > rejected).to(torch.float64).sum(),
                 "logps/chosen": logps[:, 0].sum(), "logps/rejected": logps[:, 1].sum()}
@@ -172,3 +195,17 @@ class PreferenceObjective(Objective):
         out["pairs"] = int(sums["pairs"])
         return out
 
+
+def _pairs_per_chosen_token(micro_batches) -> torch.Tensor:
+    """Pairs / chosen-answer tokens over ``micro_batches`` and every data-parallel rank
+    (collective over the data-parallel group, like the step itself)."""
+    device = micro_batches[0].chosen.loss_mask.device
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        counts[0] += batch.rows
+        counts[1] += batch.chosen.loss_mask.to(torch.float64).sum()
+    from megatron.core import parallel_state as ps
+    if (dist.is_initialized() and ps.model_parallel_is_initialized()
+            and ps.get_data_parallel_world_size() > 1):
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+    return counts[0] / counts[1].clamp(min=1.0)

@@ -2,8 +2,10 @@
 
 Without a pattern the answer is, in this order: what follows the last ``#### `` marker (GSM8K's
 format), what follows the last ``answer:`` / ``answer =`` (case-insensitive, to the end of its
-line), the last ``\\boxed{...}``, else the last number anywhere in the text. A pattern is a
-regular expression: its last match is the answer, its first group when it has one.
+line), the last ``\\boxed{...}``, else the last number anywhere in the text, or, when the caller
+expects no number (``numeric=False``: exact_match against a textual answer such as ``"plant"``),
+the whole text stripped, so a bare correct answer is never scored 0 for lack of a marker. A
+pattern is a regular expression: its last match is the answer, its first group when it has one.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ _MARKERS = (re.compile(r"####\s*(.+?)\s*$", re.MULTILINE),
             re.compile(r"\\boxed\{([^{}]*)\}"))
 
 
-def final_answer(text: str, pattern: re.Pattern | None = None) -> str | None:
+def final_answer(text: str, pattern: re.Pattern | None = None,
+                 numeric: bool = True) -> str | None:
     """The final answer in ``text`` (see the module doc), or None when there is none."""
     if pattern is not None:
         return _last(pattern, text)
@@ -24,7 +27,9 @@ def final_answer(text: str, pattern: re.Pattern | None = None) -> str | None:
         found = _last(marker, text)
         if found is not None:
             return found
-    return _last(NUMBER, text)
+    if numeric:
+        return _last(NUMBER, text)
+    return text.strip() or None
 
 
 def _last(pattern: re.Pattern, text: str) -> str | None:

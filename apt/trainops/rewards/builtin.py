@@ -32,7 +32,10 @@ def _pattern(pattern: str | None, flags: int = 0) -> re.Pattern | None:
 
 class ExactMatch:
     """1.0 when the completion's final answer equals ``record[field]`` after normalisation
-    (answers.normalize: whitespace, a trailing full stop, number formatting, case), else 0.0."""
+    (answers.normalize: whitespace, a trailing full stop, number formatting, case), else 0.0.
+    Without a ``pattern`` or marker the answer is the last number when ``record[field]`` is a
+    number, else the whole completion stripped: "tnalp" answers "tnalp", where the last-number
+    rule alone would score every textual answer 0 without a sign."""
 
     def __init__(self, pattern: str | None = None, field: str = "answer",
                  case_sensitive: bool = False):
@@ -40,10 +43,11 @@ class ExactMatch:
         self.fields = (field,)
 
     def __call__(self, prompt: str, completion: str, record: dict) -> float:
-        answer = final_answer(completion, self.pattern)
+        target = record[self.fields[0]]
+        numeric = isinstance(target, (int, float)) or parse_number(str(target)) is not None
+        answer = final_answer(completion, self.pattern, numeric=numeric)
         if answer is None:
             return 0.0
-        target = record[self.fields[0]]
         same = normalize(answer, self.case_sensitive) == normalize(target, self.case_sensitive)
         return float(same)
 

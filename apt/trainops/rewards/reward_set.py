@@ -39,6 +39,7 @@ class RewardScores:
 class RewardSet:
     def __init__(self, rewards: list[Reward]):
         self.rewards = rewards
+        self.all_zero_calls: dict[str, int] = {}   # label -> scoring calls it scored 0 throughout
 
     @classmethod
     def from_specs(cls, specs, where: str | None = None, key: str = DEFAULT_KEY) -> "RewardSet":
@@ -101,9 +102,25 @@ class RewardSet:
             if failed:
                 log.warning("reward %s (%s) failed on %d of %d samples, scored 0: %s",
                             reward.label, _describe(reward.fn), failed, n, first)
+            if n and not any(values):
+                self._say_all_zero(reward, n, completions[0], records[0])
             for i, value in enumerate(values):
                 total[i] += reward.weight * value
         return RewardScores(total, per_reward, failures)
+
+    def _say_all_zero(self, reward: Reward, n: int, completion: str, record: dict) -> None:
+        """A reward that scores 0 on every sample of a call (a step's rollouts, an evaluation)
+        gives no signal and often means a mismatch of format, not a bad policy: said on the
+        first such call with an example, then with the count at the 10th, 100th, ... call."""
+        count = self.all_zero_calls[reward.label] = self.all_zero_calls.get(reward.label, 0) + 1
+        if count == 1:
+            fields = {name: record.get(name) for name in reward.fields}
+            log.warning("reward %s (%s) scored 0 on all %d samples of a step (or evaluation), "
+                        "e.g. completion %.60r for %s (said again at 10, 100, ... such rounds)",
+                        reward.label, _describe(reward.fn), n, completion, _short(fields))
+        elif str(count).rstrip("0") == "1":   # 10, 100, 1000, ...
+            log.warning("reward %s scored 0 on every sample in %d rounds so far (steps and "
+                        "evaluations)", reward.label, count)
 
 
 def _score_one(fn, prompts, completions, records):
@@ -141,6 +158,10 @@ def _as_reward(value) -> tuple[float, str | None]:
     if not math.isfinite(number):
         return 0.0, f"returned {number!r}"
     return number, None
+
+
+def _short(fields: dict) -> str:
+    return ", ".join(f"{name}={value!r:.40}" for name, value in fields.items()) or "its record"
 
 
 def _describe(fn) -> str:
