@@ -4,7 +4,6 @@ Mistral (v0.3). Each directory holds a small byte-level BPE trained here (offlin
 family's special tokens, and the family's published chat template (tests/fixtures/
 chat_templates, verbatim). Also: tokenizer files and templates are untrusted data."""
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +160,17 @@ def test_qwen3_trains_reasoning_as_the_whole_conversation_renders_it(family_dirs
     assert prompts.texts[0].endswith("<|im_start|>assistant\n")
 
 
+def test_an_exported_tokenizer_keeps_the_models_template_and_tokens(family_dirs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = HFTokenizer(family_dirs["qwen3"])
+    tok.save_pretrained(tmp_path / "hf")          # what export-hf writes next to the weights
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>"
+    assert hf.chat_template == resolve_chat_template(tok, "auto").source
+    tokens, _ = encode_chat(CHAT, resolve_chat_template(tok, "auto"), tok, "chat")
+    assert list(hf.apply_chat_template(CHAT, return_dict=False)) == tokens[:-1].tolist()
+
+
 def test_a_template_whose_prompt_side_is_not_monotone_falls_back_in_one_line(family_dirs,
                                                                             caplog):
     """Mistral v0.3 puts the system prompt into the last user message only: rendered with the
@@ -251,16 +261,22 @@ def test_malformed_tokenizer_configs_are_one_line_naming_file_and_key(family_dir
     "{{ '%400000000s' % 'x' }}{{ 'x'|center(400000000) }}",     # a width
     "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
     "{% endfor %}{{ ns.s|length }}",                            # doubling in a loop
-    "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages }}{% endfor %}"
-    "{% endfor %}",                                             # streaming without end
+    "{% for i in range(100000) %}{% for j in range(100000) %}" + "x" * 1000 +
+    "{% endfor %}{% endfor %}",                                 # streaming without end
 ])
 def test_a_chat_templates_output_is_bounded(source):
+    import tracemalloc
     from apt.trainops.data import ByteTokenizer
-    start = time.perf_counter()
-    with pytest.raises(DataError) as err:
-        encode_chat(CHAT, ChatTemplate(source, "huge.jinja"), ByteTokenizer(), "chat: record 3")
+    template = ChatTemplate(source, "huge.jinja")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as err:
+            encode_chat(CHAT, template, ByteTokenizer(), "chat: record 3")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     _one_line(err, "chat: record 3", "huge.jinja", "renders more than 8,388,608 characters")
-    assert time.perf_counter() - start < 10        # refused early, not after building it
+    assert peak < 100 << 20, peak      # refused before building it (a char takes >= 1 byte)
 
 
 def test_a_chat_template_runs_sandboxed():

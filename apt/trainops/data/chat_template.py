@@ -9,10 +9,23 @@ The tokenizer's own template (``chat_template.jinja`` or ``tokenizer_config.json
 
 Which tokens are trained is found by rendering prefixes, not by trusting markers in the
 template: for the assistant message k, the conversation up to k with the generation prompt and
-the conversation including k are rendered; the tokens the longer one adds are the assistant's.
-That needs each rendering to be a token prefix of the next one; a template for which it is not
-(one that rewrites earlier turns, or whose generation prompt differs from how it renders the
-assistant) is refused, naming the record, rather than trained on a guessed mask.
+the conversation including k are rendered; the tokens the longer one adds are the assistant's,
+up to and including the turn's end-of-turn token (its last special token: ``<|im_end|>``,
+``<|eot_id|>``, ``</s>``), which the model must learn to stop with; what the template writes
+after it (ChatML's newline) is never generated, so never trained. A template without one (the
+built-in) trains the whole turn and, after a final turn, the end-of-document token.
+
+What is trained is the whole conversation's rendering, so the mask marks it there: a turn the
+whole conversation renders differently (Qwen3 drops the reasoning of turns before the last user
+message) is trained as rendered there, from the prompt up to its end-of-turn token. When the
+prompt side is not monotone (Mistral v0.3 puts the system prompt into the last user message
+only), a turn is found where its content is rendered (see ``_span_by_content``), said in one
+warning line. A template for which neither holds (no end-of-turn token, a generation prompt
+unlike how it renders the assistant) is refused, naming the record, rather than trained on a
+guessed mask.
+
+Templates are untrusted: rendered in jinja2's sandbox (as transformers does), every value they
+build and their output bounded by ``MAX_RENDERED_CHARS`` (``_environment``).
 """
 from __future__ import annotations
 
