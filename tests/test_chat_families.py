@@ -196,6 +196,31 @@ def test_a_template_whose_prompt_side_is_not_monotone_falls_back_in_one_line(fam
     assert _trained(tok, tokens, mask) == EXPECTED_TURNS["mistral"]
 
 
+def test_a_profile_points_sft_dpo_and_grpo_at_a_model_directory(family_dirs, tmp_path):
+    from apt.core.config import load_profile
+    from apt.trainops.data.build import build_datasets
+    records = {"sft": {"messages": CHAT},
+               "preference": {"messages": CHAT[:4], "chosen": "6", "rejected": "7"},
+               "prompts": {"messages": CHAT[:4], "answer": "6"}}
+    for corpus, record in records.items():
+        path = tmp_path / f"{corpus}.jsonl"
+        path.write_text((json.dumps(record) + "\n") * 4)
+        profile = {"sft": "sft-tiny", "preference": "dpo-tiny", "prompts": "grpo-tiny"}[corpus]
+        cfg = load_profile(profile, [f"data.corpus={corpus}", f"data.path={path}",
+                                     "data.tokenizer=hf",
+                                     f"data.tokenizer_path={family_dirs['llama3.2']}"])
+        train, _, tok = build_datasets(cfg.data)
+        if corpus == "sft":
+            row = train[0]
+            assert _text(tok, row["labels"][row["loss_mask"] > 0].tolist()) == \
+                "4<|eot_id|>6 of course<|eot_id|>"
+        elif corpus == "preference":
+            chosen = train[0].chosen
+            assert _text(tok, chosen.labels[chosen.loss_mask > 0].tolist()) == "6<|eot_id|>"
+        else:
+            assert train.texts[0].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
 def test_generation_stops_at_the_end_of_turn_token(family_dirs):
     from apt.core.config import load_profile
     from apt.trainops.rl.rollouts import sampling_params

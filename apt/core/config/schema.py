@@ -120,7 +120,8 @@ class DataConfig:
     corpus: Literal["stdlib", "text", "indexed", "sft", "preference", "prompts"] = "stdlib"
     path: Optional[str] = None
     blend: Optional[list] = None
-    # "byte" needs no file; "hf" reads a tokenizer.json, "sentencepiece" a .model (tokenizer_path).
+    # "byte" needs no file; "hf" reads a tokenizer.json or a Hugging Face model directory (its
+    # tokenizer_config.json: special tokens, chat template), "sentencepiece" a .model.
     tokenizer: Literal["byte", "hf", "sentencepiece"] = "byte"
     tokenizer_path: Optional[str] = None
     seq_length: int = rule(128, gt=0)
