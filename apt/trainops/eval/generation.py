@@ -41,7 +41,8 @@ def greedy_generate(model, prompts: list, max_new_tokens, *, stop_id=None,
     """Greedy continuations of several prompts (lists of token ids), one forward pass per new
     token over right-padded rows (causal attention: padding after a row's end does not change
     its logits). ``max_new_tokens``: one int or one per prompt. A row stops after ``stop_id``
-    (one id or several, such as ``chat_template.stop_ids``; included in its output). ``valid_vocab`` masks the padded embedding rows."""
+    (one id or several, such as ``chat_template.stop_ids``; included in its output).
+    ``valid_vocab`` masks the padded embedding rows."""
     _single_process(model, "greedy_generate")
     stop_id = (frozenset() if stop_id is None else frozenset({int(stop_id)})
                if np.isscalar(stop_id) else frozenset(int(i) for i in stop_id))
