@@ -145,13 +145,15 @@ def test_tokenizer_template_is_used_and_masks_by_prefixes(chatml_tokenizer):
     tokens, mask = encode_chat(CHAT, template, tok, "chat")
     assert tokens[:-1].tolist() == tok.encode(template.render(CHAT)).tolist()
     im_end = tok._tok.token_to_id("<|im_end|>")
-    expected = [tok.encode(text).tolist() for text in ("4<|im_end|>\n", "6 of course<|im_end|>\n")]
+    expected = [tok.encode(text).tolist() for text in ("4<|im_end|>", "6 of course<|im_end|>")]
     spans = _spans(mask)
-    assert [tokens[a:b].tolist() for a, b in spans] == [expected[0], expected[1] + [tok.eod_id]]
-    assert expected[0][-2] == im_end           # the end-of-turn marker is the assistant's to learn
+    # Each answer up to its end-of-turn marker, which the assistant learns to produce; the
+    # template's newline after it and the end-of-document token are never generated.
+    assert [tokens[a:b].tolist() for a, b in spans] == expected
+    assert expected[0][-1] == im_end and tokens[-1] == tok.eod_id and mask[-1] == 0
     prompt, answer = last_turn(CHAT, template, tok, "chat")
     assert tok.decode(prompt).endswith("assistant\n")
-    assert answer.tolist() == expected[1] + [tok.eod_id]
+    assert answer.tolist() == expected[1]
     assert resolve_chat_template(tok, "builtin").source == BUILTIN
 
 

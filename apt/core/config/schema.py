@@ -123,7 +123,8 @@ class DataConfig:
     # split instead of holding out val_fraction of `path`'s records (all of `path` trains).
     val_path: Optional[str] = None
     blend: Optional[list] = None
-    # "byte" needs no file; "hf" reads a tokenizer.json, "sentencepiece" a .model (tokenizer_path).
+    # "byte" needs no file; "hf" reads a tokenizer.json or a Hugging Face model directory (its
+    # tokenizer_config.json: special tokens, chat template), "sentencepiece" a .model.
     tokenizer: Literal["byte", "hf", "sentencepiece"] = "byte"
     tokenizer_path: Optional[str] = None
     seq_length: int = rule(128, gt=0)

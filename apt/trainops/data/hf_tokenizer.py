@@ -4,7 +4,7 @@ text as ``decode`` (special tokens skipped): what ``trainops export-hf`` puts ne
 
 - ``byte``: a ``tokenizers`` BPE without merges over the 256 byte symbols of GPT-2's byte-level
   alphabet, so token i is byte i; ``<|endoftext|>`` (256) and ``<|pad|>`` (257) are special.
-- ``hf``: its own ``tokenizer.json``, end-of-document and pad tokens named.
+- ``hf``: its own ``tokenizer.json``, with its config's eos/bos/pad tokens and chat template.
 - ``sentencepiece``: converted to a ``tokenizer.json`` by transformers' SentencePiece converter
   (it follows the model's normalizer spec, so it encodes like ``SentencePieceProcessor``).
 
@@ -18,13 +18,17 @@ from pathlib import Path
 def save_for_transformers(tok, directory: str | Path) -> Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory``."""
     from transformers import PreTrainedTokenizerFast
+    from .chat_template import tokenizer_chat_template
     backend = _backend(tok)
-    eos, pad = backend.id_to_token(tok.eod_id), backend.id_to_token(tok.pad_id)
-    fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=eos,
-                                   pad_token=pad)
-    chat_template = _chat_template(tok)
-    if chat_template:
-        fast.chat_template = chat_template
+    # A chat model's eos_token (its end of turn, <|im_end|>) stays what its config says.
+    eos = backend.id_to_token(getattr(tok, "eos_id", tok.eod_id))
+    named = getattr(getattr(tok, "config", None), "special_tokens", {})
+    bos = named.get("bos_token") or backend.id_to_token(tok.eod_id)
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=bos,
+                                   pad_token=backend.id_to_token(tok.pad_id))
+    template = tokenizer_chat_template(tok)
+    if template is not None:
+        fast.chat_template = template.source
     fast.save_pretrained(str(directory))
     return Path(directory)
 
@@ -34,8 +38,8 @@ def _backend(tok):
     from tokenizers import Tokenizer
     if tok.name == "byte":
         return _byte_tokenizer(tok)
-    if tok.name == "hf":
-        return Tokenizer.from_file(str(tok.path))
+    if tok.name == "hf":   # as loaded: tokenizer_config.json's added tokens registered
+        return Tokenizer.from_str(tok._tok.to_str())
     if tok.name == "sentencepiece":
         return _sentencepiece_tokenizer(tok)
     raise ValueError(f"no Hugging Face form for the {tok.name!r} tokenizer")
@@ -83,11 +87,3 @@ def _sentencepiece_tokenizer(tok):
     control = [p.piece for p in extractor.proto.pieces if p.type == 3]
     backend.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in control])
     return backend
-
-
-def _chat_template(tok) -> str | None:
-    path = getattr(tok, "path", None)
-    if path is None:
-        return None
-    jinja = Path(path).parent / "chat_template.jinja"
-    return jinja.read_text() if jinja.is_file() else None

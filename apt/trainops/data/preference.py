@@ -9,8 +9,9 @@ answer is tokenised on its own, never together with the prompt, so no token merg
 boundary (with a BPE, ``"=" + "85"`` tokenised jointly could become one token and the answer's
 first token would not be the model's first choice after the prompt). An answer's tokens are
 exactly what SFT trains for an assistant turn that ends the conversation (chat_template.py's
-``encode_chat``): the text the template adds after the generation prompt (the content and the
-template's closing text), then the end-of-document token.
+``encode_chat``): the text the template adds after the generation prompt, up to and including
+its end-of-turn token (``<|im_end|>``, ``<|eot_id|>``); with a template that has none (the
+built-in one), all of it and the end-of-document token.
 
 Each half of a pair is one row ``prompt + answer`` right-padded to ``seq_length + 1``; the
 loss mask is 1 exactly on the answer's label positions. A pair longer than that keeps the end of
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 
 from .batches import LMBatch, PreferenceBatch
-from .chat_template import BUILTIN, ChatTemplate, checked_messages, render_or_fail, tokens_of
+from .chat_template import (BUILTIN, ChatTemplate, answer_tokens, checked_messages,
+                            render_or_fail, tokens_of)
 from .datasets import BatchIndexed
 from .errors import DataError
 
@@ -81,7 +83,8 @@ def encode_pair(messages: list[dict], answers: list[str], template: ChatTemplate
                 where: str) -> tuple[np.ndarray, list[np.ndarray]]:
     """(prompt tokens, [answer tokens per answer]). The answer's text is what rendering the
     conversation with the answer adds to rendering it with the generation prompt; it is
-    tokenised alone and ends with the end-of-document token."""
+    tokenised alone and ends with its end-of-turn token (what follows it is the template's),
+    or with the end-of-document token when the template has none (``answer_tokens``)."""
     prompt_text = render_or_fail(template, messages, True, where)
     prompt = tokens_of(tokenizer, prompt_text)
     out = []
@@ -93,8 +96,7 @@ def encode_pair(messages: list[dict], answers: list[str], template: ChatTemplate
                                    f"answer does not start with the conversation with the "
                                    f"generation prompt, so the answer's text cannot be told "
                                    f"apart (use data.chat_template=builtin or fix the template)")
-        tokens = tokens_of(tokenizer, full_text[len(prompt_text):])
-        out.append(np.concatenate([tokens, [tokenizer.eod_id]]).astype(np.int64))
+        out.append(answer_tokens(tokens_of(tokenizer, full_text[len(prompt_text):]), tokenizer))
     return prompt, out
 
 

@@ -16,6 +16,8 @@ import numpy as np
 
 from apt.core.config.schema import BYTE_VOCAB
 from .errors import DataError
+from .tokenizer_files import (MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, file_inside, read_bounded,
+                              read_json_object, read_tokenizer_config)
 
 EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 # End-of-document tokens of common tokenizer.json files, tried in this order.
@@ -38,9 +40,10 @@ class ByteTokenizer(_Tokenizer):
     model's embedding may be padded larger (for tensor-parallel divisibility)."""
 
     name = "byte"
-    eod_id = 256
+    eod_id = eos_id = 256
     pad_id = 257
     vocab_size = BYTE_VOCAB
+    special_ids = frozenset({256, 257})   # never produced by encode: text is bytes only
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -61,15 +64,20 @@ class HFTokenizer(_Tokenizer):
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer
         self.path = Path(path)
-        if self.path.is_dir():
+        if self.path.is_dir():   # a Hugging Face model or tokenizer directory
             self.path = self.path / "tokenizer.json"
         if not self.path.is_file():
             raise DataError(self.path, "tokenizer file not found", key="data.tokenizer_path")
+        self.config = read_tokenizer_config(self.path.parent)
         try:
-            self._tok = Tokenizer.from_file(str(self.path))
+            self._tok = Tokenizer.from_str(
+                read_bounded(self.path, MAX_TOKENIZER_BYTES).decode("utf-8"))
+        except DataError:
+            raise
         except Exception as exc:  # tokenizers raises its own exception type
             raise DataError(self.path, f"not a valid tokenizer.json: {str(exc).splitlines()[0]}",
                             key="data.tokenizer_path") from None
+        self._register_special_tokens()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         ids = [self._tok.token_to_id(t) for t in _EOD_CANDIDATES]
         ids = [i for i in ids if i is not None]
@@ -77,8 +85,45 @@ class HFTokenizer(_Tokenizer):
             raise DataError(self.path, f"no end-of-document token (looked for "
                                        f"{', '.join(_EOD_CANDIDATES)})", key="data.tokenizer_path")
         self.eod_id = ids[0]
-        pad = self._tok.token_to_id(PAD_TOKEN)
+        named = self.config.special_tokens
+        pad = self._tok.token_to_id(named.get("pad_token") or PAD_TOKEN)
         self.pad_id = self.eod_id if pad is None else pad
+        # The config's eos_token ends a chat model's answers (<|im_end|>, <|eot_id|>): a stop
+        # token for generation besides the end-of-document token.
+        eos = named.get("eos_token")
+        self.eos_id = self.eod_id if eos is None else self._tok.token_to_id(eos)
+        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items()
+                                     if t.special)
+
+    def _register_special_tokens(self) -> None:
+        """Every token tokenizer_config.json declares is one added token of tokenizer.json, so
+        text holding it encodes to its single id (never split). ``added_tokens_decoder``
+        entries missing from tokenizer.json are added (as transformers adds them) when that
+        gives them their declared id; any other disagreement is refused."""
+        from tokenizers import AddedToken
+        config, source = self.config, self.config.path
+        for token_id, text, special in sorted(self.config.added_tokens):
+            have = self._tok.token_to_id(text)
+            if have is None and token_id == self._tok.get_vocab_size(with_added_tokens=True):
+                add = self._tok.add_special_tokens if special else self._tok.add_tokens
+                add([AddedToken(text, special=special, normalized=not special)])
+                have = self._tok.token_to_id(text)
+            if have != token_id:
+                raise DataError(source, f"declares {text!r} as id {token_id} but "
+                                        f"{self.path.name} has it as "
+                                        f"{'no token' if have is None else f'id {have}'}",
+                                key=f"added_tokens_decoder.{token_id}")
+        named = [(k, t) for k, t in config.special_tokens.items()]
+        named += [("additional_special_tokens", t) for t in config.additional_special_tokens]
+        registered = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        for key, text in named:
+            token_id = self._tok.token_to_id(text)
+            if token_id is None:
+                raise DataError(source, f"{text!r} is not in {self.path.name}'s vocabulary",
+                                key=key)
+            if text not in registered:   # a plain vocabulary entry: keep its id, never split it
+                self._tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+                assert self._tok.token_to_id(text) == token_id
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
@@ -121,6 +166,9 @@ class SentencePieceTokenizer(_Tokenizer):
             raise DataError(self.path, "the model has no end-of-sentence (</s>) piece",
                             key="data.tokenizer_path")
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eod_id
+        self.eos_id = self.eod_id
+        self.special_ids = frozenset(i for i in range(self.vocab_size)
+                                     if self._sp.is_control(i))
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), dtype=np.int64)
@@ -148,14 +196,20 @@ def build_tokenizer(name: str, path: str | None = None):
 
 
 def load_tokenizer(directory: str | os.PathLike):
-    """Restore a tokenizer that ``save(directory)`` wrote (a run directory's ``tokenizer/``)."""
-    config_path = Path(directory) / _CONFIG
+    """Restore a tokenizer that ``save(directory)`` wrote (a run directory's ``tokenizer/``).
+    Its ``apt_tokenizer.json`` is untrusted: the file it names must lie in ``directory``."""
+    directory = Path(directory)
+    config_path = directory / _CONFIG
     if not config_path.is_file():
         raise DataError(config_path, "no saved tokenizer here")
-    config = json.loads(config_path.read_text())
-    if config["type"] == "byte":
+    config = read_json_object(config_path, MAX_CONFIG_BYTES)
+    kind = config.get("type")
+    if kind == "byte":
         return ByteTokenizer()
-    return build_tokenizer(config["type"], str(Path(directory) / config["file"]))
+    if kind not in ("hf", "sentencepiece"):
+        raise DataError(config_path, f"{kind!r}: expected byte, hf or sentencepiece", key="type")
+    return build_tokenizer(kind, str(file_inside(directory, config.get("file"), config_path,
+                                                 "file")))
 
 
 def tokenizer_identity(tok) -> dict:
@@ -178,7 +232,9 @@ def saved_identity(directory: str | os.PathLike) -> dict | None:
     config_path = Path(directory) / _CONFIG
     if not config_path.is_file():
         return None
-    recorded = json.loads(config_path.read_text()).get("identity")
+    recorded = read_json_object(config_path, MAX_CONFIG_BYTES).get("identity")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise DataError(config_path, "must be an object", key="identity")
     return recorded or tokenizer_identity(load_tokenizer(directory))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from apt.trainops.data.chat_template import (BUILTIN, ChatTemplate, last_turn,
-                                             resolve_chat_template)
+                                             resolve_chat_template, stop_ids)
 from apt.trainops.data.sft import SFTDataset, messages_of
 
 
@@ -36,13 +36,16 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompts: list, max_new_tokens, *, stop_id: int | None = None,
+def greedy_generate(model, prompts: list, max_new_tokens, *, stop_id=None,
                     valid_vocab: int | None = None, batch_size: int = 64) -> list[list[int]]:
     """Greedy continuations of several prompts (lists of token ids), one forward pass per new
     token over right-padded rows (causal attention: padding after a row's end does not change
     its logits). ``max_new_tokens``: one int or one per prompt. A row stops after ``stop_id``
-    (included in its output). ``valid_vocab`` masks the padded embedding rows."""
+    (one id or several, such as ``chat_template.stop_ids``; included in its output).
+    ``valid_vocab`` masks the padded embedding rows."""
     _single_process(model, "greedy_generate")
+    stop_id = (frozenset() if stop_id is None else frozenset({int(stop_id)})
+               if np.isscalar(stop_id) else frozenset(int(i) for i in stop_id))
     limits = ([int(max_new_tokens)] * len(prompts) if np.isscalar(max_new_tokens)
               else [int(n) for n in max_new_tokens])
     max_len = getattr(getattr(model, "arch", None), "max_seq_len", None)
@@ -86,7 +89,7 @@ def _greedy_rows(prompts, limits, stop_id, valid_vocab, model, max_len):
             generated[i].append(token)
             rows[i, lengths[i]] = token
             lengths[i] += 1
-            if len(generated[i]) >= limits[i] or token == stop_id:
+            if len(generated[i]) >= limits[i] or token in stop_id:
                 active[i] = False
     return generated
 
@@ -142,7 +145,7 @@ def answer_scores(model, records: list[dict], turns: list, tokenizer, *, valid_v
     max_len = getattr(getattr(model, "arch", None), "max_seq_len", None)
     prompts = [p[max(0, len(p) - (max_len - len(a))):] if max_len else p for p, a in turns]
     answers = greedy_generate(model, prompts, [len(a) for _, a in turns],
-                              stop_id=tokenizer.eod_id, valid_vocab=valid_vocab,
+                              stop_id=stop_ids(tokenizer), valid_vocab=valid_vocab,
                               batch_size=batch_size)
     hits = [answer == expected.tolist() for answer, (_, expected) in zip(answers, turns)]
     result = {"records": len(records), "exact_match": float(np.mean(hits))}

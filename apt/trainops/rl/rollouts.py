@@ -192,8 +192,10 @@ class RolloutSource:
 
 
 def sampling_params(grpo, tokenizer, seq_length: int, greedy: bool = False) -> SamplingParams:
+    from apt.trainops.data.chat_template import stop_ids
     stops = tuple(tuple(int(t) for t in tokenizer.encode(s)) for s in grpo.stop)
     return SamplingParams(max_new_tokens=grpo.max_new_tokens, eod_id=tokenizer.eod_id,
+                          stop_ids=stop_ids(tokenizer),
                           valid_vocab=tokenizer.vocab_size, temperature=grpo.temperature,
                           top_p=grpo.top_p, top_k=grpo.top_k, greedy=greedy,
                           kv_cache=grpo.kv_cache, stop_sequences=stops, max_length=seq_length)

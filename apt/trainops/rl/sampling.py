@@ -50,6 +50,9 @@ class SamplingParams:
     kv_cache: bool = True
     # Token sequences that end a completion (tokenised stop strings), besides eod_id.
     stop_sequences: tuple = ()
+    # Tokens that end a completion besides eod_id: the chat template's end-of-turn token
+    # (<|im_end|>, <|eot_id|>) and the tokenizer's eos_token (chat_template.stop_ids).
+    stop_ids: tuple = ()
     # Capacity of the cache: every row's prompt + completion fits (data.seq_length).
     max_length: int = 0
 
@@ -238,7 +241,8 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
                 tokens[i, position] = token
                 out.tokens[i].append(token)
                 out.logps[i].append(float(chosen[1, i]))
-                if token == params.eod_id or _ends_with(out.tokens[i], params.stop_sequences):
+                if token == params.eod_id or token in params.stop_ids or \
+                        _ends_with(out.tokens[i], params.stop_sequences):
                     active[i], out.stopped[i] = False, True
                 elif len(out.tokens[i]) >= params.max_new_tokens:
                     active[i] = False
