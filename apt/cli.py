@@ -29,6 +29,11 @@ def _plan(args) -> int:
     plan = make_plan(cfg, args.nodes * gpus, gpus, device_type=args.device)
     print(f"profile      {cfg.name} ({' <- '.join(reversed(cfg.sources))}), hash {cfg.config_hash}")
     print(plan.describe())
+    if args.memory_table:
+        from apt.trainops.distributed.memory_table import format_memory_table, memory_table
+        counts = sorted({1, args.nodes * gpus})
+        print()
+        print(format_memory_table(cfg, memory_table(cfg, counts, device_type=args.device)))
     return 0
 
 
@@ -126,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--gpus-per-node", type=int, default=None,
                       help="default: the profile's hardware.gpus_per_node")
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    plan.add_argument("--memory-table", action="store_true",
+                      help="also print memory per GPU for SFT, LoRA, DPO and GRPO on 1 GPU "
+                           "and on this layout's GPUs")
     plan.set_defaults(func=_plan)
     profile = commands.add_parser("profile", help="print a profile fully resolved")
     add_profile_arguments(profile)
