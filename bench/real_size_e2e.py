@@ -13,6 +13,10 @@ Every phase runs in its own process (the trainers own the process group; the pea
 each phase's own) and prints one JSON line; the table at the end gives peak RSS and s/step.
 
     python bench/real_size_e2e.py [--work DIR] [--steps-sft 3] [--steps-grpo 2] [--threads 2]
+                                  [--smoke]
+
+``--smoke`` checks the script itself in a few minutes on what APT builds today: a 2-layer
+Llama-shaped model (hidden 128, no q/k/v bias, ``LlamaForCausalLM``) through the same phases.
 
 Needs the ``hf`` extra (transformers, safetensors) and about 10 GiB of free memory (0.5B fp32
 weights + Adam state + 151936-wide logits). The profile's model features (q/k/v bias above
@@ -32,12 +36,19 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Not bench/ itself (python puts the script's directory first): its kernels.py would shadow the
+# `kernels` package that transformers imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
 
 PROFILE = "qwen2.5-0.5b"
 PROMPTS = ["What comes after 41?", "Repeat: hello world", "Add 12 and 30.",
            "Upper-case: real size", "Reverse: abcdef"]
 NEW_TOKENS = 16
+# --smoke: a small Llama-shaped model (no Qwen2 features), through the same phases.
+SMOKE_MODEL = ["model.hidden_size=128", "model.num_layers=2", "model.num_attention_heads=4",
+               "model.num_query_groups=2", "model.ffn_hidden_size=256", "model.vocab_size=512",
+               "model.qkv_bias=false"]
 
 
 def _peak_rss_gib() -> float:
@@ -49,25 +60,30 @@ def _emit(**record) -> None:
           flush=True)
 
 
-def _model_config():
+def _model_overrides(args) -> list[str]:
+    return SMOKE_MODEL if args.smoke else []
+
+
+def _model_config(args):
     from apt.core.config import load_profile
-    return load_profile(PROFILE).model
+    return load_profile(PROFILE, _model_overrides(args)).model
 
 
-def phase_make_hf(work: Path) -> None:
-    """Random weights in transformers' own Qwen2 model of the profile's shape."""
+def phase_make_hf(work: Path, args) -> None:
+    """Random weights in transformers' own Qwen2 model of the profile's shape (--smoke: Llama)."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    m = _model_config()
+    import transformers
+    m = _model_config(args)
+    family = "Qwen2" if m.qkv_bias else "Llama"
     torch.manual_seed(0)
-    config = Qwen2Config(
+    config = getattr(transformers, f"{family}Config")(
         hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.kv_heads,
         intermediate_size=m.ffn_hidden_size, vocab_size=m.vocab_size,
         max_position_embeddings=m.max_seq_len, rope_theta=m.rope_base, rms_norm_eps=m.norm_eps,
         tie_word_embeddings=m.tie_embeddings, use_sliding_window=False,
         bos_token_id=256, eos_token_id=256, pad_token_id=257)   # the byte tokenizer's ids
-    model = Qwen2ForCausalLM(config)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
     started = time.perf_counter()
     model.save_pretrained(work / "hf")
     _emit(phase="make_hf", parameters=sum(p.numel() for p in model.parameters()),
@@ -82,7 +98,8 @@ def phase_import(work: Path) -> None:
           qkv_bias=model.qkv_bias, vocab_size=model.vocab_size)
 
 
-def _overrides(work: Path, name: str, objective: str, lora: bool, steps: int) -> list[str]:
+def _overrides(work: Path, name: str, objective: str, lora: bool, steps: int,
+               args) -> list[str]:
     """The profile, shrunk to CPU-sized batches; the byte tokenizer (no download) and the
     built-in synthetic data sets, so the script runs offline."""
     common = [f"training.init_from={work / 'weights'}", "data.tokenizer=byte",
@@ -92,7 +109,7 @@ def _overrides(work: Path, name: str, objective: str, lora: bool, steps: int) ->
               "training.eval_interval=0", "training.log_interval=1",
               "training.checkpoints.save_interval=0", f"output.dir={work / 'runs'}",
               f"output.experiment_name={name}", "monitoring.plots=false",
-              "model.max_seq_len=4096"]
+              "model.max_seq_len=4096", *_model_overrides(args)]
     if lora:
         common += ["lora.rank=16", "training.learning_rate=2e-4"]
     if objective == "sft":
@@ -105,11 +122,11 @@ def _overrides(work: Path, name: str, objective: str, lora: bool, steps: int) ->
                      "training.grpo.eval_prompts=5"]
 
 
-def phase_train(work: Path, objective: str, lora: bool, steps: int) -> None:
+def phase_train(work: Path, objective: str, lora: bool, steps: int, args) -> None:
     from apt.core.config import load_profile
     from apt.trainops.engine import trainer_for
     name = f"{objective}-{'lora' if lora else 'full'}"
-    cfg = load_profile(PROFILE, _overrides(work, name, objective, lora, steps))
+    cfg = load_profile(PROFILE, _overrides(work, name, objective, lora, steps, args))
     trainer = trainer_for(cfg).from_config(cfg)
     trainer.train()
     records = [json.loads(line) for line in
@@ -124,7 +141,7 @@ def phase_train(work: Path, objective: str, lora: bool, steps: int) -> None:
         (work / "sft-full-run").write_text(str(trainer.artifacts.run_dir))
 
 
-def phase_export_and_compare(work: Path) -> None:
+def phase_export_and_compare(work: Path, args) -> None:
     """Export the full-SFT weights; transformers' greedy tokens against APT's sampler's."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -134,7 +151,7 @@ def phase_export_and_compare(work: Path) -> None:
     from apt.trainops.engine import trainer_for
     run_dir = Path((work / "sft-full-run").read_text())
     tokenizer = build_tokenizer("byte")
-    cfg = load_profile(PROFILE, _overrides(work, "greedy", "grpo", False, 1)
+    cfg = load_profile(PROFILE, _overrides(work, "greedy", "grpo", False, 1, args)
                        + [f"training.init_from={run_dir / 'model' / 'dist'}"])
     started = time.perf_counter()
     export_hf(run_dir / "model" / "dist", cfg.model, work / "hf-out", tokenizer=tokenizer)
@@ -171,20 +188,21 @@ class _MaskVocabulary:
 
 
 PHASES = {
-    "make_hf": lambda w, a: phase_make_hf(w),
+    "make_hf": lambda w, a: phase_make_hf(w, a),
     "import": lambda w, a: phase_import(w),
-    "sft-full": lambda w, a: phase_train(w, "sft", False, a.steps_sft),
-    "sft-lora": lambda w, a: phase_train(w, "sft", True, a.steps_sft),
-    "grpo-full": lambda w, a: phase_train(w, "grpo", False, a.steps_grpo),
-    "grpo-lora": lambda w, a: phase_train(w, "grpo", True, a.steps_grpo),
-    "export+greedy": lambda w, a: phase_export_and_compare(w),
+    "sft-full": lambda w, a: phase_train(w, "sft", False, a.steps_sft, a),
+    "sft-lora": lambda w, a: phase_train(w, "sft", True, a.steps_sft, a),
+    "grpo-full": lambda w, a: phase_train(w, "grpo", False, a.steps_grpo, a),
+    "grpo-lora": lambda w, a: phase_train(w, "grpo", True, a.steps_grpo, a),
+    "export+greedy": lambda w, a: phase_export_and_compare(w, a),
 }
 
 
 def run_phase(name: str, work: Path, args) -> dict | None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, __file__, "--phase", name, "--work", str(work),
-               "--steps-sft", str(args.steps_sft), "--steps-grpo", str(args.steps_grpo)]
+               "--steps-sft", str(args.steps_sft), "--steps-grpo", str(args.steps_grpo),
+               *(["--smoke"] if args.smoke else [])]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines()
                if line.startswith("RESULT ")]
@@ -202,6 +220,8 @@ def main() -> int:
     parser.add_argument("--steps-sft", type=int, default=3)
     parser.add_argument("--steps-grpo", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a 2-layer Llama-shaped model: checks the script on today's APT")
     parser.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:   # a child: one phase
