@@ -156,7 +156,8 @@ def phase_export_and_compare(work: Path, args) -> None:
     started = time.perf_counter()
     export_hf(run_dir / "model" / "dist", cfg.model, work / "hf-out", tokenizer=tokenizer)
     export_s = time.perf_counter() - started
-    prompts = [tokenizer.encode(f"<|user|>\n{p}\n<|assistant|>\n") for p in PROMPTS]
+    prompts = [[int(t) for t in tokenizer.encode(f"<|user|>\n{p}\n<|assistant|>\n")]
+               for p in PROMPTS]
     # APT: the GRPO sampler, greedy, on the trained weights (the trainer loads init_from).
     trainer = trainer_for(cfg).from_config(cfg)
     cfg_grpo = cfg.training.grpo
@@ -172,7 +173,18 @@ def phase_export_and_compare(work: Path, args) -> None:
                           logits_processor=[_MaskVocabulary(tokenizer.vocab_size)])
         hf_tokens.append(out[0, len(p):].tolist())
     same = [a == h for a, h in zip(apt_tokens, hf_tokens)]   # both keep the end token
+    # Greedy tokens of a barely trained model can be one repeated token: the logits themselves
+    # (teacher-forced on prompt + APT's answer), APT's one-process model against transformers'.
+    from apt.model.architectures import APTModel
+    apt_model = APTModel.from_pretrained(run_dir).eval()
+    difference = 0.0
+    with torch.no_grad():
+        for p, answer in zip(prompts, apt_tokens):
+            ids = torch.tensor([p + answer])
+            ours = apt_model(ids, torch.arange(ids.shape[1])[None], None).float()
+            difference = max(difference, (ours - hf(ids).logits.float()).abs().max().item())
     _emit(phase="export+greedy", export_s=round(export_s, 1), same=same,
+          max_logit_difference=difference, distinct_tokens=len({t for a in apt_tokens for t in a}),
           apt=apt_tokens, transformers=hf_tokens)
 
 
@@ -245,7 +257,8 @@ def main() -> int:
             continue
         step = f"{r['s_per_step']:7.2f}" if "s_per_step" in r else f"{'-':>7s}"
         notes = (f"first step {r['first_step_s']} s, losses {r['loss']}" if "loss" in r else
-                 f"same greedy tokens: {r['same']}" if "same" in r else
+                 f"same greedy tokens: {r['same']}, logits within "
+                 f"{r['max_logit_difference']:.1e}" if "same" in r else
                  f"{r.get('seconds', '')} s")
         print(f"{name:14s} {r['peak_rss_gib']:12.2f} {step}  {notes}")
     compared = results.get("export+greedy")
