@@ -58,6 +58,11 @@ def _plan(args) -> int:
     from apt.trainops.perf.report import performance_lines
     for line in performance_lines(cfg, plan, args):
         print(line)
+    if args.memory_table:
+        from apt.trainops.distributed.memory_table import format_memory_table, memory_table
+        counts = sorted({1, args.nodes * gpus})
+        print()
+        print(format_memory_table(cfg, memory_table(cfg, counts, device_type=args.device)))
     return 0
 
 
@@ -158,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     from apt.trainops.perf.report import add_arguments as add_performance_arguments
     add_performance_arguments(plan)
+    plan.add_argument("--memory-table", action="store_true",
+                      help="also print memory per GPU for SFT, LoRA, DPO and GRPO on 1 GPU "
+                           "and on this layout's GPUs")
     plan.set_defaults(func=_plan)
     profile = commands.add_parser("profile", help="print a profile fully resolved")
     add_profile_arguments(profile)

@@ -9,7 +9,8 @@ from apt.cli import main as apt_main
 from apt.core.config import ConfigError, load_profile
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE_PROFILES = ["tiny", "standard", "125m", "1b", "7b", "13b", "70b", "moe", "moe-tiny"]
+SIZE_PROFILES = ["tiny", "standard", "125m", "1b", "7b", "13b", "70b", "moe", "moe-tiny",
+                 "llama3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "qwen3-30b-a3b", "mistral-7b"]
 
 
 @pytest.mark.parametrize("name", SIZE_PROFILES)

@@ -7,9 +7,11 @@ the tensors each rank really holds in tests/test_parallel_matrix.py.
 
 Activations (an estimate): bytes saved for backward per transformer layer and micro-batch,
 counted for the Llama block (RMSNorm, GQA attention, SwiGLU), with s = sequence, b =
-micro-batch, h = hidden, f = FFN width, k = key/value width, a = heads, t = TP, in 16-bit units:
+micro-batch, h = hidden, f = FFN width (an expert's for MoE), q = query width (heads x head
+dimension, h unless head_dim says otherwise), k = key/value width, a = heads, t = TP, in
+16-bit units:
   boundary tensors (norm inputs/outputs)      8 s b h          (/t with sequence parallel)
-  inside the TP region (q, k, v, attention out) s b (4h + 4k) / t
+  inside the TP region (q, k, v, attention out) s b (4q + 4k) / t
   SwiGLU (gate, up, silu(gate), product)      8 s b f / t
   attention probabilities (no fused attention) 2 a s^2 b / t   (dropped by selective recompute
                                                               and by fused/flash attention)
@@ -25,6 +27,16 @@ token.
 Communication buffers: gradient-reduce bucket (fp32) plus, under ZeRO-3, the gathered
 parameters of two layers (current and prefetched), plus with expert parallel one layer's
 all-to-all send and receive buffers (2 s b k h).
+
+GRPO (``generation_memory``) also holds, while it samples, Megatron's static KV cache: keys
+and values of every layer of the stage for all the rank's completions of a round (global batch
+/ DP rows) at full length (data.seq_length), k / t wide, in the weights' dtype; and the
+last-position logits (Megatron materialises only those while sampling) gathered over TP in the
+weights' dtype plus their fp32 copy. Sampling and the training passes do not overlap (the
+cache is freed before the first micro-batch), so the peak is the larger of the two. The
+round's rollouts stay on the device until its last step: per row, tokens and labels (int64),
+the loss mask and the sampler's log-probs (fp32), plus old-policy log-probs (num_iterations >
+1) and the reference's (beta > 0).
 """
 from __future__ import annotations
 
@@ -50,6 +62,10 @@ class MemoryEstimate:
     # Preference training's frozen reference in host memory (objectives/reference.py): its
     # weights plus the buffer the policy's weights wait in during the reference pass.
     host_reference: float = 0.0
+    # GRPO: the sampler's KV cache and logits (not at the same time as activations), and the
+    # round's rollouts (held throughout); 0 for the other objectives.
+    generation: float = 0.0
+    rollouts: float = 0.0
 
     @property
     def static(self) -> float:
@@ -57,7 +73,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.static + self.activations + self.communication
+        return (self.static + self.rollouts
+                + max(self.activations + self.communication, self.generation))
 
     def as_gib(self) -> dict:
         out = {k: v / GIB for k, v in asdict(self).items()
@@ -87,13 +104,15 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
                     offload_optimizer: bool, fused_attention: bool,
                     lora_per_layer: int = 0, rows_per_sample: int = 1,
                     reference_weights: bool = False, moe_top_k: int = 0,
-                    fused_loss: bool = False, device_type: str = "cuda") -> MemoryEstimate:
+                    fused_loss: bool = False, device_type: str = "cuda",
+                    q_dim: int | None = None) -> MemoryEstimate:
     """``lora_per_layer``: LoRA adapter parameters per layer on one TP rank (sizing.py); with
     adapters the base is frozen, so gradients and optimizer state exist for adapters only.
     ``rows_per_sample``: model rows per sample (a preference pair is 2: both answers go through
     the model together); ``reference_weights``: a frozen copy of the weights is kept in host
     memory (live preference reference); ``moe_top_k``: experts per token (0: dense MLP);
-    ``fused_loss``: the loss comes from the fused linear + cross-entropy kernel."""
+    ``fused_loss``: the loss comes from the fused linear + cross-entropy kernel; ``q_dim``:
+    query width (heads x head dimension), default ``hidden``."""
     frozen = stage_params(counts, tp=tp, pp=pp, ep=ep) if lora_per_layer else 0
     trainable = (math.ceil(counts.num_layers / pp) * lora_per_layer if lora_per_layer
                  else stage_params(counts, tp=tp, pp=pp, ep=ep))
@@ -122,7 +141,8 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
     boundary = 8 * s * b * h / (tp if sequence_parallel else 1)
     sp_split = tp if sequence_parallel else 1
     routed = moe_top_k or 1                       # MLP passes per token
-    inside = s * b * (4 * h + 4 * kv_dim) / tp + 8 * s * b * routed * ffn / tp
+    q = q_dim or h
+    inside = s * b * (4 * q + 4 * kv_dim) / tp + 8 * s * b * routed * ffn / tp
     if moe_top_k:
         inside += 2 * s * b * moe_top_k * h / sp_split   # permuted tokens, to and from experts
     attention_probs = 0 if (fused_attention or recompute != "none") else 2 * heads * s * s * b / tp
@@ -149,6 +169,18 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
                           activations=activations, communication=bucket + gathered + all_to_all,
                           params_per_gpu=params, trainable_per_gpu=trainable,
                           host_optimizer=host_optimizer, host_reference=host_reference)
+
+
+def generation_memory(*, rows: int, seq: int, layers: int, kv_dim: int, vocab: int, tp: int,
+                      precision: str, kv_cache: bool = True,
+                      num_iterations: int = 1, reference: bool = False) -> tuple[float, float]:
+    """(sampler bytes, rollout bytes) of one GPU for GRPO (module docstring): ``rows`` = the
+    rank's completions per round, ``layers`` = the layers of its pipeline stage."""
+    element = 2 if precision in ("bf16", "fp16") else 4
+    cache = 2 * layers * rows * seq * kv_dim / tp * element if kv_cache else 0
+    logits = rows * vocab * (element + 4)
+    per_token = 8 + 8 + 4 + 4 + (4 if num_iterations > 1 else 0) + (4 if reference else 0)
+    return cache + logits, rows * seq * per_token
 
 
 def expert_all_to_all_bytes(*, hidden: int, seq: int, micro_batch: int, grad_accum: int,

@@ -6,11 +6,13 @@ reads these numbers from the plan instead of re-deriving them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from apt.core.config import APTConfig, ConfigError
-from apt.model.sizing import count_lora_parameters, count_parameters
-from .memory import GIB, MemoryEstimate, estimate_memory, expert_all_to_all_bytes
+from apt.model.sizing import (attention_widths, count_lora_parameters, count_parameters,
+                              expert_ffn_size)
+from .memory import (GIB, MemoryEstimate, estimate_memory, expert_all_to_all_bytes,
+                     generation_memory)
 
 BILLION = 1e9
 DIST = "training.distributed"
@@ -111,6 +113,10 @@ class Plan:
             "{optimizer:.2f} GiB, activations {activations:.2f} GiB, communication "
             "{communication:.2f} GiB = total {total:.2f} GiB".format(**mem),
         ]
+        if self.memory.generation or self.memory.rollouts:
+            lines.append(f"memory/GPU   GRPO sampling {mem['generation']:.2f} GiB (KV cache + "
+                         f"logits, instead of activations and buffers while it samples), "
+                         f"rollouts {mem['rollouts']:.2f} GiB")
         if self.expert_all_to_all:
             lines.append(f"traffic/GPU  expert all-to-all {self.expert_all_to_all / GIB:.2f} GiB "
                          f"per step (dispatch + combine, forward + backward)")
@@ -250,18 +256,28 @@ def _auto_layout(cfg, counts, world_size, gpus_per_node, device_type):
 def _estimate(cfg, counts, device_type, *, micro, accum, tp, pp, vp, dp, ep, cp, sp, zero_stage,
               dist_opt) -> MemoryEstimate:
     m, d = cfg.model, cfg.training.distributed
-    return estimate_memory(
-        counts, hidden=m.hidden_size, ffn=m.ffn_size,
-        kv_dim=m.kv_heads * (m.hidden_size // m.num_attention_heads),
+    q_dim, kv_dim = attention_widths(m)
+    precision = _precision(cfg.training.precision, device_type)
+    memory = estimate_memory(
+        counts, hidden=m.hidden_size, ffn=expert_ffn_size(m), kv_dim=kv_dim, q_dim=q_dim,
         heads=m.num_attention_heads, vocab=m.vocab_size, seq=cfg.data.seq_length,
         micro_batch=micro, grad_accum=accum, tp=tp, pp=pp, vp=vp, dp=dp, ep=ep, cp=cp,
         sequence_parallel=sp, zero_stage=zero_stage, distributed_optimizer=dist_opt,
-        precision=_precision(cfg.training.precision, device_type), recompute=d.recompute,
+        precision=precision, recompute=d.recompute,
         offload_optimizer=d.offload_optimizer, fused_attention=device_type == "cuda",
         lora_per_layer=count_lora_parameters(m, cfg.lora, tp=tp)[1],
         rows_per_sample=2 if cfg.training.objective == "dpo" else 1,
         reference_weights=_holds_reference(cfg), moe_top_k=_top_k(m),
         fused_loss=_fused_loss(cfg), device_type=device_type)
+    if cfg.training.objective != "grpo":
+        return memory
+    grpo = cfg.training.grpo
+    generation, rollouts = generation_memory(
+        rows=cfg.training.batch_size // dp, seq=cfg.data.seq_length,
+        layers=-(-m.num_layers // pp), kv_dim=kv_dim, vocab=m.vocab_size, tp=tp,
+        precision=precision, kv_cache=grpo.kv_cache, num_iterations=grpo.num_iterations,
+        reference=grpo.beta > 0)
+    return replace(memory, generation=generation, rollouts=rollouts)
 
 
 def _fused_loss(cfg) -> bool:

@@ -24,7 +24,7 @@ import time
 import torch
 
 from apt.core.config import ModelConfig
-from apt.model.sizing import count_parameters
+from apt.model.sizing import attention_widths, count_parameters
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets, by precision.
 # fp32 means TF32 tensor cores (what torch uses for fp32 matmuls when allowed). Matched by
@@ -51,8 +51,10 @@ def matmul_parameters(m: ModelConfig) -> int:
 
 
 def training_flops_per_token(m: ModelConfig, seq_length: int) -> float:
-    """6 * N_matmul + 6 * L * s * h (causal attention), forward + backward, no recompute."""
-    return 6.0 * matmul_parameters(m) + 6.0 * m.num_layers * seq_length * m.hidden_size
+    """6 * N_matmul + 6 * L * s * q (causal attention; q = heads x head dimension, the hidden
+    size unless head_dim differs), forward + backward, no recompute."""
+    q_dim = attention_widths(m)[0]
+    return 6.0 * matmul_parameters(m) + 6.0 * m.num_layers * seq_length * q_dim
 
 
 def table_peak_flops(device_name: str, precision: str) -> float | None:
