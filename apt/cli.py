@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="directory to write")
     export.set_defaults(func=_export_hf)
     imp = commands.add_parser("import-hf", help="Hugging Face directory -> APT weights")
-    imp.add_argument("--hf", required=True, help="Llama/Mistral/Mixtral directory")
+    imp.add_argument("--hf", required=True, help="Llama/Mistral/Mixtral/Qwen2/Qwen3/Qwen3-MoE directory")
     imp.add_argument("--out", required=True, help="dist_checkpointing directory to write")
     imp.set_defaults(func=_import_hf)
     ckpts = commands.add_parser("checkpoints", help="list checkpoints and verify them")
