@@ -53,6 +53,9 @@ def _configs():
                       {"moe_norm_topk_prob": True}),
         "mistral": (transformers.MistralConfig(**COMMON, sliding_window=5),
                     {"sliding_window": None}),
+        # GeGLU (tanh-GELU), norms as 1 + w, embeddings * sqrt(hidden), tied, head_dim
+        "gemma": (transformers.GemmaConfig(**COMMON, head_dim=24),
+                  [{"scale_embeddings": False}, {"activation": "swiglu"}]),
     }
 
 
@@ -104,10 +107,11 @@ def test_family_imports_and_exports_with_transformers_logits(tmp_path, family):
     print(f"{family}: export -> transformers max |logit diff| {diff:.2e}")
     assert diff < TOLERANCE, (family, diff)
 
-    if feature_off:   # the feature counts at this size: the same weights without it differ
-        off = APTModel(dataclasses.replace(cfg, **feature_off))
+    for change in [feature_off] if isinstance(feature_off, dict) else feature_off or []:
+        # the feature counts at this size: the same weights without it differ
+        off = APTModel(dataclasses.replace(cfg, **change))
         off.load_state_dict(model.state_dict())
-        assert (_apt_logits(off, tokens) - theirs).abs().max().item() > 10 * TOLERANCE, family
+        assert (_apt_logits(off, tokens) - theirs).abs().max().item() > 10 * TOLERANCE, change
 
 
 def test_what_each_family_declares_reaches_the_model_config():
@@ -122,6 +126,9 @@ def test_what_each_family_declares_reaches_the_model_config():
     assert (moe.num_experts, moe.moe_top_k, moe.moe_ffn_hidden_size, moe.moe_norm_topk_prob) == \
         (4, 2, 40, False)
     assert cfgs["mistral"].sliding_window == 5
+    assert (cfgs["gemma"].activation, cfgs["gemma"].norm_zero_centered,
+            cfgs["gemma"].scale_embeddings, cfgs["gemma"].tie_embeddings) == \
+        ("geglu", True, True, True)
     # Qwen's window only when use_sliding_window, and on every layer (max_window_layers 0).
     qwen = transformers.Qwen2Config(**COMMON, sliding_window=7).to_dict()
     assert model_config_from_hf(qwen).sliding_window is None
@@ -146,6 +153,7 @@ BASE = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_hidde
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
       "max_window_layers": 1}, "sliding_window on some layers only"),
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ({"model_type": "gemma", "hidden_act": "relu"}, "hidden_act 'relu'"),
     ({"hidden_size": "wide"}, "model.hidden_size"),
 ])
 def test_what_apt_cannot_represent_is_refused_in_one_line(change, named):

@@ -123,6 +123,9 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, **special_id
         config = transformers.Qwen2Config(**qwen_window, **common)
     elif family == "mistral":
         config = transformers.MistralConfig(sliding_window=window, **common)
+    elif family == "gemma":
+        config = transformers.GemmaConfig(attention_bias=False,
+                                          **{**common, "hidden_act": "gelu_pytorch_tanh"})
     else:
         config = transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
     config.architectures = [_ARCHITECTURES[family]]
@@ -131,20 +134,27 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, **special_id
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                  "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "gemma": "GemmaForCausalLM"}
 
 
 def hf_family(cfg: ModelConfig) -> str:
     """The Hugging Face model_type that holds every feature of ``cfg``, or a ConfigError
     naming the one no family has. Qwen3 / Qwen3-MoE have per-head q/k norms, Qwen2 a q/k/v
-    bias, Mistral / Mixtral a sliding window, Llama none of these; all take RoPE scaling."""
+    bias, Mistral / Mixtral a sliding window, Gemma GeGLU with 1 + w norms and scaled
+    embeddings, Llama none of these; all take RoPE scaling."""
     def refuse(key, message):
         raise ConfigError(f"{message}: no Hugging Face family APT exports has this",
                           key=f"model.{key}")
-    for key, default in (("activation", "swiglu"), ("norm_zero_centered", False),
-                         ("scale_embeddings", False)):
-        if getattr(cfg, key) != default:
-            refuse(key, f"{getattr(cfg, key)!r}")
+    gemma = (cfg.activation == "geglu", cfg.norm_zero_centered, cfg.scale_embeddings)
+    if any(gemma):
+        if not all(gemma):
+            refuse("activation", "GeGLU, zero-centred norms and scaled embeddings apart from "
+                   "each other (Gemma has all three)")
+        for key in ("num_experts", "qkv_bias", "qk_norm", "sliding_window"):
+            if getattr(cfg, key):
+                refuse(key, f"{getattr(cfg, key)!r} in a Gemma-style model")
+        return "gemma"
     if cfg.num_experts:
         if cfg.moe_score_function != "softmax" or cfg.moe_expert_bias:
             # Mixtral and Qwen3-MoE route with softmax scores, no per-expert bias.
@@ -353,7 +363,7 @@ def preflight_memory(cfg: ModelConfig, where, available: int | None = None) -> N
                           f"parameters), {available / 2**30:,.1f} GiB is available")
 
 
-SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma")
 
 
 def _read_json(path: Path):
@@ -379,8 +389,12 @@ def model_config_from_hf(hf: dict, where: str | Path = "config.json") -> ModelCo
                 "intermediate_size"):
         if key not in hf:
             refuse(f"{key} is missing")
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
+    act = hf.get("hidden_act", "gelu_pytorch_tanh" if model_type == "gemma" else "silu")
+    if model_type == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"   # transformers' GemmaConfig maps the legacy value so too
+    if act != ("gelu_pytorch_tanh" if model_type == "gemma" else "silu"):
+        refuse(f"hidden_act {act!r} is not supported (APT's {model_type} MLP uses "
+               f"{'tanh-GELU' if model_type == 'gemma' else 'silu'})")
     if hf.get("mlp_bias"):
         refuse("mlp_bias is not supported (APT's MLP has no biases)")
     if hf.get("attention_bias"):
@@ -417,12 +431,14 @@ def _fields(hf: dict, model_type: str, refuse) -> dict:
         ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
         max_seq_len=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
         init_std=hf.get("initializer_range", 0.02),
         head_dim=hf.get("head_dim"),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         sliding_window=_sliding_window(hf, model_type, refuse),
+        **(dict(activation="geglu", norm_zero_centered=True, scale_embeddings=True)
+           if model_type == "gemma" else {}),
         **_rope_fields(hf, refuse), **_moe_fields(hf, model_type, refuse))
 
 

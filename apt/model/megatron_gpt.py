@@ -54,6 +54,8 @@ def make_transformer_config(
     kv_channels: Optional[int] = None,
     add_qkv_bias: bool = False,
     sliding_window: Optional[int] = None,
+    activation: Literal["swiglu", "geglu"] = "swiglu",
+    norm_zero_centered: bool = False,
     recompute: Optional[Literal["full", "selective"]] = None,
     init_method_std: float = 0.02,
     deterministic: bool = True,
@@ -68,7 +70,11 @@ def make_transformer_config(
     hidden / heads), ``add_qkv_bias`` (a bias on linear_qkv only, never on linear_proj or the
     MLP), ``sliding_window`` W as Megatron's ``window_size`` (W - 1, 0): each token attends to
     itself and the W - 1 before it, as Hugging Face's Mistral/Qwen2 mask does (Transformer
-    Engine's attention reads it on CUDA, ``SDPAttention`` on CPU)."""
+    Engine's attention reads it on CUDA, ``SDPAttention`` on CPU); Gemma's ``geglu`` (the gated
+    unit with tanh-GELU) and ``norm_zero_centered`` (norm weights stored as w, applied as 1 + w:
+    Megatron's ``layernorm_zero_centered_gamma``, which TE's norms and our ``RMSNorm`` read)."""
+    if activation == "geglu" and "swiglu" in kernels:
+        raise ValueError("the swiglu kernel computes silu(gate) * up: not for a geglu MLP")
     on_cpu = not torch.cuda.is_available()
     if "rope" in kernels:
         install_rope_kernel()
@@ -103,7 +109,8 @@ def make_transformer_config(
         normalization="RMSNorm",
         layernorm_epsilon=norm_eps,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=F.silu if activation == "swiglu" else gelu_tanh,
+        layernorm_zero_centered_gamma=norm_zero_centered,
         add_bias_linear=False,
         add_qkv_bias=add_qkv_bias,
         kv_channels=kv_channels,
@@ -143,6 +150,11 @@ def make_transformer_config(
     )
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (Gemma's ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
 class RMSNorm(torch.nn.Module):
     """RMSNorm whose weight is marked ``sequence_parallel`` when the config says so.
 
@@ -151,18 +163,28 @@ class RMSNorm(torch.nn.Module):
     different slice of the sequence, so the norm weight's gradient is partial per rank and must
     be all-reduced over TP: ``finalize_model_grads`` does that for params carrying
     ``sequence_parallel=True``.
+
+    ``config.layernorm_zero_centered_gamma`` (Gemma): the weight is stored as w (initialised to
+    0) and the norm multiplies by 1 + w, in fp32 as Hugging Face's Gemma does.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
         super().__init__()
         self.eps = eps
+        self.zero_centered = config.layernorm_zero_centered_gamma
+        init = torch.zeros if self.zero_centered else torch.ones
         self.weight = torch.nn.Parameter(
-            torch.ones(hidden_size, dtype=config.params_dtype, device=_init_device(config))
+            init(hidden_size, dtype=config.params_dtype, device=_init_device(config))
         )
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm(x, self.weight)
+        return self._normalise(x, self.weight)
+
+    def _normalise(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.zero_centered:
+            return self._norm(x.float(), weight.float() + 1.0).type_as(x)
+        return self._norm(x, weight)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
@@ -192,7 +214,6 @@ class HeadRMSNorm(RMSNorm):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
         super().__init__(config, hidden_size, eps)
         setattr(self.weight, "sequence_parallel", False)
-        self.kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from megatron.core import parallel_state
@@ -200,15 +221,11 @@ class HeadRMSNorm(RMSNorm):
         weight = self.weight
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             weight = copy_to_tensor_model_parallel_region(weight)
-        return (KernelRMSNorm._norm if self.kernel else RMSNorm._norm)(self, x, weight)
+        return self._normalise(x, weight)
 
 
-class KernelHeadRMSNorm(HeadRMSNorm):
+class KernelHeadRMSNorm(HeadRMSNorm, KernelRMSNorm):
     """``HeadRMSNorm`` through APT's fused RMSNorm kernel."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kernel = True
 
 
 def install_rope_kernel() -> None:
