@@ -192,3 +192,24 @@ def test_bad_directories_are_one_line_before_allocating(tmp_path, capsys):
         assert main(["import-hf", "--hf", str(path), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert named in err and err.count("\n") == 1, err
+
+
+def test_sliding_window_model_honours_packed_documents():
+    """SFT packing on a windowed model: two documents packed in one row (block-diagonal mask,
+    positions restarting) give each document's logits as if it ran alone, the window applied
+    inside each document."""
+    from apt.core.config import ModelConfig
+    from apt.trainops.data.datasets import block_causal_mask
+    torch.manual_seed(0)
+    model = APTModel(ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4,
+                                 num_query_groups=2, vocab_size=384, max_seq_len=64,
+                                 sliding_window=5)).eval()
+    assert "attention_mask" in model.supported_batch_fields
+    first, second = torch.randint(0, 384, (1, 14)), torch.randint(0, 384, (1, 10))
+    row = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(14), torch.arange(10)])[None]
+    mask = block_causal_mask(torch.tensor([[0] * 14 + [1] * 10]))
+    with torch.no_grad():
+        packed = model(row, positions, mask)
+        alone = torch.cat([_apt_logits(model, first), _apt_logits(model, second)], dim=1)
+    assert (packed - alone).abs().max().item() < TOLERANCE
