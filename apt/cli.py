@@ -113,6 +113,9 @@ def _import_hf(args) -> int:
     fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
     if not model.num_experts:   # the router's settings mean nothing for a dense model
         fields = {k: v for k, v in fields.items() if not k.startswith("moe_")}
+    if model.rope_scaling == "none":   # nor the scaling's for unscaled RoPE
+        fields = {k: v for k, v in fields.items()
+                  if not k.startswith("rope_") or k in ("rope_base", "rope_scaling")}
     print(yaml.safe_dump({"model": fields}, sort_keys=False), end="")
     return 0
 

@@ -11,7 +11,8 @@ a TP2 + SP layout also run without them (``model.kernels=none``): on or off, the
 The model-family features (issue 26) run on the same launches (``fam_*`` layouts against
 their own one-process references): a dense model with every attention feature at once (q/k/v
 bias, per-head q/k norms, a head dimension other than hidden / heads, a sliding window shorter
-than the sequence, Llama 3 RoPE scaling whose original context is inside the sequence), and
+than the sequence, Llama 3 RoPE scaling whose original context is inside the sequence, and
+Gemma's GeGLU, 1 + w norms and scaled embeddings; the swiglu kernel is not for GeGLU), and
 a Qwen3-MoE-routed one (softmax over all experts, top-k not renormalised, its own expert width,
 q/k norms) on EP2 and TP2 x EP2 + SP.
 """
@@ -36,7 +37,9 @@ MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_load_balancing=aux
        "model.moe_aux_loss_coeff=1e-2", "model.moe_z_loss_coeff=1e-3"]
 FAMILIES = ["model.qkv_bias=true", "model.qk_norm=true", "model.head_dim=24",
             "model.sliding_window=8", "model.rope_scaling=llama3", "model.rope_scaling_factor=4",
-            "model.rope_high_freq_factor=2", "model.rope_original_max_seq_len=16"]
+            "model.rope_high_freq_factor=2", "model.rope_original_max_seq_len=16",
+            "model.activation=geglu", "model.norm_zero_centered=true",
+            "model.scale_embeddings=true"]
 FAMILIES_MOE = MOE + ["model.qk_norm=true", "model.moe_norm_topk_prob=false",
                       "model.moe_ffn_hidden_size=48"]
 VARIANTS = {"dense": [], "moe": MOE, "families": FAMILIES, "families_moe": FAMILIES_MOE}
@@ -107,6 +110,15 @@ def _variant(name: str) -> str:
     return "dense"
 
 
+def _kernels(name: str) -> list:
+    """The fused kernels a layout or a reference (named by its variant) runs: all, none, or
+    all but swiglu for the GeGLU families model."""
+    if "kernels_off" in name:
+        return []
+    geglu = "families" in (name, _variant(name))
+    return [k for k in ALL_KERNELS if k != "swiglu"] if geglu else ALL_KERNELS
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """One-process runs (dense, MoE and the family variants) from freshly initialised weights
@@ -124,7 +136,7 @@ def references(tmp_path_factory):
         trainer.train()
         refs[kind] = [r["loss"] for r in trainer.history]
         assert len(refs[kind]) == 3 and refs[kind][-1] < refs[kind][0]
-        assert unwrap(trainer.modules[0]).kernels == (() if extra == KERNELS_OFF else tuple(ALL_KERNELS))
+        assert unwrap(trainer.modules[0]).kernels == tuple(_kernels(kind))
     return tmp, refs
 
 
@@ -151,8 +163,7 @@ def _check(results, refs, layouts):
         if len(losses) != len(ref) or diff > TOLERANCE:
             failures.append(f"{name} {results[name]['layout']}: max diff {diff:.2e} "
                             f"ref={ref} got={losses}")
-        want = [] if "kernels_off" in name else ALL_KERNELS
-        assert results[name]["kernels"] == want, (name, results[name]["kernels"])
+        assert results[name]["kernels"] == _kernels(name), (name, results[name]["kernels"])
         if name in EXPECTED_ENGINE:
             assert results[name]["engine"] == EXPECTED_ENGINE[name], name
         elif not name.startswith("dp2_zero"):

@@ -1,4 +1,4 @@
-"""Hugging Face interop: APT's Megatron ``GPTModel`` <-> a Llama, Mistral, Qwen2, Qwen3
+"""Hugging Face interop: APT's Megatron ``GPTModel`` <-> a Llama, Mistral, Qwen2, Qwen3, Gemma
 (dense) or Mixtral, Qwen3-MoE (MoE) directory that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads as is. Export picks the family
 that holds the model's features (``hf_family``); import maps config.json to a ModelConfig and
@@ -11,9 +11,9 @@ Import builds a one-process ``APTModel`` from an HF directory; ``import_hf_to_we
 it as a ``dist_checkpointing`` directory that any layout starts from (``training.init_from``).
 
 Weight layout differences (Megatron -> HF):
-- ``linear_qkv`` rows (and its bias, Qwen2) are grouped per query group: [q heads of group g,
-  k of g, v of g] for g = 0..groups-1; HF keeps separate q/k/v projections. HF's ``repeat_kv`` gives query head i
-  the kv head i // (heads / groups), the same grouping.
+- ``linear_qkv`` rows (and its bias, Qwen2) are grouped per query group: [q heads of group
+  g, k of g, v of g] for g = 0..groups-1; HF keeps separate q/k/v projections. HF's
+  ``repeat_kv`` gives query head i the kv head i // (heads / groups), the same grouping.
 - ``linear_fc1`` is [gate; up] stacked along rows (SwiGLU ``silu(gate) * up``); HF keeps
   ``gate_proj``/``up_proj`` (Mixtral: ``w1``/``w3``; ``w2`` = ``linear_fc2``).
 - RoPE: Megatron's default (non-interleaved, ``rotate_half``) is HF's Llama RoPE, no permutation.
@@ -23,6 +23,7 @@ Weight layout differences (Megatron -> HF):
   Qwen3-MoE without ``norm_topk_prob`` keeps the softmax over all experts: Megatron's
   ``moe_router_pre_softmax``.
 - Qwen3's per-head ``q_norm`` / ``k_norm`` are Megatron's ``q_layernorm`` / ``k_layernorm``.
+- Gemma's norm weights are stored zero-centred (applied as 1 + w) on both sides: copied as is.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def export_hf(source, model_config: ModelConfig, out_dir: str | Path, *,
               dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
               tokenizer=None) -> Path:
     """Write ``out_dir`` (config.json + safetensors) for the Hugging Face family that holds
-    ``model_config`` (``hf_family``: Llama, Mistral, Qwen2, Qwen3, Mixtral or Qwen3-MoE).
+    ``model_config`` (``hf_family``: Llama, Mistral, Qwen2, Qwen3, Gemma, Mixtral or Qwen3-MoE).
 
     ``source``: an ``APTModel`` (or a one-element list of modules) built for one process, or a
     ``dist_checkpointing`` weights directory from any layout. ``dtype`` defaults to the
