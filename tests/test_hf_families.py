@@ -213,3 +213,9 @@ def test_sliding_window_model_honours_packed_documents():
         packed = model(row, positions, mask)
         alone = torch.cat([_apt_logits(model, first), _apt_logits(model, second)], dim=1)
     assert (packed - alone).abs().max().item() < TOLERANCE
+
+
+def test_the_swiglu_kernel_is_refused_for_a_geglu_model():
+    from apt.core.config import ModelConfig
+    with pytest.raises(ConfigError, match="model.kernels.*geglu"):
+        APTModel(ModelConfig(activation="geglu", kernels=["swiglu"]))
