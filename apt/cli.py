@@ -147,6 +147,9 @@ def _import_hf(args) -> int:
     fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
     if not model.num_experts:   # the router's settings mean nothing for a dense model
         fields = {k: v for k, v in fields.items() if not k.startswith("moe_")}
+    if model.rope_scaling == "none":   # nor the scaling's for unscaled RoPE
+        fields = {k: v for k, v in fields.items()
+                  if not k.startswith("rope_") or k in ("rope_base", "rope_scaling")}
     print(yaml.safe_dump({"model": fields}, sort_keys=False), end="")
     return 0
 
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="directory to write")
     export.set_defaults(func=_export_hf)
     imp = commands.add_parser("import-hf", help="Hugging Face directory -> APT weights")
-    imp.add_argument("--hf", required=True, help="Llama/Mistral/Mixtral directory")
+    imp.add_argument("--hf", required=True, help="Llama/Mistral/Mixtral/Qwen2/Qwen3/Qwen3-MoE directory")
     imp.add_argument("--out", required=True, help="dist_checkpointing directory to write")
     imp.set_defaults(func=_import_hf)
     ckpts = commands.add_parser("checkpoints", help="list checkpoints and verify them")

@@ -172,8 +172,8 @@ def test_unsupported_hf_config_is_refused(tmp_path):
     from apt.model.hf_interop import model_config_from_hf
     base = dict(model_type="llama", hidden_size=64, num_attention_heads=4,
                 num_hidden_layers=2, intermediate_size=96, vocab_size=384)
-    with pytest.raises(ConfigError, match="RoPE scaling"):
-        model_config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ConfigError, match="RoPE scaling 'yarn'"):
+        model_config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
     with pytest.raises(ConfigError, match="model_type"):
         model_config_from_hf({**base, "model_type": "gpt2"})
 

@@ -57,3 +57,31 @@ def test_local_spec_uses_sdpa():
                                      num_query_groups=2, ffn_hidden_size=32)
     spec = layer_spec(config, use_transformer_engine=False)
     assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "documents"])
+def test_sliding_window_is_a_banded_causal_mask(masked):
+    """Megatron's window_size (W - 1, 0) on SDPA: the same as Megatron's own attention given
+    the banded causal mask (key j visible to query i when i - W < j <= i), combined with a
+    document mask when the batch has one."""
+    torch.manual_seed(1)
+    window, heads, groups = 5, 4, 2
+    ensure_runtime()
+    config = make_transformer_config(num_layers=1, hidden_size=heads * HEAD_DIM,
+                                     num_attention_heads=heads, num_query_groups=groups,
+                                     ffn_hidden_size=32, sliding_window=window)
+    kwargs = dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    sdpa = SDPAttention(config, **kwargs)
+    plain, _ = _pair(heads, groups)
+    i, j = torch.arange(SEQ)[:, None], torch.arange(SEQ)[None, :]
+    band = (j > i) | (j <= i - window)
+    doc = _document_mask() if masked else torch.zeros(BATCH, 1, SEQ, SEQ, dtype=torch.bool)
+    q = torch.randn(SEQ, BATCH, heads, HEAD_DIM)
+    k, v = (torch.randn(SEQ, BATCH, groups, HEAD_DIM) for _ in range(2))
+    want = _run(plain, q, k, v, doc | band)
+    got = _run(sdpa, q, k, v, doc if masked else None)
+    for name, a, b in zip(("output", "dq", "dk", "dv"), want, got):
+        diff = (a - b).abs().max().item()
+        assert diff <= 1e-5, f"{name}: max |SDPA window - DotProductAttention band| = {diff:.2e}"
+    # The window matters at this length: without it the output differs.
+    assert (_run(plain, q, k, v, doc)[0] - got[0]).abs().max() > 1e-3

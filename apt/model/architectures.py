@@ -16,7 +16,8 @@ from apt.kernels import KernelUnavailable
 from apt.core.config.schema import cross_checks, APTConfig
 from .moe_routing import router_settings
 from .megatron_gpt import (
-    check_tensor_parallel_marks, gpt_model_kwargs, make_transformer_config, transformer_engine_spec,
+    RopeScaling, check_tensor_parallel_marks, gpt_model_kwargs, make_transformer_config,
+    scale_rope, transformer_engine_spec,
 )
 from .packed_documents import PackedDocumentsGPTModel
 
@@ -34,21 +35,11 @@ def resolve_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
     return config
 
 
-# Family features declared in ModelConfig that the model does not build yet: refused when a
-# model is built (the plan and parameter counts already know them), never silently ignored.
-# An entry leaves this table when the model honours it.
-_UNWIRED_DEFAULTS = {
-    "head_dim": None, "qkv_bias": False, "qk_norm": False, "rope_scaling": "none",
-    "sliding_window": None, "activation": "swiglu", "norm_zero_centered": False,
-    "scale_embeddings": False, "moe_ffn_hidden_size": None, "moe_norm_topk_prob": True,
-}
-
-
-def refuse_unwired_features(arch: ModelConfig) -> None:
-    for key, default in _UNWIRED_DEFAULTS.items():
-        if getattr(arch, key) != default:
-            raise ConfigError(f"{getattr(arch, key)!r} is not supported by the model yet "
-                              f"(only {default!r})", key=f"model.{key}")
+def rope_scaling(arch: ModelConfig) -> RopeScaling | None:
+    if arch.rope_scaling == "none":
+        return None
+    return RopeScaling(arch.rope_scaling, arch.rope_scaling_factor, arch.rope_low_freq_factor,
+                       arch.rope_high_freq_factor, arch.rope_original_max_seq_len)
 
 
 def model_kernels(arch: ModelConfig) -> tuple[str, ...]:
@@ -61,10 +52,23 @@ def model_kernels(arch: ModelConfig) -> tuple[str, ...]:
     setting = arch.kernels
     if setting == "auto" and transformer_engine_spec():
         setting = [k for k in KERNELS if k not in ("rmsnorm", "rope", "swiglu")]
+    if arch.activation == "geglu":   # the swiglu kernel is silu(gate) * up only
+        if not isinstance(setting, str) and "swiglu" in setting:
+            raise ConfigError("'swiglu' computes silu(gate) * up; model.activation is 'geglu'",
+                              key="model.kernels")
+        if setting == "auto":
+            setting = [k for k in KERNELS if k != "swiglu"]
     try:
         return resolve(setting, device)
     except (ValueError, KernelUnavailable) as err:
         raise ConfigError(str(err), key="model.kernels") from err
+
+
+def _scaled_by_sqrt_hidden(module, args, output):
+    """Gemma's embeddings times sqrt(hidden), the factor rounded to the activations' dtype as
+    Hugging Face's Gemma rounds it (Megatron's embedding has no such option). Elementwise, so
+    it holds on a sequence-parallel slice too."""
+    return output * torch.tensor(module.config.hidden_size ** 0.5, dtype=output.dtype)
 
 
 class APTModel(PackedDocumentsGPTModel):
@@ -83,7 +87,6 @@ class APTModel(PackedDocumentsGPTModel):
         from apt.trainops.distributed.runtime import ensure_runtime
         ensure_runtime()
         arch = resolve_model_config(config or self.default_config, overrides)
-        refuse_unwired_features(arch)
         bf16 = plan is not None and plan.precision == "bf16"
         kernels = model_kernels(arch)
         transformer_config = make_transformer_config(
@@ -99,6 +102,9 @@ class APTModel(PackedDocumentsGPTModel):
             expert_model_parallel_size=plan.ep if plan else 1,
             num_moe_experts=arch.num_experts, moe_router_topk=arch.moe_top_k,
             moe_router=router_settings(arch),
+            kv_channels=arch.head_size, add_qkv_bias=arch.qkv_bias,
+            sliding_window=arch.sliding_window, activation=arch.activation,
+            norm_zero_centered=arch.norm_zero_centered,
             recompute=None if not plan or plan.recompute == "none" else plan.recompute,
             kernels=kernels)
         super().__init__(kernels=kernels, **gpt_model_kwargs(
@@ -106,15 +112,19 @@ class APTModel(PackedDocumentsGPTModel):
             tie_embeddings=arch.tie_embeddings, rotary_base=arch.rope_base,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage, kernels=kernels))
+            vp_stage=vp_stage, kernels=kernels, qk_norm=arch.qk_norm,
+            rope_scaling=rope_scaling(arch)))
+        scale_rope(self, rope_scaling(arch))
+        if arch.scale_embeddings and self.pre_process:
+            self.embedding.register_forward_hook(_scaled_by_sqrt_hidden)
         check_tensor_parallel_marks(self)
         self.arch = arch
 
     @classmethod
     def from_pretrained(cls, path) -> "APTModel":
         """A one-process fp32 model holding the weights at ``path``: a training run directory,
-        a dist_checkpointing weights directory, or a Hugging Face Llama/Mistral/Mixtral
-        directory (pretrained.py says how each is recognised)."""
+        a dist_checkpointing weights directory, or a Hugging Face Llama / Mistral / Mixtral /
+        Qwen2 / Qwen3 / Qwen3-MoE directory (pretrained.py says how each is recognised)."""
         from .pretrained import load_pretrained
         return load_pretrained(cls, path)
 

@@ -8,6 +8,7 @@ the local (pure torch) spec with our ``RMSNorm`` (see its docstring for why).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Literal, Optional
 
@@ -50,6 +51,11 @@ def make_transformer_config(
     moe_router_topk: int = 2,
     moe_token_dispatcher_type: str = "alltoall",
     moe_router: Optional[dict] = None,
+    kv_channels: Optional[int] = None,
+    add_qkv_bias: bool = False,
+    sliding_window: Optional[int] = None,
+    activation: Literal["swiglu", "geglu"] = "swiglu",
+    norm_zero_centered: bool = False,
     recompute: Optional[Literal["full", "selective"]] = None,
     init_method_std: float = 0.02,
     deterministic: bool = True,
@@ -58,7 +64,17 @@ def make_transformer_config(
     """A ``TransformerConfig`` with the Llama architecture choices. ``moe_router``: the
     router's load-balancing settings (``apt.model.moe_routing.router_settings``). ``kernels``:
     APT's fused kernels in use (``apt.kernels.resolve``); ``rope`` goes through Megatron's
-    fused-RoPE switch, ``swiglu`` through its activation-module switch (``layer_spec``)."""
+    fused-RoPE switch, ``swiglu`` through its activation-module switch (``layer_spec``).
+
+    Family features on Megatron's own options: ``kv_channels`` (a head dimension other than
+    hidden / heads), ``add_qkv_bias`` (a bias on linear_qkv only, never on linear_proj or the
+    MLP), ``sliding_window`` W as Megatron's ``window_size`` (W - 1, 0): each token attends to
+    itself and the W - 1 before it, as Hugging Face's Mistral/Qwen2 mask does (Transformer
+    Engine's attention reads it on CUDA, ``SDPAttention`` on CPU); Gemma's ``geglu`` (the gated
+    unit with tanh-GELU) and ``norm_zero_centered`` (norm weights stored as w, applied as 1 + w:
+    Megatron's ``layernorm_zero_centered_gamma``, which TE's norms and our ``RMSNorm`` read)."""
+    if activation == "geglu" and "swiglu" in kernels:
+        raise ValueError("the swiglu kernel computes silu(gate) * up: not for a geglu MLP")
     on_cpu = not torch.cuda.is_available()
     if "rope" in kernels:
         install_rope_kernel()
@@ -93,8 +109,12 @@ def make_transformer_config(
         normalization="RMSNorm",
         layernorm_epsilon=norm_eps,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=F.silu if activation == "swiglu" else gelu_tanh,
+        layernorm_zero_centered_gamma=norm_zero_centered,
         add_bias_linear=False,
+        add_qkv_bias=add_qkv_bias,
+        kv_channels=kv_channels,
+        window_size=None if sliding_window is None else (sliding_window - 1, 0),
         # Llama pretraining uses no dropout; it also keeps runs reproducible across layouts.
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -130,6 +150,11 @@ def make_transformer_config(
     )
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (Gemma's ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
 class RMSNorm(torch.nn.Module):
     """RMSNorm whose weight is marked ``sequence_parallel`` when the config says so.
 
@@ -138,27 +163,69 @@ class RMSNorm(torch.nn.Module):
     different slice of the sequence, so the norm weight's gradient is partial per rank and must
     be all-reduced over TP: ``finalize_model_grads`` does that for params carrying
     ``sequence_parallel=True``.
+
+    ``config.layernorm_zero_centered_gamma`` (Gemma): the weight is stored as w (initialised to
+    0) and the norm multiplies by 1 + w, in fp32 as Hugging Face's Gemma does.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
         super().__init__()
         self.eps = eps
+        self.zero_centered = config.layernorm_zero_centered_gamma
+        init = torch.zeros if self.zero_centered else torch.ones
         self.weight = torch.nn.Parameter(
-            torch.ones(hidden_size, dtype=config.params_dtype, device=_init_device(config))
+            init(hidden_size, dtype=config.params_dtype, device=_init_device(config))
         )
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self._normalise(x, self.weight)
+
+    def _normalise(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.zero_centered:
+            return self._norm(x.float(), weight.float() + 1.0).type_as(x)
+        return self._norm(x, weight)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 class KernelRMSNorm(RMSNorm):
     """``RMSNorm`` computed by APT's fused kernel (``apt.kernels.rms_norm``): same parameters,
     same state dict, same result."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         from apt.kernels.rmsnorm import rms_norm
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, weight, self.eps)
+
+
+class HeadRMSNorm(RMSNorm):
+    """Per-head q/k RMSNorm (Qwen3): a weight of one head's size, replicated over TP.
+
+    Each TP rank normalises only its own heads, so its weight gradient is a partial sum: the
+    weight passes through ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce
+    over TP backward), inside autograd, so every engine sees the full gradient. Megatron's own
+    reduction (``finalize_model_grads``, keyed on ``config.qk_layernorm``) runs on its engine
+    only, while DeepSpeed's ZeRO reduces gradients in backward hooks; hence
+    ``config.qk_layernorm`` stays False and the spec carries these modules. q/k come after the
+    sequence-parallel all-gather (the whole sequence), so the weight is never
+    ``sequence_parallel``."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(config, hidden_size, eps)
+        setattr(self.weight, "sequence_parallel", False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+        weight = self.weight
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            weight = copy_to_tensor_model_parallel_region(weight)
+        return self._normalise(x, weight)
+
+
+class KernelHeadRMSNorm(HeadRMSNorm, KernelRMSNorm):
+    """``HeadRMSNorm`` through APT's fused RMSNorm kernel."""
 
 
 def install_rope_kernel() -> None:
@@ -201,24 +268,35 @@ def norm_class(kernels: tuple[str, ...]) -> type:
     return KernelRMSNorm if "rmsnorm" in kernels else RMSNorm
 
 
+def head_norm_class(kernels: tuple[str, ...]) -> type:
+    return KernelHeadRMSNorm if "rmsnorm" in kernels else HeadRMSNorm
+
+
 def transformer_engine_spec() -> bool:
     """Whether models built in this process get Megatron's Transformer Engine spec."""
     return _use_te(None)
 
 
 def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool] = None,
-               kernels: tuple[str, ...] = ()) -> ModuleSpec:
+               kernels: tuple[str, ...] = (), qk_norm: bool = False) -> ModuleSpec:
     """The transformer-layer spec: TE when CUDA + transformer_engine, else local + our RMSNorm
-    (the fused kernel's when ``rmsnorm`` is among ``kernels``) and SDPA core attention."""
+    (the fused kernel's when ``rmsnorm`` is among ``kernels``) and SDPA core attention.
+    ``qk_norm``: per-head q/k RMSNorm (``HeadRMSNorm`` in either spec: it says why)."""
     num_experts = config.num_moe_experts  # None -> dense MLP
     if _use_te(use_transformer_engine):
         # TE's own fused activation when the config asks for an activation module
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, use_te_activation_func=config.use_te_activation_func)
+        spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, use_te_activation_func=config.use_te_activation_func,
+            qk_layernorm=qk_norm))
+        if qk_norm:
+            _set_head_norms(spec, HeadRMSNorm)
+        return spec
     spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
     spec = copy.deepcopy(spec)  # specs may be shared objects: do not edit Megatron's
     spec.submodules.input_layernorm = norm_class(kernels)
     spec.submodules.pre_mlp_layernorm = norm_class(kernels)
+    if qk_norm:
+        _set_head_norms(spec, head_norm_class(kernels))
     if config.use_te_activation_func:
         _set_activation_module(spec.submodules.mlp, SwiGLU)
     if "linear" in kernels:   # oneDNN's GEMMs for every linear layer of the block
@@ -228,6 +306,11 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool]
     # DotProductAttention subclass, so everything that accepts the local one accepts it.
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def _set_head_norms(spec: ModuleSpec, module: type) -> None:
+    attention = spec.submodules.self_attention.submodules
+    attention.q_layernorm = attention.k_layernorm = module
 
 
 def _specs(spec: ModuleSpec):
@@ -273,13 +356,17 @@ def gpt_model_kwargs(
     vp_stage: Optional[int] = None,
     use_transformer_engine: Optional[bool] = None,
     kernels: tuple[str, ...] = (),
+    qk_norm: bool = False,
+    rope_scaling: Optional[RopeScaling] = None,
 ) -> dict:
     """``GPTModel.__init__`` arguments for this pipeline stage of a Llama-style decoder.
 
     A dict rather than a model so that ``APTModel`` (a ``GPTModel`` subclass) and
-    ``build_gpt_model`` construct from the same description."""
+    ``build_gpt_model`` construct from the same description. ``rope_scaling``: linear goes
+    to Megatron's ``seq_len_interpolation_factor`` here; llama3 needs ``scale_rope`` on the
+    built model too (it says why)."""
     use_te = _use_te(use_transformer_engine)
-    spec = layer_spec(config, use_transformer_engine=use_te, kernels=kernels)
+    spec = layer_spec(config, use_transformer_engine=use_te, kernels=kernels, qk_norm=qk_norm)
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -300,8 +387,41 @@ def gpt_model_kwargs(
         share_embeddings_and_output_weights=tie_embeddings,
         position_embedding_type="rope",
         rotary_base=rotary_base,
+        seq_len_interpolation_factor=(rope_scaling.factor if rope_scaling is not None
+                                      and rope_scaling.kind == "linear" else None),
         vp_stage=vp_stage,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: ``linear`` (positions / factor) or ``llama3`` (Llama 3.1-3.3:
+    low frequencies / factor, high ones kept, a smooth ramp between)."""
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+def scale_rope(model: GPTModel, rope_scaling: Optional[RopeScaling]) -> None:
+    """Llama 3 scaling of the model's rotary frequencies by Megatron's own
+    ``RotaryEmbedding._apply_scaling``. GPTModel's ``rope_scaling=True`` calls it with the
+    factor only, the low/high frequency factors and the original context fixed at 1 / 4 / 8192
+    (Llama 3.1's; Llama 3.2 and others' configs may differ): the model is built unscaled and
+    the frequencies scaled here with all four values. Before any forward (the tables are
+    computed from ``inv_freq`` on each call, cached per length)."""
+    if rope_scaling is None or rope_scaling.kind != "llama3":
+        return
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is None:
+        raise ValueError("llama3 RoPE scaling needs rotary position embeddings")
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq, factor=rope_scaling.factor,
+        low_freq_factor=rope_scaling.low_freq_factor,
+        high_freq_factor=rope_scaling.high_freq_factor,
+        original_max_position_embeddings=rope_scaling.original_max_seq_len)
+    model.rotary_scaling = True
 
 
 def check_tensor_parallel_marks(model: torch.nn.Module) -> None:
@@ -320,5 +440,6 @@ def build_gpt_model(config: TransformerConfig, **kwargs) -> GPTModel:
     """Build this pipeline stage's part of the model (needs parallel_state initialised); it
     honours per-document positions and masks (``PackedDocumentsGPTModel``)."""
     model = PackedDocumentsGPTModel(**gpt_model_kwargs(config, **kwargs))
+    scale_rope(model, kwargs.get("rope_scaling"))
     check_tensor_parallel_marks(model)
     return model

@@ -33,6 +33,11 @@ def router_settings(m: ModelConfig) -> dict:
         moe_router_bias_update_rate=m.moe_bias_update_rate,
         moe_expert_capacity_factor=m.moe_capacity_factor,
         moe_token_drop_policy=m.moe_drop_policy,
+        # Qwen3-MoE without norm_topk_prob: softmax over all experts, the top-k weights kept
+        # as they are. With it (and Mixtral), softmax over the top-k logits: the same weights
+        # as softmax-then-renormalise.
+        moe_router_pre_softmax=not m.moe_norm_topk_prob,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_size,
     )
 
 

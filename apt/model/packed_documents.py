@@ -27,6 +27,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from .fused_output import FusedOutputLossGPTModel
+from .sdpa_attention import SDPAttention
 
 Tensor = torch.Tensor
 
@@ -91,7 +92,9 @@ class PackedDocumentsGPTModel(FusedOutputLossGPTModel):
                 "one (Transformer Engine's packed THD path is not implemented)")
         elif cfg.masked_softmax_fusion:
             why["attention_mask"] = "the fused causal softmax kernel ignores a given mask"
-        elif cfg.window_size is not None:
+        elif cfg.window_size is not None and not all(isinstance(a, SDPAttention)
+                                                     for a in attentions):
+            # SDPAttention combines the window with a given mask; Megatron's replaces it.
             why["attention_mask"] = "sliding-window attention replaces a given mask"
         return why
 

@@ -5,7 +5,8 @@ What a path may be, recognised by the files in it:
 - a ``dist_checkpointing`` weights directory (``metadata.json``): the model config comes from
   ``apt_model.json`` next to the shards (``save_model_weights`` writes it), or, for a run's
   ``model/dist``, from the run's ``config.yaml`` two levels up;
-- a Hugging Face Llama / Mistral / Mixtral directory: ``config.json`` + ``*.safetensors``.
+- a Hugging Face directory (``config.json``; Llama, Mistral, Mixtral, Qwen2, Qwen3,
+  Qwen3-MoE, weights in ``*.safetensors``): the importer says in one line what it refuses.
 Anything else is one error naming what is accepted and what was found.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from apt.core.config import ModelConfig
 MODEL_CONFIG_FILE = "apt_model.json"   # written next to the shards by save_model_weights
 ACCEPTS = ("a training run directory (config.yaml + model/dist/), a dist_checkpointing weights "
            "directory (metadata.json, with apt_model.json or inside a run directory), or a "
-           "Hugging Face Llama/Mistral/Mixtral directory (config.json + *.safetensors)")
+           "Hugging Face Llama/Mistral/Mixtral/Qwen2/Qwen3/Qwen3-MoE directory (config.json + "
+           "*.safetensors)")
 
 
 class PretrainedError(ValueError):
@@ -30,7 +32,7 @@ class PretrainedError(ValueError):
 def load_pretrained(model_class, path):
     """An instance of ``model_class`` (APTModel or a subclass) with the weights at ``path``."""
     path = Path(path)
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    if (path / "config.json").is_file():
         from .hf_interop import import_hf
         return import_hf(path, model_class=model_class)[1]
     if (path / "config.yaml").is_file() and (path / "model" / "dist" / "metadata.json").is_file():

@@ -13,11 +13,15 @@ same softmax scale, same layouts (q/k/v [s, b, heads, d] in, [s, b, heads * d] o
 hold. It honours a given bool mask [b, 1, s, s] (True = masked, Megatron's convention) in place
 of the causal one, exactly as the parent's torch softmax path does. Cases the parent handles and
 this path would not reproduce exactly (attention dropout, which draws from Megatron's RNG
-tracker; sliding windows; off-by-one / learnable softmax; query-key layer scaling; packed THD
+tracker; off-by-one / learnable softmax; query-key layer scaling; packed THD
 params; an attention bias) go to the parent unchanged. One difference remains by design: a
 row whose every key is masked (which APT's block-diagonal causal masks never produce: a token
 always sees itself) averages all values in the parent (masked scores are set to -10000) and
 is not defined for SDPA.
+
+Sliding-window attention (``config.window_size`` = (left, right), Megatron's convention: query
+i sees keys i - left .. i + right; APT sets (W - 1, 0)) is a banded causal mask here, combined
+with a given document mask. The parent's own window mask is built on CUDA only.
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ class SDPAttention(DotProductAttention):
         cfg = self.config
         return (packed_seq_params is not None or attention_bias is not None
                 or self.softmax_offset is not None
-                or self.scale_mask_softmax.window_size is not None
                 or cfg.apply_query_key_layer_scaling
                 or (self.training and self.attention_dropout.p > 0)
                 # the parent's causal mask is for self-attention only (it asserts sq == sk)
@@ -61,7 +64,14 @@ class SDPAttention(DotProductAttention):
         # The parent ignores the forward's attn_mask_type and uses its own (causal for GPT);
         # a given mask replaces the causal one; one query (decoding) needs no causal mask.
         causal = self.attn_mask_type == AttnMaskType.causal and sq > 1
-        if attention_mask is not None:
+        window = self.scale_mask_softmax.window_size
+        if window is not None:
+            allowed = window_band(sq, key.size(0), window, query.device)
+            if attention_mask is not None:
+                allowed = allowed & ~attention_mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
+        elif attention_mask is not None:
             # SDPA's bool mask is True where attention is allowed: Megatron's is the opposite.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
                                                  scale=self.softmax_scale, enable_gqa=gqa)
@@ -70,3 +80,15 @@ class SDPAttention(DotProductAttention):
                                                  scale=self.softmax_scale, enable_gqa=gqa)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+def window_band(sq: int, sk: int, window: tuple[int, int], device) -> Tensor:
+    """[sq, sk] bool, True where query i (the last sq of sk positions) may see key j:
+    i - left <= j <= i + right (Megatron's ``get_sliding_window_causal_mask``, on any device)."""
+    left, right = window
+    i = torch.arange(sk - sq, sk, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    allowed = j <= i + right if right >= 0 else torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed = allowed & (j >= i - left)
+    return allowed
