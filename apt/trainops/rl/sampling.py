@@ -245,6 +245,9 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
     roles = RankRoles()
     rows = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    if rows and int(lengths.min()) == 0:
+        raise ValueError(f"prompt {int(lengths.argmin())} is empty: a completion continues at "
+                         "least one token")
     # Synchronised ranks agree on the slots (so they run the same passes).
     longest = _agreed(int(lengths.max()) if rows else 0, sync_group, device, dist.ReduceOp.MAX)
     capacity = params.max_length or longest + params.max_new_tokens
