@@ -287,7 +287,7 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
                 next_tokens, logps = choose(logits, params, generators)
                 chosen[0], chosen[1] = next_tokens.double(), logps.double()
             chosen = roles.share(chosen)
-            # Rows past their prompt take the chosen token (a finished row's is never read).
+            # Rows past their prompt feed the chosen token (a finished row's output is unread).
             fed = torch.tensor([position >= end for end in ends], device=device)
             tokens[:, position] = torch.where(fed, chosen[0].long(), tokens[:, position])
             picked, picked_logps = chosen.tolist()
