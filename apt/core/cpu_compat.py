@@ -148,6 +148,23 @@ def device_remap():
         yield
 
 
+@contextlib.contextmanager
+def remap_suspended():
+    """Run this block without the remap mode (when it is the innermost mode of this thread).
+
+    For hot paths measured to make no CUDA request, e.g. the sampler's KV-cached passes on
+    one model-parallel rank (apt/trainops/rl/sampling.py): the mode's Python hook costs about
+    a microsecond on every torch call. A CUDA request inside raises (CPU torch has no CUDA),
+    it is never silently wrong."""
+    from torch.overrides import _pop_mode_temporarily
+    stack = _get_current_function_mode_stack()
+    if not stack or stack[-1] is not _MODE:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
+
+
 def _keep_remap_in_backward() -> None:
     # WHY: the autograd engine runs Python callbacks with an EMPTY torch-function-mode stack
     # (measured on torch 2.13), so code that runs during backward loses the remap: megatron's

@@ -20,6 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -29,6 +30,7 @@ from megatron.core.transformer.transformer_block import (
 
 from apt.kernels.swiglu import SwiGLU
 from .packed_documents import PackedDocumentsGPTModel
+from .rotated_key_cache import RotatedKeyCacheSelfAttention
 from .sdpa_attention import SDPAttention
 
 
@@ -305,6 +307,9 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool]
     # Fused SDPA instead of baddbmm + masked softmax + bmm (sdpa_attention.py says why); a
     # DotProductAttention subclass, so everything that accepts the local one accepts it.
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    # Keys enter the KV cache rotated, once (rotated_key_cache.py says why).
+    if spec.submodules.self_attention.module is SelfAttention:
+        spec.submodules.self_attention.module = RotatedKeyCacheSelfAttention
     return spec
 
 

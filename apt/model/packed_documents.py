@@ -122,24 +122,59 @@ class PackedDocumentsGPTModel(FusedOutputLossGPTModel):
     @staticmethod
     def _causal(mask: Tensor) -> Tensor:
         """The mask with the future masked too: a given mask replaces the causal one inside
-        DotProductAttention, so a mask that forgot causality would let tokens see ahead."""
+        DotProductAttention, so a mask that forgot causality would let tokens see ahead.
+        With a KV cache the mask is [b, 1, sq, sk]: the sq queries are the last sq of the sk
+        keys (sq = 1 when decoding one token, which sees every earlier key)."""
         if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 \
-                or mask.shape[2] != mask.shape[3]:
+                or mask.shape[2] > mask.shape[3]:
             raise ValueError(f"attention_mask must be bool [b, 1, s, s] (True = masked), got "
                              f"{mask.dtype} {tuple(mask.shape)}")
-        s = mask.shape[-1]
-        return mask | torch.ones(s, s, dtype=torch.bool, device=mask.device).triu(1)
+        sq, sk = mask.shape[-2:]
+        if sq == 1:
+            return mask
+        future = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu(sk - sq + 1)
+        return mask | future
 
     def _preprocess(self, input_ids: Tensor, position_ids: Tensor, **kwargs):
         out = super()._preprocess(input_ids=input_ids, position_ids=position_ids, **kwargs)
         table = out[1]
+        context = kwargs.get("inference_context")
+        if context is not None and table is not None and position_ids is not None:
+            return (out[0], self._cached_rows_table(context, position_ids, table), *out[2:])
         if (table is None or position_ids is None or kwargs.get("packed_seq_params") is not None
-                or kwargs.get("inference_context") is not None
-                or counts_from_zero(position_ids)):
-            return out  # Megatron's own table (inference keeps its offsets and caches)
+                or context is not None or counts_from_zero(position_ids)):
+            return out  # Megatron's own table
         rows = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
         per_row = rotary_table_at(self.rotary_pos_emb, rows)
         if per_row.shape[0] != table.shape[0]:
             raise ValueError(f"position_ids cover {per_row.shape[0]} tokens, the sequence has "
                              f"{table.shape[0]}")
         return (out[0], per_row, *out[2:])
+
+    def _cached_rows_table(self, context, position_ids: Tensor, table: Tensor) -> Tensor:
+        """The rotary table of a KV-cached pass whose rows do not start at cache slot 0.
+
+        Megatron's static inference context places token t of the cache at position t: its
+        attention takes rows [offset, offset + s) of the table for the queries and those of
+        the keys (rotated_key_cache.py). Rows aligned at their end (left padding: the RL
+        sampler) give row b's cache slot t the position t - shift[b], shift = offset + s - 1 -
+        position_ids[:, -1] (the last token is never padding); the table here covers every
+        slot of the cache per row, [max_len, b, 1, d], so Megatron's slicing stays as it is.
+        Padded slots (negative positions, clamped to 0) are masked by the caller. One table
+        per generation: the shifts do not change from pass to pass, so it is kept on the
+        context."""
+        if not context.is_static_batching():
+            return table
+        rows = position_ids if position_ids.dim() == 2 else position_ids.view(1, -1)
+        # From the last token (a padded row's first positions may have been clamped).
+        shift = context.sequence_len_offset + rows.shape[1] - 1 - rows[:, -1]
+        if not bool((shift != 0).any()):
+            return table   # every row starts at slot 0: Megatron's own table is exact
+        cached = getattr(context, "_apt_rows_rotary", None)
+        if cached is not None and torch.equal(cached[0], shift):
+            return cached[1]
+        slots = torch.arange(table.shape[0], device=rows.device, dtype=rows.dtype)
+        positions = (slots[None, :] - shift[:, None]).clamp(min=0)
+        per_row = rotary_table_at(self.rotary_pos_emb, positions)
+        context._apt_rows_rotary = (shift, per_row)
+        return per_row

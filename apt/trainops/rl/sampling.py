@@ -3,22 +3,31 @@
 ``sample(chunks, prompts, params, seeds)`` continues every prompt with at most
 ``params.max_new_tokens`` tokens and records the log-probability of each sampled token.
 
-How a step runs on any layout: every new token is one forward pass through Megatron's own
-forward-only schedule (apt/trainops/eval/forward_pass.py), so pipeline stages pass activations
-as in training; the last stage gathers the vocabulary-parallel logits (TP), samples, and the
-tokens go back to every rank of the model-parallel group (a broadcast over TP, then over PP).
-Data-parallel ranks sample their own prompts independently; under ZeRO-3, whose forward passes
-gather parameters over the data-parallel group, they agree on the number of passes.
+How a step runs on any layout: every new token is one forward pass. With pipeline stages it
+goes through Megatron's own forward-only schedule (apt/trainops/eval/forward_pass.py), so the
+stages pass activations as in training; with one stage the model is called directly (the
+schedule's per-pass set-up is all overhead there), and when this rank also holds the whole
+model (TP = EP = 1, no ZeRO-3) without the CPU layer's device remap, whose Python hook sees
+every torch call (``cpu_compat.remap_suspended``). The last stage gathers the
+vocabulary-parallel logits (TP), samples, and the tokens go back to every rank of the
+model-parallel group (a broadcast over TP, then over PP). Data-parallel ranks sample their own
+prompts independently; under ZeRO-3, whose forward passes gather parameters over the
+data-parallel group, they agree on the slots and so on the number of passes.
 
+The prompts are aligned at their end (left padding, as transformers' ``generate``): row b
+starts with ``shifts[b]`` padding slots, its tokens sit at positions ``slot - shifts[b]`` (so a
+prompt gets the positions it gets alone) and an attention mask hides the padding. One pass
+prefills every prompt, then each pass feeds the tokens just sampled: N new tokens, N passes.
 The KV cache is Megatron-core's static inference context (``StaticInferenceContext``): each
-attention layer keeps this rank's heads' keys and values, so a new token costs one token's
-forward pass. Rows of different prompt lengths advance together (Megatron's static batching):
-the shortest prompt is prefilled, then each pass feeds one position for every row, the prompt's
-own token where a row's prompt has not ended, else the sampled one. Without the cache
-(``kv_cache=False``) each pass recomputes the whole prefix: the same tokens, slower (the
-generation benchmark measures both). Sequence parallelism is switched off while sampling (a
-one-token pass cannot be split over TP ranks) and restored afterwards, as Megatron's inference
-does.
+attention layer keeps this rank's heads' keys (rotated once, apt/model/rotated_key_cache.py)
+and values, so a new token costs one token's forward pass; the model builds the per-row rotary
+table for the cache (apt/model/packed_documents.py). A model that cannot take a mask or
+per-row positions (Transformer Engine's attention) gets the prompts start-aligned instead:
+the shortest prompt is prefilled, then each pass feeds one slot of every row, the prompt's own
+token where a row's prompt has not ended, else the sampled one (more passes, same tokens).
+Without the cache (``kv_cache=False``) each pass recomputes the whole prefix: the same tokens,
+slower. Sequence parallelism is switched off while sampling (a one-token pass cannot be split
+over TP ranks) and restored afterwards, as Megatron's inference does.
 
 Randomness: each prompt has its own generator (``seeds[i]``), so a prompt's completions do not
 depend on which rank or batch it landed in: one process, DP, TP and PP sample the same tokens
@@ -35,6 +44,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.distributed as dist
 
+from apt.core.cpu_compat import remap_suspended
 from apt.trainops.eval.forward_pass import forward_only
 
 
@@ -75,6 +85,7 @@ class RankRoles:
         self.ps = ps
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.ep = ps.get_expert_model_parallel_world_size()
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.samples = self.last_stage and ps.get_tensor_model_parallel_rank() == 0
 
@@ -148,43 +159,66 @@ def choose(logits: torch.Tensor, params: SamplingParams, generators) -> tuple:
 
 
 class _Step:
-    """One forward-only pass over positions [start, end) of every row."""
+    """One forward pass over cache slots [start, end) of every row (all slots without the
+    cache): logits [b, V] at slot end - 1 on the last stage, None elsewhere.
 
-    def __init__(self, chunks, params: SamplingParams, rows: int, device):
+    ``shifts[b]``: how many padding slots row b starts with (end-aligned prompts). Row b's
+    slot t is at position t - shifts[b], and no slot sees a padding slot but itself (a padded
+    query must see something: a fully masked row would give NaN keys and values that the
+    mask's zero weights cannot cancel)."""
+
+    def __init__(self, chunks, params: SamplingParams, rows: int, device, shifts,
+                 roles: "RankRoles", synchronised: bool):
         from megatron.core.inference.contexts import StaticInferenceContext
         self.chunks, self.params, self.device = chunks, params, device
+        self.shifts = shifts.to(device)
+        self.padded = bool((shifts > 0).any())
         self.context = (StaticInferenceContext(rows, params.max_length) if params.kv_cache
                         else None)
+        # One pipeline stage: call the model as the schedule's step would, without the
+        # schedule's per-pass set-up (the same modules and collectives; TP > 1 included).
+        self.direct = len(chunks) == 1 and roles.pp == 1
+        # The whole model on this rank and no ZeRO-3 gathers: the passes make no CUDA
+        # request, so they run without the CPU layer's device remap (cpu_compat).
+        self.bare = self.direct and roles.tp == 1 and roles.ep == 1 and not synchronised
 
     def __call__(self, tokens: torch.Tensor, start: int, end: int):
-        """Logits [b, V] at position end - 1 (on the last stage; None elsewhere)."""
         first = start if self.context is not None else 0
-        batch = _Positions(tokens[:, first:end], first)
+        slots = torch.arange(first, end, device=self.device)
+        batch = _Slots(tokens[:, first:end], (slots[None, :] - self.shifts[:, None]).clamp(min=0),
+                       self._mask(slots, end) if self.padded else None)
+        kwargs = dict(runtime_gather_output=True)
+        if self.context is not None:
+            kwargs["inference_context"] = self.context
+        if self.direct:
+            with remap_suspended() if self.bare else contextlib.nullcontext():
+                logits = self.chunks[0](batch.tokens, batch.positions, batch.mask, **kwargs)
+            logits = logits[:, -1].float()
+        else:
+            def step_fn(model, b):
+                out = model(b.tokens, b.positions, b.mask, **kwargs)
+                return out, lambda logits: {"logits": logits[:, -1].float()}
 
-        def step_fn(model, b):
-            kwargs = dict(runtime_gather_output=True)
-            if self.context is not None:
-                kwargs["inference_context"] = self.context
-            out = model(b.tokens, b.positions, None, **kwargs)
-            return out, lambda logits: {"logits": logits[:, -1].float()}
-
-        outputs = forward_only(self.chunks, [batch], step_fn)
+            outputs = forward_only(self.chunks, [batch], step_fn)
+            logits = outputs[0]["logits"] if outputs else None
         if self.context is not None:
             self.context.sequence_len_offset += end - start
             self.context.enable_decode_mode()
-        return outputs[0]["logits"] if outputs else None
+        return logits
+
+    def _mask(self, slots: torch.Tensor, end: int) -> torch.Tensor:
+        """[b, 1, queries, keys 0..end-1], True = masked: the padding slots, but a slot's own."""
+        keys = torch.arange(end, device=self.device)
+        padding = keys[None, :] < self.shifts[:, None]                          # [b, keys]
+        own = keys[None, :] == slots[:, None]                                   # [q, keys]
+        return (padding[:, None, :] & ~own[None]).unsqueeze(1)
 
 
 @dataclass
-class _Positions:
+class _Slots:
     tokens: torch.Tensor
-    offset: int
-
-    @property
-    def positions(self) -> torch.Tensor:
-        b, s = self.tokens.shape
-        return torch.arange(self.offset, self.offset + s,
-                            device=self.tokens.device).expand(b, -1)
+    positions: torch.Tensor
+    mask: torch.Tensor | None
 
     @property
     def model_shape(self) -> tuple[int, int]:
@@ -193,6 +227,14 @@ class _Positions:
 
 def _ends_with(row: list[int], sequences) -> bool:
     return any(len(s) and row[-len(s):] == list(s) for s in sequences)
+
+
+def end_aligned(chunks) -> bool:
+    """Whether the model can take end-aligned (left-padded) rows: it honours per-row position
+    ids and an attention mask (APT's local spec; Transformer Engine's attention does not)."""
+    from apt.trainops.objectives.base import unwrap
+    return all({"position_ids", "attention_mask"} <=
+               set(getattr(unwrap(c), "supported_batch_fields", ())) for c in chunks)
 
 
 @torch.no_grad()
@@ -206,22 +248,36 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
     roles = RankRoles()
     rows = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    capacity = params.max_length or int(lengths.max()) + params.max_new_tokens
-    if int(lengths.max()) + params.max_new_tokens > capacity:
-        raise ValueError(f"a prompt of {int(lengths.max())} tokens + {params.max_new_tokens} new "
+    if rows and int(lengths.min()) == 0:
+        raise ValueError(f"prompt {int(lengths.argmin())} is empty: a completion continues at "
+                         "least one token")
+    # Synchronised ranks agree on the slots (so they run the same passes).
+    longest = _agreed(int(lengths.max()) if rows else 0, sync_group, device, dist.ReduceOp.MAX)
+    capacity = params.max_length or longest + params.max_new_tokens
+    if longest + params.max_new_tokens > capacity:
+        raise ValueError(f"a prompt of {longest} tokens + {params.max_new_tokens} new "
                          f"tokens exceeds the sampler's capacity of {capacity} tokens")
     params = replace(params, max_length=capacity)
+    # End-aligned rows: every prompt ends at slot ``longest``; one prefill pass, then one pass
+    # per new token. A model that cannot mask padding gets the prompts start-aligned and fed
+    # in step from the shortest one (see the module docstring).
+    aligned = end_aligned(chunks)
+    if aligned:
+        width, shifts = longest, longest - lengths
+    else:
+        width = _agreed(int(lengths.min()) if rows else capacity, sync_group, device,
+                        dist.ReduceOp.MIN)
+        shifts = torch.zeros_like(lengths)
     tokens = torch.zeros(rows, capacity, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p.to(device)
+        tokens[i, int(shifts[i]):int(shifts[i]) + len(p)] = p.to(device)
+    ends = (shifts + lengths).tolist()     # the slot after each prompt
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     out = Completions(tokens=[[] for _ in range(rows)], logps=[[] for _ in range(rows)],
                       stopped=[False] * rows)
     active = [True] * rows
-    step = _Step(chunks, params, rows, device)
-    # Synchronised ranks start at the same position, so they also reach the end together.
-    position = _agreed_start(int(lengths.min()) if rows else capacity, sync_group, device)
-    start = 0
+    step = _Step(chunks, params, rows, device, shifts, roles, sync_group is not None)
+    position, start = width, 0
     with inference_mode(chunks):
         while _any_active(active, sync_group, device):
             if position >= capacity:
@@ -234,13 +290,16 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
                 next_tokens, logps = choose(logits, params, generators)
                 chosen[0], chosen[1] = next_tokens.double(), logps.double()
             chosen = roles.share(chosen)
+            # Rows past their prompt feed the chosen token (a finished row's output is unread).
+            fed = torch.tensor([position >= end for end in ends], device=device)
+            tokens[:, position] = torch.where(fed, chosen[0].long(), tokens[:, position])
+            picked, picked_logps = chosen.tolist()
             for i in range(rows):
-                if not active[i] or position < lengths[i]:
+                if not active[i] or position < ends[i]:
                     continue    # a finished row, or a prompt token that is fed as it is
-                token = int(chosen[0, i])
-                tokens[i, position] = token
+                token = int(picked[i])
                 out.tokens[i].append(token)
-                out.logps[i].append(float(chosen[1, i]))
+                out.logps[i].append(picked_logps[i])
                 if token == params.eod_id or token in params.stop_ids or \
                         _ends_with(out.tokens[i], params.stop_sequences):
                     active[i], out.stopped[i] = False, True
@@ -259,9 +318,9 @@ def _any_active(active: list, sync_group, device) -> bool:
     return bool(flag.item())
 
 
-def _agreed_start(shortest: int, sync_group, device) -> int:
+def _agreed(value: int, sync_group, device, op) -> int:
     if sync_group is None:
-        return shortest
-    value = torch.tensor([float(shortest)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=sync_group)
-    return int(value.item())
+        return value
+    tensor = torch.tensor([float(value)], device=device)
+    dist.all_reduce(tensor, op=op, group=sync_group)
+    return int(tensor.item())
