@@ -110,14 +110,14 @@ class DataConfig:
     #   prefix, or `blend: [[0.7, prefix_a], [0.3, prefix_b]]` mixes several by weight.
     # "sft": chat/instruction JSONL at `path`, loss on the responses only; `path: synthetic:qa`
     #   is a built-in offline set of programmatic question/answer chats (synthetic_chat.py),
-    #   `synthetic:arith` one of integer sums (synthetic_arith.py), `synthetic:reverse` one of
-    #   words to reverse (synthetic_reverse.py).
+    #   `synthetic:arith` one of integer sums (synthetic_arith.py), `synthetic:roman` one of
+    #   numbers to write in Roman numerals (synthetic_roman.py).
     # "preference": {prompt, chosen, rejected} JSONL at `path` (or messages + two answers), for
     #   preference alignment; `path: synthetic:arith` gives correct sums against near misses.
     # "prompts": prompts for reinforcement learning (training.objective grpo): JSONL records
     #   with `prompt` (or `messages`) and the fields its rewards check (e.g. `answer`); a chat
     #   whose last message is the assistant's becomes its prompt + `answer`
-    #   (`synthetic:arith`: the sums as questions; `synthetic:reverse`: the words).
+    #   (`synthetic:arith`: the sums as questions; `synthetic:roman`: the numbers).
     corpus: Literal["stdlib", "text", "indexed", "sft", "preference", "prompts"] = "stdlib"
     path: Optional[str] = None
     blend: Optional[list] = None

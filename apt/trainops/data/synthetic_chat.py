@@ -84,7 +84,7 @@ def generate(seed: int = 0, train_chats: int = TRAIN_CHATS,
 
 # Built-in sets: name -> what they offer (data.corpus values).
 SETS = {"qa": ("sft",), "arith": ("sft", "preference", "prompts"),
-        "reverse": ("sft", "prompts")}
+        "roman": ("sft", "prompts")}
 
 
 def parse_source(path: str) -> tuple[str, int]:
@@ -105,9 +105,9 @@ def _generator(name: str):
     if name == "arith":
         from . import synthetic_arith
         return synthetic_arith.VERSION, synthetic_arith.generate
-    if name == "reverse":
-        from . import synthetic_reverse
-        return synthetic_reverse.VERSION, synthetic_reverse.generate
+    if name == "roman":
+        from . import synthetic_roman
+        return synthetic_roman.VERSION, synthetic_roman.generate
     return _VERSION, lambda seed: dict(zip(("train", "heldout"), generate(seed)))
 
 

@@ -21,7 +21,9 @@ Logged per step: ``reward`` (+ ``reward_std`` and ``rewards/<name>`` per reward,
 ``clip_ratio/high``, ``clip_ratio/region``, ``completion_length``, ``completion_clipped_ratio``
 (completions cut at max_new_tokens) and ``sampler_ratio`` (mean of sampler / trainer token
 probability; it stays near 1 unless sampling and training diverge) with ``sampler_logp_diff``
-(mean absolute difference of their log-probabilities).
+(mean absolute difference of their log-probabilities). The rollouts add what dynamic sampling
+did (``sampling/*``, apt/trainops/rl/rollouts.py). With ``overlong_filter`` the completions
+cut at max_new_tokens are left out of the loss (``train_mask``), not out of the metrics.
 """
 from __future__ import annotations
 

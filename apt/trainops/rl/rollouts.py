@@ -163,14 +163,18 @@ class RolloutSource:
         equal = sum(int((~f).sum()) for f in flags)
         kept_equal = sum(1 for d, k in chosen if not bool(flags[d][k]))
         # Global counts (every data-parallel rank), so the logged values are the batch's.
-        counts = _dp_sum([len(draws), sampled, equal, equal - kept_equal, kept_equal],
-                         self.device)
+        all_rewards = torch.cat([d[2][:, 0] for d in draws])
+        counts = _dp_sum([len(draws), sampled, equal, equal - kept_equal, kept_equal,
+                          float(all_rewards.sum()), all_rewards.numel()], self.device)
         self.round_stats = {
             "sampling/draws": counts[0] / max(_dp_size(), 1),
             "sampling/groups_sampled": int(counts[1]),
             "sampling/groups_all_equal": counts[2] / max(counts[1], 1),
             "sampling/groups_dropped": int(counts[3]),
-            "sampling/groups_all_equal_kept": int(counts[4])}
+            "sampling/groups_all_equal_kept": int(counts[4]),
+            # every sampled completion's reward (``reward`` is the trained batch's: with
+            # dynamic sampling it leaves out the groups dropped)
+            "sampling/reward": counts[5] / max(counts[6], 1)}
         rows = [(d, k * g + j) for d, k in chosen for j in range(g)]
         scores = torch.stack([draws[d][2][r] for d, r in rows])
         advantages, zero_std = group_advantages(
