@@ -177,6 +177,10 @@ class RolloutSource:
             "sampling/reward": counts[5] / max(counts[6], 1)}
         rows = [(d, k * g + j) for d, k in chosen for j in range(g)]
         scores = torch.stack([draws[d][2][r] for d, r in rows])
+        # every draw's failure count (on its first row, which may have been dropped): on the
+        # batch's first row, so the metric counts every sample scored
+        scores[:, 1] = 0.0
+        scores[0, 1] = float(sum(d[2][:, 1].sum() for d in draws))
         advantages, zero_std = group_advantages(
             scores[:, 0], g, self.grpo.scale_rewards,
             _dp_group() if self.grpo.scale_rewards == "batch" else None)
