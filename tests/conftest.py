@@ -22,18 +22,32 @@ def _leave_the_process_as_found():
 
 
 @pytest.fixture(scope="session")
-def arith_sft_checkpoint(tmp_path_factory):
-    """The arith-sft-base profile's checkpoints directory (the tiny model fine-tuned on sums
-    until it answers at least 25% of the held-out sums: training.target, 450 steps and 0.336
-    on this machine): the starting point of the DPO and GRPO gain tests, trained once per
-    test session."""
+def arith_sft_bases(tmp_path_factory):
+    """Two starting points of the GRPO gain test, from one SFT run of the arith-sft-base
+    profile (the tiny model fine-tuned on sums): stopped at its first evaluation with at least
+    10% of the held-out sums right, then resumed to the profile's 25% target. A list of
+    (held-out exact-match, checkpoint directory), weakest first; trained once per session."""
     from apt.core.config import load_profile
     from apt.trainops.engine import Finetuner
     root = tmp_path_factory.mktemp("arith-sft-base")
-    Finetuner.from_config(load_profile("arith-sft-base", [
-        f"training.checkpoints.dir={root / 'checkpoints'}", f"output.dir={root / 'runs'}",
-        "output.sample_tokens=0"])).train()
-    return root / "checkpoints"
+    bases = []
+    for target in (0.10, 0.25):
+        trainer = Finetuner.from_config(load_profile("arith-sft-base", [
+            f"training.checkpoints.dir={root / 'checkpoints'}", f"output.dir={root / 'runs'}",
+            "training.checkpoints.auto_resume=true", f"training.target.value={target}",
+            "output.sample_tokens=0"]))
+        summary = trainer.train()
+        assert trainer.stopped_at_target, summary   # max_steps allows for the jump
+        bases.append((summary["val_exact_match"],
+                      root / "checkpoints" / f"checkpoint-{trainer.step}"))
+    return bases
+
+
+@pytest.fixture(scope="session")
+def arith_sft_checkpoint(arith_sft_bases):
+    """The arith-sft-base profile's checkpoint at its 25% target: the starting point of the
+    DPO gain test."""
+    return arith_sft_bases[-1][1]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -159,6 +159,46 @@ def test_resume_inside_a_round_continues_bit_identically(reference_run, tmp_path
         O1Trainer.from_config(load_profile("tiny", common), resume_from_checkpoint=third)
 
 
+def test_dynamic_sampling_fills_the_batch_with_groups_that_differ_and_resumes(reference_run,
+                                                                              tmp_path):
+    """A 0/1 reward whose groups of 4 are sometimes all alike: each round draws prompt
+    batches until every group differs (at most 3 draws), logs what it dropped, and a run
+    resumed from a checkpoint continues on the same prompts (the cursor counts the extra
+    draws)."""
+    tmp, _ = reference_run
+    common = _common(tmp, tmp / "init", steps=6) + [
+        "training.grpo.rewards=[{name: 'tests.workers.grpo_rewards:first_byte_even'}]",
+        "training.grpo.num_iterations=1", "training.grpo.beta=0.0",
+        "training.grpo.dynamic_sampling_max_draws=3",
+        f"training.checkpoints.dir={tmp_path / 'ckpt'}", "training.checkpoints.save_interval=3",
+        "training.checkpoints.async_save=false", f"output.dir={tmp_path}"]
+    whole = O1Trainer.from_config(load_profile("tiny", common))
+    whole.train()
+    history = whole.history
+    for r in history:
+        assert r["sampling/groups_sampled"] == 2 * r["sampling/draws"]   # 2 prompts a draw
+        assert r["sampling/groups_dropped"] + r["sampling/groups_all_equal_kept"] == \
+            round(r["sampling/groups_all_equal"] * r["sampling/groups_sampled"])
+        # the batch's groups all differ unless the cap was reached
+        if r["sampling/draws"] < 3:
+            assert r["frac_reward_zero_std"] == 0.0 and r["sampling/groups_all_equal_kept"] == 0
+    assert any(r["sampling/groups_dropped"] > 0 for r in history), history
+    assert any(r["sampling/draws"] > 1 for r in history)
+    # off: one draw per round, the all-alike groups stay in the batch
+    plain = O1Trainer.from_config(load_profile("tiny", common + [
+        "training.grpo.dynamic_sampling=false", "training.checkpoints.save_interval=0"]))
+    plain.train()
+    assert all(r["sampling/draws"] == 1 and r["sampling/groups_dropped"] == 0
+               for r in plain.history)
+    assert max(r["frac_reward_zero_std"] for r in plain.history) > 0
+    resumed = O1Trainer.from_config(load_profile("tiny", common),
+                                    resume_from_checkpoint=tmp_path / "ckpt" / "checkpoint-3")
+    resumed.train()
+    keys = ("sample_digest", "loss", "sampling/draws", "reward")
+    assert [{k: r[k] for k in keys} for r in resumed.history] == \
+        [{k: r[k] for k in keys} for r in history[3:]]
+
+
 def test_bad_inputs_are_refused_before_the_first_step(reference_run, tmp_path):
     tmp, _ = reference_run
     common = _common(tmp, tmp / "init")

@@ -1,5 +1,5 @@
 """GRPO's pieces in isolation: advantages, the clipped surrogate with KL, the aggregations,
-and the sampler's truncation."""
+dynamic sampling's choice of groups, overlong filtering, and the sampler's truncation."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from apt.core.config import GRPOConfig
 from apt.trainops.data.batches import RolloutBatch
 from apt.trainops.objectives.grpo import GRPOObjective
-from apt.trainops.rl.rollouts import group_advantages
+from apt.trainops.rl.rollouts import fill_batch, group_advantages, varied_groups
 from apt.trainops.rl.sampling import SamplingParams, choose
 
 
@@ -23,6 +23,30 @@ def test_group_advantages_centre_and_scale():
     assert adv[0].item() == pytest.approx(0.75 / (rewards.std().item() + 1e-4))
     adv, _ = group_advantages(rewards, 4, "none")
     assert adv[:4].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+
+
+def test_dynamic_sampling_keeps_groups_that_differ_first():
+    rewards = torch.tensor([1.0, 1, 0, 1,  0, 0, 0, 0,  1, 1, 1, 1], dtype=torch.float64)
+    assert varied_groups(rewards, 4).tolist() == [True, False, False]
+    first = torch.tensor([True, False, False])      # draw 0: one group of three differs
+    second = torch.tensor([False, True, True])      # draw 1: two more
+    assert fill_batch([first, second], 3) == [(0, 0), (1, 1), (1, 2)]
+    # past the cap too few differ: all-equal groups fill the rest, first drawn first
+    assert fill_batch([first], 3) == [(0, 0), (0, 1), (0, 2)]
+    assert fill_batch([torch.tensor([False, True]), torch.tensor([True, True])], 2) == \
+        [(0, 1), (1, 0)]
+
+
+def test_overlong_filter_masks_cut_completions_out_of_the_loss():
+    mask = torch.tensor([[1.0, 1.0, 0], [1.0, 1.0, 1.0]])
+    batch = _batch([1.0, 1.0], mask)
+    batch.stopped = torch.tensor([1.0, 0.0])        # row 1 hit max_new_tokens
+    per_token = torch.ones(2, 3)
+    plain = GRPOObjective(GRPOConfig(loss_type="dapo"))
+    filtered = GRPOObjective(GRPOConfig(loss_type="dapo", overlong_filter=True))
+    assert plain.loss_units(batch).item() == 5 and filtered.loss_units(batch).item() == 2
+    assert filtered.aggregate(per_token, filtered.train_mask(batch)).item() == 2.0
+    assert plain.aggregate(per_token, plain.train_mask(batch)).item() == 5.0
 
 
 def _batch(advantages, mask, sampler=None):

@@ -12,3 +12,9 @@ def raises_on_ascii(prompt: str, completion: str, record: dict) -> float:
     if any(ord(c) < 128 for c in completion):
         raise ValueError("ASCII is not handled")
     return 1.0
+
+
+def first_byte_even(prompt: str, completion: str, record: dict) -> float:
+    """1 when the completion's first character code is even, else 0 (also when it is empty):
+    a 0/1 reward whose groups of 4 are sometimes all alike (dynamic sampling's case)."""
+    return float(bool(completion) and ord(completion[0]) % 2 == 0)

@@ -110,13 +110,14 @@ class DataConfig:
     #   prefix, or `blend: [[0.7, prefix_a], [0.3, prefix_b]]` mixes several by weight.
     # "sft": chat/instruction JSONL at `path`, loss on the responses only; `path: synthetic:qa`
     #   is a built-in offline set of programmatic question/answer chats (synthetic_chat.py),
-    #   `synthetic:arith` one of integer sums (synthetic_arith.py).
+    #   `synthetic:arith` one of integer sums (synthetic_arith.py), `synthetic:roman` one of
+    #   numbers to write in Roman numerals (synthetic_roman.py).
     # "preference": {prompt, chosen, rejected} JSONL at `path` (or messages + two answers), for
     #   preference alignment; `path: synthetic:arith` gives correct sums against near misses.
     # "prompts": prompts for reinforcement learning (training.objective grpo): JSONL records
     #   with `prompt` (or `messages`) and the fields its rewards check (e.g. `answer`); a chat
     #   whose last message is the assistant's becomes its prompt + `answer`
-    #   (`synthetic:arith`: the sums as questions).
+    #   (`synthetic:arith`: the sums as questions; `synthetic:roman`: the numbers).
     corpus: Literal["stdlib", "text", "indexed", "sft", "preference", "prompts"] = "stdlib"
     path: Optional[str] = None
     # sft, preference, prompts: a held-out JSONL file of one's own, used as the validation
@@ -321,6 +322,17 @@ class GRPOConfig:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     # Held-out prompts scored (greedy, the rewards) at every evaluation; 0 = all.
     eval_prompts: int = rule(200, ge=0)
+    # DAPO's dynamic sampling: a group whose rewards are all equal has zero advantage and
+    # teaches nothing, so a round keeps sampling further prompt batches (each batch /
+    # num_generations prompts) and fills the batch with groups that differ; after
+    # dynamic_sampling_max_draws batches (the first included) the rest of the batch is filled
+    # with all-equal groups. Logged per step: sampling/groups_dropped, sampling/draws.
+    dynamic_sampling: bool = True
+    dynamic_sampling_max_draws: int = rule(4, gt=0)
+    # DAPO's overlong filtering: completions cut at max_new_tokens (no end-of-document) are
+    # masked out of the loss (their reward still counts in the group's statistics): a cut
+    # answer is not a wrong one.
+    overlong_filter: bool = False
 
 
 @dataclass(frozen=True)

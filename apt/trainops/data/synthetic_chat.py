@@ -83,7 +83,8 @@ def generate(seed: int = 0, train_chats: int = TRAIN_CHATS,
 
 
 # Built-in sets: name -> what they offer (data.corpus values).
-SETS = {"qa": ("sft",), "arith": ("sft", "preference", "prompts")}
+SETS = {"qa": ("sft",), "arith": ("sft", "preference", "prompts"),
+        "roman": ("sft", "prompts")}
 
 
 def parse_source(path: str) -> tuple[str, int]:
@@ -104,6 +105,9 @@ def _generator(name: str):
     if name == "arith":
         from . import synthetic_arith
         return synthetic_arith.VERSION, synthetic_arith.generate
+    if name == "roman":
+        from . import synthetic_roman
+        return synthetic_roman.VERSION, synthetic_roman.generate
     return _VERSION, lambda seed: dict(zip(("train", "heldout"), generate(seed)))
 
 

@@ -56,6 +56,7 @@ class O1Trainer(Trainer):
         kwargs.setdefault("objective", GRPOObjective(
             cfg.training.grpo, [r.label for r in self.rewards.rewards]))
         self._rollout_state = None
+        self._prompt_draws = None   # the prompt cursor a checkpoint recorded (dynamic sampling)
         super().__init__(model=model, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          config=cfg, **kwargs)
         groups = cfg.training.grpo.num_generations * self.plan.dp
@@ -107,20 +108,27 @@ class O1Trainer(Trainer):
         """One batch of this rank's prompts per generation round (train), or the held-out
         prompts one at a time (evaluation reads the dataset directly)."""
         prompts = self.prompts_per_step
-        rounds = math.ceil(self.step / self.config.training.grpo.num_iterations)
+        draws = self._prompt_draws
+        if draws is None:   # one prompt batch per round (no checkpoint says otherwise)
+            draws = math.ceil(self.step / self.config.training.grpo.num_iterations)
         return create_dataloader(
             dataset, prompts // self.runtime.dp_size if train else 1, 0,
             shuffle=self.config.data.shuffle and train, seed=self.config.training.seed,
             global_batch_size=prompts if train else self.runtime.dp_size,
             data_parallel_rank=self.runtime.dp_rank, data_parallel_size=self.runtime.dp_size,
-            infinite=train, consumed_samples=rounds * prompts if train else 0,
+            infinite=train, consumed_samples=draws * prompts if train else 0,
             permutation=self.config.data.shuffle_method)
 
     def _training_batches(self):
+        if self._resumed_draws_differ():
+            # dynamic sampling drew extra prompt batches before the checkpoint: the prompt
+            # loader (built before the checkpoint's rank state was read) continues from there
+            self.train_dataloader = self._loader(self.train_dataloader.dataset, train=True)
         prompts = _TimedBatches(self.train_dataloader, lambda batch: batch, self.runtime.device)
         source = RolloutSource(prompts, self.modules, self.objective, self.rewards,
                                self.tokenizer, self.config, self.plan, self.runtime.device,
-                               start_step=self.step, sync_group=self._sync_group())
+                               start_step=self.step, sync_group=self._sync_group(),
+                               prompt_draws=self._prompt_draws)
         if self._rollout_state is not None:
             source.load_state(self._rollout_state)
         self.rollouts = source
@@ -139,14 +147,30 @@ class O1Trainer(Trainer):
         source = getattr(self, "rollouts", None)
         return source.state() if source is not None else None
 
+    def _resumed_draws_differ(self) -> bool:
+        """Whether a checkpoint's prompt cursor differs from one batch per round. Every rank
+        agrees (a rank resumed on a wider layout has no rank state of its own: it takes the
+        others' cursor, the same on every rank that saved one)."""
+        if self.resumed_from is None:
+            return False
+        draws = torch.tensor([float(-1 if self._prompt_draws is None else self._prompt_draws)],
+                             dtype=torch.float64, device=self.runtime.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(draws, op=dist.ReduceOp.MAX)
+        self._prompt_draws = None if draws.item() < 0 else int(draws.item())
+        rounds = math.ceil(self.step / self.config.training.grpo.num_iterations)
+        return self._prompt_draws is not None and self._prompt_draws != rounds
+
     def load_rank_state(self, state, where: str, same_layout: bool) -> None:
+        if state is not None and "prompt_draws" in state:
+            self._prompt_draws = int(state["prompt_draws"])
         if self.step % self.config.training.grpo.num_iterations == 0:
             return   # a round boundary: the next step samples anew
-        if state is None or not same_layout:
+        if state is None or "micro_batches" not in state or not same_layout:
             raise CheckpointError(
                 f"{where}: step {self.step} is inside a round of num_iterations="
                 f"{self.config.training.grpo.num_iterations} and its rollouts "
-                f"{'are not saved' if state is None else 'were saved on another layout'}: "
+                f"{'were saved on another layout' if same_layout is False and state else 'are not saved'}: "
                 f"resume from a checkpoint at a multiple of num_iterations, or on the layout "
                 f"it was saved on")
         self._rollout_state = state

@@ -21,7 +21,9 @@ Logged per step: ``reward`` (+ ``reward_std`` and ``rewards/<name>`` per reward,
 ``clip_ratio/high``, ``clip_ratio/region``, ``completion_length``, ``completion_clipped_ratio``
 (completions cut at max_new_tokens) and ``sampler_ratio`` (mean of sampler / trainer token
 probability; it stays near 1 unless sampling and training diverge) with ``sampler_logp_diff``
-(mean absolute difference of their log-probabilities).
+(mean absolute difference of their log-probabilities). The rollouts add what dynamic sampling
+did (``sampling/*``, apt/trainops/rl/rollouts.py). With ``overlong_filter`` the completions
+cut at max_new_tokens are left out of the loss (``train_mask``), not out of the metrics.
 """
 from __future__ import annotations
 
@@ -107,10 +109,17 @@ class GRPOObjective(Objective):
                                   f"seed changed?): resuming would change the loss")
 
     # -- training ----------------------------------------------------------------------
+    def train_mask(self, batch: RolloutBatch) -> torch.Tensor:
+        """The tokens the loss covers: the completions' (``loss_mask``), less those of the
+        completions cut at max_new_tokens under ``overlong_filter`` (DAPO)."""
+        if not self.config.overlong_filter:
+            return batch.loss_mask
+        return batch.loss_mask * batch.stopped.to(batch.loss_mask.dtype)[:, None]
+
     def loss_units(self, batch: RolloutBatch) -> torch.Tensor:
         rows = torch.tensor(float(batch.rows), device=batch.tokens.device)
         if self.config.loss_type == "dapo":
-            return batch.loss_mask.sum()
+            return self.train_mask(batch).sum()
         if self.config.loss_type == "dr_grpo":
             return rows * self.config.max_new_tokens
         return rows
@@ -174,8 +183,8 @@ class GRPOObjective(Objective):
     def _loss(self, batch: RolloutBatch, logits: torch.Tensor):
         logps, entropy = self._logps(logits, batch.labels)
         terms = self.per_token_terms(batch, logps)
-        mask = batch.loss_mask.to(logps.dtype)
-        loss = self.aggregate(terms["loss"], mask)
+        mask = batch.loss_mask.to(logps.dtype)   # the diagnostics cover every completion
+        loss = self.aggregate(terms["loss"], self.train_mask(batch).to(logps.dtype))
         f64 = torch.float64
 
         def token_sum(x):
