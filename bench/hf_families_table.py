@@ -10,8 +10,10 @@ sizes and perturbed norms/biases/routers of ``tests/test_hf_families.py``) and s
   config, byte tokenizer, synthetic data, fp32):
   - SFT: one process, chat SFT (synthetic:qa): loss first step -> last step;
   - TP2 / PP2: the same SFT run under ``torchrun --nproc_per_node 2`` with tensor / pipeline
-    parallel 2: max |loss difference| over the steps against the one-process run;
-  - LoRA: the SFT run with rank-8 adapters (``lora-tiny``): loss first -> last;
+    parallel 2 (MoE: TP2 + sequence parallel): max |loss difference| over the steps against
+    the one-process run;
+  - LoRA: the SFT run with rank-8 adapters (``lora-tiny``; MoE: on linear_qkv and
+    linear_proj only): loss first -> last;
   - DPO (``dpo-tiny``): loss first -> last; GRPO (``grpo-tiny``, 4 generations of 8 tokens):
     completions sampled, the best mean reward of a step (a random model earns none) and the
     largest difference between the sampler's and the trainer's log-probabilities of the
@@ -59,20 +61,24 @@ def _common(work: Path, name: str, init: Path, model_sets: list[str], steps: int
             *model_sets]
 
 
-def _launches(work: Path, init: Path, model_sets: list[str], steps: int):
-    """name -> (profile, nproc, overrides)."""
+def _launches(work: Path, init: Path, model_sets: list[str], steps: int, moe: bool):
+    """name -> (profile, nproc, overrides). An MoE model: TP2 with sequence parallel (Megatron's
+    MoE layer trains only with it) and LoRA on the attention only (no adapters on experts)."""
     sft = ["data.packing=false", "training.batch_size=4", "training.micro_batch_size=2",
            "training.learning_rate=1e-3", "training.min_learning_rate=1e-4"]
+    tp2 = [HYBRID, "training.distributed.tensor_parallel=2"] + (
+        ["training.distributed.sequence_parallel=true"] if moe else [])
+    lora = ["lora.targets=[linear_qkv, linear_proj]"] if moe else []
 
     def common(name):
         return _common(work, name, init, model_sets, steps)
     return {
         "sft": ("sft-tiny", 1, common("sft") + sft + ["training.distributed.strategy=ddp"]),
-        "tp2": ("sft-tiny", 2, common("tp2") + sft +
-                [HYBRID, "training.distributed.tensor_parallel=2"]),
+        "tp2": ("sft-tiny", 2, common("tp2") + sft + tp2),
         "pp2": ("sft-tiny", 2, common("pp2") + sft +
                 [HYBRID, "training.distributed.pipeline_parallel=2"]),
-        "lora": ("lora-tiny", 1, common("lora") + sft + ["training.learning_rate=1e-2"]),
+        "lora": ("lora-tiny", 1, common("lora") + sft + ["training.learning_rate=1e-2"] +
+                 lora),
         "dpo": ("dpo-tiny", 1, common("dpo") + ["training.batch_size=4",
                                                 "training.micro_batch_size=2"]),
         "grpo": ("grpo-tiny", 1, common("grpo") + [
@@ -100,7 +106,8 @@ def _launch(profile: str, nproc: int, overrides: list[str], log: Path) -> list[d
     metrics = sorted(out_dir.glob("**/metrics.jsonl"))
     if proc.returncode != 0 or not metrics:
         lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-        raise RuntimeError(f"exit {proc.returncode}: {lines[-1] if lines else 'no output'} "
+        errors = [ln for ln in lines if "apt: error" in ln or "Error: " in ln] or lines
+        raise RuntimeError(f"exit {proc.returncode}: {errors[-1] if errors else 'no output'} "
                            f"(log {log})")
     records = [json.loads(ln) for ln in metrics[-1].read_text().splitlines() if ln.strip()]
     return [r for r in records if "loss" in r and "step" in r]
@@ -139,7 +146,8 @@ def family_row(family: str, work: Path, steps: int) -> dict[str, str]:
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     row["export"] = f"{(_hf_logits(reloaded, tokens) - ours).abs().max().item():.1e}"
     import_hf_to_weights(work / "hf", work / "weights")
-    launches = _launches(work, work / "weights", _model_sets(cfg), steps)
+    launches = _launches(work, work / "weights", _model_sets(cfg), steps,
+                         moe=bool(cfg.num_experts))
     results = {}
     for name, (profile, nproc, overrides) in launches.items():
         started = time.perf_counter()
