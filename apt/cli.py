@@ -115,13 +115,14 @@ def _doctor(args) -> int:
 
 
 def _export_hf(args) -> int:
-    from apt.model.hf_interop import export_hf
+    from apt.model.hf_interop import export_hf, hf_eos_ids
     cfg = load_profile(args.profile, args.overrides)
     tokenizer, source = _trained_tokenizer(args.weights, cfg)
     out = export_hf(args.weights, cfg.model, args.out, tokenizer=tokenizer)
     print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained loads it) with "
-          f"{source} (AutoTokenizer.from_pretrained loads it; end of document = eos = "
-          f"{tokenizer.eod_id}, pad = {tokenizer.pad_id})")
+          f"{source} (AutoTokenizer.from_pretrained loads it; end of document = "
+          f"{tokenizer.eod_id}, generate() stops at eos = {hf_eos_ids(tokenizer)}, "
+          f"pad = {tokenizer.pad_id})")
     return 0
 
 
@@ -138,19 +139,12 @@ def _trained_tokenizer(weights: str, cfg):
 
 
 def _import_hf(args) -> int:
-    import dataclasses
     import yaml
-    from apt.model.hf_interop import import_hf_to_weights
+    from apt.model.hf_interop import import_hf_to_weights, profile_model_fields
     model = import_hf_to_weights(args.hf, args.out)
     print(f"wrote {args.out}: start a run from it with --set training.init_from={args.out} "
           f"and this model section in the profile:")
-    fields = {k: v for k, v in dataclasses.asdict(model).items() if v is not None}
-    if not model.num_experts:   # the router's settings mean nothing for a dense model
-        fields = {k: v for k, v in fields.items() if not k.startswith("moe_")}
-    if model.rope_scaling == "none":   # nor the scaling's for unscaled RoPE
-        fields = {k: v for k, v in fields.items()
-                  if not k.startswith("rope_") or k in ("rope_base", "rope_scaling")}
-    print(yaml.safe_dump({"model": fields}, sort_keys=False), end="")
+    print(yaml.safe_dump({"model": profile_model_fields(model)}, sort_keys=False), end="")
     return 0
 
 

@@ -314,3 +314,37 @@ def test_a_chat_template_runs_sandboxed():
     with pytest.raises(DataError) as err:
         encode_chat(CHAT, recursion, ByteTokenizer(), "chat")
     _one_line(err, "loop.jinja", "recurses too deeply")
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3.2"])
+def test_exported_model_generates_until_the_end_of_turn(family_dirs, name, tmp_path):
+    """export_hf with a chat tokenizer: config.json and generation_config.json list the chat
+    template's end-of-turn token among the eos ids (not only the end-of-document token), so
+    transformers' generate() stops at <|im_end|> / <|eot_id|> like APT's sampler."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from apt.core.config import ModelConfig
+    from apt.model.architectures import APTModel
+    from apt.model.hf_interop import export_hf
+    tok = HFTokenizer(family_dirs[name])
+    end_of_turn = tok._tok.token_to_id(FAMILIES[name][4])
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=2, num_query_groups=1,
+                      ffn_hidden_size=64, vocab_size=512, max_seq_len=32)
+    out = export_hf(APTModel(cfg), cfg, tmp_path / "hf", tokenizer=tok)
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert config["eos_token_id"] == generation["eos_token_id"] == list(stop_ids(tok))
+    assert end_of_turn in config["eos_token_id"] and tok.eod_id in config["eos_token_id"]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = torch.tensor([tok.encode("What is 2+2?").tolist()])
+    forced = prompt.shape[1] + 2
+    everything = [i for i in range(cfg.vocab_size) if i not in config["eos_token_id"]]
+
+    def allowed(batch, ids):   # the end-of-turn token as the 3rd new token, no eos before
+        return [end_of_turn] if ids.shape[0] == forced else everything
+    with torch.no_grad():
+        stopped = model.generate(prompt, max_new_tokens=8, do_sample=False,
+                                 prefix_allowed_tokens_fn=allowed)
+    assert stopped.shape[1] == forced + 1 and stopped[0, -1].item() == end_of_turn

@@ -53,7 +53,8 @@ def export_hf(source, model_config: ModelConfig, out_dir: str | Path, *,
     weights' own dtype (the stored dtype for a directory). ``tokenizer`` (an
     ``apt.trainops.data`` tokenizer, the one the model was trained with): its files for
     ``AutoTokenizer`` and its end-of-document / pad ids in config.json and
-    generation_config.json, so that ``generate()`` stops where APT's documents end. Without
+    generation_config.json, with every id APT stops at as eos (``hf_eos_ids``: the chat
+    template's end of turn too), so that ``generate()`` stops where APT's sampler does. Without
     one, no special-token ids are written (not Llama's defaults, which mean other tokens)."""
     hf_family(model_config)   # refuse what no family holds before reading any weights
     if isinstance(source, (str, Path)):
@@ -65,7 +66,7 @@ def export_hf(source, model_config: ModelConfig, out_dir: str | Path, *,
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specials = ({"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id,
+    specials = ({"bos_token_id": tokenizer.eod_id, "eos_token_id": hf_eos_ids(tokenizer),
                  "pad_token_id": tokenizer.pad_id} if tokenizer is not None else
                 {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None})
     config = hf_config(model_config, dtype, **specials)
@@ -75,6 +76,17 @@ def export_hf(source, model_config: ModelConfig, out_dir: str | Path, *,
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def hf_eos_ids(tokenizer) -> int | list[int]:
+    """config.json's / generation_config.json's ``eos_token_id``: every id that ends an answer
+    in APT (``stop_ids``: the end-of-document token, the tokenizer's eos and its chat
+    template's end of turn, ``<|im_end|>`` / ``<|eot_id|>``), so that transformers'
+    ``generate()`` stops where APT's sampler does. One id as an int, several as a list (both
+    are transformers' format; Llama 3's own config lists three)."""
+    from apt.trainops.data.chat_template import stop_ids
+    ids = list(stop_ids(tokenizer))
+    return ids[0] if len(ids) == 1 else ids
 
 
 def _generation_config(config):
@@ -347,6 +359,19 @@ def import_hf_to_weights(hf_dir: str | Path, out_dir: str | Path) -> ModelConfig
     cfg, model = import_hf(hf_dir)
     save_model_weights([model], out_dir)
     return cfg
+
+
+def profile_model_fields(cfg: ModelConfig) -> dict:
+    """The profile's ``model:`` section that rebuilds ``cfg`` (``trainops import-hf`` prints
+    it): every set field, less the router's settings for a dense model and the RoPE scaling's
+    for unscaled RoPE, which mean nothing there."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    if not cfg.num_experts:
+        fields = {k: v for k, v in fields.items() if not k.startswith("moe_")}
+    if cfg.rope_scaling == "none":
+        fields = {k: v for k, v in fields.items()
+                  if not k.startswith("rope_") or k in ("rope_base", "rope_scaling")}
+    return fields
 
 
 def preflight_memory(cfg: ModelConfig, where, available: int | None = None) -> None:

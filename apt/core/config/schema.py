@@ -551,6 +551,11 @@ def cross_checks(cfg: APTConfig):
                                         f"interleaved schedule needs >= PP micro-batches")
     if d.sequence_parallel and d.tensor_parallel == 1:
         yield "training.distributed.sequence_parallel", "needs tensor_parallel > 1"
+    if m.num_experts and d.tensor_parallel > 1 and not d.sequence_parallel:
+        # Megatron-core's MoE layer raises at the first training forward, after start-up.
+        yield "training.distributed.sequence_parallel", (
+            "an MoE model (model.num_experts) with tensor_parallel > 1 needs "
+            "sequence_parallel: true (Megatron-core's MoE layer trains only with it)")
     if d.expert_parallel > 1:
         if m.num_experts is None:
             yield "training.distributed.expert_parallel", "needs an MoE model (model.num_experts)"
