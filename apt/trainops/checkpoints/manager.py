@@ -255,11 +255,13 @@ class CheckpointManager:
             from .optimizer_state import load_optimizer_state
             if model is not None:
                 load_model_weights(model if isinstance(model, (list, tuple)) else [model],
-                                   state.path / "model", verified=True)
+                                   state.path / "model", verified=True, manifest=state.manifest)
             if optimizer is not None and hasattr(optimizer, "kind"):
-                load_optimizer_state(optimizer, state.path / "optimizer", verified=True)
+                load_optimizer_state(optimizer, state.path / "optimizer", verified=True,
+                                     manifest=state.manifest)
             elif optimizer is not None:
-                optimizer.load_state_dict(load_torch_optimizer_state(state.path))
+                optimizer.load_state_dict(load_torch_optimizer_state(state.path,
+                                                                     state.manifest))
         return state
 
     def _verified(self, name_or_path: str | os.PathLike) -> CheckpointState:
@@ -402,14 +404,19 @@ def _describe_foreign(entry: dict) -> str:
     return f" (lineage {entry['lineage'] or 'none: written before lineage ids'})"
 
 
-def load_torch_optimizer_state(path: Path) -> dict:
+def load_torch_optimizer_state(path: Path, manifest: dict | None = None) -> dict:
     """This rank's state of a plain torch optimizer, as ``save()`` wrote it (tensors and
-    numbers only: ``weights_only``)."""
+    numbers only), read once and compared with ``manifest``'s entry (the verified one)."""
+    from .checked_reader import load_checked_torch_file
     file = path / "optimizer" / f"rank-{_rank():05d}.pt"
     if not file.is_file():
         raise CheckpointError(f"{path}: holds no plain torch optimizer state for this rank "
                               f"(no {file.relative_to(path)})")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    entry = (manifest or read_manifest(path)[0] or {"files": {}})["files"].get(
+        file.relative_to(path).as_posix())
+    if entry is None:
+        raise CheckpointError(f"{file}: not listed in the checkpoint's manifest")
+    return load_checked_torch_file(file, entry)
 
 
 def _save_strategy(spread_replicas: bool):

@@ -24,6 +24,7 @@ from apt.core.config import config_to_dict
 from apt.core.lifetime import EXIT_PREEMPTED  # noqa: F401
 from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
                                       load_model_weights)
+from apt.trainops.checkpoints.checked_reader import load_checked_torch_file
 from apt.trainops.checkpoints.model_weights import _sharded_state, zero3_gathered
 from apt.trainops.checkpoints.optimizer_state import (load_optimizer_state,
                                                       optimizer_sharded_state)
@@ -201,7 +202,7 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
     trainer.objective.check_resumed(ckpt.state.get("objective", {}), str(ckpt.path),
                                     same_layout=ckpt.state.get("layout") == layout_of(trainer.plan))
     load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only,
-                       verified=True)   # resolve_resume verified the whole checkpoint
+                       verified=True, manifest=ckpt.manifest)   # resolve_resume verified it
     trainer.step = ckpt.step
     trainer.consumed_samples = consumed
     # A run resumed from the step that reached its target has nothing left to train, unless
@@ -247,7 +248,7 @@ def load_engine_state(trainer, ckpt: CheckpointState) -> None:
     batch = int(trainer.config.training.checkpoints.load_batch_mib * 2**20)
     if (ckpt.path / "optimizer" / "metadata.json").is_file():
         load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch,   # any layout
-                             verified=True)
+                             verified=True, manifest=ckpt.manifest)
     else:
         # Nothing, or a plain torch optimizer's own state_dict: not the engine's model-space
         # state (its parameters are indices into an optimizer this run does not have).
@@ -255,14 +256,23 @@ def load_engine_state(trainer, ckpt: CheckpointState) -> None:
                     "(weights and step are restored)", ckpt.path)
     trainer.engine.load_loss_scaler_states(ckpt.state.get("loss_scalers", []))   # fp16 only
     extra = ckpt.path / "trainer" / f"state-rank-{dist.get_rank():05d}.pt"
-    trainer.load_rank_state(torch.load(extra, weights_only=True) if extra.is_file() else None,
+    trainer.load_rank_state(_checked_pt(ckpt, extra) if extra.is_file() else None,
                             str(ckpt.path), same_layout=saved == layout_of(trainer.plan))
     if saved == layout_of(trainer.plan):
-        restore_rng(torch.load(ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt",
-                               weights_only=True))
+        restore_rng(_checked_pt(ckpt, ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt"))
     elif saved is not None:   # None: no RNGs were saved, this run's seeding stays
         log.warning("resuming layout %s from %s: RNG streams are reseeded", layout_of(trainer.plan),
                     saved)
+
+
+def _checked_pt(ckpt: CheckpointState, path: Path):
+    """A torch file of the verified checkpoint, read once and compared with its manifest entry:
+    what is loaded is what was verified, whatever changed on disk since."""
+    name = path.relative_to(ckpt.path).as_posix()
+    entry = ckpt.manifest["files"].get(name)
+    if entry is None:
+        raise CheckpointError(f"{ckpt.path}: {name} is not listed in its manifest")
+    return load_checked_torch_file(path, entry)
 
 
 def _report_config_changes(old: dict, new: dict) -> None:

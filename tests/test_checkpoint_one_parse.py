@@ -1,0 +1,165 @@
+"""One parse (issue 27, point 1): the check's restricted unpickler changes nothing it did not
+create, no shard byte escapes the check, and what is loaded is what was checked.
+
+Each attack comes with its control: the same bytes through what loading did before (a
+find_class-only unpickler, torch's own reader by path, ``torch.load(weights_only=False)`` of
+the bytes) do the damage, so none of these passes vacuously.
+"""
+import dataclasses
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from apt.trainops.checkpoints import CheckpointError, CheckpointManager
+from apt.trainops.checkpoints.manifest import MANIFEST, write_manifest
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _s(text: str) -> bytes:    # SHORT_BINUNICODE
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data
+
+
+def _model():
+    from apt.model.architectures import APTModel
+    return APTModel(hidden_size=32, num_layers=1, num_attention_heads=2, num_query_groups=1,
+                    ffn_hidden_size=64, vocab_size=384, max_seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from apt.trainops.distributed.runtime import ensure_runtime
+    ensure_runtime()
+    directory = tmp_path_factory.mktemp("saved")
+    CheckpointManager(directory).save(model=_model(), step=3)
+    return directory / "checkpoint-3"
+
+
+def _copy(saved, tmp_path) -> Path:
+    shutil.copytree(saved, tmp_path / "ckpts" / "checkpoint-3")
+    return tmp_path / "ckpts" / "checkpoint-3"
+
+
+def _rewrite_manifest(ckpt: Path):
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    (ckpt / MANIFEST).unlink()
+    write_manifest(ckpt, {k: v for k, v in manifest.items() if k not in ("version", "files")})
+
+
+def test_build_on_an_allowed_class_is_refused_and_changes_nothing(saved, tmp_path):
+    """A .metadata naming only allowed globals that sets state on the SavePlan class itself."""
+    from torch.distributed.checkpoint.planner import SavePlan
+    from apt.trainops.checkpoints.safe_unpickle import _RestrictedUnpickler, METADATA_GLOBALS
+    ckpt = _copy(saved, tmp_path)
+    mutation = (b"\x80\x04" + _s("torch.distributed.checkpoint.planner") + _s("SavePlan") +
+                b"\x93" + b"N}" + _s("apt_crafted") + b"\x88s\x86b0")   # BUILD (None, {..})
+    metadata = ckpt / "model" / ".metadata"
+    metadata.write_bytes(mutation + metadata.read_bytes())
+    _rewrite_manifest(ckpt)
+    with pytest.raises(CheckpointError, match=r"model/\.metadata: refusing it: .*BUILD on type"):
+        CheckpointManager(ckpt.parent).load(ckpt, model=_model())
+    assert not hasattr(SavePlan, "apt_crafted")              # nothing changed in this process
+    entries = CheckpointManager(ckpt.parent).list()
+    assert not entries[0]["ok"] and "BUILD on type" in entries[0]["reason"]
+
+    class FindClassOnly(pickle.Unpickler):   # the check before: globals restricted, no more
+        def find_class(self, module, name):
+            assert (module, name) in METADATA_GLOBALS
+            return super().find_class(module, name)
+    try:
+        FindClassOnly(io.BytesIO(metadata.read_bytes())).load()
+        assert SavePlan.apt_crafted is True                   # the control: the class changed
+    finally:
+        if "apt_crafted" in vars(SavePlan):
+            delattr(SavePlan, "apt_crafted")
+    with pytest.raises(pickle.UnpicklingError, match="SETITEM on type"):   # on a class
+        _RestrictedUnpickler(io.BytesIO(
+            b"\x80\x04" + _s("torch.distributed.checkpoint.metadata") + _s("Metadata") + b"\x93"
+            + b"NNs.")).load()
+
+
+def test_shard_bytes_no_item_covers_are_refused(saved, tmp_path):
+    """A torch.save blob appended to a shard (manifest rewritten to match)."""
+    ckpt = _copy(saved, tmp_path)
+    marker = tmp_path / "MARKER"
+    blob = io.BytesIO()
+    torch.save(_RunsCode(marker), blob)
+    shard = sorted((ckpt / "model").glob("*.distcp"))[0]
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes() + blob.getvalue())
+    _rewrite_manifest(ckpt)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: refusing it: bytes {size}\.\."
+                                              rf"\d+ are not an item of its \.metadata"):
+        CheckpointManager(ckpt.parent).load(ckpt, model=_model())
+    from apt.trainops.checkpoints import load_model_weights
+    with pytest.raises(CheckpointError, match="are not an item"):     # init_from's path
+        load_model_weights([_model()], ckpt / "model")
+    assert not marker.exists()
+    # The control: those bytes are what torch's load_bytes runs once an item points there.
+    with open(shard, "rb") as f:
+        f.seek(size)
+        torch.load(io.BytesIO(f.read()), weights_only=False)
+    assert marker.exists()
+
+
+def test_a_file_swapped_after_verification_is_never_loaded(saved, tmp_path):
+    """Resume's order: verify the checkpoint, then load weights and rank files from it. The
+    .metadata and an RNG file are replaced in between (manifest too): the load refuses them."""
+    from apt.trainops.checkpoints import load_model_weights
+    from apt.trainops.engine.checkpointing import _checked_pt
+    from torch.distributed.checkpoint import FileSystemReader
+    ckpt = _copy(saved, tmp_path)
+    marker = tmp_path / "MARKER"
+    (ckpt / "trainer").mkdir()
+    torch.save({"seed": torch.tensor([1])}, ckpt / "trainer" / "rank-00000.pt")
+    _rewrite_manifest(ckpt)
+    state = CheckpointManager(ckpt.parent).load(ckpt)            # verified
+    metadata = ckpt / "model" / ".metadata"
+    swapped = ckpt / "swap"
+    swapped.write_bytes(pickle.dumps(_RunsCode(marker)))
+    os.replace(swapped, metadata)                                 # the swap
+    blob = io.BytesIO()
+    torch.save({"seed": _RunsCode(marker)}, blob)
+    (ckpt / "trainer" / "rank-00000.pt").write_bytes(blob.getvalue())
+    _rewrite_manifest(ckpt)                                       # the disk is consistent again
+    with pytest.raises(CheckpointError, match=r"model/\.metadata: differs from its manifest "
+                                              r"entry \(altered since it was verified\)"):
+        load_model_weights([_model()], ckpt / "model", verified=True, manifest=state.manifest)
+    with pytest.raises(CheckpointError, match="rank-00000.pt: differs from its manifest"):
+        _checked_pt(state, ckpt / "trainer" / "rank-00000.pt")
+    assert not marker.exists()
+    try:   # the control: torch's own reader reads the swapped file by path, and runs it
+        FileSystemReader(ckpt / "model").read_metadata()
+    except Exception:
+        pass
+    assert marker.exists()
+
+
+def test_the_checked_load_reads_what_torch_wrote(saved, tmp_path):
+    """The control for the refusals: weights loaded through the checked reader equal the saved
+    ones (the byte items, a layer's _extra_state, included)."""
+    from apt.trainops.checkpoints import load_model_weights
+    from megatron.core import dist_checkpointing
+    from apt.trainops.checkpoints.model_weights import _sharded_state
+    ckpt = _copy(saved, tmp_path)
+    model = _model()
+    load_model_weights([model], ckpt / "model")
+    reference = dist_checkpointing.load(_sharded_state([_model()]), str(ckpt / "model"))
+    loaded = model.state_dict()
+    for key, value in reference["chunk0"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(loaded[key], value), key
+    assert dataclasses.is_dataclass(CheckpointManager(ckpt.parent).load(ckpt))
