@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .manifest import MANIFEST, verify
+from .directory import NAME
 from .dist_dir import check_dist_checkpoint
 from .safe_unpickle import UnsafeCheckpointError, scan_torch_file
 
@@ -82,6 +83,10 @@ def _verify(path: Path, parts: tuple[str, ...] | None):
     state, reason = _read_state(path / STATE, manifest)
     if reason:
         return None, None, reason
+    named = NAME.match(path.name)
+    if named and int(named.group(1)) != state["step"]:
+        return None, None, (f"holds step {state['step']}, not {named.group(1)}: a checkpoint's "
+                            f"directory is named after the step it holds")
     try:
         metadata = check_pickles(path)
     except UnsafeCheckpointError as exc:

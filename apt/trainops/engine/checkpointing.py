@@ -45,9 +45,11 @@ def checkpoint_save_dir(cfg, directory: str | None = None) -> Path:
 
 def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
     c = cfg.training.checkpoints
-    return CheckpointManager(checkpoint_save_dir(cfg, directory), save_interval=c.save_interval,
-                             keep_last_n=c.keep_last_n, keep_every=c.keep_every,
-                             async_save=c.async_save)
+    manager = CheckpointManager(checkpoint_save_dir(cfg, directory),
+                                save_interval=c.save_interval, keep_last_n=c.keep_last_n,
+                                keep_every=c.keep_every, async_save=c.async_save)
+    manager.last_step = cfg.training.max_steps   # begin() refuses others' at steps it saves
+    return manager
 
 
 def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
@@ -212,16 +214,27 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
         trainer.config.training.target)
 
 
-def resumed_run_dir(ckpt: CheckpointState | None) -> Path | None:
-    """The run directory the checkpoint's run wrote to, if it is still there: a resumed run
-    continues in it (one metrics.jsonl, one set of plots for the whole run)."""
+def resumed_run_dir(ckpt: CheckpointState | None, cfg) -> Path | None:
+    """The run directory the checkpoint's run wrote to, if it is still there and is one of this
+    profile's: a run directory directly under ``output.dir`` named for this experiment. A resumed
+    run continues in it (one metrics.jsonl, one set of plots for the whole run). The path
+    recorded in state.json only names which of those it was: a checkpoint never decides where a
+    run writes (anything else: one warning, and a new run directory)."""
     recorded = ckpt.state.get("run_dir") if ckpt is not None else None
-    if recorded and Path(recorded).is_dir():
-        return Path(recorded)
-    if recorded:
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    out = cfg.output
+    candidate = Path(out.dir) / Path(recorded).name
+    if not candidate.name.startswith(f"{out.experiment_name or cfg.name}-") or \
+            Path(recorded).resolve() != candidate.resolve():
+        log.warning("%s records run directory %s, not one of this profile's under output.dir "
+                    "%s: this run writes to a new run directory", ckpt.path, recorded, out.dir)
+        return None
+    if candidate.is_symlink() or not candidate.is_dir():
         log.warning("%s was trained in %s, which is gone: this run writes to a new run "
                     "directory", ckpt.path, recorded)
-    return None
+        return None
+    return candidate
 
 
 def announce_resume(trainer, progress) -> None:
