@@ -323,9 +323,11 @@ class CheckpointManager:
         lineage ids starts a new one at the first save)."""
         self.lineage = state.lineage or self.lineage
 
-    def begin(self, resumed: CheckpointState | None = None) -> None:
+    def begin(self, resumed: CheckpointState | None = None, rewind: bool = False) -> None:
         """A run starts (rank 0): its lineage is the resumed checkpoint's or a new one; the
-        directory must be writable; checkpoints of other runs in it are reported (one line)."""
+        directory must be writable; checkpoints of other runs in it are reported (one line),
+        and one at a step this run will save refuses the start. ``rewind``: the checkpoint was
+        named explicitly, so the lineage's later ones here move to superseded/."""
         if resumed is not None:
             self.continue_lineage(resumed)
         self.lineage = self.lineage or new_lineage()
@@ -346,7 +348,7 @@ class CheckpointManager:
                 f"{blocking[-1]['path']}: this run would save step {blocking[-1]['step']} there, "
                 f"but it is not this run's checkpoint{describe_foreign(blocking[-1])}; move it "
                 f"away or set training.checkpoints.dir to another directory")
-        if resumed is not None and Path(resumed.path).parent.resolve() == \
+        if rewind and resumed is not None and Path(resumed.path).parent.resolve() == \
                 self.save_dir.resolve():
             supersede_newer(self.save_dir, found, self.lineage, resumed.step)
 

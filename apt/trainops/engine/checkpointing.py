@@ -59,12 +59,15 @@ def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
     if isinstance(resume, CheckpointState):   # verified by whoever loaded it
         answer = [("ok", resume)]
         if dist.get_rank() == 0:
-            answer = [_begin_run(manager, lambda: resume)]
+            answer = [_begin_run(manager, lambda: resume, rewind=True)]
     else:
         answer = [None]
         if dist.get_rank() == 0:
+            # A checkpoint named explicitly may be a rewind: its lineage's later checkpoints
+            # move to superseded/ (auto-resume takes the newest that verifies).
             answer = [_begin_run(manager, lambda: manager.load(resume) if resume is not None
-                                 else manager.load_latest() if auto_resume else None)]
+                                 else manager.load_latest() if auto_resume else None,
+                                 rewind=resume is not None)]
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":
@@ -74,10 +77,10 @@ def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
     return value
 
 
-def _begin_run(manager: CheckpointManager, choose) -> tuple[str, object]:
+def _begin_run(manager: CheckpointManager, choose, rewind: bool = False) -> tuple[str, object]:
     try:
         state = choose()
-        manager.begin(state)
+        manager.begin(state, rewind=rewind)
         return "ok", state
     except CheckpointError as exc:
         return "error", str(exc)
