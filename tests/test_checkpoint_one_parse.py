@@ -59,36 +59,89 @@ def _rewrite_manifest(ckpt: Path):
     write_manifest(ckpt, {k: v for k, v in manifest.items() if k not in ("version", "files")})
 
 
+_ABSENT = object()
+
+
+def _fast_dumps(obj) -> bytes:
+    """Protocol 2 without memo (no PUT/GET): pieces that can be joined into one stream."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=2)
+    pickler.fast = True
+    pickler.dump(obj)
+    return buffer.getvalue()
+
+
+def _class_mutation(model: Path, marker: Path) -> dict:
+    """The issue's route: a .metadata that names only allowed globals. Built, it is the intact
+    Metadata; then BUILD sets state on the Metadata *class*: ``__setstate__`` = MetadataIndex
+    (a harmless callable: instances built later keep no state) and class-level storage_data in
+    which the byte items point at a torch.save blob appended to a shard. A check that runs this
+    BUILD and then lets torch unpickle the file again hands torch that storage_data, and torch's
+    load_bytes runs the blob. Returns the class attributes it replaces (to restore them)."""
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
+                                                       MetadataIndex)
+    with open(model / ".metadata", "rb") as f:
+        metadata = pickle.load(f)   # the intact one, written by the fixture's save
+    blob = io.BytesIO()
+    torch.save(_RunsCode(marker), blob)
+    shard = sorted(model.glob("*.distcp"))[0]
+    offset = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes() + blob.getvalue())
+    byte_keys = {k for k, v in metadata.state_dict_metadata.items()
+                 if isinstance(v, BytesStorageMetadata)}
+    assert byte_keys
+    crafted = {index: dataclasses.replace(info, relative_path=shard.name, offset=offset,
+                                          length=len(blob.getvalue()))
+               if index.fqn in byte_keys else info
+               for index, info in metadata.storage_data.items()}
+    state = {"__setstate__": MetadataIndex, "storage_data": crafted,
+             "state_dict_metadata": metadata.state_dict_metadata}
+    (model / ".metadata").write_bytes(
+        _fast_dumps(metadata)[:-1] + _fast_dumps(Metadata)[2:-1]
+        + _fast_dumps((None, state))[2:-1] + b"b0.")       # BUILD on the class, POP, STOP
+    return {name: vars(Metadata).get(name, _ABSENT) for name in state}
+
+
 def test_build_on_an_allowed_class_is_refused_and_changes_nothing(saved, tmp_path):
-    """A .metadata naming only allowed globals that sets state on the SavePlan class itself."""
-    from torch.distributed.checkpoint.planner import SavePlan
-    from apt.trainops.checkpoints.safe_unpickle import _RestrictedUnpickler, METADATA_GLOBALS
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.metadata import Metadata
+    from apt.trainops.checkpoints import load_model_weights
+    from apt.trainops.checkpoints.model_weights import _sharded_state
+    from apt.trainops.checkpoints.safe_unpickle import METADATA_GLOBALS, _RestrictedUnpickler
     ckpt = _copy(saved, tmp_path)
-    mutation = (b"\x80\x04" + _s("torch.distributed.checkpoint.planner") + _s("SavePlan") +
-                b"\x93" + b"N}" + _s("apt_crafted") + b"\x88s\x86b0")   # BUILD (None, {..})
-    metadata = ckpt / "model" / ".metadata"
-    metadata.write_bytes(mutation + metadata.read_bytes())
+    marker = tmp_path / "MARKER"
+    replaced = _class_mutation(ckpt / "model", marker)
     _rewrite_manifest(ckpt)
     with pytest.raises(CheckpointError, match=r"model/\.metadata: refusing it: .*BUILD on type"):
         CheckpointManager(ckpt.parent).load(ckpt, model=_model())
-    assert not hasattr(SavePlan, "apt_crafted")              # nothing changed in this process
+    with pytest.raises(CheckpointError, match="BUILD on type"):          # init_from's path
+        load_model_weights([_model()], ckpt / "model")
     entries = CheckpointManager(ckpt.parent).list()
     assert not entries[0]["ok"] and "BUILD on type" in entries[0]["reason"]
+    assert {name: vars(Metadata).get(name, _ABSENT) for name in replaced} == replaced   # unchanged
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError, match="SETITEM on type"):   # on a class
+        _RestrictedUnpickler(io.BytesIO(
+            b"\x80\x04" + _s("torch.distributed.checkpoint.metadata") + _s("Metadata") + b"\x93"
+            + b"NNs.")).load()
 
     class FindClassOnly(pickle.Unpickler):   # the check before: globals restricted, no more
         def find_class(self, module, name):
             assert (module, name) in METADATA_GLOBALS
             return super().find_class(module, name)
-    try:
-        FindClassOnly(io.BytesIO(metadata.read_bytes())).load()
-        assert SavePlan.apt_crafted is True                   # the control: the class changed
+    try:   # the control: that check, then Megatron's own load, run the blob
+        FindClassOnly(io.BytesIO((ckpt / "model" / ".metadata").read_bytes())).load()
+        try:
+            dist_checkpointing.load(_sharded_state([_model()]), str(ckpt / "model"))
+        except Exception:
+            pass
+        assert marker.exists()
     finally:
-        if "apt_crafted" in vars(SavePlan):
-            delattr(SavePlan, "apt_crafted")
-    with pytest.raises(pickle.UnpicklingError, match="SETITEM on type"):   # on a class
-        _RestrictedUnpickler(io.BytesIO(
-            b"\x80\x04" + _s("torch.distributed.checkpoint.metadata") + _s("Metadata") + b"\x93"
-            + b"NNs.")).load()
+        for name, value in replaced.items():
+            if value is _ABSENT:
+                delattr(Metadata, name)
+            else:
+                setattr(Metadata, name, value)
 
 
 def test_shard_bytes_no_item_covers_are_refused(saved, tmp_path):

@@ -7,7 +7,7 @@
         optimizer/           optimizer state in model space (optimizer_state.py)
         trainer/rank-N.pt    each rank's RNG states (tensors and numbers only)
 
-A save writes into ``.tmp-checkpoint-<step>-<nonce>/``; once every rank has finished and every
+A save writes into ``.tmp-checkpoint-<step>-<lineage>-<nonce>/``; once every rank has finished and every
 file is fsynced, rank 0 writes the manifest and renames the directory. A crash at any point
 leaves either the previous checkpoints untouched or a temporary directory that is never loaded
 (and removed by the next save of the same lineage).
@@ -299,8 +299,8 @@ class CheckpointManager:
         logged with its reason); only that one is hashed in full, once.
 
         Without a lineage yet (a run starting with auto-resume), the lineage is that of the
-        checkpoint committed last in the directory: the run that was interrupted. Checkpoints of
-        other lineages and symlinks are never chosen."""
+        directory's last commit (directory.last_lineage): the run that was interrupted.
+        Checkpoints of other lineages, symlinks and refused directories are never chosen."""
         found = [f for f in self._scan() if not f["symlink"]]
         lineage = self.lineage or last_lineage(self.save_dir, found)
         for entry in found:
