@@ -166,8 +166,8 @@ def part_files(directory: Path, manifest: dict | None = None) -> dict | None:
 def load_checked_torch_file(path: Path, entry: dict | None):
     """A checkpoint's ``*.pt`` (RNG states, a trainer's rank state): read once, compared with
     its manifest entry, scanned, loaded weights-only from those bytes."""
-    from .dist_dir import _read
-    return load_torch_bytes(_read(path.parent, path.name, None if entry is None
+    from .dist_dir import read_checked
+    return load_torch_bytes(read_checked(path.parent, path.name, None if entry is None
                                   else {path.name: entry}), path)
 
 

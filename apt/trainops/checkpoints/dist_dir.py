@@ -75,14 +75,14 @@ def check_dist_checkpoint(directory: str | Path, files: dict | None = None) -> C
         if path.is_symlink() or not path.is_file() or not DIST_FILES.match(path.name):
             raise UnsafeCheckpointError(f"{path}: refusing to load {directory}: "
                                         f"dist_checkpointing does not write this")
-    _check_backends(directory / "metadata.json", _read(directory, "metadata.json", files))
-    data = _read(directory, ".metadata", files)
+    _check_backends(directory / "metadata.json", read_checked(directory, "metadata.json", files))
+    data = read_checked(directory, ".metadata", files)
     scan_pickle(data, METADATA_GLOBALS, directory / ".metadata")
     checked = CheckedDir(directory, load_metadata(data, directory / ".metadata"), None)
     try:
         _check_storage(checked, files)
         if (directory / "common.pt").exists():
-            checked.common = _read(directory, "common.pt", files)
+            checked.common = read_checked(directory, "common.pt", files)
             scan_torch_file(checked.common, directory / "common.pt")
     except BaseException:
         checked.close()
@@ -166,7 +166,7 @@ def _open(path: Path) -> int:
     return fd
 
 
-def _read(directory: Path, name: str, files: dict | None) -> bytes:
+def read_checked(directory: Path, name: str, files: dict | None) -> bytes:
     """The whole file, read once through one open file, compared with its manifest entry."""
     fd = _open(directory / name)
     try:

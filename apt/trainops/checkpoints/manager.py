@@ -7,8 +7,8 @@
         optimizer/           optimizer state in model space (optimizer_state.py)
         trainer/rank-N.pt    each rank's RNG states (tensors and numbers only)
 
-A save writes into ``.tmp-checkpoint-<step>-<lineage>-<nonce>/``; once every rank has finished and every
-file is fsynced, rank 0 writes the manifest and renames the directory. A crash at any point
+A save writes into ``.tmp-checkpoint-<step>-<lineage>-<nonce>/``; once every rank has finished
+and every file is fsynced, rank 0 writes the manifest and renames the directory. A crash at any point
 leaves either the previous checkpoints untouched or a temporary directory that is never loaded
 (and removed by the next save of the same lineage).
 
