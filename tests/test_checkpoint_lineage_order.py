@@ -132,10 +132,13 @@ def test_the_run_directory_comes_from_the_profile(tmp_path, caplog):
     for directory in (own, elsewhere):
         directory.mkdir(parents=True)
 
-    def state(run_dir):
-        return CheckpointState(path=tmp_path / "c", step=1, state={"step": 1, "run_dir": run_dir},
-                               manifest={})
+    def state(run_dir):   # a checkpoint elsewhere: <tmp>/ckpts/checkpoint-1
+        return CheckpointState(path=tmp_path / "ckpts" / "checkpoint-1", step=1,
+                               state={"step": 1, "run_dir": run_dir}, manifest={})
     assert resumed_run_dir(state(str(own)), cfg) == own
+    beside = tmp_path / "tiny-20260101-000000"             # beside the checkpoint's directory
+    beside.mkdir()
+    assert resumed_run_dir(state(str(beside)), cfg) == beside
     with caplog.at_level("WARNING"):
         assert resumed_run_dir(state(str(elsewhere)), cfg) is None
         assert resumed_run_dir(state(str(tmp_path / "out" / "config-dir")), cfg) is None

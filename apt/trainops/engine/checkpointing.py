@@ -218,22 +218,26 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
 
 
 def resumed_run_dir(ckpt: CheckpointState | None, cfg) -> Path | None:
-    """The run directory the checkpoint's run wrote to, if it is still there and is one of this
-    profile's: a run directory directly under ``output.dir`` named for this experiment. A resumed
-    run continues in it (one metrics.jsonl, one set of plots for the whole run). The path
-    recorded in state.json only names which of those it was: a checkpoint never decides where a
-    run writes (anything else: one warning, and a new run directory)."""
+    """The run directory the checkpoint's run wrote to, if it is still there and is one of
+    this run's own places: directly under the profile's ``output.dir``, or beside the
+    checkpoint's own checkpoints directory (``<dir>/<name>-checkpoints/checkpoint-N`` ->
+    ``<dir>/<name>-<time>``), named for this experiment. A resumed run continues in it (one
+    metrics.jsonl, one set of plots for the whole run). The path recorded in state.json only
+    says which of those it was: a checkpoint never decides where a run writes (anything else:
+    one warning, and a new run directory)."""
     recorded = ckpt.state.get("run_dir") if ckpt is not None else None
     if not isinstance(recorded, str) or not recorded:
         return None
-    out = cfg.output
-    candidate = Path(out.dir) / Path(recorded).name
-    if not candidate.name.startswith(f"{out.experiment_name or cfg.name}-") or \
-            Path(recorded).resolve() != candidate.resolve():
-        log.warning("%s records run directory %s, not one of this profile's under output.dir "
-                    "%s: this run writes to a new run directory", ckpt.path, recorded, out.dir)
+    name = Path(recorded).name
+    places = {Path(cfg.output.dir).resolve(), Path(ckpt.path).resolve().parent.parent}
+    if not name.startswith(f"{cfg.output.experiment_name or cfg.name}-") or \
+            Path(recorded).resolve().parent not in places:
+        log.warning("%s records run directory %s, which is not beside its checkpoints nor "
+                    "under output.dir %s: this run writes to a new run directory", ckpt.path,
+                    recorded, cfg.output.dir)
         return None
-    if candidate.is_symlink() or not candidate.is_dir():
+    candidate = Path(recorded).resolve()
+    if not candidate.is_dir():
         log.warning("%s was trained in %s, which is gone: this run writes to a new run "
                     "directory", ckpt.path, recorded)
         return None
