@@ -73,6 +73,15 @@ def _rewrite_manifest(ckpt: Path):
     write_manifest(ckpt, {k: v for k, v in manifest.items() if k not in ("version", "files")})
 
 
+def _restep(ckpt: Path, step: int):
+    """The checkpoint as if saved at ``step`` (state.json and manifest)."""
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "step": step}))
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    (ckpt / MANIFEST).write_text(json.dumps({**manifest, "step": step}))
+    _rewrite_manifest(ckpt)
+
+
 # ------------------------------------------------------------------ payloads
 class _RunsCode:
     def __init__(self, marker):
@@ -300,6 +309,7 @@ def _crafted(base, tmp_path, craft):
     outside.mkdir()
     shutil.copytree(base, directory / "checkpoint-2")
     shutil.copytree(base, directory / "checkpoint-4")
+    _restep(directory / "checkpoint-4", 4)   # a directory counts only if it holds its step
     marker = tmp_path / "MARKER"
     if craft(directory / "checkpoint-4", marker, outside):
         _rewrite_manifest(directory / "checkpoint-4")
@@ -409,7 +419,7 @@ def test_retention_and_auto_resume_stay_in_the_runs_lineage(base, runtime, tmp_p
                 if "not of this run" in line]
     assert len(reported) == 1 and "checkpoint-6" in reported[0] and \
         "checkpoint-100 (a symlink)" in reported[0]
-    names = sorted(p.name for p in directory.iterdir())
+    names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
     assert names == ["checkpoint-100", "checkpoint-4", "checkpoint-6"], names
     lineage = json.loads((directory / "checkpoint-4" / MANIFEST).read_text())["lineage"]
     assert lineage != json.loads((base / MANIFEST).read_text())["lineage"]
@@ -420,7 +430,7 @@ def test_retention_and_auto_resume_stay_in_the_runs_lineage(base, runtime, tmp_p
     manager = CheckpointManager(directory, keep_last_n=1)
     assert resolve_resume(manager, None, auto_resume=True).path == directory / "checkpoint-4"
     manager.save(model=_small_model(), step=5)
-    names = sorted(p.name for p in directory.iterdir())
+    names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
     assert names == ["checkpoint-100", "checkpoint-5", "checkpoint-6"], names
     assert json.loads((directory / "checkpoint-5" / MANIFEST).read_text())["lineage"] == \
         lineage                                                    # carried through resume

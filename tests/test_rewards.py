@@ -3,6 +3,7 @@ refusals before training, and the code sandbox's containment (a real subprocess 
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 
@@ -354,3 +355,39 @@ def test_sandbox_network_refused(layers):
         pytest.skip("no user namespaces here: only the audit hook guards the network")
     assert result.reason == "error"
     assert ("Network is unreachable" in result.detail or "sockets refused" in result.detail), result
+
+
+def test_sandbox_as_root_writes_nowhere_else_and_reaches_no_unix_socket():
+    """With the audit hook off (a program can switch it off): a world-writable directory of the
+    root file system outside /tmp, and a world-connectable Unix socket in it, stay out of reach
+    (read-only mounts, seccomp); what is left without root is in the README."""
+    import socket
+    import tempfile
+    from apt.trainops.rewards.sandbox_child import _world_readable
+    if os.geteuid() != 0:
+        pytest.skip("the read-only file system needs root (a mount namespace)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not _world_readable(repo):
+        pytest.skip(f"{repo} is not reachable by another uid")
+    shared = tempfile.mkdtemp(dir=repo, prefix=".sandbox-shared-")
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        os.chmod(shared, 0o1777)
+        server.bind(os.path.join(shared, "sock"))
+        os.chmod(os.path.join(shared, "sock"), 0o777)
+        server.listen(4)
+        server.setblocking(False)
+        limits = SandboxLimits(audit_hook=False)
+        wrote = run_python(f"open({shared!r} + '/escaped', 'w').write('x')", [], limits)
+        connected = run_python(f"import socket\ns = socket.socket(socket.AF_UNIX)\n"
+                               f"s.connect({shared!r} + '/sock')\n", [], limits)
+        assert sorted(os.listdir(shared)) == ["sock"]      # nothing written there
+        with pytest.raises(BlockingIOError):
+            server.accept()                                 # nobody connected
+        assert wrote.reason == "error" and "Read-only file system" in wrote.detail, wrote
+        assert connected.reason == "error" and "Operation not permitted" in connected.detail, \
+            connected
+        assert {"readonly", "seccomp"} <= set(wrote.layers), wrote
+    finally:
+        server.close()
+        shutil.rmtree(shared, ignore_errors=True)

@@ -7,15 +7,17 @@
         optimizer/           optimizer state in model space (optimizer_state.py)
         trainer/rank-N.pt    each rank's RNG states (tensors and numbers only)
 
-A save writes into ``.tmp-checkpoint-<step>-<nonce>/``; once every rank has finished and every
-file is fsynced, rank 0 writes the manifest and renames the directory. A crash at any point
+A save writes into ``.tmp-checkpoint-<step>-<lineage>-<nonce>/``; once every rank has finished
+and every file is fsynced, rank 0 writes the manifest and renames the directory. A crash at any point
 leaves either the previous checkpoints untouched or a temporary directory that is never loaded
-(and removed by the next save).
+(and removed by the next save of the same lineage).
 
 Lineage: a run gets an id when it starts (a resumed run keeps its checkpoint's), written into
-every manifest. Retention and auto-resume consider only checkpoints of this lineage: another
-run's checkpoints, or symlinks, in the same directory are never deleted, replaced or resumed
-from automatically (they are reported when the run starts). Loading verifies the whole
+every manifest. Retention and auto-resume consider only checkpoints of this lineage, judged by
+what they hold (directory.py): another run's checkpoints, symlinks, or a directory whose number
+is not the step it holds are never deleted, replaced or resumed from automatically (they are
+reported when the run starts, and one at a step this run will save refuses the start). A
+rewind moves the lineage's later checkpoints under superseded/. Loading verifies the whole
 checkpoint first (verification.py).
 
 With ``async_save`` the caller waits only while the shards are planned and copied to host
@@ -28,7 +30,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -42,13 +43,15 @@ from apt.trainops.distributed.runtime import ranks_raising
 from . import results_queue
 from .background import (PARTS, ShardWriter, read_parts, stage_in_host_memory,
                          start_writer_warmup)
-from .manifest import MANIFEST, MANIFEST_VERSION, fsync, read_manifest, verify, write_manifest
+from .directory import (NAME, describe_foreign, last_lineage, record_commit, retain, scan,
+                        supersede_newer)
+from .manifest import MANIFEST_VERSION, fsync, read_manifest, verify, write_manifest
 from .verification import CheckpointState, verify_checkpoint
 
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
-NAME = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-checkpoint-"
 
 
 class CheckpointWrite:
@@ -94,6 +97,7 @@ class CheckpointManager:
         self.lineage = lineage
         self.save_interval, self.keep_last_n, self.keep_every = save_interval, keep_last_n, keep_every
         self.async_save = async_save
+        self.last_step: int | None = None   # the run's training.max_steps (begin()'s check)
         self._pending: CheckpointWrite | None = None
         self._warmup = start_writer_warmup() if async_save and save_interval else None
         # Rank 0, after each commit: step, stall_s (the loop's wait), write_s (slowest rank's
@@ -119,15 +123,19 @@ class CheckpointManager:
         names = [None]
         if rank == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.save_dir.glob(".tmp-checkpoint-*"):
-                shutil.rmtree(stale, ignore_errors=True)   # an earlier crash's leftovers
-            names[0] = str(self.save_dir / f".tmp-checkpoint-{step}-{uuid.uuid4().hex[:8]}")
+            self.lineage = self.lineage or new_lineage()
+            # This lineage's leftovers (an earlier failed save, or a crash of this run before
+            # it resumed); another run's save may be in flight there: left alone.
+            for stale in self.save_dir.glob(f"{TMP_PREFIX}*-{self.lineage}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            names[0] = str(self.save_dir / f"{TMP_PREFIX}{step}-{self.lineage}-"
+                                           f"{uuid.uuid4().hex[:8]}")
             Path(names[0]).mkdir()
         _broadcast(names)
         write = CheckpointWrite(Path(names[0]), step, meta or {}, started=start)
         yield write
         # An exception above leaves the temporary directory unmanifested: it never loads, and
-        # the next save removes it.
+        # the next save of this lineage removes it.
         write.writer = ShardWriter(write.requests, write.directory, rank)
         write.writer.start(background=self.async_save)
         write.stall_s = time.perf_counter() - start
@@ -180,7 +188,8 @@ class CheckpointManager:
                 shutil.rmtree(target)
             os.replace(write.directory, target)
             fsync(self.save_dir)   # the rename itself is durable
-            self._retain()
+            record_commit(self.save_dir, self.lineage, write.step)
+            retain(self.save_dir, self.lineage, write.step, self.keep_last_n, self.keep_every)
             # A synchronous save stalls the caller for all of it, commit included.
             stall = write.stall_s if self.async_save else time.perf_counter() - write.started
             self.last_save = {"step": write.step, "stall_s": stall, "write_s": write_s,
@@ -229,7 +238,9 @@ class CheckpointManager:
         (``checksums``: the full verification loading runs, else manifest and sizes only)."""
         entries = []
         for found in self._scan():
-            if found["symlink"]:
+            if found["refused"]:
+                state, reason = None, found["refused"]
+            elif found["symlink"]:
                 state, reason = None, ("a symlink: auto-resume and retention skip it (resume "
                                        "it by the path it links to)")
             elif checksums:
@@ -255,11 +266,13 @@ class CheckpointManager:
             from .optimizer_state import load_optimizer_state
             if model is not None:
                 load_model_weights(model if isinstance(model, (list, tuple)) else [model],
-                                   state.path / "model", verified=True)
+                                   state.path / "model", verified=True, manifest=state.manifest)
             if optimizer is not None and hasattr(optimizer, "kind"):
-                load_optimizer_state(optimizer, state.path / "optimizer", verified=True)
+                load_optimizer_state(optimizer, state.path / "optimizer", verified=True,
+                                     manifest=state.manifest)
             elif optimizer is not None:
-                optimizer.load_state_dict(load_torch_optimizer_state(state.path))
+                optimizer.load_state_dict(load_torch_optimizer_state(state.path,
+                                                                     state.manifest))
         return state
 
     def _verified(self, name_or_path: str | os.PathLike) -> CheckpointState:
@@ -286,11 +299,14 @@ class CheckpointManager:
         logged with its reason); only that one is hashed in full, once.
 
         Without a lineage yet (a run starting with auto-resume), the lineage is that of the
-        checkpoint committed last in the directory: the run that was interrupted. Checkpoints of
-        other lineages and symlinks are never chosen."""
+        directory's last commit (directory.last_lineage): the run that was interrupted.
+        Checkpoints of other lineages, symlinks and refused directories are never chosen."""
         found = [f for f in self._scan() if not f["symlink"]]
-        lineage = self.lineage or _last_committed_lineage(found)
+        lineage = self.lineage or last_lineage(self.save_dir, found)
         for entry in found:
+            if entry["refused"]:
+                log.warning("refusing %s: %s", entry["path"], entry["refused"])
+                continue
             if entry["readable"] and entry["lineage"] != lineage:
                 continue
             state, reason = verify_checkpoint(entry["path"])
@@ -307,20 +323,42 @@ class CheckpointManager:
         lineage ids starts a new one at the first save)."""
         self.lineage = state.lineage or self.lineage
 
-    def begin(self, resumed: CheckpointState | None = None) -> None:
+    def begin(self, resumed: CheckpointState | None = None, rewind: bool = False) -> None:
         """A run starts (rank 0): its lineage is the resumed checkpoint's or a new one; the
-        directory must be writable; checkpoints of other runs in it are reported (one line)."""
+        directory must be writable; checkpoints of other runs in it are reported (one line),
+        and one at a step this run will save refuses the start. ``rewind``: the checkpoint was
+        named explicitly, so the lineage's later ones here move to superseded/."""
         if resumed is not None:
             self.continue_lineage(resumed)
         self.lineage = self.lineage or new_lineage()
         self.check_writable()
-        others = [f for f in self._scan() if f["symlink"] or f["lineage"] != self.lineage]
+        found = self._scan()
+        start = resumed.step if resumed is not None else 0
+        others = [f for f in found if f["symlink"] or not f["readable"]
+                  or f["lineage"] != self.lineage]
         if others:
             log.warning("%s holds %d checkpoint(s) not of this run (lineage %s): %s; they are "
-                        "never resumed automatically nor deleted by retention, and a save of "
-                        "the same step fails", self.save_dir, len(others), self.lineage,
-                        ", ".join(f["name"] + _describe_foreign(f) for f in others[:8])
+                        "never resumed automatically nor deleted by retention", self.save_dir,
+                        len(others), self.lineage,
+                        ", ".join(f["name"] + describe_foreign(f) for f in others[:8])
                         + (" ..." if len(others) > 8 else ""))
+        blocking = [f for f in others if self._will_save(f["step"], start)]
+        if blocking:
+            raise CheckpointError(
+                f"{blocking[-1]['path']}: this run would save step {blocking[-1]['step']} there, "
+                f"but it is not this run's checkpoint{describe_foreign(blocking[-1])}; move it "
+                f"away or set training.checkpoints.dir to another directory")
+        if rewind and resumed is not None and Path(resumed.path).parent.resolve() == \
+                self.save_dir.resolve():
+            supersede_newer(self.save_dir, found, self.lineage, resumed.step)
+
+    def _will_save(self, step: int, start: int) -> bool:
+        """Whether this run's saves reach ``step`` (every save_interval-th step up to
+        last_step, and last_step itself; unknown last_step: none is assumed)."""
+        if not self.save_interval or self.last_step is None or not start < step <= \
+                self.last_step:
+            return False
+        return step % self.save_interval == 0 or step == self.last_step
 
     def check_writable(self) -> None:
         """Raise CheckpointError now, rather than at the first save after the steps trained,
@@ -340,25 +378,7 @@ class CheckpointManager:
                                   f"writable directory") from None
 
     def _scan(self) -> list[dict]:
-        """checkpoint-<step> entries, newest first: name, step, path, symlink, and from the
-        manifest alone (nothing else is read) readable, lineage, committed (a time)."""
-        if not self.save_dir.is_dir():
-            return []
-        found = []
-        for path in self.save_dir.iterdir():
-            match = NAME.match(path.name)
-            if not match:
-                continue
-            symlink = path.is_symlink()
-            manifest = None if symlink else read_manifest(path)[0]
-            committed = None
-            if manifest is not None:
-                committed = manifest.get("committed_at") or (path / MANIFEST).stat().st_mtime
-            found.append({"name": path.name, "step": int(match.group(1)), "path": path,
-                          "symlink": symlink, "readable": manifest is not None,
-                          "lineage": manifest.get("lineage") if manifest else None,
-                          "committed": committed})
-        return sorted(found, key=lambda e: e["step"], reverse=True)
+        return scan(self.save_dir)
 
     def _not_ours(self, target: Path) -> str | None:
         """Why ``target`` must not be replaced by this run's save, None if it may."""
@@ -370,46 +390,28 @@ class CheckpointManager:
         if manifest is None or manifest.get("lineage") is None or \
                 manifest.get("lineage") != self.lineage:
             return "another run's checkpoint"
+        if manifest.get("step") != int(NAME.match(target.name).group(1)):
+            return f"a directory holding step {manifest.get('step')}"
         return None
-
-    # ------------------------------------------------------------------ retention
-    def _retain(self) -> None:
-        """Of this run's lineage only (never symlinks, never other runs' checkpoints): keep the
-        newest ``keep_last_n`` good checkpoints plus every ``keep_every``-th step."""
-        own = [f for f in self._scan() if not f["symlink"] and self.lineage is not None
-               and f["lineage"] == self.lineage]
-        good = [f for f in own if verify(f["path"], checksums=False)[1] is None]
-        for entry in good[self.keep_last_n:]:
-            if self.keep_every and entry["step"] % self.keep_every == 0:
-                continue
-            shutil.rmtree(entry["path"], ignore_errors=True)
 
 
 def new_lineage() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _last_committed_lineage(found: list[dict]) -> str | None:
-    readable = [f for f in found if f["readable"]]
-    return max(readable, key=lambda f: f["committed"])["lineage"] if readable else None
-
-
-def _describe_foreign(entry: dict) -> str:
-    if entry["symlink"]:
-        return " (a symlink)"
-    if not entry["readable"]:
-        return " (no readable manifest)"
-    return f" (lineage {entry['lineage'] or 'none: written before lineage ids'})"
-
-
-def load_torch_optimizer_state(path: Path) -> dict:
+def load_torch_optimizer_state(path: Path, manifest: dict | None = None) -> dict:
     """This rank's state of a plain torch optimizer, as ``save()`` wrote it (tensors and
-    numbers only: ``weights_only``)."""
+    numbers only), read once and compared with ``manifest``'s entry (the verified one)."""
+    from .checked_reader import load_checked_torch_file
     file = path / "optimizer" / f"rank-{_rank():05d}.pt"
     if not file.is_file():
         raise CheckpointError(f"{path}: holds no plain torch optimizer state for this rank "
                               f"(no {file.relative_to(path)})")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    entry = (manifest or read_manifest(path)[0] or {"files": {}})["files"].get(
+        file.relative_to(path).as_posix())
+    if entry is None:
+        raise CheckpointError(f"{file}: not listed in the checkpoint's manifest")
+    return load_checked_torch_file(file, entry)
 
 
 def _save_strategy(spread_replicas: bool):

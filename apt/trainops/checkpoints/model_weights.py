@@ -18,6 +18,7 @@ import torch.distributed as dist
 from apt.model.pretrained import MODEL_CONFIG_FILE
 from . import results_queue
 from .errors import CheckpointError
+from .checked_reader import checked_dist_dir, checked_load, part_files
 from .safe_unpickle import checked_on_rank0
 from .verification import check_weights_dir
 
@@ -67,17 +68,20 @@ def save_model_weights(modules: list[torch.nn.Module], directory: str | Path,
 
 
 def load_model_weights(modules: list[torch.nn.Module], directory: str | Path,
-                       trainable_only: bool = False, verified: bool = False) -> None:
+                       trainable_only: bool = False, verified: bool = False,
+                       manifest: dict | None = None) -> None:
     """Collective. ``verified``: the caller ran the checkpoint's verification already
-    (CheckpointManager / check_weights_dir, once per load); otherwise it runs here, on rank 0,
-    before Megatron opens the directory."""
-    from megatron.core import dist_checkpointing
+    (CheckpointManager / check_weights_dir); otherwise it runs here, on rank 0, first.
+    Either way the load reads only what its own check read (checked_reader.py), compared with
+    ``manifest`` (the verified one; default: the one next to the directory, if any)."""
     if not Path(directory, "metadata.json").is_file():
         raise CheckpointError(f"{directory}: not a dist_checkpointing checkpoint "
                               f"(no metadata.json)")
     if not verified:
-        checked_on_rank0(check_weights_dir, directory)   # nothing in it may run code
-    state = dist_checkpointing.load(_sharded_state(modules, trainable_only), str(directory))
+        checked_on_rank0(check_weights_dir, directory)   # the checkpoint as a whole
+    files = part_files(Path(directory).resolve(), manifest) if manifest is not None else None
+    with checked_dist_dir(directory, files) as checked:
+        state = checked_load(checked, _sharded_state(modules, trainable_only))
     for i, module in enumerate(modules):
         # Partial (trainable only): every entry asked for was loaded, or load() raised.
         module.load_state_dict(state[f"chunk{i}"], strict=not trainable_only)

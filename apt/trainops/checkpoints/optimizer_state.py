@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from apt.trainops.distributed.runtime import collective_device
 from .model_weights import _sharded_state, zero3_gathered
-from .safe_unpickle import check_dist_checkpoint, checked_on_rank0
+from .checked_reader import checked_dist_dir, checked_load, part_files
 
 STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 # What a rank materializes at once when loading (the full TP-local state of a few parameters):
@@ -38,15 +38,16 @@ def optimizer_sharded_state(engine):
 
 @torch.no_grad()   # masters may be views of the parameters themselves
 def load_optimizer_state(engine, directory: Path, batch_bytes: int = LOAD_BATCH_BYTES,
-                         verified: bool = False) -> None:
+                         verified: bool = False, manifest: dict | None = None) -> None:
     """Collective. Each rank reads the full (TP-local) state of its parameters a batch of at
     most ``batch_bytes`` at a time and keeps its own fragment of it, so host memory at resume
     stays bounded whatever the model size. ``verified``: the checkpoint was verified as a whole
-    already (its pickles included); otherwise this directory's pickles are checked here."""
-    from megatron.core import dist_checkpointing
-    if not verified:
-        checked_on_rank0(check_dist_checkpoint, directory)   # nothing may run code
-    with zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
+    already; either way the directory is checked once here (against ``manifest``, the verified
+    one, or the one next to it) and every batch reads only what that check read."""
+    del verified   # the check below is the one that counts: what it reads is what is loaded
+    files = part_files(Path(directory).resolve(), manifest) if manifest is not None else None
+    with checked_dist_dir(directory, files) as checked, \
+            zero3_gathered(engine.modules, engine.plan.zero3_partitioned):
         engine.prepare_optimizer_state()
         batches = _batches(list(_param_shards(engine).items()), batch_bytes)
         # Every rank takes part in every load (they are collective): as many rounds as the
@@ -57,8 +58,7 @@ def load_optimizer_state(engine, directory: Path, batch_bytes: int = LOAD_BATCH_
             batch = batches[i] if i < len(batches) else []
             # A batch reads some layers of a layer-stacked tensor on purpose: Megatron's check
             # that a load covers every shard does not apply (every parameter is read below).
-            state = dist_checkpointing.load(_to_load(batch), str(directory),
-                                            validate_access_integrity=False)
+            state = checked_load(checked, _to_load(batch), validate_access_integrity=False)
             for name, (param, _) in batch:
                 engine.load_full_optimizer_state(
                     param, {kind: state[f"{kind}.{name}"] for kind in STATE_KINDS})

@@ -2,10 +2,11 @@
 
 Pickle is code: a file names callables (``module`` + ``name``) and the unpickler calls them. The
 pickles a checkpoint holds, and who unpickles them:
-- ``.metadata`` of a dist_checkpointing directory: torch.distributed.checkpoint reads it with a
-  bare ``pickle.load`` (Megatron's ``load``/``load_tensors_metadata`` call it themselves);
+- ``.metadata`` of a dist_checkpointing directory: torch.distributed.checkpoint would read it
+  with a bare ``pickle.load``; checked_reader.py gives torch the object built here instead;
 - byte items inside ``*.distcp`` (Megatron ShardedObjects such as a layer's ``_extra_state``):
-  torch's load planner uses ``torch.load(..., weights_only=False)`` on them;
+  torch's load planner would use ``torch.load(..., weights_only=False)``; checked_reader.py loads
+  them from the checked bytes with ``weights_only=True``;
 - ``*.pt`` files (``common.pt``, ``trainer/rank-N.pt``, a plain optimizer's state):
   ``torch.load``, weights-only today, but that default is one environment variable away
   (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) and its allow-list grows with what libraries register.
@@ -19,20 +20,17 @@ persistent ids (torch's storages) only in torch files. Nothing on the lists load
 anything beyond building checkpoint records, tensors and enums (``format_utils.torch_save_to_dcp``,
 anything calling ``torch.load``, ``getattr``... are off them by construction).
 
-``check_dist_checkpoint`` applies it to a dist_checkpointing directory, then reads the checked
-``.metadata`` (with an unpickler restricted to the same list) to check what torch will read from
-it: the shard files it names are plain files of this directory, every byte item is a torch file
-that passes the same scan, and nothing is stored transformed. Callers run it before Megatron or
-torch open the directory, once per load, on one rank (see ``checked_on_rank0``).
+``load_metadata`` then builds a scanned ``.metadata`` with an unpickler restricted to the same
+list that also never changes anything the file did not create, so its result is plain data;
+dist_dir.py checks a dist_checkpointing directory with both and checked_reader.py hands torch
+that result, so torch never unpickles a checkpoint file itself.
 """
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import pickletools
 import re
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -66,10 +64,6 @@ _NEVER = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID"}
 # What torch.save writes into its zip (anything else, e.g. TorchScript's code/, is refused).
 _TORCH_RECORDS = re.compile(r"^(data\.pkl|version|\.format_version|byteorder|"
                             r"\.storage_alignment|\.data/serialization_id|data/\d+)$")
-_SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")
-# The files a dist_checkpointing directory of this code holds (apt_model.json: ours).
-_DIST_FILES = re.compile(r"^(\.metadata|metadata\.json|common\.pt|apt_model\.json|"
-                         r"__\d+_\d+\.distcp)$")
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -118,14 +112,18 @@ def _allow(module: str, name: str, allowed: frozenset, refuse) -> None:
         refuse(f"{module}.{name} is not a checkpoint type")
 
 
-def scan_torch_file(data: bytes, where) -> None:
+def scan_torch_file(data, where) -> None:
     """The check for what ``torch.load`` reads: the zip format torch.save writes, holding one
-    pickle of tensors and containers."""
-    if not data.startswith(b"PK\x03\x04"):
+    pickle of tensors and containers. ``data``: the bytes, or a seekable binary file (its header
+    is checked first, then torch's zip reader reads only the directory and data.pkl)."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    stream.seek(0)
+    if stream.read(4) != b"PK\x03\x04":
         raise UnsafeCheckpointError(f"{where}: refusing to load it: not the zip format "
                                     f"torch.save writes")
+    stream.seek(0)
     try:   # torch's own zip reader: it sees what torch.load will see
-        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        reader = torch._C.PyTorchFileReader(stream)
         records = reader.get_all_records()
         pickled = reader.get_record("data.pkl")
     except RuntimeError as exc:
@@ -138,92 +136,94 @@ def scan_torch_file(data: bytes, where) -> None:
     scan_pickle(pickled, TENSOR_GLOBALS, where, persistent_ids=True)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Builds the .metadata that scan_pickle passed; the same list guards it a second time."""
+def load_torch_bytes(data: bytes, where):
+    """What a checked torch file holds: scanned, then read by torch's weights-only unpickler
+    (passed explicitly, so no environment variable turns it off) from these same bytes."""
+    scan_torch_file(data, where)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+# The record classes of .metadata that BUILD may set state on (never enums, dtypes, functions).
+_RECORDS = frozenset(("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                      "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                      "_StorageInfo", "SavePlan", "TensorWriteData", "WriteItem"))
+
+
+def _mutating(op: str, kind: type, pick_target):
+    """A dispatch entry that refuses ``op`` unless its target is an object this unpickler
+    created, of type ``kind`` (a container) or an allowed record class (BUILD)."""
+    original = pickle._Unpickler.dispatch[getattr(pickle, op)[0]]
+
+    def load(self):
+        target = pick_target(self)
+        fresh = id(target) in self.created and self.created[id(target)] is target
+        if not fresh or not (type(target) is kind if kind is not None
+                             else type(target) in self.record_types):
+            raise pickle.UnpicklingError(
+                f"{op} on {type(target).__name__} {str(target)[:80]!r}: only objects this "
+                f"file creates may be filled in")
+        original(self)
+    return load
+
+
+def _creating(op: str):
+    """A dispatch entry that remembers what ``op`` created (the fresh objects of this load)."""
+    original = pickle._Unpickler.dispatch[getattr(pickle, op)[0]]
+
+    def load(self):
+        original(self)
+        made = self.stack[-1]
+        if type(made) in (dict, list, set) or type(made) in self.record_types:
+            self.created[id(made)] = made   # kept alive: its id is never reused in this load
+    return load
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Builds the .metadata that scan_pickle passed, as plain data: the same list guards the
+    globals a second time, and nothing that existed before this load is ever changed.
+
+    Pickle's BUILD / SETITEM(S) / APPEND(S) / ADDITEMS set state on whatever is on the stack:
+    given a class (``SavePlan``), a dtype or an enum member they would change it in this
+    process, for every later user. Here they apply only to containers and record instances
+    this file itself created. The pure-Python unpickler, because its opcodes can be guarded."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    for _op, _kind, _target in (
+            ("BUILD", None, lambda self: self.stack[-2]),
+            ("SETITEM", dict, lambda self: self.stack[-3]),
+            ("SETITEMS", dict, lambda self: self.metastack[-1][-1]),
+            ("APPEND", list, lambda self: self.stack[-2]),
+            ("APPENDS", list, lambda self: self.metastack[-1][-1]),
+            ("ADDITEMS", set, lambda self: self.metastack[-1][-1])):
+        dispatch[getattr(pickle, _op)[0]] = _mutating(_op, _kind, _target)
+    for _op in ("EMPTY_DICT", "DICT", "EMPTY_LIST", "LIST", "EMPTY_SET", "REDUCE", "NEWOBJ",
+                "NEWOBJ_EX"):
+        dispatch[getattr(pickle, _op)[0]] = _creating(_op)
+    for _op in ("INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"):
+        dispatch.pop(getattr(pickle, _op)[0])   # never in a .metadata: unknown opcode
+    del _op, _kind, _target
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.created: dict = {}
+        self.record_types = set()
 
     def find_class(self, module: str, name: str):
         if "." in name or (module, name) not in METADATA_GLOBALS:
             raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint type")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if name in _RECORDS:
+            self.record_types.add(found)
+        return found
 
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent ids are not used by .metadata")
 
-
-def check_dist_checkpoint(directory: str | Path):
-    """Raise UnsafeCheckpointError unless nothing Megatron or torch would unpickle in this
-    dist_checkpointing directory can run code; returns its (checked) torch Metadata."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UnsafeCheckpointError(f"{directory}: not a directory")
-    for path in directory.iterdir():
-        if path.is_symlink() or not path.is_file() or not _DIST_FILES.match(path.name):
-            raise UnsafeCheckpointError(f"{path}: refusing to load {directory}: "
-                                        f"dist_checkpointing does not write this")
-    _check_backends(directory / "metadata.json")
-    data = _read(directory / ".metadata")
-    scan_pickle(data, METADATA_GLOBALS, directory / ".metadata")
+def load_metadata(data: bytes, where):
+    """The torch Metadata that ``data`` (a scanned .metadata) holds, built as plain data."""
     try:
-        metadata = _RestrictedUnpickler(io.BytesIO(data)).load()
-    except Exception as exc:   # anything a malformed record raises while being built
-        raise UnsafeCheckpointError(f"{directory / '.metadata'}: refusing it: "
-                                    f"{type(exc).__name__}: {exc}") from None
-    _check_storage(directory, metadata)
-    if (directory / "common.pt").exists():
-        scan_torch_file(_read(directory / "common.pt"), directory / "common.pt")
-    return metadata
-
-
-def _check_backends(path: Path) -> None:
-    """Megatron picks its load strategy from metadata.json: only the one checked here."""
-    try:
-        backends = json.loads(_read(path))
-    except (ValueError, RecursionError) as exc:
-        raise UnsafeCheckpointError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(backends, dict) or backends.get("sharded_backend") != "torch_dist" or \
-            backends.get("common_backend") != "torch":
-        raise UnsafeCheckpointError(f"{path}: refusing it: only the torch_dist sharded and "
-                                    f"torch common backends are read")
-
-
-def _check_storage(directory: Path, metadata) -> None:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict) or \
-            not isinstance(metadata.state_dict_metadata, dict):
-        raise UnsafeCheckpointError(f"{directory / '.metadata'}: refusing it: not "
-                                    f"torch.distributed.checkpoint Metadata")
-    byte_keys = {key for key, value in metadata.state_dict_metadata.items()
-                 if isinstance(value, BytesStorageMetadata)}
-    sizes: dict[str, int] = {}
-    for index, info in metadata.storage_data.items():
-        name = getattr(info, "relative_path", None)
-        if not isinstance(name, str) or not _SHARD_FILE.match(name):
-            raise UnsafeCheckpointError(f"{directory / '.metadata'}: refusing it: item "
-                                        f"{getattr(index, 'fqn', index)!r} is stored in "
-                                        f"{name!r}, not a shard file of this directory")
-        if getattr(info, "transform_descriptors", None):
-            raise UnsafeCheckpointError(f"{directory / name}: item {index.fqn} is stored "
-                                        f"transformed, so it cannot be checked")
-        if name not in sizes:
-            shard = directory / name
-            if shard.is_symlink() or not shard.is_file():
-                raise UnsafeCheckpointError(f"{shard}: missing (or not a plain file)")
-            sizes[name] = shard.stat().st_size
-        offset, length = info.offset, info.length
-        if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset
-                and 0 <= length and offset + length <= sizes[name]):
-            raise UnsafeCheckpointError(f"{directory / name}: item {index.fqn} lies outside "
-                                        f"the file")
-        if index.fqn in byte_keys:
-            with open(directory / name, "rb") as f:
-                f.seek(offset)
-                scan_torch_file(f.read(length), f"{directory / name} (item {index.fqn})")
-
-
-def _read(path: Path) -> bytes:
-    if path.is_symlink() or not path.is_file():
-        raise UnsafeCheckpointError(f"{path}: missing (or not a plain file)")
-    return path.read_bytes()
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except (Exception, RecursionError) as exc:   # anything a malformed record raises
+        raise UnsafeCheckpointError(f"{where}: refusing it: {type(exc).__name__}: "
+                                    f"{str(exc)[:300]}") from None
 
 
 def checked_on_rank0(check, *args):

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .manifest import MANIFEST, verify
-from .safe_unpickle import UnsafeCheckpointError, check_dist_checkpoint, scan_torch_file
+from .directory import NAME
+from .dist_dir import check_dist_checkpoint
+from .safe_unpickle import UnsafeCheckpointError, scan_torch_file
 
 STATE = "state.json"
 # The resolved config nests three levels; anything this deep is not a state APT wrote.
@@ -68,7 +70,9 @@ def check_weights_dir(directory: str | Path):
         if reason:
             raise CheckpointError(f"{checkpoint}: {reason}")
         return metadata[directory.name]
-    return check_dist_checkpoint(directory)
+    checked = check_dist_checkpoint(directory)
+    checked.close()
+    return checked.metadata
 
 
 def _verify(path: Path, parts: tuple[str, ...] | None):
@@ -79,6 +83,10 @@ def _verify(path: Path, parts: tuple[str, ...] | None):
     state, reason = _read_state(path / STATE, manifest)
     if reason:
         return None, None, reason
+    named = NAME.match(path.name)
+    if named and int(named.group(1)) != state["step"]:
+        return None, None, (f"holds step {state['step']}, not {named.group(1)}: a checkpoint's "
+                            f"directory is named after the step it holds")
     try:
         metadata = check_pickles(path)
     except UnsafeCheckpointError as exc:
@@ -94,10 +102,13 @@ def check_pickles(path: Path) -> dict:
     metadata = {}
     for part in DIST_PARTS:
         if (path / part / "metadata.json").is_file():
-            metadata[part] = check_dist_checkpoint(path / part)
+            checked = check_dist_checkpoint(path / part)
+            checked.close()
+            metadata[part] = checked.metadata
     for file in sorted(path.rglob("*.pt")):
         if not (file.parent / "metadata.json").is_file():
-            scan_torch_file(file.read_bytes(), file)
+            with open(file, "rb") as stream:   # header first; only data.pkl is read whole
+                scan_torch_file(stream, file)
     return metadata
 
 

@@ -24,6 +24,7 @@ from apt.core.config import config_to_dict
 from apt.core.lifetime import EXIT_PREEMPTED  # noqa: F401
 from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
                                       load_model_weights)
+from apt.trainops.checkpoints.checked_reader import load_checked_torch_file
 from apt.trainops.checkpoints.model_weights import _sharded_state, zero3_gathered
 from apt.trainops.checkpoints.optimizer_state import (load_optimizer_state,
                                                       optimizer_sharded_state)
@@ -44,9 +45,11 @@ def checkpoint_save_dir(cfg, directory: str | None = None) -> Path:
 
 def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
     c = cfg.training.checkpoints
-    return CheckpointManager(checkpoint_save_dir(cfg, directory), save_interval=c.save_interval,
-                             keep_last_n=c.keep_last_n, keep_every=c.keep_every,
-                             async_save=c.async_save)
+    manager = CheckpointManager(checkpoint_save_dir(cfg, directory),
+                                save_interval=c.save_interval, keep_last_n=c.keep_last_n,
+                                keep_every=c.keep_every, async_save=c.async_save)
+    manager.last_step = cfg.training.max_steps   # begin() refuses others' at steps it saves
+    return manager
 
 
 def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
@@ -56,12 +59,15 @@ def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
     if isinstance(resume, CheckpointState):   # verified by whoever loaded it
         answer = [("ok", resume)]
         if dist.get_rank() == 0:
-            answer = [_begin_run(manager, lambda: resume)]
+            answer = [_begin_run(manager, lambda: resume, rewind=True)]
     else:
         answer = [None]
         if dist.get_rank() == 0:
+            # A checkpoint named explicitly may be a rewind: its lineage's later checkpoints
+            # move to superseded/ (auto-resume takes the newest that verifies).
             answer = [_begin_run(manager, lambda: manager.load(resume) if resume is not None
-                                 else manager.load_latest() if auto_resume else None)]
+                                 else manager.load_latest() if auto_resume else None,
+                                 rewind=resume is not None)]
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":
@@ -71,10 +77,10 @@ def resolve_resume(manager: CheckpointManager, resume, auto_resume: bool):
     return value
 
 
-def _begin_run(manager: CheckpointManager, choose) -> tuple[str, object]:
+def _begin_run(manager: CheckpointManager, choose, rewind: bool = False) -> tuple[str, object]:
     try:
         state = choose()
-        manager.begin(state)
+        manager.begin(state, rewind=rewind)
         return "ok", state
     except CheckpointError as exc:
         return "error", str(exc)
@@ -201,7 +207,7 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
     trainer.objective.check_resumed(ckpt.state.get("objective", {}), str(ckpt.path),
                                     same_layout=ckpt.state.get("layout") == layout_of(trainer.plan))
     load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only,
-                       verified=True)   # resolve_resume verified the whole checkpoint
+                       verified=True, manifest=ckpt.manifest)   # resolve_resume verified it
     trainer.step = ckpt.step
     trainer.consumed_samples = consumed
     # A run resumed from the step that reached its target has nothing left to train, unless
@@ -211,16 +217,31 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
         trainer.config.training.target)
 
 
-def resumed_run_dir(ckpt: CheckpointState | None) -> Path | None:
-    """The run directory the checkpoint's run wrote to, if it is still there: a resumed run
-    continues in it (one metrics.jsonl, one set of plots for the whole run)."""
+def resumed_run_dir(ckpt: CheckpointState | None, cfg) -> Path | None:
+    """The run directory the checkpoint's run wrote to, if it is still there and is one of
+    this run's own places: directly under the profile's ``output.dir``, or beside the
+    checkpoint's own checkpoints directory (``<dir>/<name>-checkpoints/checkpoint-N`` ->
+    ``<dir>/<name>-<time>``), named for this experiment. A resumed run continues in it (one
+    metrics.jsonl, one set of plots for the whole run). The path recorded in state.json only
+    says which of those it was: a checkpoint never decides where a run writes (anything else:
+    one warning, and a new run directory)."""
     recorded = ckpt.state.get("run_dir") if ckpt is not None else None
-    if recorded and Path(recorded).is_dir():
-        return Path(recorded)
-    if recorded:
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    name = Path(recorded).name
+    places = {Path(cfg.output.dir).resolve(), Path(ckpt.path).resolve().parent.parent}
+    if not name.startswith(f"{cfg.output.experiment_name or cfg.name}-") or \
+            Path(recorded).resolve().parent not in places:
+        log.warning("%s records run directory %s, which is not beside its checkpoints nor "
+                    "under output.dir %s: this run writes to a new run directory", ckpt.path,
+                    recorded, cfg.output.dir)
+        return None
+    candidate = Path(recorded).resolve()
+    if not candidate.is_dir():
         log.warning("%s was trained in %s, which is gone: this run writes to a new run "
                     "directory", ckpt.path, recorded)
-    return None
+        return None
+    return candidate
 
 
 def announce_resume(trainer, progress) -> None:
@@ -247,7 +268,7 @@ def load_engine_state(trainer, ckpt: CheckpointState) -> None:
     batch = int(trainer.config.training.checkpoints.load_batch_mib * 2**20)
     if (ckpt.path / "optimizer" / "metadata.json").is_file():
         load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch,   # any layout
-                             verified=True)
+                             verified=True, manifest=ckpt.manifest)
     else:
         # Nothing, or a plain torch optimizer's own state_dict: not the engine's model-space
         # state (its parameters are indices into an optimizer this run does not have).
@@ -255,14 +276,23 @@ def load_engine_state(trainer, ckpt: CheckpointState) -> None:
                     "(weights and step are restored)", ckpt.path)
     trainer.engine.load_loss_scaler_states(ckpt.state.get("loss_scalers", []))   # fp16 only
     extra = ckpt.path / "trainer" / f"state-rank-{dist.get_rank():05d}.pt"
-    trainer.load_rank_state(torch.load(extra, weights_only=True) if extra.is_file() else None,
+    trainer.load_rank_state(_checked_pt(ckpt, extra) if extra.is_file() else None,
                             str(ckpt.path), same_layout=saved == layout_of(trainer.plan))
     if saved == layout_of(trainer.plan):
-        restore_rng(torch.load(ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt",
-                               weights_only=True))
+        restore_rng(_checked_pt(ckpt, ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt"))
     elif saved is not None:   # None: no RNGs were saved, this run's seeding stays
         log.warning("resuming layout %s from %s: RNG streams are reseeded", layout_of(trainer.plan),
                     saved)
+
+
+def _checked_pt(ckpt: CheckpointState, path: Path):
+    """A torch file of the verified checkpoint, read once and compared with its manifest entry:
+    what is loaded is what was verified, whatever changed on disk since."""
+    name = path.relative_to(ckpt.path).as_posix()
+    entry = ckpt.manifest["files"].get(name)
+    if entry is None:
+        raise CheckpointError(f"{ckpt.path}: {name} is not listed in its manifest")
+    return load_checked_torch_file(path, entry)
 
 
 def _report_config_changes(old: dict, new: dict) -> None:

@@ -640,7 +640,7 @@ class Trainer:
         out = self.config.output
         manager = ArtifactManager(out.dir, out.experiment_name or self.config.name,
                                   enabled=self.runtime.is_main,
-                                  run_dir=resumed_run_dir(self.resumed_from)
+                                  run_dir=resumed_run_dir(self.resumed_from, self.config)
                                   if self.runtime.is_main else None)
         shared = [str(manager.run_dir)]
         dist.broadcast_object_list(shared, src=0)  # every rank agrees on rank 0's directory

@@ -12,11 +12,18 @@ Layers, in the order they are applied (each is recorded in the result's ``layers
   mountns   a new mount namespace with fresh size-limited tmpfs over /tmp, /var/tmp, /dev/shm and
             over the working directory, so whatever is written there vanishes with the process
             and cannot fill the disk (root only).
+  readonly  in that namespace every other mount is remounted read-only: the working directory
+            and those private tmpfs are the only places a write can land, whatever the
+            permissions of a directory elsewhere (root only).
   rlimits   CPU seconds, address space, file size, processes, open files, no core dumps.
   uid       root drops to a uid of its own for this run (no passwd entry, no groups): the
             process limit then counts only this program's processes, every file it does not own
             is protected by ordinary permissions, and the parent can kill every process of that
             uid afterwards, including ones that left the process group.
+  seccomp   a seccomp filter: creating an AF_UNIX socket (what reaches another process's socket
+            file; abstract ones are confined by netns) and io_uring (which creates sockets
+            without the socket call) fail with EPERM. Root or not (no_new_privs is set first),
+            on x86_64 and aarch64; calls of another ABI (x32, 32-bit) fail altogether.
   audit     a Python audit hook that refuses sockets, writes/removals outside the working
             directory, running other programs, signals to other processes, reading other
             processes' /proc entries and ctypes. It is a
@@ -55,6 +62,8 @@ def main() -> None:
         layers.append("rlimits")
         if job["uid"] is not None and _drop_privileges(job["uid"], job["dir"]):
             layers.append("uid")
+        if job["namespaces"] and _no_unix_sockets():
+            layers.append("seccomp")
         if job["audit"]:
             _install_audit_hook(os.path.realpath(job["dir"]))
             layers.append("audit")
@@ -77,6 +86,8 @@ def _namespaces(job) -> list[str]:
             layers.append("netns")
         if libc.unshare(CLONE_NEWNS) == 0 and _private_tmpfs(libc, job):
             layers.append("mountns")
+            if _read_only_elsewhere(libc, job):
+                layers.append("readonly")
     elif libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
         layers.append("netns")
     return layers
@@ -97,6 +108,69 @@ def _private_tmpfs(libc, job) -> bool:
                     f"{size},mode=0700{owner}".encode()) == 0
     os.chdir(job["dir"])
     return ok
+
+
+# Per-mount flags a read-only remount must keep (mountinfo's names): dropping nosuid or noexec
+# from a mount would be the opposite of a cage.
+_MOUNT_FLAGS = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1 << 10, "nodiratime": 1 << 11,
+                "relatime": 1 << 21}
+MS_RDONLY, MS_REMOUNT = 1, 1 << 5
+
+
+def _read_only_elsewhere(libc, job) -> bool:
+    """Remount every mount of this namespace read-only but the private tmpfs (and the working
+    directory on one of them). False if one could not be."""
+    keep = {"/tmp", "/var/tmp", "/dev/shm", job["dir"]}
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    ok = True
+    for fields in mounts:
+        point = fields[4].encode().decode("unicode_escape")   # mountinfo escapes spaces: \040
+        if point in keep:
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for option in fields[5].split(","):
+            flags |= _MOUNT_FLAGS.get(option, 0)
+        if libc.mount(None, point.encode(), None, flags, None) != 0:
+            # A mount hidden under one of the new tmpfs is out of reach anyway.
+            ok = ok and ctypes.get_errno() in (2, 13) and not os.path.exists(point)
+    return ok
+
+
+def _no_unix_sockets() -> bool:
+    """The seccomp filter of the module doc; False where the kernel or the machine has none."""
+    import platform
+    arch, socket_nr = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}.get(
+        platform.machine(), (None, None))
+    if arch is None:
+        return False
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, deny = 0x7FFF0000, 0x00050000 | 1   # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    program = [(ld, 0, 0, 4),                 # 0: arch
+               (jeq, 0, 7, arch),             # 1: another ABI -> deny
+               (ld, 0, 0, 0),                 # 2: syscall number
+               (jge, 5, 0, 0x40000000),       # 3: x32 -> deny
+               (jeq, 4, 0, 425),              # 4: io_uring_setup -> deny
+               (jeq, 0, 2, socket_nr),        # 5: socket? else allow
+               (ld, 0, 0, 16),                # 6: its domain (args[0], low word)
+               (jeq, 1, 0, 1),                # 7: AF_UNIX -> deny
+               (ret, 0, 0, allow),            # 8
+               (ret, 0, 0, deny)]             # 9
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+    filters = (Filter * len(program))(*[Filter(*op) for op in program])
+    prog = Program(len(program), filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    if libc.prctl(38, 1, None, 0, 0) != 0:     # PR_SET_NO_NEW_PRIVS
+        return False
+    return libc.prctl(22, 2, ctypes.cast(ctypes.pointer(prog), ctypes.c_void_p), 0, 0) == 0
 
 
 def _expose_stdlib(libc) -> None:
