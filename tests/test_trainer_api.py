@@ -123,7 +123,10 @@ def test_training_ends_at_its_target_with_a_checkpoint_there(tmp_path):
     assert resumed.train()["steps"] == 12 and len(resumed.history) == 9
 
     trainer = Trainer.from_config(load_profile("tiny", base + [
-        "training.target.metric=val_exact_match", f"output.dir={tmp_path / 'typo'}"]))
+        "training.target.metric=val_exact_match", f"output.dir={tmp_path / 'typo'}",
+        # its own checkpoints: a new run beside the one above would save step 12 where that
+        # run's checkpoint-12 is, which refuses the start (a foreign checkpoint in the way)
+        f"training.checkpoints.dir={tmp_path / 'typo' / 'ck'}"]))
     with pytest.raises(ConfigError, match=r"training\.target\.metric: 'val_exact_match' is not "
                                           r"among this run's evaluation results \(val_loss, "):
         trainer.train()
