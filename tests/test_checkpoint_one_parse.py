@@ -18,19 +18,7 @@ import torch
 
 from apt.trainops.checkpoints import CheckpointError, CheckpointManager
 from apt.trainops.checkpoints.manifest import MANIFEST, write_manifest
-
-
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def _s(text: str) -> bytes:    # SHORT_BINUNICODE
-    data = text.encode()
-    return b"\x8c" + bytes([len(data)]) + data
+from tests.test_checkpoint_trust import _RunsCode, _s   # the payload builders, one home
 
 
 def _model():
