@@ -15,7 +15,7 @@ import sys
 from apt.core.config import ConfigError, load_profile
 from apt.core.logging import quiet_library_warnings
 
-EXIT_CONFIG_ERROR = 2
+from apt.core.exit_codes import EXIT_CONFIG_ERROR
 # Nothing at module level imports torch (seconds): `trainops --help` and an argument error
 # answer at once; each command imports what it needs when it runs.
 

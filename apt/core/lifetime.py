@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-EXIT_PREEMPTED = 75          # EX_TEMPFAIL, as a preempted run (engine/checkpointing.py)
+from apt.core.exit_codes import EXIT_PREEMPTED
 PR_SET_PDEATHSIG = 1         # linux/prctl.h
 DEFAULT_GRACE_S = float(os.environ.get("APT_ORPHAN_GRACE_S", 120))
 

@@ -24,7 +24,7 @@ import time
 
 from . import faults
 
-EXIT_HUNG = 4
+from apt.core.exit_codes import EXIT_HUNG
 # The order of the phases inside one step: a rank in an earlier phase is behind.
 PHASES = ("startup", "data", "forward", "backward", "optimizer", "sync", "checkpoint",
           "evaluation", "finish")

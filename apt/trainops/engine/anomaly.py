@@ -29,7 +29,7 @@ import torch
 
 from apt.trainops.distributed.runtime import ranks_raising
 
-EXIT_ANOMALY = 3
+from apt.core.exit_codes import EXIT_ANOMALY  # noqa: F401  (re-exported for launch/train.py)
 
 
 class AnomalyStop(RuntimeError):
