@@ -110,7 +110,7 @@ def _checkpoints(args) -> int:
 
 
 def _doctor(args) -> int:
-    from apt.trainops.doctor import run
+    from apt.trainops.reliability.doctor import run
     return run(args)
 
 

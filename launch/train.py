@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 if __name__ == "__main__":
     # Before torch is imported (seconds): a SIGTERM from here to the first step exits 75 with
-    # one line, and a worker dies with its launcher (apt/core/lifetime.py).
-    from apt.core.lifetime import die_with_launcher, exit_on_sigterm_until_loop
+    # one line, and a worker dies with its launcher (apt/trainops/reliability/lifetime.py).
+    from apt.trainops.reliability.lifetime import die_with_launcher, exit_on_sigterm_until_loop
     exit_on_sigterm_until_loop()
     die_with_launcher()
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from apt.core.config import ConfigError, load_profile
 from apt.trainops.distributed.plan import make_plan
-from apt.trainops.preflight import FAIL, OK, WARN, checkpoint_dir_check, memory_check
+from apt.trainops.reliability.preflight import FAIL, OK, WARN, checkpoint_dir_check, memory_check
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("apt_launch_train", REPO / "launch" / "train.py")

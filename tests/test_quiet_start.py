@@ -50,7 +50,7 @@ def test_library_noise_is_kept_off_the_console_and_listed_once(capsys):
         "UserWarning: Transformer Engine and Apex are not installed. Falling back to Torch "
         "optimizers. (megatron/core/optimizer/__init__.py:24)",
         "FutureWarning: old_api is deprecated (megatron/core/optimizer/__init__.py:30)"]
-    from apt.trainops.doctor import _print_library_warnings
+    from apt.trainops.reliability.doctor import _print_library_warnings
     _print_library_warnings()
     out = capsys.readouterr().out
     assert "kept off the console during runs" in out

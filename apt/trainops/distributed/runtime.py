@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from apt.core.lifetime import die_with_launcher
+from apt.trainops.reliability.lifetime import die_with_launcher
 from .launcher_env import LaunchEnv, detect_launch_env, export
 
 _RUNTIME: "Runtime | None" = None
@@ -68,7 +68,7 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
     Works under ``deepspeed``, ``torchrun``, ``srun`` and plain ``python`` (a one-process
     group). ``backend`` defaults to NCCL on CUDA and gloo on CPU. Idempotent. A rendezvous
     that does not complete within ``rendezvous_timeout_s`` raises RendezvousError, and the
-    worker dies with its launcher (apt/core/lifetime.py)."""
+    worker dies with its launcher (apt/trainops/reliability/lifetime.py)."""
     global _RUNTIME
     if _RUNTIME is not None:
         if plan is not None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from apt.core.config import config_to_dict
 # 75, EX_TEMPFAIL: "try again", what a scheduler's requeue should see (start-up exits with it too)
-from apt.core.lifetime import EXIT_PREEMPTED  # noqa: F401
+from apt.core.exit_codes import EXIT_PREEMPTED  # noqa: F401
 from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
                                       load_model_weights)
 from apt.trainops.checkpoints.checked_reader import load_checked_torch_file

@@ -27,7 +27,7 @@ from apt.trainops.distributed.runtime import (collective_device, seed_everything
                                               setup_distributed)
 from apt.trainops.distributed.watchdog import Watchdog, set_phase
 from apt.trainops.objectives import build_objective
-from apt.trainops.preflight import refuse_unless_ready
+from apt.trainops.reliability.preflight import refuse_unless_ready
 from .anomaly import AnomalyGuard, AnomalyStop
 from .callbacks import Callback
 from .checkpointing import (PreemptionGuard, announce_resume, checkpoint_manager,

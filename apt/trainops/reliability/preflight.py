@@ -4,7 +4,7 @@ a checkpoint directory that is writable and has room for a checkpoint.
 The trainer calls ``refuse_unless_ready`` before any process group or model exists, so a run
 that cannot work ends with one line (exit code 2) instead of an allocation traceback, the OOM
 killer, or a failed first save after hours of training. ``trainops doctor`` shows the same
-checks in its table (apt/trainops/doctor.py).
+checks in its table (apt/trainops/reliability/doctor.py).
 """
 from __future__ import annotations
 

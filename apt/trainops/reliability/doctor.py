@@ -4,8 +4,8 @@
 
 Rows: package versions against what setup.py requires, the CPU compatibility layer, CUDA and
 NCCL, the parallel plan, memory against the plan's estimate and the checkpoint disk (the same
-checks a run refuses to start without: apt/trainops/preflight.py), /dev/shm, the master port and
-TORCH_EXTENSIONS_DIR. FAIL means a run would fail; WARN that it may run worse than it could.
+checks a run refuses to start without: apt/trainops/reliability/preflight.py), /dev/shm, the
+master port and TORCH_EXTENSIONS_DIR. FAIL means a run would fail; WARN that it may run worse than it could.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from importlib import metadata
 from pathlib import Path
 
 from apt.core.config import ConfigError, load_profile
-from apt.trainops.preflight import FAIL, OK, WARN, Check, checkpoint_dir_check, gib, memory_check
+from apt.trainops.reliability.preflight import (FAIL, OK, WARN, Check, checkpoint_dir_check, gib,
+                                                memory_check)
 
 PACKAGES = ("torch", "megatron-core", "deepspeed")
 MIB = 2 ** 20
