@@ -23,7 +23,7 @@ each phase's own) and prints one JSON line; the table at the end gives peak RSS 
 Settings of the training runs: byte tokenizer, 128-token rows (``data.seq_length``, unpacked),
 fp32, one process; SFT 4 rows per step (2 micro-batches of 2); GRPO 2 prompts x 4 completions
 of at most 16 new tokens per step (8 rows, 2 micro-batches of 4), beta 0.04 (a reference model).
-The runs do not evaluate (see ``phase_train``). The measured figures are in README.md.
+The runs do not evaluate (see ``phase_train``). The measured figures are in docs/models.md.
 
 Needs the ``hf`` extra (transformers, safetensors) and about 10 GiB of free memory (0.5B fp32
 weights + Adam state + 151936-wide logits).

@@ -166,7 +166,7 @@ def test_rank_stalled_inside_a_step_is_named_and_the_job_exits(tmp_path, engine)
 def test_rank_sigkilled_under_max_restarts_resumes_with_the_same_losses(nan_runs, tmp_path,
                                                                         engine):
     """The uninterrupted reference is the clean run of nan_runs: the same config on the same
-    layout, and fresh runs are bit-identical (README, Checkpoints and resume)."""
+    layout, and fresh runs are bit-identical (docs/checkpoints.md)."""
     code, out, err, _ = _torchrun(ENGINES[engine] + RUN + [f"output.dir={tmp_path}"],
                                   fault="kill:rank=1:step=6:phase=backward:restart=0",
                                   restarts=1)

@@ -165,11 +165,12 @@ _said = set()
 
 def _say_once_what_is_missing(layers) -> None:
     # Where the kernel refuses namespaces or we are not root, the sandbox is weaker than the
-    # README's root guarantees (sandbox.py): say so once per process, naming what is missing.
+    # root guarantees in docs/trainers.md (sandbox.py): say so once per process, naming what is
+    # missing.
     missing = tuple(layer for layer in _FULL_CAGE if layer not in layers)
     if missing and missing not in _said:
         _said.add(missing)
-        log.warning("code sandbox runs without %s (see the README's sandbox guarantees)%s",
+        log.warning("code sandbox runs without %s (see docs/trainers.md, the code sandbox)%s",
                     ", ".join(missing), "; as root without a uid of its own the process limit "
                     "does not apply" if "uid" in missing and os.geteuid() == 0 else "")
 
