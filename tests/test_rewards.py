@@ -360,7 +360,7 @@ def test_sandbox_network_refused(layers):
 def test_sandbox_as_root_writes_nowhere_else_and_reaches_no_unix_socket():
     """With the audit hook off (a program can switch it off): a world-writable directory of the
     root file system outside /tmp, and a world-connectable Unix socket in it, stay out of reach
-    (read-only mounts, seccomp); what is left without root is in the README."""
+    (read-only mounts, seccomp); what is left without root is in docs/trainers.md."""
     import socket
     import tempfile
     from apt.trainops.rewards.sandbox_child import _world_readable
