@@ -112,7 +112,10 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
         mb_comm = sum(2 * comms.all_gather(n * e, g, stride, hw, gpn)
                       + comms.reduce_scatter(grads(n, g), g, stride, hw, gpn)
                       for n, g in ((dense, group), (expert, edp)))
-        hidden = min(mb_comm, t_mb) if lay.dp_overlap else 0.0
+        # FSDP gathers layer by layer, one ahead: the first layer's gather of each pass and
+        # the last layer's reduce-scatter have no compute to hide behind (one layer's share).
+        first_last = mb_comm / max(1.0, layers)
+        hidden = min(mb_comm - first_last, t_mb) if lay.dp_overlap else 0.0
         dp_total, dp_hidden = mb_comm * m, hidden * m
     else:
         reduce = comms.all_reduce if lay.zero == 0 else comms.reduce_scatter
@@ -122,7 +125,14 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
                                                for n, g in ((dense, group), (expert, edp)))
         backward = layers * (c.gemm_bwd + c.attention_bwd + c.elementwise_bwd)
         forward = layers * c.forward
-        dp_hidden = (min(grad_comm, backward) + min(gather, forward)) if lay.dp_overlap else 0.0
+        # Megatron reduces gradients bucket by bucket as the backward produces them; the last
+        # bucket (the first layers' gradients) is produced when the backward ends, so its
+        # reduce is exposed, as is the gather of the first bucket of parameters. Bucket size:
+        # Megatron-core's default max(40M, 1M x DP) parameters
+        # (megatron/core/distributed/distributed_data_parallel.py).
+        last = min(1.0, max(40e6, 1e6 * group) / max(1.0, dense + expert))
+        dp_hidden = (min(grad_comm * (1 - last), backward)
+                     + min(gather * (1 - last), forward)) if lay.dp_overlap else 0.0
         dp_total = grad_comm + gather
     breakdown["dp/zero comm exposed"] = dp_total - dp_hidden
     overlapped["dp/zero comm exposed"] = dp_hidden
@@ -131,6 +141,14 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     opt_params = sharded(dense, group) + sharded(expert, edp)
     breakdown["optimizer step"] = (opt_params * OPTIMIZER_BYTES_PER_PARAM
                                    / (hw.hbm_bytes_s * hw.hbm_fraction))
+
+    # Overlap is not free: while a collective runs beside compute its kernels hold SMs the
+    # GEMMs cannot use. DeepSeek-V3 (arXiv 2412.19437, section 3.2.2) needed 20 SMs of an
+    # H800's 132 to saturate IB and NVLink; the compute behind hidden communication runs
+    # that much slower (hardware.yaml comm_sms).
+    hidden_comm = sum(overlapped.values())
+    breakdown["overlap contention"] = (hidden_comm * hw.comm_sms / hw.sms
+                                       if hw.sms and hw.comm_sms else 0.0)
 
     step = sum(breakdown.values())
     tokens_per_s = lay.global_batch * shape.seq / step / lay.world
