@@ -105,13 +105,17 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
 
     # Data parallel / ZeRO over DP x CP ranks (CP ranks hold the same weights).
     dense, expert = _dp_params(shape, lay)
+    # Expert weights are replicated over the expert-data-parallel group: the ranks holding
+    # the same experts, EP ranks apart (Megatron-core's expert rank order tp-ep-dp-pp), so with
+    # EP filling a node that group crosses nodes even where the dense DP group does not.
     group, stride = lay.dp * cp, tp
-    edp = max(1, group // lay.ep)
+    edp, estride = max(1, group // lay.ep), tp * lay.ep
+    groups = ((dense, group, stride), (expert, edp, estride))
     grads = lambda n, g: lay.grad_bytes * n     # noqa: E731  (bytes of n gradients)
     if lay.zero >= 3:
-        mb_comm = sum(2 * comms.all_gather(n * e, g, stride, hw, gpn)
-                      + comms.reduce_scatter(grads(n, g), g, stride, hw, gpn)
-                      for n, g in ((dense, group), (expert, edp)))
+        mb_comm = sum(2 * comms.all_gather(n * e, g, st, hw, gpn)
+                      + comms.reduce_scatter(grads(n, g), g, st, hw, gpn)
+                      for n, g, st in groups)
         # FSDP gathers layer by layer, one ahead: the first layer's gather of each pass and
         # the last layer's reduce-scatter have no compute to hide behind (one layer's share).
         first_last = mb_comm / max(1.0, layers)
@@ -119,10 +123,9 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
         dp_total, dp_hidden = mb_comm * m, hidden * m
     else:
         reduce = comms.all_reduce if lay.zero == 0 else comms.reduce_scatter
-        grad_comm = sum(reduce(grads(n, g), g, stride, hw, gpn)
-                        for n, g in ((dense, group), (expert, edp)))
-        gather = 0.0 if lay.zero == 0 else sum(comms.all_gather(n * e, g, stride, hw, gpn)
-                                               for n, g in ((dense, group), (expert, edp)))
+        grad_comm = sum(reduce(grads(n, g), g, st, hw, gpn) for n, g, st in groups)
+        gather = 0.0 if lay.zero == 0 else sum(comms.all_gather(n * e, g, st, hw, gpn)
+                                               for n, g, st in groups)
         backward = layers * (c.gemm_bwd + c.attention_bwd + c.elementwise_bwd)
         forward = layers * c.forward
         # Megatron reduces gradients bucket by bucket as the backward produces them; the last
