@@ -96,11 +96,18 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     overlapped = {"tp comm exposed": layers * tp_hidden * m,
                   "cp comm exposed": layers * cp_hidden * m}
 
-    # Pipeline p2p: activations forward, their gradients backward, per micro-batch; exposed
-    # in plain 1F1B, overlapped by the interleaved schedule except while filling.
+    # Pipeline p2p: activations forward, their gradients backward, per micro-batch and per
+    # model chunk (the interleaved schedule crosses VP x more stage boundaries). Exposed:
+    # Megatron-core overlaps p2p with compute only with overlap_p2p_comm, False by default
+    # (megatron/core/model_parallel_config.py).
     if pp > 1:
-        one = comms.p2p(act / (tp if lay.sp else 1), tp * cp * lay.dp, hw, gpn)
-        sends = 2 * m if lay.vp == 1 else 2 * (pp - 1)
+        # With SP the activation is already split over TP; Megatron-LM 2021's scatter/gather
+        # sent 1/TP per rank too and all-gathered it over NVLink on arrival.
+        split = tp if lay.sp or lay.p2p_split else 1
+        one = comms.p2p(act / split, tp * cp * lay.dp, hw, gpn)
+        if lay.p2p_split and not lay.sp:
+            one += comms.all_gather(act, tp, 1, hw, gpn)
+        sends = 2 * m * lay.vp
         breakdown["pp p2p"] = sends * one
 
     # Data parallel / ZeRO over DP x CP ranks (CP ranks hold the same weights).

@@ -101,6 +101,7 @@ class Layout:
     dp_overlap: bool = True       # gradient reduce / parameter gather overlapped with compute
     grad_bytes: int = 2           # bytes per gradient element on the wire
     attention: str = "flash"      # flash (fused kernel) | unfused (batched GEMMs + softmax)
+    p2p_split: bool = False       # Megatron-LM 2021 scatter/gather: 1/TP of a p2p each rank
 
     @property
     def world(self) -> int:
