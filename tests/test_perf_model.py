@@ -164,3 +164,8 @@ def test_physical_mechanisms_unfused_attention_overlap_contention_and_exposed_ed
                    for n, g, st in ((dense, 16, 1), (expert, 2, 8)))
     assert dp_total == pytest.approx(expected)
     assert comms.link(H100, 2, 8, 8)[0] == H100.network_bytes_s * 0.8
+
+    # pipeline p2p is exposed (no overlap_p2p_comm) for every micro-batch and model chunk
+    pipe = Layout(tp=8, pp=8, dp=1, micro_batch=1, grad_accum=8, sp=True, gpus_per_node=8)
+    one = predict(SHAPE, pipe, H100).breakdown["pp p2p"]
+    assert predict(SHAPE, replace(pipe, vp=5), H100).breakdown["pp p2p"] == pytest.approx(5 * one)
