@@ -3,8 +3,10 @@
 GEMMs run at the GPU's best measured rate (gemm_fraction of the peak) times a shape factor:
 output tiles padded to the kernel's tile (128 x 256) and spread over the SMs in whole waves
 (wave quantization), capped by HBM traffic (roofline) for thin GEMMs. Attention runs at the
-flash-attention fraction of the peak (fused) or as GEMMs plus softmax traffic (unfused, CPU).
-Element-wise work (norms, activations, residuals, RoPE, MoE permutation) streams HBM.
+flash-attention fraction of the peak (fused), or unfused (Megatron's local spec, CPU, and
+pre-FlashAttention Megatron-LM) as batched GEMMs over the full score square at the roofline plus
+the softmax/dropout passes over the scores. Element-wise work (norms, activations, residuals,
+RoPE, dropout, MoE permutation) streams HBM.
 Backward GEMMs are the two transposed products (input gradient, weight gradient).
 """
 from __future__ import annotations
@@ -84,7 +86,8 @@ def unfused_attention_times(s: ModelShape, lay: Layout, hw: Hardware) -> tuple[f
     passes_f, passes_b = UNFUSED_SOFTMAX_PASSES
     mask = 0.0
     if s.dropout:
-        passes_f, passes_b = passes_f + UNFUSED_DROPOUT_PASSES[0], passes_b + UNFUSED_DROPOUT_PASSES[1]
+        passes_f += UNFUSED_DROPOUT_PASSES[0]
+        passes_b += UNFUSED_DROPOUT_PASSES[1]
         mask = 1.0
     fwd = qk + av + scores * (passes_f * e + mask) / stream
     # backward: dP = dO V^T (writes scores), dV = P^T dO (reads them), dQ = dS K and

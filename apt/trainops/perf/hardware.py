@@ -74,7 +74,8 @@ def load_hardware(name: str) -> Hardware:
         sms=g["sms"], gemm_fraction=g["gemm_fraction"],
         attention_fraction=k["attention_fraction"], hbm_fraction=k["hbm_fraction"],
         collective_fraction=k["collective_fraction"], latency_s=dict(k["collective_latency_s"]),
-        gemm_tile=tuple(k["gemm_tile"]), comm_sms=k["comm_sms"], memory_gib=g["memory_gib"], source=g["source"])
+        gemm_tile=tuple(k["gemm_tile"]), comm_sms=k["comm_sms"], memory_gib=g["memory_gib"],
+        source=g["source"])
 
 
 def gpu_for_device_name(device_name: str) -> str | None:

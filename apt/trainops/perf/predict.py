@@ -6,11 +6,14 @@ One step on the slowest (last) pipeline stage:
                  + logits (last stage)
   pipeline     = (m + (PP-1)/VP) x micro-batch     (1F1B; the bubble is (PP-1)/VP of them)
   step         = pipeline + exposed p2p + exposed DP/ZeRO communication + optimizer step
+                 + overlap contention
 Overlap rules: TP collectives hide behind the layer's GEMMs only with tp_overlap (Transformer
 Engine's userbuffers); CP's KV ring hides behind attention; the gradient reduce-scatter /
 all-reduce hides behind the last micro-batch's backward and the parameter all-gather behind the
-first one's forward (Megatron overlap_grad_reduce / overlap_param_gather); FSDP's gathers and
-reduce-scatters hide behind each micro-batch's compute. EP all-to-alls are counted exposed.
+first one's forward (Megatron overlap_grad_reduce / overlap_param_gather) except the last /
+first bucket; FSDP's gathers and reduce-scatters hide behind each micro-batch's compute except
+the first layer's gathers and the last one's reduce-scatter. Pipeline p2p and EP all-to-alls
+are exposed. Hidden communication still costs the SMs its kernels hold (overlap contention).
 """
 from __future__ import annotations
 
