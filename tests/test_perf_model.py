@@ -122,3 +122,50 @@ def test_calibration_uses_the_measured_gemm_and_reports_the_step_error(capsys):
     assert main(["plan", "--profile", "125m", "--gpu", "h100-sxm", "--calibration",
                  str(DATA / "gpu_check_calibration.json")]) == 0
     assert "step measured 500.0 ms, predicted" in capsys.readouterr().out
+
+
+def test_physical_mechanisms_unfused_attention_overlap_contention_and_exposed_edges():
+    from apt.trainops.perf.compute import layer_compute, unfused_attention_times
+    a100 = load_hardware("a100-80g")
+    gpt = ModelShape(hidden=6144, layers=48, heads=64, kv_heads=64, head_dim=96, ffn=24576,
+                     vocab=51200, seq=2048, gated=False, dropout=True)
+    lay = Layout(tp=8, micro_batch=4, sp=True, attention="unfused", gpus_per_node=8)
+    fwd, bwd = unfused_attention_times(gpt, lay, a100)
+    # head_dim 96 < the A100's FLOP/byte: QK^T and AV stream their (queries x seq) scores
+    # (the full square: the causal mask does not skip work), plus softmax and dropout passes
+    batch, s, hd, stream = 4 * 8, 2048, 96, 2039e9 * 0.9
+    gemms = 2 * 2 * batch * (s * s + 2 * s * hd)          # QK^T and AV operands, bf16
+    assert fwd == pytest.approx((gemms + batch * s * s * (4 * 2 + 1)) / stream, rel=0.01)
+    assert 1.3 * fwd < bwd < 2.5 * fwd          # four GEMMs (two forward), five passes
+    flash = layer_compute(gpt, replace(lay, attention="flash"), a100)
+    assert layer_compute(gpt, lay, a100).attention_fwd > 3 * flash.attention_fwd
+
+    # hidden communication costs comm_sms / sms of compute; none on a machine without SMs
+    fsdp = Layout(dp=64, zero=3, micro_batch=8, grad_accum=4, recompute="full", gpus_per_node=8)
+    p = predict(SHAPE, fsdp, H100)
+    hidden = sum(p.overlapped.values())
+    assert p.breakdown["overlap contention"] == pytest.approx(hidden * 20 / 132)
+    # FSDP: the first layer's gathers and the last reduce-scatter of each micro-batch stay
+    # exposed even when compute is longer than the collectives
+    slow_net = replace(H100, network_bytes_s=H100.network_bytes_s / 1000)
+    fast_net = replace(H100, network_bytes_s=H100.network_bytes_s * 1000)
+    assert predict(SHAPE, fsdp, fast_net).breakdown["dp/zero comm exposed"] > 0
+    assert predict(SHAPE, fsdp, slow_net).breakdown["dp/zero comm exposed"] > 10 * p.step_s
+
+    # expert-data-parallel ranks are EP apart: with EP = 8 GPUs per node, expert gradients
+    # cross nodes (NIC speed) although the dense DP group's neighbours share a node
+    moe = replace(SHAPE, layers=8, experts=64, top_k=2, expert_ffn=2048)
+    ep = Layout(ep=8, dp=16, micro_batch=1, grad_accum=2, gpus_per_node=8)
+    q = predict(moe, ep, H100)
+    dp_total = q.breakdown["dp/zero comm exposed"] + q.overlapped.get("dp/zero comm exposed", 0)
+    from apt.trainops.perf.predict import _dp_params
+    dense, expert = _dp_params(moe, ep)
+    expected = sum(2 * comms.reduce_scatter(2 * n, g, st, H100, 8)
+                   for n, g, st in ((dense, 16, 1), (expert, 2, 8)))
+    assert dp_total == pytest.approx(expected)
+    assert comms.link(H100, 2, 8, 8)[0] == H100.network_bytes_s * 0.8
+
+    # pipeline p2p is exposed (no overlap_p2p_comm) for every micro-batch and model chunk
+    pipe = Layout(tp=8, pp=8, dp=1, micro_batch=1, grad_accum=8, sp=True, gpus_per_node=8)
+    one = predict(SHAPE, pipe, H100).breakdown["pp p2p"]
+    assert predict(SHAPE, replace(pipe, vp=5), H100).breakdown["pp p2p"] == pytest.approx(5 * one)

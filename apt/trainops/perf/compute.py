@@ -3,8 +3,10 @@
 GEMMs run at the GPU's best measured rate (gemm_fraction of the peak) times a shape factor:
 output tiles padded to the kernel's tile (128 x 256) and spread over the SMs in whole waves
 (wave quantization), capped by HBM traffic (roofline) for thin GEMMs. Attention runs at the
-flash-attention fraction of the peak (fused) or as GEMMs plus softmax traffic (unfused, CPU).
-Element-wise work (norms, activations, residuals, RoPE, MoE permutation) streams HBM.
+flash-attention fraction of the peak (fused), or unfused (Megatron's local spec, CPU, and
+pre-FlashAttention Megatron-LM) as batched GEMMs over the full score square at the roofline plus
+the softmax/dropout passes over the scores. Element-wise work (norms, activations, residuals,
+RoPE, dropout, MoE permutation) streams HBM.
 Backward GEMMs are the two transposed products (input gradient, weight gradient).
 """
 from __future__ import annotations
@@ -47,6 +49,52 @@ def linear_times(tokens: float, fan_in: float, fan_out: float, hw: Hardware, dty
     bwd = gemm_time(tokens, fan_in, fan_out, hw, dtype) + gemm_time(fan_in, fan_out, tokens,
                                                                      hw, dtype)
     return count * fwd, count * bwd
+
+
+def batched_gemm_time(batch: float, m: float, n: float, k: float, hw: Hardware,
+                      dtype: str) -> float:
+    """Seconds for ``batch`` independent (m x k) @ (k x n) products in one kernel: tiles of all
+    of them share the waves; each reads its own operands (roofline)."""
+    rate = hw.peak(dtype) * hw.gemm_fraction * gemm_shape_efficiency(
+        max(1, round(batch * m)), max(1, round(n)), hw)
+    traffic = ELEMENT_BYTES[dtype] * batch * (m * k + k * n + m * n)
+    return max(2.0 * batch * m * n * k / rate, traffic / (hw.hbm_bytes_s * hw.hbm_fraction))
+
+
+# Bytes per score element an unfused attention moves besides its GEMMs' own operands: the
+# fused scale-mask-softmax reads and writes the scores; dropout reads them and writes its
+# output and a 1-byte mask (forward); backward: dropout's (gradient read, mask read, write)
+# and softmax's (output and gradient read, write). Korthikanti et al. 2022 (arXiv 2205.05198)
+# section 4.1 counts exactly these tensors per layer (2as^2b softmax output, as^2b mask,
+# 2as^2b dropout output), the reason their selective recompute redoes this part.
+UNFUSED_SOFTMAX_PASSES = (2, 3)          # (forward, backward) element reads/writes
+UNFUSED_DROPOUT_PASSES = (2, 2)          # plus the 1-byte mask once each way
+
+
+def unfused_attention_times(s: ModelShape, lay: Layout, hw: Hardware) -> tuple[float, float]:
+    """(forward, backward) seconds of attention without a fused kernel (Megatron's local spec
+    and the pre-FlashAttention Megatron-LM of 2022): QK^T and AV as batched GEMMs over the
+    whole (queries x seq) square, the causal mask applied after (no work skipped), the scores
+    written to HBM and streamed by softmax (and dropout)."""
+    dt, e = lay.dtype, ELEMENT_BYTES[lay.dtype]
+    q, keys, hd = s.seq / lay.cp, s.seq, s.head_dim
+    batch = lay.micro_batch * s.heads / lay.tp
+    qk = batched_gemm_time(batch, q, keys, hd, hw, dt)     # scores written
+    av = batched_gemm_time(batch, q, hd, keys, hw, dt)     # probabilities read
+    scores = batch * q * keys
+    stream = hw.hbm_bytes_s * hw.hbm_fraction
+    passes_f, passes_b = UNFUSED_SOFTMAX_PASSES
+    mask = 0.0
+    if s.dropout:
+        passes_f += UNFUSED_DROPOUT_PASSES[0]
+        passes_b += UNFUSED_DROPOUT_PASSES[1]
+        mask = 1.0
+    fwd = qk + av + scores * (passes_f * e + mask) / stream
+    # backward: dP = dO V^T (writes scores), dV = P^T dO (reads them), dQ = dS K and
+    # dK = dS^T Q (read them): each the shape of one forward GEMM
+    bwd = (batched_gemm_time(batch, q, keys, hd, hw, dt) + 3 * av
+           + scores * (passes_b * e + mask) / stream)
+    return fwd, bwd
 
 
 @dataclass(frozen=True)
@@ -94,21 +142,21 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
 
     # Attention core: QK^T and AV, 4 x queries x keys x head_dim x heads (FlashAttention's
     # count); its backward does 2.5x the forward's work (it recomputes the scores).
-    attn_flops = 4.0 * tokens * s.mean_keys() * s.q_dim / tp
     stream = hw.hbm_bytes_s * hw.hbm_fraction
-    if fused_attention:
+    if fused_attention and lay.attention == "flash":
+        attn_flops = 4.0 * tokens * s.mean_keys() * s.q_dim / tp
         attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_fraction)
         attn_bwd = 2.5 * attn_fwd
-    else:   # batched GEMMs plus the scores written, softmaxed and read back (fp32 softmax)
-        attn_fwd = attn_flops / (hw.peak(dt) * hw.gemm_fraction)
-        scores = lay.micro_batch * (s.heads / tp) * (s.seq / lay.cp) * s.mean_keys() * 2
-        attn_fwd += 4 * scores * 4 / stream
-        attn_bwd = 2 * attn_fwd
+    else:
+        attn_fwd, attn_bwd = unfused_attention_times(s, lay, hw)
 
     # Element-wise bytes per token, forward: two norms (read + write h), two residual adds
-    # (2 reads + 1 write), RoPE on q and k, the MLP activation, MoE permute/unpermute.
+    # (2 reads + 1 write), RoPE on q and k, the MLP activation, MoE permute/unpermute; with
+    # dropout, two hidden dropouts (read, write, 1-byte mask each).
     sp_split = tp if lay.sp else 1
     per_token = (4 * s.hidden + 6 * s.hidden) / sp_split + 2 * (s.q_dim + s.kv_dim) / tp
+    if s.dropout:
+        per_token += 2 * s.hidden * (2 + 1 / e) / sp_split
     routed = s.top_k if s.moe else 1
     per_token += routed * (3 if s.gated else 2) * width / tp
     if s.moe:

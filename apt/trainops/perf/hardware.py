@@ -32,6 +32,7 @@ class Hardware:
     collective_fraction: float
     latency_s: dict = field(default_factory=lambda: {"nvlink": 0.0, "network": 0.0})
     gemm_tile: tuple = (128, 256)
+    comm_sms: int = 0               # SMs a running collective occupies (overlap contention)
     memory_gib: float = 80.0
     source: str = ""
 
@@ -73,7 +74,8 @@ def load_hardware(name: str) -> Hardware:
         sms=g["sms"], gemm_fraction=g["gemm_fraction"],
         attention_fraction=k["attention_fraction"], hbm_fraction=k["hbm_fraction"],
         collective_fraction=k["collective_fraction"], latency_s=dict(k["collective_latency_s"]),
-        gemm_tile=tuple(k["gemm_tile"]), memory_gib=g["memory_gib"], source=g["source"])
+        gemm_tile=tuple(k["gemm_tile"]), comm_sms=k["comm_sms"], memory_gib=g["memory_gib"],
+        source=g["source"])
 
 
 def gpu_for_device_name(device_name: str) -> str | None:

@@ -6,11 +6,14 @@ One step on the slowest (last) pipeline stage:
                  + logits (last stage)
   pipeline     = (m + (PP-1)/VP) x micro-batch     (1F1B; the bubble is (PP-1)/VP of them)
   step         = pipeline + exposed p2p + exposed DP/ZeRO communication + optimizer step
+                 + overlap contention
 Overlap rules: TP collectives hide behind the layer's GEMMs only with tp_overlap (Transformer
 Engine's userbuffers); CP's KV ring hides behind attention; the gradient reduce-scatter /
 all-reduce hides behind the last micro-batch's backward and the parameter all-gather behind the
-first one's forward (Megatron overlap_grad_reduce / overlap_param_gather); FSDP's gathers and
-reduce-scatters hide behind each micro-batch's compute. EP all-to-alls are counted exposed.
+first one's forward (Megatron overlap_grad_reduce / overlap_param_gather) except the last /
+first bucket; FSDP's gathers and reduce-scatters hide behind each micro-batch's compute except
+the first layer's gathers and the last one's reduce-scatter. Pipeline p2p and EP all-to-alls
+are exposed. Hidden communication still costs the SMs its kernels hold (overlap contention).
 """
 from __future__ import annotations
 
@@ -96,33 +99,53 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     overlapped = {"tp comm exposed": layers * tp_hidden * m,
                   "cp comm exposed": layers * cp_hidden * m}
 
-    # Pipeline p2p: activations forward, their gradients backward, per micro-batch; exposed
-    # in plain 1F1B, overlapped by the interleaved schedule except while filling.
+    # Pipeline p2p: activations forward, their gradients backward, per micro-batch and per
+    # model chunk (the interleaved schedule crosses VP x more stage boundaries). Exposed:
+    # Megatron-core overlaps p2p with compute only with overlap_p2p_comm, False by default
+    # (megatron/core/model_parallel_config.py).
     if pp > 1:
-        one = comms.p2p(act / (tp if lay.sp else 1), tp * cp * lay.dp, hw, gpn)
-        sends = 2 * m if lay.vp == 1 else 2 * (pp - 1)
+        # With SP the activation is already split over TP; Megatron-LM 2021's scatter/gather
+        # sent 1/TP per rank too and all-gathered it over NVLink on arrival.
+        split = tp if lay.sp or lay.p2p_split else 1
+        one = comms.p2p(act / split, tp * cp * lay.dp, hw, gpn)
+        if lay.p2p_split and not lay.sp:
+            one += comms.all_gather(act, tp, 1, hw, gpn)
+        sends = 2 * m * lay.vp
         breakdown["pp p2p"] = sends * one
 
     # Data parallel / ZeRO over DP x CP ranks (CP ranks hold the same weights).
     dense, expert = _dp_params(shape, lay)
+    # Expert weights are replicated over the expert-data-parallel group: the ranks holding
+    # the same experts, EP ranks apart (Megatron-core's expert rank order tp-ep-dp-pp), so with
+    # EP filling a node that group crosses nodes even where the dense DP group does not.
     group, stride = lay.dp * cp, tp
-    edp = max(1, group // lay.ep)
+    edp, estride = max(1, group // lay.ep), tp * lay.ep
+    groups = ((dense, group, stride), (expert, edp, estride))
     grads = lambda n, g: lay.grad_bytes * n     # noqa: E731  (bytes of n gradients)
     if lay.zero >= 3:
-        mb_comm = sum(2 * comms.all_gather(n * e, g, stride, hw, gpn)
-                      + comms.reduce_scatter(grads(n, g), g, stride, hw, gpn)
-                      for n, g in ((dense, group), (expert, edp)))
-        hidden = min(mb_comm, t_mb) if lay.dp_overlap else 0.0
+        mb_comm = sum(2 * comms.all_gather(n * e, g, st, hw, gpn)
+                      + comms.reduce_scatter(grads(n, g), g, st, hw, gpn)
+                      for n, g, st in groups)
+        # FSDP gathers layer by layer, one ahead: the first layer's gather of each pass and
+        # the last layer's reduce-scatter have no compute to hide behind (one layer's share).
+        first_last = mb_comm / max(1.0, layers)
+        hidden = min(mb_comm - first_last, t_mb) if lay.dp_overlap else 0.0
         dp_total, dp_hidden = mb_comm * m, hidden * m
     else:
         reduce = comms.all_reduce if lay.zero == 0 else comms.reduce_scatter
-        grad_comm = sum(reduce(grads(n, g), g, stride, hw, gpn)
-                        for n, g in ((dense, group), (expert, edp)))
-        gather = 0.0 if lay.zero == 0 else sum(comms.all_gather(n * e, g, stride, hw, gpn)
-                                               for n, g in ((dense, group), (expert, edp)))
+        grad_comm = sum(reduce(grads(n, g), g, st, hw, gpn) for n, g, st in groups)
+        gather = 0.0 if lay.zero == 0 else sum(comms.all_gather(n * e, g, st, hw, gpn)
+                                               for n, g, st in groups)
         backward = layers * (c.gemm_bwd + c.attention_bwd + c.elementwise_bwd)
         forward = layers * c.forward
-        dp_hidden = (min(grad_comm, backward) + min(gather, forward)) if lay.dp_overlap else 0.0
+        # Megatron reduces gradients bucket by bucket as the backward produces them; the last
+        # bucket (the first layers' gradients) is produced when the backward ends, so its
+        # reduce is exposed, as is the gather of the first bucket of parameters. Bucket size:
+        # Megatron-core's default max(40M, 1M x DP) parameters
+        # (megatron/core/distributed/distributed_data_parallel.py).
+        last = min(1.0, max(40e6, 1e6 * group) / max(1.0, dense + expert))
+        dp_hidden = (min(grad_comm * (1 - last), backward)
+                     + min(gather * (1 - last), forward)) if lay.dp_overlap else 0.0
         dp_total = grad_comm + gather
     breakdown["dp/zero comm exposed"] = dp_total - dp_hidden
     overlapped["dp/zero comm exposed"] = dp_hidden
@@ -131,6 +154,14 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     opt_params = sharded(dense, group) + sharded(expert, edp)
     breakdown["optimizer step"] = (opt_params * OPTIMIZER_BYTES_PER_PARAM
                                    / (hw.hbm_bytes_s * hw.hbm_fraction))
+
+    # Overlap is not free: while a collective runs beside compute its kernels hold SMs the
+    # GEMMs cannot use. DeepSeek-V3 (arXiv 2412.19437, section 3.2.2) needed 20 SMs of an
+    # H800's 132 to saturate IB and NVLink; the compute behind hidden communication runs
+    # that much slower (hardware.yaml comm_sms).
+    hidden_comm = sum(overlapped.values())
+    breakdown["overlap contention"] = (hidden_comm * hw.comm_sms / hw.sms
+                                       if hw.sms and hw.comm_sms else 0.0)
 
     step = sum(breakdown.values())
     tokens_per_s = lay.global_batch * shape.seq / step / lay.world

@@ -23,9 +23,9 @@ from .shape import Layout, ModelShape
 RUNS_FILE = Path(__file__).with_name("published_runs.yaml")
 ROW_KEYS = {"id", "source", "gpu", "gpus", "gpus_per_node", "model", "layout", "assumed",
             "published", "hash"}
-METRICS = ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu_megatron")
+METRICS = ("tokens_per_s_per_gpu", "tflops_per_gpu", "mfu_megatron", "tflops_narayanan")
 UNITS = {"tokens_per_s_per_gpu": "tok/s/GPU", "tflops_per_gpu": "TFLOP/s/GPU",
-         "mfu_megatron": "% MFU"}
+         "mfu_megatron": "% MFU", "tflops_narayanan": "TFLOP/s/GPU (Eq. 3)"}
 
 
 def megatron_flops_per_token(s: ModelShape) -> float:
@@ -33,6 +33,13 @@ def megatron_flops_per_token(s: ModelShape) -> float:
     token, a GPT block with a 4h MLP and attention counted without the causal half."""
     h, layers = s.hidden, s.layers
     return 72 * layers * h * h * (1 + s.seq / (6 * h) + s.vocab / (12 * layers * h))
+
+
+def narayanan_flops_per_token(s: ModelShape) -> float:
+    """Narayanan et al. 2021's Equation 3 per token: 96 l h^2 (1 + s/6h + V/16lh), the GEMM
+    FLOPs of a GPT block with its full activation recomputation (a second forward) counted."""
+    h, layers = s.hidden, s.layers
+    return 96 * layers * h * h * (1 + s.seq / (6 * h) + s.vocab / (16 * layers * h))
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,9 @@ def compare(row: dict) -> Comparison:
     predicted = {"tokens_per_s_per_gpu": p.tokens_per_s_per_gpu,
                  "tflops_per_gpu": p.tokens_per_s_per_gpu * shape.model_flops_per_token() / 1e12,
                  "mfu_megatron": 100 * p.tokens_per_s_per_gpu * megatron_flops_per_token(shape)
-                 / hw.peak(layout.dtype)}[metric]
+                 / hw.peak(layout.dtype),
+                 "tflops_narayanan": p.tokens_per_s_per_gpu * narayanan_flops_per_token(shape)
+                 / 1e12}[metric]
     return Comparison(row=row, prediction=p, published=float(row["published"][metric]),
                       predicted=predicted, metric=metric)
 

@@ -26,6 +26,7 @@ class ModelShape:
     expert_ffn: int = 0           # 0: ffn
     sliding_window: int = 0       # 0: every layer attends to the whole (causal) sequence
     sliding_fraction: float = 1.0  # share of layers using the window (GPT-OSS alternates: 0.5)
+    dropout: bool = False         # attention + hidden dropout (Megatron-core's default 0.1)
 
     @property
     def q_dim(self) -> int:
@@ -99,6 +100,8 @@ class Layout:
     tp_overlap: bool = False      # TP collectives hidden behind GEMMs (TE userbuffers)
     dp_overlap: bool = True       # gradient reduce / parameter gather overlapped with compute
     grad_bytes: int = 2           # bytes per gradient element on the wire
+    attention: str = "flash"      # flash (fused kernel) | unfused (batched GEMMs + softmax)
+    p2p_split: bool = False       # Megatron-LM 2021 scatter/gather: 1/TP of a p2p each rank
 
     @property
     def world(self) -> int:
