@@ -18,7 +18,7 @@ import torch.distributed as dist
 from apt.core.config import APTConfig, config_to_dict, with_overrides
 from apt.trainops.artifacts.manager import config_yaml
 from apt.trainops.objectives import LanguageModelObjective
-from .callbacks import Callback
+from apt.trainops.callbacks import Callback
 from .trainer import Trainer
 
 
