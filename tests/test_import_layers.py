@@ -1,10 +1,10 @@
 """The import map of `apt/`: no circles, and every arrow points down the declared layers.
 
-Read with `ast` only (nothing of the package is imported; the files are parsed once, in about a second):
-every file under apt/ is a node, every `import` / `from ... import` an arrow, including the ones
-inside functions (a lazy import is still a dependency, it only hides the circle until run time).
-Relative imports are resolved against the importing file. `python tests/test_import_layers.py`
-prints the map.
+Read with `ast` only (nothing of the package is imported; the files are parsed once, in about a
+second): every file under apt/ is a node, every `import` / `from ... import` an arrow, including
+the ones inside functions (a lazy import is still a dependency, it only hides the circle until
+run time). Relative imports are resolved against the importing file.
+`python tests/test_import_layers.py` prints the map.
 """
 import ast
 import functools
@@ -30,6 +30,7 @@ LAYERS = [
     # trainops' services, bottom-up; each imports only what sits under it
     ["apt.trainops.distributed"],         # runtime (process groups), plan, memory, watchdog
     ["apt.trainops.checkpoints"],
+    ["apt.trainops.interop"],             # HF import/export, from_pretrained (wt-split)
     ["apt.trainops.perf"],                # the performance model over the plan
     ["apt.trainops.callbacks"],           # the loop's hook protocol, implemented above
     ["apt.trainops.artifacts"],
@@ -263,7 +264,8 @@ def test_every_module_is_on_a_floor():
 def test_no_import_cycles_between_modules():
     graph = _without_known(import_graph())
     found = cycles(graph)
-    report = "\n".join(f"cycle {i + 1}: {' , '.join(c)}\n" + "\n".join(_arrows_within(graph, set(c)))
+    report = "\n".join(f"cycle {i + 1}: {' , '.join(c)}\n"
+                       + "\n".join(_arrows_within(graph, set(c)))
                        for i, c in enumerate(found))
     assert not found, f"{len(found)} import cycle(s) between modules:\n{report}"
 
