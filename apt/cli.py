@@ -27,7 +27,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
-    """``trainops preprocess`` (and ``python -m apt.trainops.data.preprocess``)."""
+    """``trainops preprocess`` (also ``python -m apt preprocess``). Defined here and passed down
+    to preprocess.py's ``run``: importing that module imports torch (through its package), which
+    ``--help`` must not wait for."""
     parser.add_argument("inputs", nargs="+", help="files or directories (text, .jsonl, .parquet)")
     parser.add_argument("--output", "-o", required=True, help="output prefix (writes .bin, .idx)")
     parser.add_argument("--format", dest="fmt", default="auto",
@@ -77,7 +79,7 @@ def _profile(args) -> int:
 
 
 def _preprocess(args) -> int:
-    from apt.trainops.data.preprocess import run
+    from apt.trainops.data.sources.preprocess import run
     return run(args)  # a DataError is a ConfigError: one line, exit 2 (below)
 
 
@@ -130,7 +132,7 @@ def _trained_tokenizer(weights: str, cfg):
     """The tokenizer the weights were trained with: the run directory's ``tokenizer/`` when
     the weights are in one (``<run>`` or ``<run>/model/dist``), else the profile's."""
     from pathlib import Path
-    from apt.trainops.data.tokenizer import build_tokenizer, load_tokenizer
+    from apt.trainops.data.tokenizers.tokenizer import build_tokenizer, load_tokenizer
     for run in (Path(weights), *Path(weights).parents[:2]):
         if (run / "tokenizer" / "apt_tokenizer.json").is_file():
             return load_tokenizer(run / "tokenizer"), f"the tokenizer of {run}"

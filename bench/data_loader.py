@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from apt.core.config import load_profile  # noqa: E402
 from apt.trainops.data import TokenDataset, create_dataloader  # noqa: E402
 from apt.trainops.data.build import build_datasets  # noqa: E402
-from apt.trainops.data.preprocess import format_summary, preprocess  # noqa: E402
+from apt.trainops.data.sources.preprocess import format_summary, preprocess  # noqa: E402
 
 
 def loader_tokens_per_s(dataset, micro=32, batches=300) -> float:

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import peer_hf  # noqa: E402
 from apt.core.config import with_overrides  # noqa: E402
-from apt.trainops.engine.callbacks import Callback  # noqa: E402
+from apt.trainops.callbacks import Callback  # noqa: E402
 
 
 class _Window:

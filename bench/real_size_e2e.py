@@ -156,7 +156,7 @@ def phase_export_and_compare(work: Path, args) -> None:
     """Export the full-SFT weights; transformers' greedy tokens against APT's sampler's."""
     from apt.core.config import load_profile
     from apt.model.hf_interop import export_hf
-    from apt.trainops.data.tokenizer import build_tokenizer
+    from apt.trainops.data.tokenizers.tokenizer import build_tokenizer
     run_dir = Path((work / "sft-full-run").read_text())
     cfg = load_profile(PROFILE, _overrides(work, "greedy", "grpo", False, 1, args)
                        + [f"training.init_from={run_dir / 'model' / 'dist'}"])
@@ -183,7 +183,7 @@ def _compare_greedy(cfg, apt_weights: Path, hf_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from apt.model.architectures import APTModel
-    from apt.trainops.data.tokenizer import build_tokenizer
+    from apt.trainops.data.tokenizers.tokenizer import build_tokenizer
     from apt.trainops.engine import trainer_for
     tokenizer = build_tokenizer("byte")
     prompts = [[int(t) for t in tokenizer.encode(f"<|user|>\n{p}\n<|assistant|>\n")]

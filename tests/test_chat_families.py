@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from apt.trainops.data import DataError, HFTokenizer, PreferenceDataset, load_tokenizer
-from apt.trainops.data.chat_template import (ChatTemplate, encode_chat, last_turn,
-                                             resolve_chat_template, stop_ids)
-from apt.trainops.data.prompts import PromptDataset
-from apt.trainops.data.sft import SFTDataset
+from apt.trainops.data.tokenizers.chat_template import (ChatTemplate, encode_chat, last_turn,
+                                                        resolve_chat_template, stop_ids)
+from apt.trainops.data.datasets.prompts import PromptDataset
+from apt.trainops.data.datasets.sft import SFTDataset
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 # Qwen2's pre-tokenizer split (Llama 3's differs only in grouping digits by three): a newline

@@ -13,7 +13,7 @@ import pytest
 from apt.core.config import ConfigError, load_profile
 from apt.trainops.data import IndexedReader, IndexedWriter
 from apt.trainops.data.build import build_datasets
-from apt.trainops.data.preprocess import preprocess
+from apt.trainops.data.sources.preprocess import preprocess
 
 
 def _good(tmp: Path, name="good", vocab_max=255, docs=50):

@@ -10,7 +10,7 @@ from apt.trainops.data import (BlendedDataset, ByteTokenizer, FeistelPermutation
                                GlobalBatchSampler, IndexedReader, IndexedWriter, TokenDataset,
                                create_dataloader, load_tokenizer, train_bpe)
 from apt.trainops.data.build import build_datasets
-from apt.trainops.data.preprocess import preprocess
+from apt.trainops.data.sources.preprocess import preprocess
 
 DOCS = ["def f(x):\n    return x + 1\n", "héllo wörld ✓ naïve café",
         "The quick brown fox jumps over the lazy dog.\n" * 3, "print('bye')\n"]

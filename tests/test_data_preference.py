@@ -1,5 +1,5 @@
-"""Preference pairs (apt/trainops/data/preference.py) and the synthetic arithmetic set: separate
-tokenisation of prompt and answers, loss masks, truncation, the chat form, bad records, the
+"""Preference pairs (apt/trainops/data/datasets/preference.py) and the synthetic arithmetic set:
+separate tokenisation of prompt and answers, loss masks, truncation, the chat form, bad records, the
 reference log-probs a batch carries, and the built-in ``synthetic:arith`` pairs."""
 import json
 import logging
@@ -11,11 +11,11 @@ import torch
 from apt.core.config import ConfigError, load_profile
 from apt.trainops.data import (ByteTokenizer, DataError, PreferenceDataset, SFTDataset,
                                create_dataloader, train_bpe)
-from apt.trainops.data.batches import PreferenceBatch
+from apt.trainops.data.datasets.batches import PreferenceBatch
 from apt.trainops.data.build import build_datasets, heldout_chats
-from apt.trainops.data.chat_template import ChatTemplate
-from apt.trainops.data.synthetic_arith import generate, near_miss
-from apt.trainops.data.synthetic_chat import materialise
+from apt.trainops.data.tokenizers.chat_template import ChatTemplate
+from apt.trainops.data.sources.synthetic_arith import generate, near_miss
+from apt.trainops.data.sources.synthetic_chat import materialise
 
 PAIRS = [{"prompt": "hi", "chosen": "hello!", "rejected": "go away"},
          {"messages": [{"role": "system", "content": "be brief"},
@@ -93,7 +93,7 @@ def test_truncation_keeps_the_prompt_end_and_drops_empty_answers(caplog):
     assert batch.chosen.loss_mask.sum(1).tolist() == [5, 20]       # "yes\n" + end of document
     assert ds.dropped == 0
     # Prompts kept whole (max_prompt_length >= the row) leave no room: dropped, counted, warned.
-    with caplog.at_level(logging.WARNING, logger="apt.trainops.data.preference"):
+    with caplog.at_level(logging.WARNING, logger="apt.trainops.data.datasets.preference"):
         kept = PreferenceDataset([long_prompt, long_answer], tok, seq_length=39,
                                  max_prompt_length=64)
     assert kept.dropped == 1 and len(kept) == 1 and kept.record_index.tolist() == [1]

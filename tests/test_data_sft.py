@@ -10,11 +10,11 @@ from apt.core.config import load_profile
 from apt.trainops.data import (ByteTokenizer, DataError, DocumentShuffle, HFTokenizer,
                                PreferenceDataset, SFTDataset, SpanCorruption, TokenDataset,
                                create_dataloader, load_tokenizer, train_bpe)
-from apt.trainops.data.batches import LMBatch
+from apt.trainops.data.datasets.batches import LMBatch
 from apt.trainops.data.build import build_datasets
-from apt.trainops.data.chat_template import (BUILTIN, ChatTemplate, encode_chat, last_turn,
-                                             resolve_chat_template)
-from apt.trainops.data.synthetic_chat import generate, materialise
+from apt.trainops.data.tokenizers.chat_template import (BUILTIN, ChatTemplate, encode_chat,
+                                                        last_turn, resolve_chat_template)
+from apt.trainops.data.sources.synthetic_chat import generate, materialise
 
 RECORDS = [{"prompt": "2+2?", "response": "4"},
            {"messages": [{"role": "system", "content": "be brief"},

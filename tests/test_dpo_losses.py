@@ -65,7 +65,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
 
 def test_accuracy_is_strict_and_metrics_are_means_over_pairs():
     """Through the loss function itself: per-token losses of a stacked batch in, sums out."""
-    from apt.trainops.data.batches import LMBatch, PreferenceBatch
+    from apt.trainops.data.datasets.batches import LMBatch, PreferenceBatch
     objective = PreferenceObjective(DPOConfig(beta=1.0))
     side = lambda: LMBatch(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long),
                            torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]))
@@ -115,7 +115,7 @@ def test_token_sft_normalisation_equals_trls_sigmoid_plus_sft_under_accumulation
     the batch is split into micro-batches (prepare counts the whole batch's tokens; the engine
     divides the summed loss by the batch's pairs); pair (the default) differs once answers
     differ in length."""
-    from apt.trainops.data.batches import LMBatch, PreferenceBatch
+    from apt.trainops.data.datasets.batches import LMBatch, PreferenceBatch
     generator = torch.Generator().manual_seed(0)
     pairs, width, vocab, beta, weight = 6, 7, 11, 0.4, 0.8
     logits = torch.randn(2 * pairs, width, vocab, generator=generator, dtype=torch.float64)

@@ -2,8 +2,9 @@
 import pytest
 
 from apt.core.config import load_profile
-from apt.trainops.eval.flops import (device_peak_flops, matmul_parameters, mfu,
-                                     table_peak_flops, training_flops_per_token)
+from apt.model.sizing import matmul_parameters
+from apt.trainops.eval.flops import (device_peak_flops, mfu, table_peak_flops,
+                                     training_flops_per_token)
 
 
 def test_mfu_formula_by_hand_on_the_tiny_model():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from apt.core.config import GRPOConfig
-from apt.trainops.data.batches import RolloutBatch
+from apt.trainops.data.datasets.batches import RolloutBatch
 from apt.trainops.objectives.grpo import GRPOObjective
 from apt.trainops.rl.rollouts import fill_batch, group_advantages, varied_groups
 from apt.trainops.rl.sampling import SamplingParams, choose

@@ -199,7 +199,7 @@ def test_sliding_window_model_honours_packed_documents():
     positions restarting) give each document's logits as if it ran alone, the window applied
     inside each document."""
     from apt.core.config import ModelConfig
-    from apt.trainops.data.datasets import block_causal_mask
+    from apt.trainops.data.datasets.tokens import block_causal_mask
     torch.manual_seed(0)
     model = APTModel(ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4,
                                  num_query_groups=2, vocab_size=384, max_seq_len=64,

@@ -241,7 +241,7 @@ def test_export_of_a_trained_run_has_its_tokenizer_and_stops_at_eos(tmp_path):
 
 def test_exported_bpe_and_sentencepiece_tokenizers_encode_like_apt(tmp_path):
     import sentencepiece
-    from apt.trainops.data.tokenizer import SentencePieceTokenizer, train_bpe
+    from apt.trainops.data.tokenizers.tokenizer import SentencePieceTokenizer, train_bpe
     corpus = ["def add(a, b):\n    return a + b", "hello world, the quick brown fox"] * 40
     (tmp_path / "c.txt").write_text("\n".join(corpus))
     sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), vocab_size=30,

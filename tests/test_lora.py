@@ -25,7 +25,7 @@ from apt.trainops.distributed.engines.base import torch_optimizers
 from apt.trainops.distributed.plan import PlanError, make_plan
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
 from apt.trainops.engine import Trainer
-from apt.trainops.engine.callbacks import Callback
+from apt.trainops.callbacks import Callback
 from tests.test_parallel_matrix import HYBRID, TOLERANCE, _common, _launch
 
 LORA = ["lora.rank=4", "lora.alpha=8"]

@@ -11,7 +11,7 @@ import torch
 
 from apt.core.config import load_profile
 from apt.trainops.data import LMBatch, SFTDataset
-from apt.trainops.data.tokenizer import ByteTokenizer
+from apt.trainops.data.tokenizers.tokenizer import ByteTokenizer
 from apt.trainops.engine import Trainer
 from apt.trainops.objectives import LanguageModelObjective, build_objective
 

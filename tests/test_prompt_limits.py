@@ -8,7 +8,7 @@ import pytest
 from apt.core.config import ConfigError, load_profile
 from apt.trainops.data import ByteTokenizer
 from apt.trainops.data.build import build_datasets
-from apt.trainops.data.prompts import PromptDataset
+from apt.trainops.data.datasets.prompts import PromptDataset
 
 
 def _jsonl(path, records):

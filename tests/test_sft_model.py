@@ -9,7 +9,7 @@ from apt.core.config import load_profile
 from apt.model.architectures import APTModel
 from apt.model.neftune import NEFTune, attach_neftune
 from apt.trainops.data import ByteTokenizer
-from apt.trainops.data.chat_template import BUILTIN, ChatTemplate, encode_chat
+from apt.trainops.data.tokenizers.chat_template import BUILTIN, ChatTemplate, encode_chat
 from apt.trainops.eval.generation import ChatScorer, greedy_generate, score_chats
 
 SMALL = dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,

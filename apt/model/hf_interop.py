@@ -84,7 +84,7 @@ def hf_eos_ids(tokenizer) -> int | list[int]:
     template's end of turn, ``<|im_end|>`` / ``<|eot_id|>``), so that transformers'
     ``generate()`` stops where APT's sampler does. One id as an int, several as a list (both
     are transformers' format; Llama 3's own config lists three)."""
-    from apt.trainops.data.chat_template import stop_ids
+    from apt.trainops.data.tokenizers.chat_template import stop_ids
     ids = list(stop_ids(tokenizer))
     return ids[0] if len(ids) == 1 else ids
 

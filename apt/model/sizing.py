@@ -73,6 +73,16 @@ def count_parameters(m: ModelConfig) -> ParamCounts:
     )
 
 
+def matmul_parameters(m: ModelConfig) -> int:
+    """Weights a token multiplies by in one forward pass (what MFU counts, apt/trainops/eval/
+    flops.py): q, k, v, out, the MLP of the experts it is routed to (top-k), the router, per
+    layer, and the output projection (a matmul even when tied); not the input embedding (a
+    lookup) nor the norms."""
+    c = count_parameters(m)
+    per_layer = c.attention_per_layer + c.active_mlp_per_layer + c.router_per_layer
+    return m.num_layers * per_layer + m.vocab_size * m.hidden_size
+
+
 def count_lora_parameters(m: ModelConfig, lora, *, tp: int = 1) -> tuple[int, int]:
     """(adapter parameters of the whole model, of one layer on one TP rank) that
     ``apt.model.lora.apply_lora`` adds: r x (in + out) per target, where a column-parallel

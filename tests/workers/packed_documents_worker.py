@@ -50,7 +50,7 @@ def packed_case(seed: int = 0) -> dict:
     mask the data pipeline builds for them (``document_layout``), and the same documents one
     per row, unpacked: at the start of a row, plain positions, no mask, the rest of the row
     filler (causal attention keeps it invisible to the document)."""
-    from apt.trainops.data.datasets import document_layout
+    from apt.trainops.data.datasets.tokens import document_layout
     g = torch.Generator().manual_seed(seed)
     docs, spans = [], []  # spans: (packed row, start, length) per document
     for r, lengths in enumerate(ROWS):

@@ -12,19 +12,21 @@ from pathlib import Path
 import numpy as np
 
 from apt.core.config import DataConfig
-from .augment import build_transforms
-from .blend import BlendedDataset, normalise_weights
-from .cache import cache_key, cached_json, file_fingerprint
-from .chat_template import resolve_chat_template
-from .corpus import is_validation, stdlib_documents, text_documents
-from .datasets import TokenDataset
 from .errors import DataError
-from .indexed import IndexedReader, prefix_of
-from .preference import PreferenceDataset, pairs_as_chats
-from .prompts import PromptDataset
-from .sft import SFTDataset, read_located_jsonl
-from .synthetic_chat import PREFIX, materialise
-from .tokenizer import build_tokenizer, describe_identity, saved_identity, tokenizer_identity
+from .tokenizers.chat_template import resolve_chat_template
+from .tokenizers.tokenizer import (build_tokenizer, describe_identity, saved_identity,
+                                   tokenizer_identity)
+from .sources.cache import cache_key, cached_json, file_fingerprint
+from .sources.corpus import is_validation, stdlib_documents, text_documents
+from .sources.indexed import IndexedReader, prefix_of
+from .sources.jsonl import read_located_jsonl
+from .sources.synthetic_chat import PREFIX, materialise
+from .datasets.augment import build_transforms
+from .datasets.blend import BlendedDataset, normalise_weights
+from .datasets.preference import PreferenceDataset, pairs_as_chats
+from .datasets.prompts import PromptDataset
+from .datasets.sft import SFTDataset
+from .datasets.tokens import TokenDataset
 
 SPLITS = ("train", "validation", "test")
 log = logging.getLogger(__name__)

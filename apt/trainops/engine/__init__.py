@@ -1,6 +1,6 @@
 """Training engines. ``Trainer`` owns the loop; the seed's trainer family specialises the
 objective, the data and the defaults (never the loop)."""
-from .callbacks import Callback
+from apt.trainops.callbacks import Callback
 from .claude_trainer import ClaudeTrainer
 from .finetuner import Finetuner
 from .gpt5_trainer import GPT5Trainer

@@ -1,7 +1,8 @@
 """Finetuner: supervised fine-tuning (chat SFT, optionally LoRA) on the one training loop.
 
 It changes what a fine-tuning user expects to set, not the loop: the length in epochs, the
-data (SFT records, loss on assistant tokens only: apt/trainops/data/sft.py), NEFTune noise on
+data (SFT records, loss on assistant tokens only: apt/trainops/data/datasets/sft.py), NEFTune
+noise on
 the embeddings, an evaluation before the first step and after the last (held-out
 assistant-token loss, and exact-match of greedy answers for the profile's chats), and the
 output (``save_model``: APT weights any layout loads, plus a Hugging Face directory). The
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from apt.core.config import APTConfig, config_to_dict, with_overrides
 from apt.trainops.artifacts.manager import config_yaml
 from apt.trainops.objectives import LanguageModelObjective
-from .callbacks import Callback
+from apt.trainops.callbacks import Callback
 from .trainer import Trainer
 
 

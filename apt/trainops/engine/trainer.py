@@ -29,7 +29,7 @@ from apt.trainops.distributed.watchdog import Watchdog, set_phase
 from apt.trainops.objectives import build_objective
 from apt.trainops.reliability.preflight import refuse_unless_ready
 from .anomaly import AnomalyGuard, AnomalyStop
-from .callbacks import Callback
+from apt.trainops.callbacks import Callback
 from .checkpointing import (PreemptionGuard, announce_resume, checkpoint_manager,
                             checkpoint_save_dir, load_engine_state, load_init_weights, load_weights,
                             resolve_resume, resumed_run_dir,

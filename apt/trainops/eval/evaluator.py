@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from apt.trainops.data.batches import LMBatch
+from apt.trainops.data.datasets.batches import LMBatch
 from .forward_pass import forward_only
 from .metrics import TOKEN_METRICS, per_token_loss
 from .tasks import MultipleChoiceTask, choice_rows

@@ -24,7 +24,7 @@ import time
 import torch
 
 from apt.core.config import ModelConfig
-from apt.model.sizing import attention_widths, count_parameters
+from apt.model.sizing import attention_widths, matmul_parameters
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets, by precision.
 # fp32 means TF32 tensor cores (what torch uses for fp32 matmuls when allowed). Matched by
@@ -41,13 +41,6 @@ PEAK_TFLOPS = [
     ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0}),
     ("V100", {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7}),  # no bf16 tensor cores
 ]
-
-
-def matmul_parameters(m: ModelConfig) -> int:
-    """Weights a token multiplies by in one forward pass (see the module docstring)."""
-    c = count_parameters(m)
-    per_layer = c.attention_per_layer + c.active_mlp_per_layer + c.router_per_layer
-    return m.num_layers * per_layer + m.vocab_size * m.hidden_size
 
 
 def training_flops_per_token(m: ModelConfig, seq_length: int) -> float:

@@ -19,9 +19,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from apt.trainops.data.chat_template import (BUILTIN, ChatTemplate, last_turn,
-                                             resolve_chat_template, stop_ids)
-from apt.trainops.data.sft import SFTDataset, messages_of
+from apt.trainops.data.tokenizers.chat_template import (BUILTIN, ChatTemplate, last_turn,
+                                                        resolve_chat_template, stop_ids)
+from apt.trainops.data.datasets.sft import SFTDataset, messages_of
 
 
 def _single_process(model, what: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from apt.trainops.engine.callbacks import Callback
+from apt.trainops.callbacks import Callback
 
 SKIP = {"step", "time"}
 

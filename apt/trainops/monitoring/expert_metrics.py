@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from apt.model.moe_routing import RoutingCounters, routers
-from apt.trainops.engine.callbacks import Callback
+from apt.trainops.callbacks import Callback
 
 AUX_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import psutil
 import torch
 
-from apt.trainops.engine.callbacks import Callback
+from apt.trainops.callbacks import Callback
 from apt.trainops.eval.flops import device_peak_flops, mfu, training_flops_per_token
 
 GIB = 2 ** 30

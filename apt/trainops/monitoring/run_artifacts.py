@@ -6,7 +6,7 @@ at the end: plots/{loss,lr,throughput}.png from the run's records.
 from __future__ import annotations
 
 from apt.trainops.artifacts.environment import collect_environment
-from apt.trainops.engine.callbacks import Callback
+from apt.trainops.callbacks import Callback
 
 
 class RunArtifacts(Callback):

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from apt.trainops.data.batches import LMBatch, require_supported
+from apt.trainops.data.datasets.batches import LMBatch, require_supported
 
 # loss_func(output) -> (loss summed over this micro-batch's units, {stat name: summed value})
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]

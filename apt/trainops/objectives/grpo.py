@@ -31,7 +31,7 @@ from functools import partial
 
 import torch
 
-from apt.trainops.data.batches import RolloutBatch
+from apt.trainops.data.datasets.batches import RolloutBatch
 from .base import Objective
 from .reference import FrozenReference
 

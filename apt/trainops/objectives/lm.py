@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from apt.trainops.data.batches import LMBatch
+from apt.trainops.data.datasets.batches import LMBatch
 from apt.trainops.eval.metrics import TOKEN_METRICS, metrics_from_totals, token_totals
 from .base import Objective
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from apt.trainops.data.batches import PreferenceBatch
+from apt.trainops.data.datasets.batches import PreferenceBatch
 from .base import Objective
 from .lm import lm_output
 from .reference import FrozenReference

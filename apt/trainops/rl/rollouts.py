@@ -34,7 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from apt.trainops.data.batches import RolloutBatch
+from apt.trainops.data.datasets.batches import RolloutBatch
 from apt.trainops.eval.forward_pass import forward_only
 from .sampling import SamplingParams, RankRoles, sample
 
@@ -269,7 +269,7 @@ class RolloutSource:
 
 
 def sampling_params(grpo, tokenizer, seq_length: int, greedy: bool = False) -> SamplingParams:
-    from apt.trainops.data.chat_template import stop_ids
+    from apt.trainops.data.tokenizers.chat_template import stop_ids
     stops = tuple(tuple(int(t) for t in tokenizer.encode(s)) for s in grpo.stop)
     return SamplingParams(max_new_tokens=grpo.max_new_tokens, eod_id=tokenizer.eod_id,
                           stop_ids=stop_ids(tokenizer),

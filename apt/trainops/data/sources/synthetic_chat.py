@@ -17,7 +17,7 @@ import random
 import string
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 PREFIX = "synthetic:"
 TASKS = ("repeat", "upper", "next", "reverse", "add")

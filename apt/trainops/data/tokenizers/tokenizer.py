@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from apt.core.config.schema import BYTE_VOCAB
-from .errors import DataError
+from ..errors import DataError
+from .special_tokens import EOD_TOKEN, PAD_TOKEN
 from .tokenizer_files import (MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, file_inside, read_bounded,
                               read_json_object, read_tokenizer_config)
 
-EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 # End-of-document tokens of common tokenizer.json files, tried in this order.
 _EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")
 _CONFIG = "apt_tokenizer.json"

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cache import cache_key, cached_array
+from ..sources.cache import cache_key, cached_array
 from .batches import LMBatch
-from .datasets import BatchIndexed
-from .errors import DataError
+from .tokens import BatchIndexed
+from ..errors import DataError
 
 
 def normalise_weights(weights, where: str = "data.blend") -> np.ndarray:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .tokenizer_files import read_tokenizer_config
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ class TokenDataset(BatchIndexed):
         if tokens.ndim != 1:
             raise ValueError(f"{name}: expected a 1-D token array, got shape {tokens.shape}")
         if len(tokens) < seq_length + 1:
-            from .errors import DataError
+            from ..errors import DataError
             raise DataError(name, f"{len(tokens)} tokens cannot fill one sample of "
                                   f"{seq_length + 1} tokens (data.seq_length={seq_length} + 1)")
         if (reset_position_ids or reset_attention_mask) and eod_id is None:

@@ -13,49 +13,17 @@ A record whose assistant tokens ``seq_length`` cuts off entirely is dropped and 
 Preference pairs are preference.py's."""
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .batches import LMBatch
-from .chat_template import BUILTIN, ChatTemplate, encode_chat
-from .datasets import BatchIndexed, block_causal_mask
-from .errors import DataError
+from ..tokenizers.chat_template import BUILTIN, ChatTemplate, encode_chat
+from .tokens import BatchIndexed, block_causal_mask
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-def iter_jsonl(path):
-    """(``file:line``, record) for each non-blank line; a bad line is a one-line DataError."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}", f"invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}", "a record must be a JSON object")
-            yield f"{path}:{line_no}", record
-
-
-def read_jsonl(path) -> list[dict]:
-    return [record for _, record in read_located_jsonl(path)]
-
-
-def read_located_jsonl(path) -> list[tuple[str, dict]]:
-    """(``file:line``, record) of every record; a missing or empty file is a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    records = list(iter_jsonl(path))
-    if not records:
-        raise DataError(path, "empty dataset: no records")
-    return records
 
 
 def messages_of(record: dict, where: str) -> list[dict]:

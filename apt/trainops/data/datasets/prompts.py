@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .chat_template import BUILTIN, ChatTemplate, checked_messages, render_or_fail, tokens_of
-from .datasets import BatchIndexed
-from .errors import DataError
+from ..errors import DataError
+from ..tokenizers.chat_template import (BUILTIN, ChatTemplate, checked_messages, render_or_fail,
+                                        tokens_of)
+from .tokens import BatchIndexed
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     trainops preprocess corpus/*.jsonl --field text --output data/web --tokenizer hf \\
         --tokenizer-path tokenizer.json --workers 8
-    python -m apt.trainops.data.preprocess books/ --output data/books --train-bpe 32000
+    python -m apt preprocess books/ --output data/books --train-bpe 32000
 
 Documents are read in order by this process and tokenized in ``--workers`` processes; results
 come back in input order, so the output is the same for any worker count. Each document is
@@ -11,7 +11,6 @@ next to the data as ``<output>.tokenizer/`` (``load_tokenizer`` reads it back).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import multiprocessing
 import os
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .sft import iter_jsonl
+from ..errors import DataError
+from .jsonl import iter_jsonl
 from .indexed import IndexedWriter, prefix_of, token_dtype
-from .tokenizer import build_tokenizer, train_bpe
+from ..tokenizers.tokenizer import build_tokenizer, train_bpe
 
 _TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text"}
 _worker_tokenizer = None
@@ -170,26 +169,10 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
+    """The command: ``args`` as apt/cli.py's ``add_preprocess_arguments`` defines them."""
     summary = preprocess(args.inputs, args.output, tokenizer=args.tokenizer,
                          tokenizer_path=args.tokenizer_path, fmt=args.fmt, field=args.field,
                          workers=args.workers, append_eod=args.append_eod,
                          train_bpe_vocab=args.train_bpe, progress=not args.quiet)
     print(format_summary(summary))
     return 0
-
-
-def main(argv=None) -> int:
-    from apt.cli import EXIT_CONFIG_ERROR, add_preprocess_arguments
-    parser = argparse.ArgumentParser(prog="trainops preprocess",
-                                     description=__doc__.split("\n\n")[0])
-    add_preprocess_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except DataError as exc:
-        print(f"apt: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

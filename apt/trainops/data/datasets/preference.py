@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from .batches import LMBatch, PreferenceBatch
-from .chat_template import (BUILTIN, ChatTemplate, answer_tokens, checked_messages,
-                            render_or_fail, tokens_of)
-from .datasets import BatchIndexed
-from .errors import DataError
+from ..tokenizers.chat_template import (BUILTIN, ChatTemplate, answer_tokens, checked_messages,
+                                        render_or_fail, tokens_of)
+from .tokens import BatchIndexed
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

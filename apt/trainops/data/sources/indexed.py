@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 HEADER = b"MMIDIDX\x00\x00"
 _PREAMBLE = len(HEADER) + 8 + 1 + 8 + 8  # 34 bytes before the arrays

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 # Real files are far smaller (Qwen's tokenizer_config.json: 7 KB, Llama 3's: 55 KB, a large
 # tokenizer.json: 35 MB); the bounds only stop a crafted file from exhausting memory.

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from .batches import LMBatch, PreferenceBatch
-from .prompts import PromptBatch
+from ..datasets.batches import LMBatch, PreferenceBatch
+from ..datasets.prompts import PromptBatch
 from .sampler import GlobalBatchSampler
 
 

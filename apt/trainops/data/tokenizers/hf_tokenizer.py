@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .special_tokens import EOD_TOKEN, PAD_TOKEN
+
 
 def save_for_transformers(tok, directory: str | Path) -> Path:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory``."""
@@ -47,7 +49,6 @@ def _backend(tok):
 
 def _byte_tokenizer(tok):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from apt.trainops.data.tokenizer import EOD_TOKEN, PAD_TOKEN
     # GPT-2's byte -> printable character table; the ByteLevel pre-tokenizer maps each byte of
     # the text to its character, and the vocabulary maps that character back to the byte.
     symbols = pre_tokenizers.ByteLevel.alphabet()
