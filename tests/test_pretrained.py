@@ -11,7 +11,7 @@ import yaml
 from apt.core.config import APTConfig, ModelConfig, config_to_dict
 from apt.model.architectures import APTLargeModel, APTModel
 from apt.trainops.checkpoints.model_weights import MODEL_CONFIG_FILE
-from apt.trainops.interop.pretrained import PretrainedError
+from apt.trainops.interop import PretrainedError
 from apt.trainops.checkpoints import save_model_weights
 
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,

@@ -33,7 +33,7 @@ def load_pretrained(model_class, path):
     """An instance of ``model_class`` (APTModel or a subclass) with the weights at ``path``."""
     path = Path(path)
     if (path / "config.json").is_file():
-        from .hf_interop import import_hf
+        from .hf_import import import_hf
         return import_hf(path, model_class=model_class)[1]
     if (path / "config.yaml").is_file() and (path / "model" / "dist" / "metadata.json").is_file():
         return _from_weights(model_class, path / "model" / "dist",
