@@ -117,7 +117,7 @@ def _doctor(args) -> int:
 
 
 def _export_hf(args) -> int:
-    from apt.model.hf_interop import export_hf, hf_eos_ids
+    from apt.trainops.interop import export_hf, hf_eos_ids
     cfg = load_profile(args.profile, args.overrides)
     tokenizer, source = _trained_tokenizer(args.weights, cfg)
     out = export_hf(args.weights, cfg.model, args.out, tokenizer=tokenizer)
@@ -142,7 +142,7 @@ def _trained_tokenizer(weights: str, cfg):
 
 def _import_hf(args) -> int:
     import yaml
-    from apt.model.hf_interop import import_hf_to_weights, profile_model_fields
+    from apt.trainops.interop import import_hf_to_weights, profile_model_fields
     model = import_hf_to_weights(args.hf, args.out)
     print(f"wrote {args.out}: start a run from it with --set training.init_from={args.out} "
           f"and this model section in the profile:")

@@ -2,7 +2,7 @@
 
 The O1Trainer samples completions with ``apt.trainops.rl.sampling.sample`` (end-aligned
 prompts, one prefill pass, then one KV-cached pass per new token). Here the same weights run
-in transformers' ``LlamaForCausalLM`` too (exported in memory with ``apt.model.hf_interop``'s
+in transformers' ``LlamaForCausalLM`` too (exported in memory with ``apt.trainops.interop``'s
 mapping), whose ``generate`` gets the same left-padded prompts with their attention mask.
 Both decode greedily, so their tokens are compared (a mismatch would mean they do not compute
 the same model); every row runs ``--new`` tokens (no end-of-document token). Rounds interleave
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from apt.core.config import load_profile  # noqa: E402
 from apt.model.architectures import APTModel  # noqa: E402
-from apt.model.hf_interop import hf_config, megatron_to_hf  # noqa: E402
+from apt.trainops.interop import hf_config, megatron_to_hf  # noqa: E402
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed  # noqa: E402
 from apt.trainops.rl.sampling import SamplingParams, sample  # noqa: E402
 

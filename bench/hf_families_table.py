@@ -47,7 +47,7 @@ HYBRID = "training.distributed.strategy=hybrid"
 
 
 def _model_sets(cfg) -> list[str]:
-    from apt.model.hf_interop import profile_model_fields
+    from apt.trainops.interop import profile_model_fields
     return [f"model.{k}={json.dumps(v)}" for k, v in profile_model_fields(cfg).items()]
 
 
@@ -130,7 +130,7 @@ def family_row(family: str, work: Path, steps: int) -> dict[str, str]:
     import torch
     import transformers
     from tests.test_hf_families import COMMON, _apt_logits, _configs, _hf_logits, _hf_model
-    from apt.model.hf_interop import export_hf, import_hf, import_hf_to_weights
+    from apt.trainops.interop import export_hf, import_hf, import_hf_to_weights
     work = work / family
     config, _ = _configs()[family]
     hf = _hf_model(config, seed=len(family))

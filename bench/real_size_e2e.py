@@ -96,7 +96,7 @@ def phase_make_hf(work: Path, args) -> None:
 
 
 def phase_import(work: Path) -> None:
-    from apt.model.hf_interop import import_hf_to_weights
+    from apt.trainops.interop import import_hf_to_weights
     started = time.perf_counter()
     model = import_hf_to_weights(work / "hf", work / "weights")
     _emit(phase="import", seconds=round(time.perf_counter() - started, 1),
@@ -155,7 +155,7 @@ def phase_train(work: Path, objective: str, lora: bool, steps: int, args) -> Non
 def phase_export_and_compare(work: Path, args) -> None:
     """Export the full-SFT weights; transformers' greedy tokens against APT's sampler's."""
     from apt.core.config import load_profile
-    from apt.model.hf_interop import export_hf
+    from apt.trainops.interop import export_hf
     from apt.trainops.data.tokenizers.tokenizer import build_tokenizer
     run_dir = Path((work / "sft-full-run").read_text())
     cfg = load_profile(PROFILE, _overrides(work, "greedy", "grpo", False, 1, args)

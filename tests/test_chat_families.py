@@ -325,7 +325,7 @@ def test_exported_model_generates_until_the_end_of_turn(family_dirs, name, tmp_p
     import torch
     from apt.core.config import ModelConfig
     from apt.model.architectures import APTModel
-    from apt.model.hf_interop import export_hf
+    from apt.trainops.interop import export_hf
     tok = HFTokenizer(family_dirs[name])
     end_of_turn = tok._tok.token_to_id(FAMILIES[name][4])
     torch.manual_seed(0)

@@ -394,7 +394,7 @@ def test_resume_refusal_is_one_line_exit_2(base, tmp_path):
 def test_hf_import_reads_only_files_of_its_directory(tmp_path):
     from apt.core.config import ConfigError
     from apt.model.architectures import APTModel
-    from apt.model.hf_interop import HF_INDEX, hf_config
+    from apt.trainops.interop import HF_INDEX, hf_config
     cfg = load_profile("tiny", SMALL).model
     hf_config(cfg).save_pretrained(str(tmp_path))
     (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"")

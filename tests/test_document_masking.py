@@ -97,7 +97,7 @@ def test_packed_gradients_equal_summed_document_gradients(recompute):
 @torch.no_grad()
 def test_restarting_positions_reach_rope_like_hugging_face(reference, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from apt.model.hf_interop import export_hf
+    from apt.trainops.interop import export_hf
     model, cfg, case = reference
     export_hf(model, cfg.model, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()

@@ -21,7 +21,7 @@ pytest.importorskip("safetensors")
 
 from apt.core.config import ConfigError  # noqa: E402
 from apt.model.architectures import APTModel  # noqa: E402
-from apt.model.hf_interop import export_hf, import_hf, model_config_from_hf  # noqa: E402
+from apt.trainops.interop import export_hf, import_hf, model_config_from_hf  # noqa: E402
 
 TOLERANCE = 1e-4
 SEQ = 24

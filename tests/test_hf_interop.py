@@ -10,7 +10,7 @@ pytest.importorskip("safetensors")
 
 from apt.core.config import ModelConfig  # noqa: E402
 from apt.model.architectures import APTModel  # noqa: E402
-from apt.model.hf_interop import export_hf, import_hf, import_hf_to_weights  # noqa: E402
+from apt.trainops.interop import export_hf, import_hf, import_hf_to_weights  # noqa: E402
 from apt.trainops.checkpoints import load_model_weights, save_model_weights  # noqa: E402
 
 
@@ -169,7 +169,7 @@ def test_cli_export_and_import(tmp_path):
 
 def test_unsupported_hf_config_is_refused(tmp_path):
     from apt.core.config import ConfigError
-    from apt.model.hf_interop import model_config_from_hf
+    from apt.trainops.interop import model_config_from_hf
     base = dict(model_type="llama", hidden_size=64, num_attention_heads=4,
                 num_hidden_layers=2, intermediate_size=96, vocab_size=384)
     with pytest.raises(ConfigError, match="RoPE scaling 'yarn'"):

@@ -17,7 +17,7 @@ import torch
 
 from apt.core.config import ConfigError, load_profile
 from apt.model.architectures import APTModel
-from apt.model.hf_interop import export_hf
+from apt.trainops.interop import export_hf
 from apt.model.lora import adapters, apply_lora, merge_lora
 from apt.model.sizing import count_lora_parameters
 from apt.trainops.checkpoints import save_model_weights

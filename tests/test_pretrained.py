@@ -10,7 +10,8 @@ import yaml
 
 from apt.core.config import APTConfig, ModelConfig, config_to_dict
 from apt.model.architectures import APTLargeModel, APTModel
-from apt.model.pretrained import MODEL_CONFIG_FILE, PretrainedError
+from apt.trainops.checkpoints.model_weights import MODEL_CONFIG_FILE
+from apt.trainops.interop import PretrainedError
 from apt.trainops.checkpoints import save_model_weights
 
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,

@@ -124,8 +124,10 @@ class APTModel(PackedDocumentsGPTModel):
     def from_pretrained(cls, path) -> "APTModel":
         """A one-process fp32 model holding the weights at ``path``: a training run directory,
         a dist_checkpointing weights directory, or a Hugging Face Llama / Mistral / Mixtral /
-        Qwen2 / Qwen3 / Qwen3-MoE directory (pretrained.py says how each is recognised)."""
-        from .pretrained import load_pretrained
+        Qwen2 / Qwen3 / Qwen3-MoE directory (apt/trainops/interop/pretrained.py says how each is
+        recognised). The one import from model/ up: loading saved weights needs checkpoint I/O
+        and the HF importer, which build on this class; the seed API keeps it on the class."""
+        from apt.trainops.interop.pretrained import load_pretrained
         return load_pretrained(cls, path)
 
     def num_parameters(self) -> int:

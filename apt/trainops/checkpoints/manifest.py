@@ -2,7 +2,7 @@
 
 A directory without a manifest, or whose files differ from it (a file missing, unlisted,
 of another size or SHA-256, a symlink anywhere), is not a checkpoint: loading refuses it and
-``load_latest`` skips it, saying why. The manifest also carries the run's lineage (manager.py).
+``load_latest`` skips it, saying why. The manifest also carries the run's lineage (lineage.py).
 """
 from __future__ import annotations
 

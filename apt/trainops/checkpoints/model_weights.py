@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from apt.model.pretrained import MODEL_CONFIG_FILE
 from . import results_queue
 from .errors import CheckpointError
 from .checked_reader import checked_dist_dir, checked_load, part_files
 from .safe_unpickle import checked_on_rank0
 from .verification import check_weights_dir
+
+# The model config (the shape the shards need) written next to them by save_model_weights, so
+# that the directory alone rebuilds the model (apt.trainops.interop.pretrained reads it).
+MODEL_CONFIG_FILE = "apt_model.json"
 
 
 def _sharded_state(modules: list[torch.nn.Module], trainable_only: bool = False) -> dict:

@@ -97,7 +97,7 @@ class Finetuner(Trainer):
             if self.tokenizer is not None:   # load_tokenizer(<dir>/tokenizer) reads it
                 self.tokenizer.save(directory / "tokenizer")
             if self.plan.whole_model_per_rank:
-                from apt.model.hf_interop import export_hf
+                from apt.trainops.interop import export_hf
                 export_hf(self.modules, self.config.model, directory / "hf",
                           tokenizer=self.tokenizer)
         dist.barrier()

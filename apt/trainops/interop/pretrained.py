@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from apt.core.config import ModelConfig
+from apt.trainops.checkpoints.model_weights import MODEL_CONFIG_FILE
 
-MODEL_CONFIG_FILE = "apt_model.json"   # written next to the shards by save_model_weights
 ACCEPTS = ("a training run directory (config.yaml + model/dist/), a dist_checkpointing weights "
            "directory (metadata.json, with apt_model.json or inside a run directory), or a "
            "Hugging Face Llama/Mistral/Mixtral/Qwen2/Qwen3/Qwen3-MoE directory (config.json + "
@@ -33,7 +33,7 @@ def load_pretrained(model_class, path):
     """An instance of ``model_class`` (APTModel or a subclass) with the weights at ``path``."""
     path = Path(path)
     if (path / "config.json").is_file():
-        from .hf_interop import import_hf
+        from .hf_import import import_hf
         return import_hf(path, model_class=model_class)[1]
     if (path / "config.yaml").is_file() and (path / "model" / "dist" / "metadata.json").is_file():
         return _from_weights(model_class, path / "model" / "dist",
@@ -73,7 +73,7 @@ def _run_model_config(path: Path) -> ModelConfig:
 def model_config_from_dict(data: dict, where) -> ModelConfig:
     """The saved ``model`` fields, checked as a profile's are (unknown keys refused)."""
     from apt.core.config import ConfigError
-    from .architectures import resolve_model_config
+    from apt.model.architectures import resolve_model_config
     try:
         return resolve_model_config(ModelConfig(), data)
     except ConfigError as exc:
