@@ -133,3 +133,10 @@ def describe_foreign(entry: dict) -> str:
     if not entry["readable"]:
         return " (no readable manifest)"
     return f" (lineage {entry['lineage'] or 'none: written before lineage ids'})"
+
+
+def checkpoint_save_dir(cfg, directory: str | None = None) -> Path:
+    """Where the run's checkpoints go: the argument, training.checkpoints.dir, else
+    <output.dir>/<experiment or profile name>-checkpoints."""
+    default = Path(cfg.output.dir) / f"{cfg.output.experiment_name or cfg.name}-checkpoints"
+    return Path(directory or cfg.training.checkpoints.dir or default)

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from apt.trainops.reliability.lifetime import die_with_launcher
 from .launcher_env import LaunchEnv, detect_launch_env, export
 
 _RUNTIME: "Runtime | None" = None
@@ -74,7 +73,6 @@ def setup_distributed(backend: str | None = None, world_size: int | None = None,
         if plan is not None:
             _reconfigure(_RUNTIME, plan)
         return _RUNTIME
-    die_with_launcher()   # first thing in launch/train.py too; here for every other entry point
     env = detect_launch_env()
     if rank is not None or world_size is not None:
         env = dataclasses.replace(env, rank=env.rank if rank is None else rank,

@@ -25,6 +25,7 @@ from apt.core.exit_codes import EXIT_PREEMPTED  # noqa: F401
 from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
                                       load_model_weights)
 from apt.trainops.checkpoints.checked_reader import load_checked_torch_file
+from apt.trainops.checkpoints.directory import checkpoint_save_dir
 from apt.trainops.checkpoints.model_weights import _sharded_state, zero3_gathered
 from apt.trainops.checkpoints.optimizer_state import (load_optimizer_state,
                                                       optimizer_sharded_state)
@@ -34,13 +35,6 @@ from .anomaly import check_weights_finite
 
 log = logging.getLogger("apt.checkpoints")
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def checkpoint_save_dir(cfg, directory: str | None = None) -> Path:
-    """Where the run's checkpoints go: the argument, training.checkpoints.dir, else
-    <output.dir>/<experiment or profile name>-checkpoints."""
-    default = Path(cfg.output.dir) / f"{cfg.output.experiment_name or cfg.name}-checkpoints"
-    return Path(directory or cfg.training.checkpoints.dir or default)
 
 
 def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:

@@ -27,6 +27,7 @@ from apt.trainops.distributed.runtime import (collective_device, seed_everything
                                               setup_distributed)
 from apt.trainops.distributed.watchdog import Watchdog, set_phase
 from apt.trainops.objectives import build_objective
+from apt.trainops.reliability.lifetime import die_with_launcher
 from apt.trainops.reliability.preflight import refuse_unless_ready
 from .anomaly import AnomalyGuard, AnomalyStop
 from apt.trainops.callbacks import Callback
@@ -143,6 +144,7 @@ class Trainer:
         # Memory and the checkpoint disk, before any process group or model exists.
         refuse_unless_ready(cfg, self.plan, launch.local_world_size,
                             checkpoint_save_dir(cfg, checkpoint_dir))
+        die_with_launcher()   # a worker whose launcher died exits (launch/train.py: earlier)
         self.runtime = setup_distributed(
             plan=self.plan, seed=cfg.training.seed,
             rendezvous_timeout_s=cfg.training.distributed.rendezvous_timeout_s)

@@ -46,8 +46,9 @@ def run(args) -> int:
 
 def _print_library_warnings() -> None:
     """The libraries' warnings that runs keep off the console (apt/core/logging.py), once."""
-    try:   # the training stack, so that its import-time warnings are among them
-        import apt.trainops.engine  # noqa: F401
+    try:   # what the engines import, so that the libraries' import-time warnings are here
+        import deepspeed  # noqa: F401
+        import megatron.core.optimizer  # noqa: F401
     except Exception:  # noqa: BLE001 - the package rows above already say what is broken
         pass
     from apt.core.logging import hidden_warnings
@@ -67,7 +68,7 @@ def checks(cfg, nodes: int = 1, per_node: int | None = None) -> list[Check]:
     plan_row, plan = _plan(cfg, nodes * per_node, per_node, "cuda" if cuda else "cpu")
     rows.append(plan_row)
     if plan is not None:
-        from apt.trainops.engine.checkpointing import checkpoint_save_dir
+        from apt.trainops.checkpoints.directory import checkpoint_save_dir
         rows += [memory_check(cfg, plan, per_node),
                  checkpoint_dir_check(cfg, plan, checkpoint_save_dir(cfg))]
     rows += [_shm(), _master_port(), _extensions_dir()]

@@ -3,12 +3,9 @@ objective with its corpus."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
 from .rules import rule
-
-if TYPE_CHECKING:
-    from .profile import APTConfig
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 
@@ -89,7 +86,9 @@ class GRPOConfig:
     overlong_filter: bool = False
 
 
-def objective_checks(cfg: APTConfig):
+def objective_checks(cfg):
+    """The objective against its corpus. ``cfg`` is the whole profile (schema.profile's
+    APTConfig, which imports this module: a section never imports the profile)."""
     objective, corpus = cfg.training.objective, cfg.data.corpus
     if objective == "dpo" and corpus != "preference":
         yield "training.objective", ("'dpo' trains on preference pairs: needs data.corpus "
@@ -105,7 +104,7 @@ def objective_checks(cfg: APTConfig):
         yield from _grpo_checks(cfg)
 
 
-def _grpo_checks(cfg: APTConfig):
+def _grpo_checks(cfg):
     g, t, d = cfg.training.grpo, cfg.training, cfg.training.distributed
     groups = g.num_generations * max(1, d.data_parallel or 1)
     if t.batch_size % g.num_generations:

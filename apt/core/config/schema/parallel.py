@@ -4,12 +4,9 @@ degrees to the model's shape; rules that need the world size live in the paralle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
 from .rules import rule
-
-if TYPE_CHECKING:
-    from .profile import APTConfig
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ class HardwareConfig:
     memory_check: bool = True
 
 
-def parallel_checks(cfg: APTConfig):
+def parallel_checks(cfg):
     """The parallel degrees against the model, the data and each other."""
     m, t, d = cfg.model, cfg.training, cfg.training.distributed
     if m.num_attention_heads % d.tensor_parallel:
