@@ -99,3 +99,26 @@ def test_each_constructor_gives_a_usable_trainer(cls, tmp_path):
         except Exception as error:   # every form is tried; the report names each failure
             failures.append(f"{cls.__name__} via {form}: {type(error).__name__}: {error}")
     assert not failures, "\n".join(failures)
+
+
+def test_variants_extend_only_through_public_hooks():
+    """No trainer class overrides a private method of Trainer (issue 28: O1Trainer overrode
+    _loader, _training_batches and _dataset_options), and an objective declares on its base
+    every method the engines, the Evaluator, the rollouts and the trainers call on it."""
+    from apt.trainops.objectives import (GRPOObjective, LanguageModelObjective, Objective,
+                                         PreferenceObjective)
+    private = {name for name in vars(Trainer) if name.startswith("_")
+               and not name.startswith("__")}
+    for cls in CASES:
+        for klass in cls.__mro__[:cls.__mro__.index(Trainer)]:
+            assert not private & set(vars(klass)), (klass.__name__, private & set(vars(klass)))
+            assert "evaluate" not in vars(klass), klass   # the objective's evaluation decides
+    called = {"coerce", "check_model", "bind", "prepare", "state_dict", "check_resumed",
+              "loss_units", "forward_step", "step_metrics", "logps_step", "evaluate",
+              "eval_forward_step", "eval_metrics", "reference", "needs_reference",
+              "stat_names", "eval_stat_names", "batch_type", "name"}
+    assert called <= set(dir(Objective)), called - set(dir(Objective))
+    for objective in (GRPOObjective, LanguageModelObjective, PreferenceObjective):
+        public = {n for n in vars(objective) if not n.startswith("_")}
+        assert public - set(dir(Objective)) <= {"epsilon_high", "train_mask", "per_token_terms",
+                                                "aggregate", "pair_losses", "token_sft_loss"}

@@ -153,7 +153,6 @@ class Evaluator:
         return self.objective.eval_metrics(sums, self.metrics)
 
     # ------------------------------------------------------------------ internals
-
     def _device(self):
         return next(self.model.parameters()).device
 
