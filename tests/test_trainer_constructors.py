@@ -122,3 +122,25 @@ def test_variants_extend_only_through_public_hooks():
         public = {n for n in vars(objective) if not n.startswith("_")}
         assert public - set(dir(Objective)) <= {"epsilon_high", "train_mask", "per_token_terms",
                                                 "aggregate", "pair_losses", "token_sft_loss"}
+
+
+def test_o1_trainer_without_a_profile_takes_the_tokenizer_given_or_says_so(tmp_path):
+    """A config built in Python (no profile) does not say which tokenizer made the caller's
+    prompts: ``tokenizer=`` gives it, and without one O1Trainer (which decodes answers for its
+    rewards) says what it needs instead of failing on None."""
+    from apt.core.config import APTConfig, ConfigError, with_overrides
+    profile = load_profile("tiny", SMALL + _data(tmp_path)["prompts"])
+    train, held_out, tokenizer = build_datasets(profile.data, seed=profile.training.seed)
+    python_config = with_overrides(APTConfig(model=profile.model), {
+        "data.corpus": "prompts", "data.path": profile.data.path, "data.seq_length": 24,
+        "data.val_fraction": 0.3, "training.batch_size": 4, "training.objective": "grpo",
+        "training.grpo.num_generations": 2, "training.grpo.max_new_tokens": 4,
+        "training.grpo.eval_prompts": 2, "output.sample_tokens": 0})
+    assert not python_config.sources
+    seed = dict(train_dataset=train, eval_dataset=held_out, config=python_config,
+                output_dir=str(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match=r"data\.tokenizer: O1Trainer decodes .* pass "
+                                          r"tokenizer="):
+        O1Trainer(**seed)
+    trainer = O1Trainer(**seed, tokenizer=tokenizer)
+    assert trainer.tokenizer is tokenizer and trainer.evaluate()["val_prompts"] == 2

@@ -66,6 +66,11 @@ class O1Trainer(Trainer):
         self._prompt_draws = None   # the prompt cursor a checkpoint recorded (dynamic sampling)
         super().__init__(model=model, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          config=cfg, **kwargs)
+        if self.tokenizer is None:   # the caller's prompts, neither a tokenizer nor a profile
+            raise ConfigError("O1Trainer decodes the policy's answers for its rewards: pass "
+                              "tokenizer= (the one that tokenized the prompts) or a profile "
+                              "(config=load_profile(...)) whose data.tokenizer it is",
+                              key="data.tokenizer")
         groups = cfg.training.grpo.num_generations * self.plan.dp
         if self.plan.global_batch % groups:
             raise ConfigError(f"{self.plan.global_batch} completions per step cannot be split "
@@ -136,17 +141,12 @@ class O1Trainer(Trainer):
         prompts = TimedBatches(self.train_dataloader, lambda batch: batch, self.runtime.device)
         source = RolloutSource(prompts, self.modules, self.objective, self.rewards,
                                self.tokenizer, self.config, self.plan, self.runtime.device,
-                               start_step=self.step, sync_group=self._sync_group(),
+                               start_step=self.step, sync_group=lockstep_group(self.plan),
                                prompt_draws=self._prompt_draws)
         if self._rollout_state is not None:
             source.load_state(self._rollout_state)
         self.rollouts = source
         return source
-
-    def _sync_group(self):
-        """ZeRO-3 gathers parameters over data-parallel ranks in every forward pass, so those
-        ranks sample in lockstep."""
-        return lockstep_group(self.plan)
 
     # -- checkpoints -----------------------------------------------------------------------
     def rank_state(self):
@@ -186,4 +186,4 @@ class O1Trainer(Trainer):
         """Greedy completions (token ids) of ``prompts`` on this layout; collective over the
         model-parallel group (and the data-parallel group under ZeRO-3)."""
         return greedy_answers(self.modules, prompts, self.config.training.grpo, self.tokenizer,
-                              self.config.data.seq_length, sync_group=self._sync_group())
+                              self.config.data.seq_length, sync_group=lockstep_group(self.plan))

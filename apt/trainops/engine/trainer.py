@@ -73,8 +73,8 @@ class Trainer:
     """The one training loop. Built from a profile (``Trainer(config=cfg)``,
     ``Trainer.from_config(cfg, train_dataset=..., eval_dataset=...)``) or the seed's way
     (``Trainer(model=model, train_dataloader=..., max_steps=...)``); ``train()`` runs it.
-    Without ``tokenizer=`` the trainer holds the profile's (``data.tokenizer``), whoever built
-    the data.
+    Built from a profile without ``tokenizer=``, the trainer holds the profile's
+    (``data.tokenizer``), whoever built the data.
 
     Writing a trainer variant (PreTrainer, Finetuner, ClaudeTrainer, GPT5Trainer and O1Trainer
     are the examples): subclass, and change what the loop trains on through these public hooks
@@ -174,7 +174,9 @@ class Trainer:
             train_dataloader = train_dataloader or self.make_loader(train_dataset, train=True)
             if eval_dataset is not None:
                 eval_dataloader = eval_dataloader or self.make_loader(eval_dataset, train=False)
-        if self.tokenizer is None:   # data the caller built: the profile names its tokenizer
+        if self.tokenizer is None and cfg.sources:
+            # data the caller built for a profile: the profile names its tokenizer (without a
+            # profile the data's tokenizer is unknown: the default config's would be a guess)
             self.tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
         from apt.trainops.monitoring import build_callbacks  # monitoring imports engine

@@ -71,7 +71,8 @@ class Objective:
     def prepare(self, micro_batches: list, run_forward) -> list:
         """The step's (or evaluation's) micro-batches before their forward passes; may fill
         fields from a pass of its own: ``run_forward(batches, step_fn)`` is the layout's
-        forward-only pass (apt/trainops/distributed/engines/forward_only.py), collective like a step."""
+        forward-only pass (apt/trainops/distributed/engines/forward_only.py), collective like
+        a step."""
         return micro_batches
 
     def state_dict(self) -> dict:
