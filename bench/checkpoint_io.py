@@ -69,7 +69,7 @@ def build(args, directory: Path):
     trainer = Trainer.from_config(cfg, checkpoint_dir=str(directory / "checkpoints"))
     trainer.artifacts = trainer._artifacts()   # a save records the run directory
     trainer.engine = build_engine(trainer.modules, cfg, trainer.plan, trainer.objective)
-    return trainer, trainer._training_batches()
+    return trainer, trainer.training_batches()
 
 
 def step(trainer, batches) -> float:

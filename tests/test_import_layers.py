@@ -36,9 +36,10 @@ LAYERS = [
     ["apt.trainops.artifacts"],
     ["apt.trainops.rewards"],
     ["apt.trainops.objectives"],
+    ["apt.trainops.distributed.engines"],  # ZeRO / Megatron engines: take an objective;
+    #                                      their forward-only schedule serves the Evaluator
     ["apt.trainops.eval"],
     ["apt.trainops.monitoring"],          # MFU from eval/flops.py
-    ["apt.trainops.distributed.engines"],  # ZeRO / Megatron engines: take an objective
     ["apt.trainops.rl"],
     ["apt.trainops.reliability"],         # preflight, doctor, lifetime, watchdog, run control
     ["apt.trainops.engine"],              # the trainers

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from apt.core.config import APTConfig, with_overrides
-from apt.trainops.eval.forward_pass import forward_only
+from apt.trainops.distributed.engines.forward_only import forward_only
 from apt.trainops.objectives import PreferenceObjective
 from apt.trainops.objectives.reference import precompute
 from .checkpointing import layout_of
@@ -46,7 +46,7 @@ class ClaudeTrainer(Trainer):
         objective = self.objective
         if objective.needs_reference and cfg.training.dpo.reference == "precomputed":
             self._precompute_reference()
-        self.chat_scorer = self._profile_chat_scorer(own_data=train_dataset is None)
+        self.chat_scorer = self.profile_chat_scorer(own_data=train_dataset is None)
 
     def _precompute_reference(self) -> None:
         """Every pair's reference log-probs, once; then the reference weights are dropped."""

@@ -77,7 +77,7 @@ class Finetuner(Trainer):
                                       self.config.training.seed)
         if self.neftune is not None:
             self.callbacks.append(_NEFTuneSteps(self.neftune))
-        self.chat_scorer = self._profile_chat_scorer(own_data=train_dataset is None)
+        self.chat_scorer = self.profile_chat_scorer(own_data=train_dataset is None)
 
     def finetune(self) -> dict:
         return self.train()

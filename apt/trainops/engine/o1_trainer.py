@@ -5,7 +5,9 @@ prompt, programs score them (apt/trainops/rewards), and group-relative advantage
 policy toward the answers that scored. The pieces live where they belong and this class wires
 them: the loss and its metrics in the objective (apt/trainops/objectives/grpo.py); sampling on
 every layout and the rollouts in apt/trainops/rl/; the loop is ``Trainer.train``, drawing its
-micro-batches from a ``RolloutSource`` instead of the data loader.
+micro-batches from a ``RolloutSource`` instead of the data loader. It extends the Trainer
+through its public hooks only (``dataset_options``, ``make_loader``, ``training_batches``, the
+objective).
 
 What it adds around them:
 - the prompt data (``data.corpus: prompts``), each record checked for the fields the rewards
@@ -13,7 +15,8 @@ What it adds around them:
   generation round;
 - evaluation by greedy answers to the held-out prompts on this layout: ``val_reward``,
   ``val_rewards/<name>``, ``val_accuracy`` (the share whose first reward scored 1) and
-  ``val_completion_length``, before the first step and after the last;
+  ``val_completion_length``, before the first step and after the last (the objective's
+  evaluation, apt/trainops/rl/evaluation.py, through the Evaluator as for every objective);
 - checkpoints that continue bit-identically: the rollouts of a round that a checkpoint cuts
   in the middle (num_iterations > 1) are saved with it; the prompt position follows the step.
 """
@@ -27,11 +30,13 @@ import torch.distributed as dist
 from apt.core.config import APTConfig, ConfigError, with_overrides
 from apt.trainops.checkpoints import CheckpointError
 from apt.trainops.data import create_dataloader
+from apt.trainops.distributed.engines.forward_only import lockstep_group
 from apt.trainops.objectives.grpo import GRPOObjective
 from apt.trainops.rewards import RewardSet
-from apt.trainops.rl.rollouts import RolloutSource, sampling_params
-from apt.trainops.rl.sampling import RankRoles, sample
-from .trainer import Trainer, _TimedBatches
+from apt.trainops.rl.evaluation import GreedyAnswerEvaluation, greedy_answers
+from apt.trainops.rl.rollouts import RolloutSource
+from .batch_source import TimedBatches
+from .trainer import Trainer
 
 
 class O1Trainer(Trainer):
@@ -54,11 +59,18 @@ class O1Trainer(Trainer):
         self.rewards = RewardSet.from_specs(
             cfg.training.grpo.rewards, where=cfg.sources[-1] if cfg.sources else cfg.name)
         kwargs.setdefault("objective", GRPOObjective(
-            cfg.training.grpo, [r.label for r in self.rewards.rewards]))
+            cfg.training.grpo, [r.label for r in self.rewards.rewards],
+            answer_evaluation=GreedyAnswerEvaluation(self.rewards, cfg.training.grpo,
+                                                     cfg.data.seq_length)))
         self._rollout_state = None
         self._prompt_draws = None   # the prompt cursor a checkpoint recorded (dynamic sampling)
         super().__init__(model=model, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          config=cfg, **kwargs)
+        if self.tokenizer is None:   # the caller's prompts, neither a tokenizer nor a profile
+            raise ConfigError("O1Trainer decodes the policy's answers for its rewards: pass "
+                              "tokenizer= (the one that tokenized the prompts) or a profile "
+                              "(config=load_profile(...)) whose data.tokenizer it is",
+                              key="data.tokenizer")
         groups = cfg.training.grpo.num_generations * self.plan.dp
         if self.plan.global_batch % groups:
             raise ConfigError(f"{self.plan.global_batch} completions per step cannot be split "
@@ -73,7 +85,7 @@ class O1Trainer(Trainer):
         self.objective.valid_vocab = self.tokenizer.vocab_size
 
     # -- data ------------------------------------------------------------------------------
-    def _dataset_options(self, cfg) -> dict:
+    def dataset_options(self, cfg) -> dict:
         g = cfg.training.grpo
         return {"max_prompt_length": cfg.data.max_prompt_length
                 or cfg.data.seq_length - g.max_new_tokens,
@@ -104,7 +116,7 @@ class O1Trainer(Trainer):
     def prompts_per_step(self) -> int:
         return self.plan.global_batch // self.config.training.grpo.num_generations
 
-    def _loader(self, dataset, train: bool):
+    def make_loader(self, dataset, train: bool):
         """One batch of this rank's prompts per generation round (train), or the held-out
         prompts one at a time (evaluation reads the dataset directly)."""
         prompts = self.prompts_per_step
@@ -119,28 +131,22 @@ class O1Trainer(Trainer):
             infinite=train, consumed_samples=draws * prompts if train else 0,
             permutation=self.config.data.shuffle_method)
 
-    def _training_batches(self):
+    def training_batches(self):
+        """The rollouts: completions sampled for the prompt loader's batches, scored and cut
+        into the step's micro-batches (apt/trainops/rl/rollouts.py)."""
         if self._resumed_draws_differ():
             # dynamic sampling drew extra prompt batches before the checkpoint: the prompt
             # loader (built before the checkpoint's rank state was read) continues from there
-            self.train_dataloader = self._loader(self.train_dataloader.dataset, train=True)
-        prompts = _TimedBatches(self.train_dataloader, lambda batch: batch, self.runtime.device)
+            self.train_dataloader = self.make_loader(self.train_dataloader.dataset, train=True)
+        prompts = TimedBatches(self.train_dataloader, lambda batch: batch, self.runtime.device)
         source = RolloutSource(prompts, self.modules, self.objective, self.rewards,
                                self.tokenizer, self.config, self.plan, self.runtime.device,
-                               start_step=self.step, sync_group=self._sync_group(),
+                               start_step=self.step, sync_group=lockstep_group(self.plan),
                                prompt_draws=self._prompt_draws)
         if self._rollout_state is not None:
             source.load_state(self._rollout_state)
         self.rollouts = source
         return source
-
-    def _sync_group(self):
-        """ZeRO-3 gathers parameters over data-parallel ranks in every forward pass, so those
-        ranks sample in lockstep."""
-        if not self.plan.zero3_partitioned:
-            return None
-        from megatron.core import parallel_state
-        return parallel_state.get_data_parallel_group()
 
     # -- checkpoints -----------------------------------------------------------------------
     def rank_state(self):
@@ -175,44 +181,9 @@ class O1Trainer(Trainer):
                 f"it was saved on")
         self._rollout_state = state
 
-    # -- evaluation ------------------------------------------------------------------------
+    # -- evaluation (the objective's: GreedyAnswerEvaluation, through the Evaluator) ------
     def greedy_answers(self, prompts: list) -> list[list[int]]:
         """Greedy completions (token ids) of ``prompts`` on this layout; collective over the
         model-parallel group (and the data-parallel group under ZeRO-3)."""
-        params = sampling_params(self.config.training.grpo, self.tokenizer,
-                                 self.config.data.seq_length, greedy=True)
-        return sample(self.modules, prompts, params, [0] * len(prompts),
-                      sync_group=self._sync_group()).tokens
-
-    def evaluate(self, max_batches: int | None = None) -> dict:
-        """Greedy answers to the held-out prompts (the first ``training.grpo.eval_prompts``),
-        scored by the rewards; data-parallel ranks answer a share each."""
-        dataset = getattr(self.eval_dataloader, "dataset", None)
-        if dataset is None:
-            return {}
-        g = self.config.training.grpo
-        count = min(len(dataset), g.eval_prompts or len(dataset))
-        mine = list(range(self.runtime.dp_rank, count, self.runtime.dp_size))
-        batch = dataset.get_batch(mine)
-        answers = self.greedy_answers(batch.prompts)
-        labels = [r.label for r in self.rewards.rewards]
-        roles = RankRoles()
-        sums = torch.zeros(4 + len(labels), dtype=torch.float64, device=self.runtime.device)
-        if roles.samples and mine:
-            texts = [self.tokenizer.decode(t) for t in answers]
-            scores = self.rewards.score(batch.texts, texts, batch.records)
-            sums[0] = len(mine)
-            sums[1] = sum(scores.total)
-            sums[2] = sum(1.0 for v in scores.per_reward[labels[0]] if v >= 1.0)
-            sums[3] = sum(len(t) for t in answers)
-            for k, label in enumerate(labels):
-                sums[4 + k] = sum(scores.per_reward[label])
-        sums = roles.share(sums)
-        from megatron.core import parallel_state
-        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-        n = max(float(sums[0]), 1.0)
-        out = {"val_reward": float(sums[1]) / n, "val_accuracy": float(sums[2]) / n,
-               "val_completion_length": float(sums[3]) / n, "val_prompts": int(sums[0])}
-        out.update({f"val_rewards/{label}": float(sums[4 + k]) / n
-                    for k, label in enumerate(labels)})
-        return out
+        return greedy_answers(self.modules, prompts, self.config.training.grpo, self.tokenizer,
+                              self.config.data.seq_length, sync_group=lockstep_group(self.plan))

@@ -17,10 +17,11 @@ from apt.model.lora import apply_lora, merge_lora
 from apt.trainops.artifacts import ArtifactManager
 from apt.trainops.checkpoints import save_model_weights
 from apt.trainops.checkpoints.model_weights import zero3_gathered
-from apt.trainops.data import APTDataLoader, create_dataloader, nats_to_bits
+from apt.trainops.data import APTDataLoader, build_tokenizer, create_dataloader, nats_to_bits
 from apt.trainops.data.build import build_datasets
 from apt.trainops.distributed.ddp_wrapper import unwrap_strategy_request
 from apt.trainops.distributed.engines import build_engine
+from apt.trainops.distributed.engines.forward_only import lockstep_group
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
 from apt.trainops.distributed.runtime import (collective_device, seed_everything,
@@ -31,49 +32,13 @@ from apt.trainops.reliability.lifetime import die_with_launcher
 from apt.trainops.reliability.preflight import refuse_unless_ready
 from .anomaly import AnomalyGuard, AnomalyStop
 from apt.trainops.callbacks import Callback
+from .batch_source import TimedBatches
 from .checkpointing import (PreemptionGuard, announce_resume, checkpoint_manager,
                             checkpoint_save_dir, load_engine_state, load_init_weights, load_weights,
                             resolve_resume, resumed_run_dir,
                             save_training_checkpoint)
 from .progress import Progress, format_duration
 from .schedule import warmup_cosine
-
-
-class _TimedBatches:
-    """The training batches, typed (``coerce``: the objective's) and moved to the device, with
-    the time spent waiting for them."""
-
-    def __init__(self, dataloader, coerce, device):
-        self._batches, self._wait = iter(dataloader), 0.0
-        self._coerce, self._device = coerce, device
-        self._ids = torch.zeros(2, dtype=torch.float64)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        batch = self._coerce(next(self._batches)).to(self._device, non_blocking=True)
-        self._wait += time.perf_counter() - start
-        ids = batch.sample_id.to(torch.float64)
-        self._ids += torch.stack([ids.sum(), (ids * ids).sum()]).cpu()
-        return batch
-
-    def take_wait(self) -> float:
-        wait, self._wait = self._wait, 0.0
-        return wait
-
-    def take_sample_digest(self) -> torch.Tensor:
-        """(sum of sample ids, sum of squares) this rank consumed since the last call: summed
-        over data-parallel ranks it names the global batch whatever the layout, so a resumed
-        run can prove it neither repeats nor skips samples."""
-        digest, self._ids = self._ids, torch.zeros(2, dtype=torch.float64)
-        return digest
-
-    def take_extras(self) -> dict:
-        """Per-step values a batch source adds to the step's record (``time/<phase>_s``: time
-        it spent producing batches, e.g. sampling rollouts); none here."""
-        return {}
 
 
 def _eval_summary(result: dict) -> str:
@@ -106,6 +71,35 @@ def _fmt(value: float | None) -> str:
 
 
 class Trainer:
+    """The one training loop. Built from a profile (``Trainer(config=cfg)``,
+    ``Trainer.from_config(cfg, train_dataset=..., eval_dataset=...)``) or the seed's way
+    (``Trainer(model=model, train_dataloader=..., max_steps=...)``); ``train()`` runs it.
+    Built from a profile without ``tokenizer=``, the trainer holds the profile's
+    (``data.tokenizer``), whoever built the data.
+
+    Writing a trainer variant (PreTrainer, Finetuner, ClaudeTrainer, GPT5Trainer and O1Trainer
+    are the examples): subclass, and change what the loop trains on through these public hooks
+    only; never copy or override ``train`` or a private method.
+
+    - the objective: pass ``objective=`` (an apt/trainops/objectives Objective) to
+      ``super().__init__``, e.g. ``kwargs.setdefault("objective", MyObjective(...))``. It is
+      the loss, the logged step metrics and the evaluation (``Objective.evaluate``: the
+      Evaluator calls it; forward-pass statistics by default);
+    - ``dataset_options(cfg) -> dict``: extra ``build_datasets`` arguments the variant's data
+      needs when the trainer builds the profile's data;
+    - ``make_loader(dataset, train) -> loader``: how a dataset becomes the training loader
+      (endless, continuing at ``self.consumed_samples``) or the held-out one;
+    - ``training_batches() -> batch source``: the iterator each step's micro-batches are drawn
+      from (engine/batch_source.py: ``TimedBatches`` over the training loader by default;
+      O1Trainer returns a ``RolloutSource`` that samples them);
+    - ``start_lines()``: lines to say at the start of training;
+    - ``rank_state()`` / ``load_rank_state(...)``: per-rank state a checkpoint must hold;
+    - ``eval_before_training`` and ``chat_scorer`` (``profile_chat_scorer(own_data)`` builds
+      the one for the profile's held-out chats); callbacks
+      (engine/callbacks.py) for per-step side effects (Finetuner's NEFTune noise);
+    - defaults and refusals in ``__init__`` before ``super().__init__`` (GPT5Trainer).
+    """
+
     # Evaluate once before the first step too (fine-tuning reports before and after).
     eval_before_training = False
     initial_eval: dict = {}
@@ -177,11 +171,15 @@ class Trainer:
             if train_dataset is None:
                 train_dataset, built_eval, self.tokenizer = build_datasets(
                     cfg.data, model_vocab_size=cfg.model.vocab_size, seed=cfg.training.seed,
-                    **self._dataset_options(cfg))
+                    **self.dataset_options(cfg))
                 eval_dataset = eval_dataset or built_eval
-            train_dataloader = train_dataloader or self._loader(train_dataset, train=True)
+            train_dataloader = train_dataloader or self.make_loader(train_dataset, train=True)
             if eval_dataset is not None:
-                eval_dataloader = eval_dataloader or self._loader(eval_dataset, train=False)
+                eval_dataloader = eval_dataloader or self.make_loader(eval_dataset, train=False)
+        if self.tokenizer is None and cfg.sources:
+            # data the caller built for a profile: the profile names its tokenizer (without a
+            # profile the data's tokenizer is unknown: the default config's would be a guess)
+            self.tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
         from apt.trainops.monitoring import build_callbacks  # monitoring imports engine
         self.callbacks = build_callbacks(cfg, extra=callbacks or [])
@@ -189,17 +187,21 @@ class Trainer:
         self.history: list[dict] = []
         self.anomalies = AnomalyGuard(cfg.training.anomaly, fp16=self.plan.precision == "fp16")
 
-    def _dataset_options(self, cfg) -> dict:
-        """Extra ``build_datasets`` arguments a trainer variant's data needs."""
+    # ------------------------------------------------------------------ hooks (class docstring)
+    def dataset_options(self, cfg) -> dict:
+        """Hook: extra ``build_datasets`` arguments a trainer variant's data needs (called
+        before ``super().__init__`` returns, when the trainer builds the profile's data)."""
         return {}
 
     def start_lines(self) -> list[str]:
         """Lines a trainer variant says at the start of training, after the plan (rank 0)."""
         return []
 
-    def _training_batches(self):
-        """The iterator the engine draws each step's micro-batches from."""
-        return _TimedBatches(self.train_dataloader, self.objective.coerce, self.runtime.device)
+    def training_batches(self):
+        """Hook: the batch source (engine/batch_source.py) the engine draws each step's
+        micro-batches from, built once when training starts (after a resume loaded its
+        state): the training loader's batches, typed by the objective."""
+        return TimedBatches(self.train_dataloader, self.objective.coerce, self.runtime.device)
 
     def rank_state(self) -> dict | None:
         """Tensors this rank's training checkpoint must hold besides weights, optimizer and
@@ -244,7 +246,10 @@ class Trainer:
             out["data.seq_length"] = seq_length
         return out
 
-    def _loader(self, dataset, train: bool) -> APTDataLoader:
+    def make_loader(self, dataset, train: bool) -> APTDataLoader:
+        """Hook: the loader over ``dataset``: for training endless and continuing at
+        ``self.consumed_samples`` (a resume), else one pass over the held-out data; both in
+        global batches split over the data-parallel ranks."""
         return create_dataloader(
             dataset, self.plan.micro_batch, self.config.data.num_workers,
             shuffle=self.config.data.shuffle and train, seed=self.config.training.seed,
@@ -284,7 +289,7 @@ class Trainer:
         if self.eval_before_training and self.step == 0:
             self.initial_eval = self._log_eval(progress)   # the "before" of a fine-tuning run
         tokens_per_step = plan.global_batch * cfg.data.seq_length
-        batches = self._training_batches()
+        batches = self.training_batches()
         # (step, StepResult, lr, seconds, end time, data wait, digest, extras, anomaly)
         pending: list[tuple] = []
         eval_result = None   # the evaluation that reached training.target, if one did
@@ -527,7 +532,7 @@ class Trainer:
                       f"{format_duration(progress.eta(self.step))}")
 
     # ------------------------------------------------------------------ evaluation
-    def _profile_chat_scorer(self, own_data: bool):
+    def profile_chat_scorer(self, own_data: bool):
         """Exact-match of greedy answers on the profile's held-out chats (SFT's, or preference
         pairs answered by the chosen answer), where the data is the profile's own and this
         process holds the whole model (greedy decoding here is one-process)."""
@@ -538,8 +543,10 @@ class Trainer:
         return ChatScorer.from_data(self.config.data, self.tokenizer)
 
     def evaluate(self, max_batches: int | None = None) -> dict:
-        """Validation metrics (apt.trainops.eval.Evaluator) over ``max_batches`` micro-batches
-        per data-parallel rank, prefixed ``val_``; the same numbers on every layout. With a
+        """Validation metrics, prefixed ``val_``, the same numbers on every layout: what the
+        objective's evaluation measures (apt.trainops.eval.Evaluator calls
+        ``Objective.evaluate``: forward-pass statistics over ``max_batches`` micro-batches per
+        data-parallel rank, or e.g. GRPO's greedy answers scored by its rewards). With a
         ``chat_scorer``: ``val_exact_match`` (overall and per task) too."""
         from apt.trainops.eval import Evaluator
         if self.eval_dataloader is None:
@@ -549,11 +556,11 @@ class Trainer:
                               dataloader=self.eval_dataloader, tokenizer=self.tokenizer,
                               metrics=["loss", "perplexity", "bits_per_token", "accuracy"],
                               micro_batch_size=self.plan.micro_batch,
-                              tasks=[t.eval_task] if t.eval_task else ())
+                              tasks=[t.eval_task] if t.eval_task else (),
+                              lockstep_group=lockstep_group(self.plan))
         result = {f"val_{k}": v
                   for k, v in evaluator.evaluate(max_batches or t.eval_batches).items()}
-        from apt.trainops.eval.coverage import eval_coverage
-        self.eval_coverage = eval_coverage(self.eval_dataloader, max_batches or t.eval_batches)
+        self.eval_coverage = evaluator.coverage   # None: the evaluation reads no batches
         if self.eval_coverage is not None:
             result["val_samples"] = self.eval_coverage.scored
         if self.chat_scorer is not None:

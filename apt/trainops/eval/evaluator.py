@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from apt.trainops.data.datasets.batches import LMBatch
-from .forward_pass import forward_only
+from apt.trainops.distributed.engines.forward_only import forward_only
+from .coverage import eval_coverage
 from .metrics import TOKEN_METRICS, per_token_loss
 from .tasks import MultipleChoiceTask, choice_rows
 
@@ -36,12 +37,17 @@ class Evaluator:
     (pass ``engine.module``). Data: ``eval_dataset`` (a TokenDataset: a loader over this rank's
     data-parallel share is built) or ``dataloader``. ``tasks``: multiple-choice task files or
     built-in names (tasks.py), scored when "multiple_choice" is among the metrics (added
-    automatically when tasks are given). ``objective``: what the token metrics measure (an
-    Objective or a name, apt/trainops/objectives; default next-token prediction)."""
+    automatically when tasks are given). ``objective``: what the held-out metrics measure (an
+    Objective or a name, apt/trainops/objectives; default next-token prediction): the
+    Evaluator calls ``objective.evaluate(self, max_batches)``, which for most objectives is
+    ``forward_statistics`` (GRPO answers held-out prompts greedily instead, through
+    ``chunks``, ``dataloader.dataset``, ``tokenizer`` and ``lockstep_group``).
+    ``lockstep_group``: ranks whose forward passes run together (ZeRO-3's data-parallel group,
+    distributed/engines/forward_only.py ``lockstep_group``)."""
 
     def __init__(self, model, eval_dataset=None, metrics=("loss", "perplexity", "accuracy"), *,
                  dataloader=None, micro_batch_size: int = 8, max_batches: int | None = None,
-                 tasks=(), tokenizer=None, objective=None):
+                 tasks=(), tokenizer=None, objective=None, lockstep_group=None):
         # Imported here: objectives use this package's metrics (eval/__init__ imports us).
         from apt.trainops.objectives import build_objective
         self.objective = build_objective(objective or "lm")
@@ -68,6 +74,10 @@ class Evaluator:
                                            infinite=False)
         self.dataloader, self.max_batches = dataloader, max_batches
         self.micro_batch_size = micro_batch_size
+        self.lockstep_group = lockstep_group
+        # What the last forward-statistics pass scored of the held-out data (coverage.py);
+        # None when the objective's evaluation reads no batches or the loader is not ours.
+        self.coverage = None
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -78,7 +88,8 @@ class Evaluator:
         try:
             result = {}
             if self.dataloader is not None and set(self.metrics) & set(TOKEN_METRICS):
-                result.update(self._token_metrics(max_batches or self.max_batches))
+                # the objective's own metrics (the one seam: never asked which it is)
+                result.update(self.objective.evaluate(self, max_batches or self.max_batches))
             if "multiple_choice" in self.metrics:
                 for task in self.tasks:
                     result.update(self.evaluate_multiple_choice(task))
@@ -122,9 +133,11 @@ class Evaluator:
         return {f"{prefix}_acc": correct / max(n, 1), f"{prefix}_acc_norm": correct_norm / max(n, 1),
                 f"{prefix}_questions": int(n)}
 
-    # ------------------------------------------------------------------ internals
-    def _token_metrics(self, max_batches):
-        """The objective's evaluation statistics, summed over batches and ranks."""
+    def forward_statistics(self, max_batches: int | None = None) -> dict:
+        """The objective's forward-pass evaluation (``Objective.evaluate``'s default): its
+        ``eval_forward_step`` statistics over at most ``max_batches`` micro-batches of this
+        rank's held-out loader, summed over batches and ranks, turned into ``eval_metrics``."""
+        self.coverage = eval_coverage(self.dataloader, max_batches)
         batches = []
         for i, batch in enumerate(self.dataloader):
             if max_batches is not None and i >= max_batches:
@@ -139,6 +152,7 @@ class Evaluator:
         sums = dict(zip(names, self._reduce(totals).tolist()))
         return self.objective.eval_metrics(sums, self.metrics)
 
+    # ------------------------------------------------------------------ internals
     def _device(self):
         return next(self.model.parameters()).device
 

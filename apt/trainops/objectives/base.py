@@ -38,6 +38,15 @@ class Objective:
     # that compute no loss still take part in reducing them.
     stat_names: tuple[str, ...] = ("loss",)
     eval_stat_names: tuple[str, ...] = ()
+    # The frozen copy of the initial weights the loss compares against (reference.py
+    # FrozenReference, kept by ``bind``), or None: objectives without one, or once released.
+    reference = None
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares against a reference's log-probabilities (``logps_step``
+        of the reference weights, live or precomputed)."""
+        return False
 
     def coerce(self, batch):
         """The typed batch (a plain dict from a user's dataset is checked field by field)."""
@@ -62,7 +71,8 @@ class Objective:
     def prepare(self, micro_batches: list, run_forward) -> list:
         """The step's (or evaluation's) micro-batches before their forward passes; may fill
         fields from a pass of its own: ``run_forward(batches, step_fn)`` is the layout's
-        forward-only pass (apt/trainops/eval/forward_pass.py), collective like a step."""
+        forward-only pass (apt/trainops/distributed/engines/forward_only.py), collective like
+        a step."""
         return micro_batches
 
     def state_dict(self) -> dict:
@@ -85,10 +95,33 @@ class Objective:
         """Logged values of one optimizer step from its global sums and unit count."""
         return {name: value / max(units, 1.0) for name, value in sums.items()}
 
+    # -- passes without gradients (a reference's or the old policy's log-probabilities) --
+    def logps_step(self, model, batch) -> tuple[torch.Tensor, Callable]:
+        """Forward step of a pass without gradients, run through the layout's forward-only
+        schedule: (output, stats_func), stats_func(output) -> {"logps": tensor} per
+        micro-batch, the log-probabilities the loss compares against (a preference pair's
+        answers [b, 2]; a rollout's completion tokens [b, s]). Objectives without a reference
+        or an old policy have none."""
+        raise NotImplementedError(f"objective {self.name!r} has no log-probability pass")
+
     # -- evaluation --------------------------------------------------------------------
+    def evaluate(self, evaluator, max_batches: int | None) -> dict:
+        """This objective's held-out metrics, unprefixed (the Trainer logs them as
+        ``val_<name>``); collective, every rank returns the same numbers. ``evaluator``
+        (apt/trainops/eval/evaluator.py) holds this rank's model ``chunks``, the held-out
+        ``dataloader``, the ``tokenizer`` and the ``lockstep_group``. The default is the
+        forward pass: ``evaluator.forward_statistics(max_batches)`` runs ``prepare`` and
+        ``eval_forward_step`` over at most ``max_batches`` micro-batches per data-parallel rank
+        and turns the summed statistics into ``eval_metrics``. An objective measured otherwise
+        overrides this (GRPO: greedy answers to held-out prompts, scored by its rewards)."""
+        return evaluator.forward_statistics(max_batches)
+
     def eval_forward_step(self, model, batch) -> tuple[torch.Tensor, Callable]:
-        """(output, stats_func): stats_func(output) -> {eval stat name: float64 sum}."""
-        raise NotImplementedError
+        """(output, stats_func): stats_func(output) -> {eval stat name: float64 sum}, one per
+        ``eval_stat_names`` (the forward-pass evaluation)."""
+        raise NotImplementedError(f"objective {self.name!r} has no forward-pass evaluation")
 
     def eval_metrics(self, sums: dict, wanted) -> dict:
-        raise NotImplementedError
+        """The forward-pass evaluation's metrics from its global sums (``wanted``: the metric
+        names the Evaluator was asked for, which an objective may narrow to)."""
+        raise NotImplementedError(f"objective {self.name!r} has no forward-pass evaluation")

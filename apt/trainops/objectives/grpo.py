@@ -78,11 +78,15 @@ class GRPOObjective(Objective):
     name = "grpo"
     batch_type = RolloutBatch
 
-    def __init__(self, config=None, reward_names=(), valid_vocab: int | None = None):
+    def __init__(self, config=None, reward_names=(), valid_vocab: int | None = None,
+                 answer_evaluation=None):
         from apt.core.config import GRPOConfig
         self.config = config or GRPOConfig()
         self.reward_names = tuple(reward_names)
         self.valid_vocab = valid_vocab
+        # evaluator -> held-out metrics (``evaluate``); the trainer that holds the rewards
+        # supplies it, so this module needs neither the sampler nor the rewards
+        self.answer_evaluation = answer_evaluation
         self.stat_names = (("loss", "completions", "tokens") + ROW_STATS + TOKEN_STATS
                            + tuple(f"rewards/{n}" for n in self.reward_names))
         self.reference: FrozenReference | None = None
@@ -90,6 +94,10 @@ class GRPOObjective(Objective):
     @property
     def epsilon_high(self) -> float:
         return self.config.epsilon_high or self.config.epsilon
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.beta > 0
 
     def bind(self, modules) -> None:
         """beta > 0: the initial weights become the frozen reference of the KL penalty."""
@@ -218,6 +226,13 @@ class GRPOObjective(Objective):
             out[f"rewards/{name}"] = sums[f"rewards/{name}"] / rows
         return out
 
-    # -- evaluation: the O1Trainer scores greedy completions (apt/trainops/rl/rollouts.py) --
-    def eval_forward_step(self, model, batch):
-        raise NotImplementedError("GRPO is evaluated by sampling (O1Trainer.evaluate)")
+    # -- evaluation: greedy answers to held-out prompts, scored by the rewards ------------
+    def evaluate(self, evaluator, max_batches: int | None) -> dict:
+        """``reward``, ``rewards/<name>``, ``accuracy``, ``completion_length`` and
+        ``prompts`` of greedy answers to the first ``eval_prompts`` held-out prompts
+        (``max_batches`` does not apply): the ``answer_evaluation`` the trainer gave this
+        objective (apt/trainops/rl/evaluation.py, which samples on the evaluator's layout)."""
+        if self.answer_evaluation is None:
+            raise ValueError("GRPO is evaluated by greedy answers scored by rewards: build the "
+                             "objective with answer_evaluation= (O1Trainer does)")
+        return self.answer_evaluation(evaluator)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from apt.trainops.data.datasets.batches import RolloutBatch
-from apt.trainops.eval.forward_pass import forward_only
+from apt.trainops.distributed.engines.forward_only import forward_only
 from .sampling import SamplingParams, RankRoles, sample
 
 log = logging.getLogger("apt.rl")

@@ -4,8 +4,9 @@
 ``params.max_new_tokens`` tokens and records the log-probability of each sampled token.
 
 How a step runs on any layout: every new token is one forward pass. With pipeline stages it
-goes through Megatron's own forward-only schedule (apt/trainops/eval/forward_pass.py), so the
-stages pass activations as in training; with one stage the model is called directly (the
+goes through Megatron's own forward-only schedule
+(apt/trainops/distributed/engines/forward_only.py), so the stages pass activations as in
+training; with one stage the model is called directly (the
 schedule's per-pass set-up is all overhead there), and when this rank also holds the whole
 model (TP = EP = 1, no ZeRO-3) without the CPU layer's device remap, whose Python hook sees
 every torch call (``cpu_compat.remap_suspended``). The last stage gathers the
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from apt.core.cpu_compat import remap_suspended
-from apt.trainops.eval.forward_pass import forward_only
+from apt.trainops.distributed.engines.forward_only import forward_only
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,19 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from apt.trainops.eval.forward_pass import forward_only
-from apt.trainops.objectives import Objective
+from .forward_only import forward_only
 from .. import faults
 from ..plan import Plan
 from ..watchdog import POSITION, set_phase
+
+if TYPE_CHECKING:   # an annotation only: objectives sit above the engines' schedule
+    from apt.trainops.objectives import Objective
 
 
 @dataclass

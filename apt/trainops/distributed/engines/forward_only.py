@@ -1,9 +1,10 @@
-"""One forward-only pass over micro-batches on any layout: Megatron's own schedule.
+"""The engines' forward-only schedule: one pass over micro-batches on any layout, Megatron's own.
 
 ``get_forward_backward_func()`` with ``forward_only=True`` feeds the micro-batches through the
-pipeline stages (a plain loop when PP = 1, the interleaved schedule over virtual stages). The
-Evaluator and the preference reference pass (apt/trainops/objectives/reference.py) both use it,
-so a statistic computed without gradients is computed the same way on every layout.
+pipeline stages (a plain loop when PP = 1, the interleaved schedule over virtual stages), as a
+training step does without the backward pass. The Evaluator, the preference reference pass
+(apt/trainops/objectives/reference.py), the engines and the RL sampler and rollouts use it, so
+a statistic computed without gradients is computed the same way on every layout.
 """
 from __future__ import annotations
 
@@ -34,3 +35,13 @@ def forward_only(chunks, batches: list, step_fn) -> list[dict]:
             model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(batches),
             seq_length=seq, micro_batch_size=micro, forward_only=True)
     return [o for o in outputs if isinstance(o, dict)]
+
+
+def lockstep_group(plan):
+    """The ranks whose forward passes must run together outside a training step (evaluation,
+    sampling): under ZeRO-3 every forward pass gathers the parameters over the data-parallel
+    group, so those ranks take part in each other's passes; None on other layouts."""
+    if not plan.zero3_partitioned:
+        return None
+    from megatron.core import parallel_state
+    return parallel_state.get_data_parallel_group()
