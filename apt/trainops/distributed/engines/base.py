@@ -12,9 +12,9 @@ from megatron.core import parallel_state
 
 from apt.trainops.eval.forward_pass import forward_only
 from apt.trainops.objectives import Objective
-from .. import faults
+from apt.trainops.reliability import faults
 from ..plan import Plan
-from ..watchdog import POSITION, set_phase
+from apt.trainops.reliability.watchdog import POSITION, set_phase
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TrainEngine:
         on the device). ``before_update(sums, units, grad_norm)``, when given, is called once on
         every rank after the backward passes, before the update (``grad_norm``: the global
         norm, or None where the engine knows it only later); it returns whether to apply the
-        update (the anomaly guard, engine/anomaly.py)."""
+        update (the anomaly guard, reliability/anomaly.py)."""
         raise NotImplementedError
 
     def next_micro_batches(self, batches) -> list:
