@@ -27,6 +27,7 @@ from apt.trainops.checkpoints.model_weights import _sharded_state, zero3_gathere
 from apt.trainops.checkpoints.optimizer_state import (load_optimizer_state,
                                                       optimizer_sharded_state)
 from apt.trainops.checkpoints.rng import capture_rng, restore_rng
+from apt.trainops.artifacts import ArtifactManager
 from apt.trainops.artifacts.environment import package_versions
 from apt.trainops.reliability.anomaly import check_weights_finite
 from .train_state import TrainState
@@ -242,6 +243,18 @@ def resumed_run_dir(ckpt: CheckpointState | None, cfg) -> Path | None:
                     "directory", ckpt.path, recorded)
         return None
     return candidate
+
+
+def open_run_artifacts(cfg, resumed_from: CheckpointState | None, is_main: bool):
+    """Collective: the run's ArtifactManager, in the resumed run's directory where there is one
+    (``resumed_run_dir``); every rank agrees on rank 0's directory."""
+    out = cfg.output
+    manager = ArtifactManager(out.dir, out.experiment_name or cfg.name, enabled=is_main,
+                              run_dir=resumed_run_dir(resumed_from, cfg) if is_main else None)
+    shared = [str(manager.run_dir)]
+    dist.broadcast_object_list(shared, src=0)
+    manager.run_dir = type(manager.run_dir)(shared[0])
+    return manager
 
 
 def announce_resume(ckpt: CheckpointState | None, state: TrainState, artifacts, progress,

@@ -12,11 +12,9 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
 from apt.core.config import APTConfig, ConfigError, config_to_dict, with_overrides
 from apt.model.lora import apply_lora
-from apt.trainops.artifacts import ArtifactManager
 from apt.trainops.data import APTDataLoader, create_dataloader
 from apt.trainops.data.build import build_datasets
 from apt.trainops.distributed.ddp_wrapper import unwrap_strategy_request
@@ -29,14 +27,15 @@ from apt.trainops.preflight import refuse_unless_ready
 from apt.trainops.reliability.anomaly import AnomalyGuard, AnomalyStop
 from apt.trainops.reliability.run_control import Decision, RunControl
 from apt.trainops.reliability.watchdog import set_phase
+from .arguments import keyword_overrides
 from .callbacks import Callback
 from .checkpointing import (announce_resume, checkpoint_manager, checkpoint_save_dir,
-                            load_engine_state, load_init_weights, load_weights, resolve_resume,
-                            resumed_run_dir, save_training_checkpoint)
+                            load_engine_state, load_init_weights, load_weights,
+                            open_run_artifacts, resolve_resume, save_training_checkpoint)
 from .finish import finish_run
 from .progress import Progress
 from .schedule import warmup_cosine
-from .step_log import StepLog, StepRecord, eval_summary
+from .run_log import RunLog, StepRecord
 from .train_state import TrainState
 
 
@@ -77,6 +76,11 @@ class _TimedBatches:
         return {}
 
 
+def _state_field(name: str) -> property:
+    return property(lambda self: getattr(self.train_state, name),
+                    lambda self, value: setattr(self.train_state, name, value))
+
+
 class Trainer:
     # Evaluate once before the first step too (fine-tuning reports before and after).
     eval_before_training = False
@@ -97,7 +101,7 @@ class Trainer:
         if requested and "strategy" not in (distributed_config or {}):
             distributed_config = {**(distributed_config or {}), "strategy": requested}
         cfg = config or APTConfig(model=getattr(model, "arch", APTConfig().model))
-        cfg = with_overrides(cfg, self._argument_overrides(
+        cfg = with_overrides(cfg, keyword_overrides(
             cfg, max_steps, learning_rate, distributed_config, distributed, monitoring,
             output_dir, experiment_name, train_dataloader))
         self.config = cfg
@@ -133,7 +137,6 @@ class Trainer:
         # The initial weights, before a resume replaces them (a preference reference keeps them).
         self.objective.bind(self.modules)
         self.train_state = TrainState()
-        self._coverage_said = False
         self.checkpoints = checkpoint_manager(cfg, checkpoint_dir)
         self.resumed_from = resolve_resume(
             self.checkpoints, resume_from_checkpoint,
@@ -161,15 +164,10 @@ class Trainer:
         self.control = RunControl(cfg, self.plan, self.objective, self.checkpoints,
                                   self.anomalies, world_size=self.runtime.world_size,
                                   rank=self.runtime.rank, is_main=self.runtime.is_main,
-                                  save=self.save_checkpoint, restore=self._rewind_to,
-                                  truncate=self._forget_after)
+                                  save=self.save_checkpoint, restore=self._restore)
 
     # The train state, under the names the seed API and callbacks read.
-    step = property(lambda self: self.train_state.step,
-                    lambda self, value: setattr(self.train_state, "step", value))
-    consumed_samples = property(
-        lambda self: self.train_state.consumed_samples,
-        lambda self, value: setattr(self.train_state, "consumed_samples", value))
+    step, consumed_samples = _state_field("step"), _state_field("consumed_samples")
     # The run ended at an evaluation that reached training.target, before max_steps.
     stopped_at_target = property(lambda self: self.train_state.target_reached)
 
@@ -197,37 +195,6 @@ class Trainer:
     def from_config(cls, config: APTConfig, **kwargs) -> "Trainer":
         return cls(config=config, **kwargs)
 
-    @staticmethod
-    def _argument_overrides(cfg, max_steps, learning_rate, distributed_config, distributed,
-                            monitoring, output_dir, experiment_name, train_dataloader) -> dict:
-        """Keyword arguments of the seed API, as dotted config keys (checked like a profile)."""
-        out = {}
-        if max_steps is not None:
-            out["training.max_steps"] = max_steps
-            out["training.warmup_steps"] = min(cfg.training.warmup_steps, max_steps)
-        if learning_rate is not None:
-            out["training.learning_rate"] = learning_rate
-            out["training.min_learning_rate"] = min(cfg.training.min_learning_rate,
-                                                    learning_rate / 10)
-        for key, value in (distributed_config or {}).items():
-            out[f"training.distributed.{key}"] = value
-        if distributed is not None:
-            out["training.distributed.enabled"] = distributed
-        for key, value in (monitoring or {}).items():
-            out[f"monitoring.{key}"] = value
-        if output_dir is not None:
-            out["output.dir"] = output_dir
-        if experiment_name is not None:
-            out["output.experiment_name"] = experiment_name
-        if isinstance(train_dataloader, APTDataLoader):
-            # A loader built by the caller fixes the batch; the plan must agree with it.
-            out["training.batch_size"] = train_dataloader.global_batch
-            out["training.micro_batch_size"] = train_dataloader.batch_sampler.micro_batch
-        seq_length = getattr(getattr(train_dataloader, "dataset", None), "seq_length", None)
-        if seq_length:
-            out["data.seq_length"] = seq_length
-        return out
-
     def _loader(self, dataset, train: bool) -> APTDataLoader:
         return create_dataloader(
             dataset, self.plan.micro_batch, self.config.data.num_workers,
@@ -245,11 +212,7 @@ class Trainer:
 
     def _train(self) -> dict:
         t, plan = self.config.training, self.plan
-        progress, batches = self._start_run()
-        log = StepLog(self.objective, emit=self._emit, history=self.history,
-                      artifacts=self.artifacts, is_main=self.runtime.is_main, progress=progress,
-                      max_steps=t.max_steps, log_interval=t.log_interval,
-                      tokens_per_step=plan.global_batch * self.config.data.seq_length)
+        progress, batches, log = self._start_run()
         started, eval_result = time.perf_counter(), None
         # Preemption signals caught, a failing run abandons its background checkpoint write;
         # the last save is committed on leaving.
@@ -270,8 +233,7 @@ class Trainer:
                     continue   # back at the last committed checkpoint
                 last = self.step == t.max_steps
                 log.flush_if_due(self.step, force=last or decision is Decision.STOP)
-                evaluation = self._evaluate_on_interval(last or decision is Decision.STOP,
-                                                        progress)
+                evaluation = self._evaluate_on_interval(last or decision is Decision.STOP)
                 # After the evaluation: a checkpoint at the step that reached the target
                 # records it, so that resuming from it does not train on.
                 control.save_if_due(self.step, end=last or self.stopped_at_target)
@@ -281,7 +243,7 @@ class Trainer:
                     eval_result = evaluation
                     break
         if eval_result is None:
-            eval_result = self._log_eval(progress)
+            eval_result = self._log_eval()
         summary = finish_run(self, eval_result, time.perf_counter() - started,
                              log.tokens_per_step, progress)
         progress.close()
@@ -289,16 +251,19 @@ class Trainer:
 
     def _start_run(self):
         """The run directory, the engine (with a resumed run's optimizer state), the start
-        lines; returns the progress reporter and the training batches."""
-        cfg, plan, main = self.config, self.plan, self.runtime.is_main
+        lines; returns the progress reporter, the training batches and the run's log."""
+        cfg, plan, main, t = self.config, self.plan, self.runtime.is_main, self.config.training
         self.artifacts = self._artifacts()
         self.artifacts.save_config(config_to_dict(cfg), cfg.config_hash)
         self.artifacts.save_text("plan.txt", plan.describe())
         self.engine = build_engine(self.modules, cfg, plan, self.objective)
-        if self.resumed_from is not None:
-            self._load_engine_state(self.resumed_from)   # optimizer state, RNGs
-        progress = Progress(cfg.training.max_steps, self.step, enabled=main,
-                            sink=self.artifacts.save_logs)
+        if self.resumed_from is not None:   # optimizer state, RNGs (weights are loaded)
+            self._restore(self.resumed_from, weights=False)
+        progress = Progress(t.max_steps, self.step, enabled=main, sink=self.artifacts.save_logs)
+        self.run_log = RunLog(self.objective, emit=self._emit, history=self.history,
+                              artifacts=self.artifacts, is_main=main, progress=progress,
+                              max_steps=t.max_steps, log_interval=t.log_interval,
+                              tokens_per_step=plan.global_batch * cfg.data.seq_length)
         progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
                       f"{self.artifacts.run_dir}")
         progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
@@ -307,20 +272,21 @@ class Trainer:
         announce_resume(self.resumed_from, self.train_state, self.artifacts, progress, main)
         self._emit("on_train_start")
         if self.eval_before_training and self.step == 0:
-            self.initial_eval = self._log_eval(progress)   # the "before" of a fine-tuning run
+            self.initial_eval = self._log_eval()   # the "before" of a fine-tuning run
         if self.stopped_at_target:   # resumed from the checkpoint that reached it
             progress.line(f"target | reached at step {self.step} by the run this one resumes "
                           f"(training.target unchanged): nothing left to train")
-        return progress, self._training_batches()
+        return progress, self._training_batches(), self.run_log
 
-    def _evaluate_on_interval(self, skip: bool, progress) -> dict | None:
+    def _evaluate_on_interval(self, skip: bool) -> dict | None:
         """The evaluation every ``training.eval_interval`` steps (none at the last step, which
         the end of the run evaluates, nor when preempted), checked against the target."""
         interval = self.config.training.eval_interval
         if not interval or self.step % interval or skip:
             return None
-        evaluation = self._log_eval(progress)
-        self._target_reached(evaluation, progress)
+        evaluation = self._log_eval()
+        if self.run_log.reached(self.config.training.target, evaluation, self.step):
+            self.train_state.target_reached = True
         return evaluation
 
     # ------------------------------------------------------------------ checkpoints
@@ -333,40 +299,20 @@ class Trainer:
             modules=self.modules, engine=self.engine, objective=self.objective,
             run_dir=self.artifacts.run_dir)
 
-    def _load_engine_state(self, ckpt) -> None:
+    def _restore(self, ckpt, weights: bool = True) -> TrainState:
+        """``ckpt``'s weights (``weights``; a resume loaded them before the engine existed),
+        optimizer state, RNGs, train state and rank state (the run control's rewind too);
+        the history of the steps after it is forgotten."""
+        if weights:
+            self.train_state = load_weights(ckpt, config=self.config, plan=self.plan,
+                                            modules=self.modules, objective=self.objective)
         same_layout = load_engine_state(
             ckpt, self.engine, self.train_state, plan=self.plan,
             load_batch_mib=self.config.training.checkpoints.load_batch_mib)
         self.load_rank_state(self.train_state.rank_state, str(ckpt.path),
                              same_layout=same_layout)
-
-    def _rewind_to(self, ckpt) -> TrainState:
-        """The run control's rewind: ``ckpt``'s weights, optimizer state, RNGs and step."""
-        self.train_state = load_weights(ckpt, config=self.config, plan=self.plan,
-                                        modules=self.modules, objective=self.objective)
-        self._load_engine_state(ckpt)
+        self.history[:] = [r for r in self.history if r["step"] <= ckpt.step]
         return self.train_state
-
-    def _forget_after(self, step: int) -> None:
-        self.history[:] = [r for r in self.history if r["step"] <= step]
-
-    def _target_reached(self, result: dict, progress) -> bool:
-        """Whether this evaluation reached ``training.target`` (every rank holds the same
-        reduced result, so every rank stops at the same step)."""
-        target = self.config.training.target
-        if target.metric is None or not result:
-            return False
-        if target.metric not in result:
-            known = ", ".join(k for k, v in result.items() if isinstance(v, float))
-            raise ConfigError(f"{target.metric!r} is not among this run's evaluation results "
-                              f"({known})", key="training.target.metric")
-        if not target.reached(result):
-            return False
-        self.train_state.target_reached = True
-        sign = ">=" if target.mode == "max" else "<="
-        progress.line(f"target | {target.metric} {result[target.metric]:.4f} {sign} "
-                      f"{target.value:g} at step {self.step}: training ends here")
-        return True
 
     def learning_rate(self, step: int) -> float:
         t = self.config.training
@@ -409,32 +355,13 @@ class Trainer:
                            if k.startswith("exact_match")})
         return result
 
-    def _log_eval(self, progress) -> dict:
+    def _log_eval(self) -> dict:
         set_phase("evaluation")
-        result = self.evaluate()
-        if result:
-            result = {"step": self.step, **result}
-            self._emit("on_evaluate", result)
-            if self.runtime.is_main:
-                self.artifacts.save_metrics(result)
-            progress.line(f"eval @ step {self.step} | " + eval_summary(result))
-            coverage = getattr(self, "eval_coverage", None)
-            if coverage is not None and coverage.left_out and not self._coverage_said:
-                progress.line("eval | " + coverage.line())   # once: the same at every eval
-                self._coverage_said = True
-        return result
+        return self.run_log.evaluation(self.evaluate(), self.step, getattr(self, "eval_coverage", None))
 
     def _emit(self, hook: str, *args) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
-    def _artifacts(self) -> ArtifactManager:
-        out = self.config.output
-        manager = ArtifactManager(out.dir, out.experiment_name or self.config.name,
-                                  enabled=self.runtime.is_main,
-                                  run_dir=resumed_run_dir(self.resumed_from, self.config)
-                                  if self.runtime.is_main else None)
-        shared = [str(manager.run_dir)]
-        dist.broadcast_object_list(shared, src=0)  # every rank agrees on rank 0's directory
-        manager.run_dir = type(manager.run_dir)(shared[0])
-        return manager
+    def _artifacts(self):
+        return open_run_artifacts(self.config, self.resumed_from, self.runtime.is_main)

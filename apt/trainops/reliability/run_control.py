@@ -79,15 +79,15 @@ class PreemptionGuard:
 class RunControl:
     """``save()``: write a checkpoint of the current state (returns the CheckpointWrite);
     ``restore(ckpt)``: load a committed checkpoint into the running model, engine and train
-    state (the rewind); ``truncate(step)``: forget in-memory records of later steps."""
+    state, forgetting the records of later steps (the rewind); returns the TrainState."""
 
     def __init__(self, config, plan, objective, checkpoints, anomalies: AnomalyGuard, *,
                  world_size: int, rank: int, is_main: bool, save: Callable,
-                 restore: Callable, truncate: Callable):
+                 restore: Callable):
         self.config, self.plan, self.objective = config, plan, objective
         self.checkpoints, self.anomalies = checkpoints, anomalies
         self.world_size, self.rank, self.is_main = world_size, rank, is_main
-        self._save, self._restore, self._truncate = save, restore, truncate
+        self._save, self._restore = save, restore
         self.preemption = PreemptionGuard()
         self.votes: Votes | None = None
         self.reason: str | None = None     # why the run exits (Decision.EXIT)
@@ -259,11 +259,10 @@ class RunControl:
                                "skipped")
             return False
         cursor, anomalous_step = state.consumed_samples, state.step
-        restored = self._restore(ckpt)        # weights, optimizer, RNGs, step
+        restored = self._restore(ckpt)        # weights, optimizer, RNGs, step, history
         skipped = [ckpt.state.get("consumed_samples", ckpt.step * self.plan.global_batch),
                    cursor]
         restored.consumed_samples = cursor    # the data continues after the anomalous batch
-        self._truncate(ckpt.step)
         if self.is_main:
             self.artifacts.supersede_metrics(ckpt.step)
             self.artifacts.save_metrics({**record, "action": "rewind", "rewound_to": ckpt.step,

@@ -1,6 +1,6 @@
-"""The loop's records: one ``StepRecord`` per step, summed over data-parallel ranks and turned
-into the objective's metrics once per log interval (metrics.jsonl, the history, the step line),
-and the evaluation line."""
+"""The run's records: one ``StepRecord`` per step, summed over data-parallel ranks and turned
+into the objective's metrics once per log interval (metrics.jsonl, the history, the step line);
+the evaluations and whether one reached ``training.target``."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from apt.core.config import ConfigError
 from .progress import format_duration
 
 
@@ -34,7 +35,7 @@ class StepRecord:
                    anomaly)
 
 
-class StepLog:
+class RunLog:
     """Buffers the step records between log intervals. ``emit``: the callbacks' hook caller;
     ``history``: the trainer's list of records (appended to); ``artifacts``: the run's
     metrics.jsonl (written on the main rank)."""
@@ -46,6 +47,7 @@ class StepLog:
         self.max_steps, self.log_interval = max_steps, log_interval
         self.tokens_per_step = tokens_per_step
         self.pending: list[StepRecord] = []
+        self._coverage_said = False
 
     def add(self, record: StepRecord) -> None:
         self.pending.append(record)
@@ -90,6 +92,37 @@ class StepLog:
                            f"{record['lr']:.2e} | grad norm {_fmt(record['grad_norm'])} | "
                            f"{speed:,.0f} tok/s | {mean_time * 1000:.0f} ms/step | eta "
                            f"{format_duration(self.progress.eta(step))}")
+
+
+    def evaluation(self, result: dict, step: int, coverage) -> dict:
+        """Record an evaluation's result (``coverage``: which held-out samples it scored)."""
+        if not result:
+            return result
+        result = {"step": step, **result}
+        self.emit("on_evaluate", result)
+        if self.is_main:
+            self.artifacts.save_metrics(result)
+        self.progress.line(f"eval @ step {step} | " + eval_summary(result))
+        if coverage is not None and coverage.left_out and not self._coverage_said:
+            self.progress.line("eval | " + coverage.line())   # once: the same at every eval
+            self._coverage_said = True
+        return result
+
+    def reached(self, target, result: dict | None, step: int) -> bool:
+        """Whether this evaluation reached ``target`` (training.target; every rank holds the
+        same reduced result, so every rank stops at the same step)."""
+        if target.metric is None or not result:
+            return False
+        if target.metric not in result:
+            known = ", ".join(k for k, v in result.items() if isinstance(v, float))
+            raise ConfigError(f"{target.metric!r} is not among this run's evaluation results "
+                              f"({known})", key="training.target.metric")
+        if not target.reached(result):
+            return False
+        sign = ">=" if target.mode == "max" else "<="
+        self.progress.line(f"target | {target.metric} {result[target.metric]:.4f} {sign} "
+                           f"{target.value:g} at step {step}: training ends here")
+        return True
 
 
 def eval_summary(result: dict) -> str:
