@@ -1,8 +1,21 @@
-"""The seed API's keyword arguments (``Trainer(max_steps=..., learning_rate=...,
-distributed_config=...)``) as dotted config keys, so that they are checked like a profile's."""
+"""What ``Trainer``'s arguments become: the seed API's keywords (``Trainer(max_steps=...,
+learning_rate=..., distributed_config=...)``) as dotted config keys, so that they are checked
+like a profile's, and the model chunks this rank trains."""
 from __future__ import annotations
 
 from apt.trainops.data import APTDataLoader
+from apt.trainops.distributed.runtime import seed_everything
+
+
+def model_chunks(model, cfg, plan, device) -> list:
+    """``model`` (the caller's), else the config's, one chunk per virtual pipeline stage (one
+    without interleaving), on ``device``."""
+    if model is not None:
+        return [model.to(device)]
+    from apt.model.architectures import APTModel
+    seed_everything(cfg.training.seed)  # same config, same initial weights, always
+    return [APTModel(cfg.model, plan=plan, vp_stage=i if plan.vp > 1 else None).to(device)
+            for i in range(plan.vp)]
 
 
 def keyword_overrides(cfg, max_steps, learning_rate, distributed_config, distributed,

@@ -49,6 +49,13 @@ class RunLog:
         self.pending: list[StepRecord] = []
         self._coverage_said = False
 
+    def start(self, cfg, plan, run_dir, lines: list[str]) -> None:
+        """The run's first lines: profile, run directory, plan, a trainer variant's lines."""
+        self.progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir {run_dir}")
+        self.progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
+        for line in lines:
+            self.progress.line(line)
+
     def add(self, record: StepRecord) -> None:
         self.pending.append(record)
 

@@ -21,13 +21,13 @@ from apt.trainops.distributed.ddp_wrapper import unwrap_strategy_request
 from apt.trainops.distributed.engines import build_engine
 from apt.trainops.distributed.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from apt.trainops.distributed.runtime import setup_distributed
 from apt.trainops.objectives import build_objective
 from apt.trainops.preflight import refuse_unless_ready
 from apt.trainops.reliability.anomaly import AnomalyGuard, AnomalyStop
 from apt.trainops.reliability.run_control import Decision, RunControl
 from apt.trainops.reliability.watchdog import set_phase
-from .arguments import keyword_overrides
+from .arguments import keyword_overrides, model_chunks
 from .callbacks import Callback
 from .checkpointing import (announce_resume, checkpoint_manager, checkpoint_save_dir,
                             load_engine_state, load_init_weights, load_weights,
@@ -121,16 +121,7 @@ class Trainer:
         self.runtime = setup_distributed(
             plan=self.plan, seed=cfg.training.seed,
             rendezvous_timeout_s=cfg.training.distributed.rendezvous_timeout_s)
-        if model is None:
-            from apt.model.architectures import APTModel
-            seed_everything(cfg.training.seed)  # same config, same initial weights, always
-            # One model chunk per virtual pipeline stage (one chunk without interleaving).
-            self.modules = [APTModel(cfg.model, plan=self.plan,
-                                     vp_stage=i if self.plan.vp > 1 else None)
-                            for i in range(self.plan.vp)]
-        else:
-            self.modules = [model]
-        self.modules = [m.to(self.runtime.device) for m in self.modules]
+        self.modules = model_chunks(model, cfg, self.plan, self.runtime.device)
         if cfg.training.init_from:
             load_init_weights(self.modules, cfg.training.init_from)
         apply_lora(self.modules, cfg.lora, seed=cfg.training.seed)   # no-op when lora.rank is 0
@@ -264,11 +255,7 @@ class Trainer:
                               artifacts=self.artifacts, is_main=main, progress=progress,
                               max_steps=t.max_steps, log_interval=t.log_interval,
                               tokens_per_step=plan.global_batch * cfg.data.seq_length)
-        progress.line(f"APT | profile {cfg.name} ({cfg.config_hash}) | run dir "
-                      f"{self.artifacts.run_dir}")
-        progress.line("plan | " + plan.describe().replace("\n", "\n     | "))
-        for line in self.start_lines():
-            progress.line(line)
+        self.run_log.start(cfg, plan, self.artifacts.run_dir, self.start_lines())
         announce_resume(self.resumed_from, self.train_state, self.artifacts, progress, main)
         self._emit("on_train_start")
         if self.eval_before_training and self.step == 0:
