@@ -5,7 +5,7 @@ One process trains a mid-size APTModel (about 40M parameters by default, so mode
 state is about 0.6 GiB) with the real Trainer pieces (DeepSpeed engine, CheckpointManager), then:
 
 1. disk: writes a file of the checkpoint's size in 8 MiB blocks and fsyncs it (MiB/s);
-2. sync: ``save_training_checkpoint`` with ``async_save=False``, timed until committed;
+2. sync: ``Trainer.save_checkpoint`` with ``async_save=False``, timed until committed;
 3. async: the same save with ``async_save=True``: the stall (until the loop may go on), training
    steps while the writer runs, then the commit. Step times during the write are compared with
    steps without one (the writer shares the CPU with training here; on a GPU node it does not);
@@ -35,7 +35,6 @@ from apt.trainops.checkpoints import load_model_weights  # noqa: E402
 from apt.trainops.checkpoints.optimizer_state import load_optimizer_state  # noqa: E402
 from apt.trainops.distributed.engines import build_engine  # noqa: E402
 from apt.trainops.engine import Trainer  # noqa: E402
-from apt.trainops.engine.checkpointing import save_training_checkpoint  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -98,7 +97,7 @@ def main() -> None:
     for _ in range(args.repeats):
         step(trainer, batches)
         start = time.perf_counter()
-        committed = save_training_checkpoint(trainer).committed
+        committed = trainer.save_checkpoint().committed
         sync.append(time.perf_counter() - start)
     size = manager.last_save["bytes"]
 
@@ -107,7 +106,7 @@ def main() -> None:
     for _ in range(args.repeats):
         step(trainer, batches)
         start = time.perf_counter()
-        stalls.append(save_training_checkpoint(trainer).stall_s)
+        stalls.append(trainer.save_checkpoint().stall_s)
         n = 0
         while manager.writing_in_background():
             during.append(step(trainer, batches))

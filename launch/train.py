@@ -34,7 +34,8 @@ from apt.core.logging import configure_logging, quiet_library_warnings  # noqa: 
 
 quiet_library_warnings()   # before the libraries' import-time warnings (apt/core/logging.py)
 
-from apt.cli import EXIT_CONFIG_ERROR, add_profile_arguments  # noqa: E402
+from apt.cli import add_profile_arguments  # noqa: E402
+from apt.core.exit_codes import EXIT_ANOMALY, EXIT_CONFIG_ERROR, EXIT_PREEMPTED  # noqa: E402
 from apt.core.config import ConfigError, load_profile  # noqa: E402
 
 
@@ -53,7 +54,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)   # torch not imported yet: an argument error is instant
     from apt.trainops.checkpoints.manager import CheckpointError
     from apt.trainops.distributed.runtime import RendezvousError
-    from apt.trainops.engine.checkpointing import EXIT_PREEMPTED
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     configure_logging()
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         print(f"apt: error: {exc}", file=sys.stderr)
         return 1
     from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.engine.anomaly import EXIT_ANOMALY, AnomalyStop
+    from apt.trainops.reliability.anomaly import AnomalyStop
     try:
         try:
             summary = trainer.train()

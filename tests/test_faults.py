@@ -1,7 +1,7 @@
 """Faults injected into real 2-process runs (gloo, CPU), under both engines: a NaN loss on one
 rank under each anomaly policy, a loss spike, a rank stalled inside a step (the watchdog), a
 rank SIGKILLed under torchrun --max-restarts (elastic restart + auto-resume). The faults come
-from the test-only hook APT_FAULT_INJECT (apt/trainops/distributed/faults.py)."""
+from the test-only hook APT_FAULT_INJECT (apt/trainops/reliability/faults.py)."""
 import json
 import math
 import os
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from apt.core.config import load_profile
-from apt.trainops.engine.anomaly import AnomalyGuard
+from apt.trainops.reliability.anomaly import AnomalyGuard
 from tests._launch import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]

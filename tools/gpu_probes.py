@@ -116,7 +116,6 @@ def probe_async_checkpoint(args) -> dict:
                                                   "checkpoint_io.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from apt.trainops.engine.checkpointing import save_training_checkpoint
     directory = Path(args.dir)
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
@@ -126,13 +125,13 @@ def probe_async_checkpoint(args) -> dict:
     base = [bench.step(trainer, batches) for _ in range(4)][1:]
     manager.async_save = False
     start = time.perf_counter()
-    save_training_checkpoint(trainer)
+    trainer.save_checkpoint()
     sync_s = time.perf_counter() - start
     size = manager.last_save["bytes"]
     bench.step(trainer, batches)
     manager.async_save = True
     start = time.perf_counter()
-    stall = save_training_checkpoint(trainer).stall_s
+    stall = trainer.save_checkpoint().stall_s
     during = []
     while manager.writing_in_background():
         during.append(bench.step(trainer, batches))

@@ -1,5 +1,5 @@
 """Hooks around the loop: monitoring and evaluation extras plug in here (the anomaly guard is
-the loop's own: it must act between backward and update, engine/anomaly.py).
+the loop's own: it must act between backward and update, reliability/anomaly.py).
 
 Every rank calls every hook (a hook that writes files checks ``trainer.runtime.is_main``);
 hooks may add keys to the records they receive before those are written to metrics.jsonl.

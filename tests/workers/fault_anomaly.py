@@ -29,14 +29,13 @@ def _poisoned_save(trainer) -> str:
     """Make one weight of the last rank NaN and save: every rank must refuse."""
     import torch
     import torch.distributed as dist
-    from apt.trainops.engine.anomaly import AnomalyStop
-    from apt.trainops.engine.checkpointing import save_training_checkpoint
+    from apt.trainops.reliability.anomaly import AnomalyStop
     if dist.get_rank() == dist.get_world_size() - 1:
         with torch.no_grad():
             next(trainer.modules[0].parameters()).view(-1)[0] = float("nan")
     trainer.step += 1   # a step no checkpoint exists for
     try:
-        save_training_checkpoint(trainer)
+        trainer.save_checkpoint()
     except AnomalyStop as exc:
         return str(exc)
     return "saved"
@@ -53,7 +52,7 @@ def main() -> None:
     from apt.core.config import load_profile
     from apt.trainops.distributed import shutdown_distributed
     from apt.trainops.engine import trainer_for
-    from apt.trainops.engine.anomaly import AnomalyStop
+    from apt.trainops.reliability.anomaly import AnomalyStop
 
     spec = json.load(open(args.spec))
     results = {}

@@ -1,6 +1,7 @@
 """The Trainer's side of checkpoints: what a training checkpoint holds and how a run resumes.
 
-Saved: model weights (with LoRA only the adapters: the frozen base is rebuilt from
+The functions take the parts they save or load (model chunks, engine, objective, plan, config)
+and the run's ``TrainState`` (train_state.py), never the Trainer. Saved: model weights (with LoRA only the adapters: the frozen base is rebuilt from
 ``training.init_from`` or the seeded init) and optimizer state (both resharding), fp16's loss
 scale, every rank's RNGs, step, consumed samples, the resolved config and its hash, the layout
 and library versions. The learning rate is a pure function of the step (schedule.py): nothing
@@ -13,15 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from apt.core.config import config_to_dict
-# 75, EX_TEMPFAIL: "try again", what a scheduler's requeue should see (start-up exits with it too)
-from apt.core.exit_codes import EXIT_PREEMPTED  # noqa: F401
 from apt.trainops.checkpoints import (CheckpointError, CheckpointManager, CheckpointState,
                                       load_model_weights)
 from apt.trainops.checkpoints.checked_reader import load_checked_torch_file
@@ -30,11 +28,12 @@ from apt.trainops.checkpoints.model_weights import _sharded_state, zero3_gathere
 from apt.trainops.checkpoints.optimizer_state import (load_optimizer_state,
                                                       optimizer_sharded_state)
 from apt.trainops.checkpoints.rng import capture_rng, restore_rng
+from apt.trainops.artifacts import ArtifactManager
 from apt.trainops.artifacts.environment import package_versions
-from .anomaly import check_weights_finite
+from apt.trainops.reliability.anomaly import check_weights_finite
+from .train_state import TrainState
 
 log = logging.getLogger("apt.checkpoints")
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def checkpoint_manager(cfg, directory: str | None = None) -> CheckpointManager:
@@ -132,65 +131,68 @@ def layout_of(plan) -> dict:
             "dp": plan.dp, "ep": plan.ep, "engine": plan.engine, "zero_stage": plan.zero_stage}
 
 
-def save_training_checkpoint(trainer):
-    """Collective; returns the CheckpointWrite. With async saves this returns once the state is
-    in host memory, and ``trainer.checkpoints.wait()`` commits the checkpoint later."""
-    plan, cfg, step = trainer.plan, trainer.config, trainer.step
-    check_weights_finite(trainer.modules, step)   # a checkpoint never keeps a NaN
-    meta = {"config_hash": cfg.config_hash, "layout": layout_of(plan)}
+def save_training_checkpoint(manager: CheckpointManager, state: TrainState, *, config, plan,
+                             modules, engine, objective, run_dir):
+    """Collective: a checkpoint of ``state`` with the weights of ``modules``, the optimizer
+    state of ``engine`` and every rank's RNGs; returns the CheckpointWrite. With async saves
+    this returns once the state is in host memory, and ``manager.wait()`` commits it later.
+    ``run_dir``: the run directory a resume continues in."""
+    step = state.step
+    check_weights_finite(modules, step)   # a checkpoint never keeps a NaN
+    meta = {"config_hash": config.config_hash, "layout": layout_of(plan)}
     # LoRA: only the adapters (and their optimizer state) are saved; the frozen base comes back
     # from training.init_from (or the seeded init) on resume.
-    adapters_only = cfg.lora.enabled
-    with trainer.checkpoints.writing(step, meta) as ckpt:
-        with zero3_gathered(trainer.modules, plan.zero3_partitioned):
-            ckpt.add_sharded("model", _sharded_state(trainer.modules, adapters_only))
-        with optimizer_sharded_state(trainer.engine) as optimizer_state:
+    adapters_only = config.lora.enabled
+    with manager.writing(step, meta) as ckpt:
+        with zero3_gathered(modules, plan.zero3_partitioned):
+            ckpt.add_sharded("model", _sharded_state(modules, adapters_only))
+        with optimizer_sharded_state(engine) as optimizer_state:
             ckpt.add_sharded("optimizer", optimizer_state, assembled=True)
         tmp = ckpt.directory
         (tmp / "trainer").mkdir(exist_ok=True)
         torch.save(capture_rng(), tmp / "trainer" / f"rank-{dist.get_rank():05d}.pt")
-        extra = trainer.rank_state()   # a trainer variant's own (e.g. buffered rollouts)
-        if extra is not None:
-            torch.save(extra, tmp / "trainer" / f"state-rank-{dist.get_rank():05d}.pt")
+        if state.rank_state is not None:   # a trainer variant's own (e.g. buffered rollouts)
+            torch.save(state.rank_state, tmp / "trainer" / f"state-rank-{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
             (tmp / "state.json").write_text(json.dumps({
-                "step": step, "consumed_samples": trainer.consumed_samples,
-                "global_batch": plan.global_batch, "config_hash": cfg.config_hash,
-                "run_dir": str(trainer.artifacts.run_dir),   # a resume continues there
+                "step": step, "consumed_samples": state.consumed_samples,
+                "global_batch": plan.global_batch, "config_hash": config.config_hash,
+                "run_dir": str(run_dir),   # a resume continues there
                 "model_contents": "trainable" if adapters_only else "all",
-                "config": config_to_dict(cfg), "layout": layout_of(plan),
-                "loss_scalers": trainer.engine.loss_scaler_states(),
-                "objective": trainer.objective.state_dict(),
+                "config": config_to_dict(config), "layout": layout_of(plan),
+                "loss_scalers": engine.loss_scaler_states(),
+                "objective": objective.state_dict(),
                 # the training.target this step reached (the run ended here), else None
-                "target_reached": (dataclasses.asdict(cfg.training.target)
-                                   if trainer.stopped_at_target else None),
+                "target_reached": (dataclasses.asdict(config.training.target)
+                                   if state.target_reached else None),
                 "versions": package_versions()}, indent=1, default=str))
     return ckpt
 
 
-def load_weights(trainer, ckpt: CheckpointState) -> None:
-    """Before the engine exists: weights (resharded to this layout), step, data position."""
-    _report_config_changes(ckpt.state.get("config", {}), config_to_dict(trainer.config))
+def load_weights(ckpt: CheckpointState, *, config, plan, modules, objective) -> TrainState:
+    """Before the engine exists: weights (resharded to this layout) into ``modules``; returns
+    the checkpoint's step, data position and reached target."""
+    _report_config_changes(ckpt.state.get("config", {}), config_to_dict(config))
     consumed = ckpt.state.get("consumed_samples")
     if consumed is None:
         # Saved by CheckpointManager.save() outside a Trainer: the data position is unknown, so
         # the data continues where this Trainer's own batches would be after that many steps.
-        consumed = ckpt.step * trainer.plan.global_batch
+        consumed = ckpt.step * plan.global_batch
         log.warning("%s holds no data position (not saved by a Trainer): resuming at step %d "
                     "as if %d samples (%d steps x global batch %d) were consumed", ckpt.path,
-                    ckpt.step, consumed, ckpt.step, trainer.plan.global_batch)
-    if consumed % trainer.plan.global_batch:
+                    ckpt.step, consumed, ckpt.step, plan.global_batch)
+    if consumed % plan.global_batch:
         raise CheckpointError(f"{ckpt.path}: {consumed} consumed samples is not a whole number "
-                              f"of global batches of {trainer.plan.global_batch}: keep "
+                              f"of global batches of {plan.global_batch}: keep "
                               f"training.batch_size at {ckpt.state['global_batch']} to resume")
     adapters_only = ckpt.state.get("model_contents") == "trainable"
-    if adapters_only != trainer.config.lora.enabled:
+    if adapters_only != config.lora.enabled:
         raise CheckpointError(
             f"{ckpt.path}: holds {'only LoRA adapters' if adapters_only else 'full weights'}"
-            f" but lora.rank is {trainer.config.lora.rank}: resume with the lora settings the "
+            f" but lora.rank is {config.lora.rank}: resume with the lora settings the "
             f"checkpoint was trained with")
     saved_pp = ckpt.state.get("layout", {}).get("pp")
-    if adapters_only and not trainer.config.training.init_from and saved_pp != trainer.plan.pp:
+    if adapters_only and not config.training.init_from and saved_pp != plan.pp:
         # The seeded init differs between pipeline layouts (each stage has its own seed).
         raise CheckpointError(
             f"{ckpt.path}: LoRA adapters over the seeded initial weights of pipeline_parallel="
@@ -198,17 +200,16 @@ def load_weights(trainer, ckpt: CheckpointState) -> None:
             f"training.init_from")
     # e.g. the preference reference: rebuilt from the initial weights, checked against the
     # checkpoint's record of it before any trained weight is loaded
-    trainer.objective.check_resumed(ckpt.state.get("objective", {}), str(ckpt.path),
-                                    same_layout=ckpt.state.get("layout") == layout_of(trainer.plan))
-    load_model_weights(trainer.modules, ckpt.path / "model", trainable_only=adapters_only,
+    objective.check_resumed(ckpt.state.get("objective", {}), str(ckpt.path),
+                            same_layout=ckpt.state.get("layout") == layout_of(plan))
+    load_model_weights(modules, ckpt.path / "model", trainable_only=adapters_only,
                        verified=True, manifest=ckpt.manifest)   # resolve_resume verified it
-    trainer.step = ckpt.step
-    trainer.consumed_samples = consumed
     # A run resumed from the step that reached its target has nothing left to train, unless
     # the target changed since (then it trains on toward the new one).
     reached = ckpt.state.get("target_reached")
-    trainer.stopped_at_target = bool(reached) and reached == dataclasses.asdict(
-        trainer.config.training.target)
+    return TrainState(step=ckpt.step, consumed_samples=consumed,
+                      target_reached=bool(reached) and reached == dataclasses.asdict(
+                          config.training.target))
 
 
 def resumed_run_dir(ckpt: CheckpointState | None, cfg) -> Path | None:
@@ -238,45 +239,58 @@ def resumed_run_dir(ckpt: CheckpointState | None, cfg) -> Path | None:
     return candidate
 
 
-def announce_resume(trainer, progress) -> None:
+def open_run_artifacts(cfg, resumed_from: CheckpointState | None, is_main: bool):
+    """Collective: the run's ArtifactManager, in the resumed run's directory where there is one
+    (``resumed_run_dir``); every rank agrees on rank 0's directory."""
+    out = cfg.output
+    manager = ArtifactManager(out.dir, out.experiment_name or cfg.name, enabled=is_main,
+                              run_dir=resumed_run_dir(resumed_from, cfg) if is_main else None)
+    shared = [str(manager.run_dir)]
+    dist.broadcast_object_list(shared, src=0)
+    manager.run_dir = type(manager.run_dir)(shared[0])
+    return manager
+
+
+def announce_resume(ckpt: CheckpointState | None, state: TrainState, artifacts, progress,
+                   is_main: bool) -> None:
     """Rank 0: say where the run resumed (a log line and a metrics.jsonl record). Records of
     the steps after the checkpoint, which this run trains again, are dropped from
     metrics.jsonl first: it keeps one history, the one that continues."""
-    ckpt = trainer.resumed_from
-    if ckpt is None or not trainer.runtime.is_main:
+    if ckpt is None or not is_main:
         return
-    superseded = trainer.artifacts.supersede_metrics(ckpt.step)
-    trainer.artifacts.save_metrics({"step": ckpt.step, "resumed_from": str(ckpt.path),
-                                    "consumed_samples": trainer.consumed_samples,
-                                    "superseded_records": superseded})
+    superseded = artifacts.supersede_metrics(ckpt.step)
+    artifacts.save_metrics({"step": ckpt.step, "resumed_from": str(ckpt.path),
+                            "consumed_samples": state.consumed_samples,
+                            "superseded_records": superseded})
     progress.line(f"resumed from {ckpt.path} at step {ckpt.step} (consumed samples "
-                  f"{trainer.consumed_samples})" + (
+                  f"{state.consumed_samples})" + (
                       f"; {superseded} records of later steps in metrics.jsonl superseded"
                       if superseded else ""))
 
 
-def load_engine_state(trainer, ckpt: CheckpointState) -> None:
-    """After the engine exists: optimizer state, fp16's loss scale and, on the same layout,
-    the RNGs."""
+def load_engine_state(ckpt: CheckpointState, engine, state: TrainState, *, plan,
+                      load_batch_mib: float) -> bool:
+    """After the engine exists: optimizer state, fp16's loss scale, this rank's
+    ``state.rank_state`` (None: none saved) and, on the same layout, the RNGs. Returns whether
+    the checkpoint was saved on this layout."""
     saved = ckpt.state.get("layout")   # None: saved by CheckpointManager.save()
-    batch = int(trainer.config.training.checkpoints.load_batch_mib * 2**20)
     if (ckpt.path / "optimizer" / "metadata.json").is_file():
-        load_optimizer_state(trainer.engine, ckpt.path / "optimizer", batch,   # any layout
-                             verified=True, manifest=ckpt.manifest)
+        load_optimizer_state(engine, ckpt.path / "optimizer", int(load_batch_mib * 2**20),
+                             verified=True, manifest=ckpt.manifest)   # any layout
     else:
         # Nothing, or a plain torch optimizer's own state_dict: not the engine's model-space
         # state (its parameters are indices into an optimizer this run does not have).
         log.warning("%s holds no engine optimizer state: the optimizer starts fresh "
                     "(weights and step are restored)", ckpt.path)
-    trainer.engine.load_loss_scaler_states(ckpt.state.get("loss_scalers", []))   # fp16 only
+    engine.load_loss_scaler_states(ckpt.state.get("loss_scalers", []))   # fp16 only
     extra = ckpt.path / "trainer" / f"state-rank-{dist.get_rank():05d}.pt"
-    trainer.load_rank_state(_checked_pt(ckpt, extra) if extra.is_file() else None,
-                            str(ckpt.path), same_layout=saved == layout_of(trainer.plan))
-    if saved == layout_of(trainer.plan):
+    state.rank_state = _checked_pt(ckpt, extra) if extra.is_file() else None
+    if saved == layout_of(plan):
         restore_rng(_checked_pt(ckpt, ckpt.path / "trainer" / f"rank-{dist.get_rank():05d}.pt"))
     elif saved is not None:   # None: no RNGs were saved, this run's seeding stays
-        log.warning("resuming layout %s from %s: RNG streams are reseeded", layout_of(trainer.plan),
+        log.warning("resuming layout %s from %s: RNG streams are reseeded", layout_of(plan),
                     saved)
+    return saved == layout_of(plan)
 
 
 def _checked_pt(ckpt: CheckpointState, path: Path):
@@ -305,29 +319,3 @@ def _diff(old: dict, new: dict, prefix: str = "") -> dict:
         elif a != b:
             out[f"{prefix}{key}"] = (a, b)
     return out
-
-
-class PreemptionGuard:
-    """SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before a kill) ask for a checkpoint
-    at the next step boundary; ranks agree on it through the trainer's one per-step
-    all-reduce (``Trainer._before_update``)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        try:
-            for sig in PREEMPTION_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:   # not the main thread: the launcher's handlers stay
-            self._previous = {}
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from .forward_only import forward_only
-from .. import faults
+from apt.trainops.reliability import faults
 from ..plan import Plan
-from ..watchdog import POSITION, set_phase
+from apt.trainops.reliability.watchdog import POSITION, set_phase
 
 if TYPE_CHECKING:   # an annotation only: objectives sit above the engines' schedule
     from apt.trainops.objectives import Objective
@@ -41,7 +41,7 @@ class TrainEngine:
         on the device). ``before_update(sums, units, grad_norm)``, when given, is called once on
         every rank after the backward passes, before the update (``grad_norm``: the global
         norm, or None where the engine knows it only later); it returns whether to apply the
-        update (the anomaly guard, engine/anomaly.py)."""
+        update (the anomaly guard, reliability/anomaly.py)."""
         raise NotImplementedError
 
     def next_micro_batches(self, batches) -> list:

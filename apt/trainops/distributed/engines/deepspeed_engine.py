@@ -20,7 +20,7 @@ from ..grad_clip import clip_by_global_norm
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..mpu_adapter import MegatronMPU
 from ..plan import Plan
-from ..watchdog import set_phase
+from apt.trainops.reliability.watchdog import set_phase
 from . import moe_router_steps
 from .base import (StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes,
                    updates_dropped)

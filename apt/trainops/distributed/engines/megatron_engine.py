@@ -20,7 +20,7 @@ from apt.core.config import APTConfig
 from apt.trainops.checkpoints.loss_scale import load_megatron_scaler_state, megatron_scaler_state
 from ..memory import REDUCE_BUCKET_ELEMENTS
 from ..plan import Plan
-from ..watchdog import set_phase
+from apt.trainops.reliability.watchdog import set_phase
 from .base import StepResult, TrainEngine, optimizer_state_bytes, tensor_bytes
 
 ADAM = ("exp_avg", "exp_avg_sq")

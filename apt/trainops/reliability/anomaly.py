@@ -1,8 +1,8 @@
 """The anomaly guard: a step whose loss or gradient norm is not finite, or whose loss spikes,
 changes no weight, and every rank decides so alike.
 
-Between the backward pass and the optimizer update, each engine calls the Trainer's
-``before_update`` once (the Trainer's one per-step all-reduce, which also carries the
+Between the backward pass and the optimizer update, each engine calls ``before_update`` once
+(``RunControl.vote`` in run_control.py: the step's one all-reduce, which also carries the
 preemption and checkpoint-writer flags): it sums every rank's loss statistics and a
 "non-finite here" flag over all ranks, so every rank sees the same global loss and the same
 verdict. The gradient norm is already global (the optimizer all-reduced it). On an anomaly the
@@ -15,7 +15,7 @@ Adam moments stay as they were); then the policy (``training.anomaly``) applies:
 - rewind: the run reloads its last committed checkpoint (weights, optimizer, RNGs, step) and
   continues on the data after the anomalous batch: the batches since that checkpoint are
   skipped (the data cursor is no longer step x global batch, and checkpoints record it);
-- stop: the run exits with EXIT_ANOMALY and one line.
+- stop: the run exits with EXIT_ANOMALY (apt/core/exit_codes.py) and one line.
 
 Any policy stops once ``max_anomalies`` anomalies happened. A checkpoint is never written from
 non-finite weights (``check_weights_finite`` before every save).
@@ -28,8 +28,6 @@ from collections import deque
 import torch
 
 from apt.trainops.distributed.runtime import ranks_raising
-
-from apt.core.exit_codes import EXIT_ANOMALY  # noqa: F401  (re-exported for launch/train.py)
 
 
 class AnomalyStop(RuntimeError):
