@@ -169,3 +169,19 @@ def test_physical_mechanisms_unfused_attention_overlap_contention_and_exposed_ed
     pipe = Layout(tp=8, pp=8, dp=1, micro_batch=1, grad_accum=8, sp=True, gpus_per_node=8)
     one = predict(SHAPE, pipe, H100).breakdown["pp p2p"]
     assert predict(SHAPE, replace(pipe, vp=5), H100).breakdown["pp p2p"] == pytest.approx(5 * one)
+
+
+def test_plan_search_imports_neither_torch_nor_megatron():
+    # `trainops plan --search` is arithmetic: importing torch and Megatron-core for it cost
+    # about 6 s of CPU (of the 10 s budget) before the lazy package exports
+    import subprocess
+    import sys
+    code = ("import sys; from apt.cli import main; "
+            "rc = main(['plan', '--profile', '70b', '--gpu', 'h100-sxm', '--nodes', '8', "
+            "'--gpus-per-node', '8', '--search']); "
+            "heavy = sorted(m for m in ('torch', 'megatron') if m in sys.modules); "
+            "print('HEAVY', heavy); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "top 5:" in out.stdout and "HEAVY []" in out.stdout
