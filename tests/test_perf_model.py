@@ -185,3 +185,28 @@ def test_plan_search_imports_neither_torch_nor_megatron():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "top 5:" in out.stdout and "HEAVY []" in out.stdout
+
+
+def test_loss_passes_and_moe_sort_follow_megatron_cores_code():
+    from apt.trainops.perf.compute import layer_compute, linear_times, logits_time
+    stream = H100.hbm_bytes_s * H100.hbm_fraction
+    # Megatron-core's unfused vocab-parallel cross-entropy (its default) moves 52 bytes per
+    # logit: .float(), max, -max, exp, sum, /sum forward; scale and the cast back, backward
+    lay = Layout(tp=8, micro_batch=2, gpus_per_node=8)
+    f, b = linear_times(2 * 8192, 8192, 128256 / 8, H100, "bf16")
+    assert logits_time(SHAPE, lay, H100) - f - b == pytest.approx(
+        2 * 8192 * 128256 / 8 * 52 / stream)
+    # the all-to-all dispatcher sorts received tokens by local expert and back (one read and
+    # one write each, per routed copy x hidden, 2 bytes) when a rank holds several experts;
+    # the elementwise backward is twice the forward
+    moe = replace(SHAPE, experts=64, top_k=2, expert_ffn=2048)
+    one = layer_compute(moe, Layout(ep=1, micro_batch=1, gpus_per_node=8), H100)
+    ep8 = layer_compute(moe, Layout(ep=8, micro_batch=1, gpus_per_node=8), H100)
+    sort = 4 * 8192 * 2 * 8192 * 2 / stream
+    assert ep8.elementwise_fwd - one.elementwise_fwd == pytest.approx(sort)
+    assert ep8.elementwise_bwd - one.elementwise_bwd == pytest.approx(2 * sort)
+    single = replace(moe, experts=8)           # EP 8 over 8 experts: one per rank, no sort
+    assert layer_compute(single, Layout(ep=8, micro_batch=1, gpus_per_node=8),
+                         H100).elementwise_fwd == pytest.approx(
+        layer_compute(single, Layout(ep=1, micro_batch=1, gpus_per_node=8),
+                      H100).elementwise_fwd)

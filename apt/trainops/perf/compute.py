@@ -71,6 +71,24 @@ UNFUSED_SOFTMAX_PASSES = (2, 3)          # (forward, backward) element reads/wri
 UNFUSED_DROPOUT_PASSES = (2, 2)          # plus the 1-byte mask once each way
 
 
+# Bytes per logit element the loss moves, forward + backward, as Megatron-core's vocabulary-
+# parallel cross-entropy does by default (cross_entropy_loss_fusion=False in
+# megatron/core/model_parallel_config.py; megatron/core/tensor_parallel/cross_entropy.py):
+# forward: .float() (read bf16 2, write fp32 4), max (read 4), subtract the max in place
+# (4 + 4), exp in place (4 + 4), sum (4), divide in place (4 + 4) = 38; backward: scale the
+# softmax by the incoming gradient in place (4 + 4) and .float()'s backward back to bf16
+# (4 + 2) = 14. The earlier model counted 3 fp32 passes (12 bytes), a fused loss.
+CROSS_ENTROPY_BYTES = 52
+
+# Element reads + writes per routed token-copy (x hidden) that Megatron-core's all-to-all token
+# dispatcher adds when a rank holds more than one expert: after the all-to-all it sorts the
+# received tokens by local expert and unsorts them before the combine (sort_chunks_by_idxs in
+# MoEAlltoAllTokenDispatcher.dispatch_postprocess / combine_preprocess,
+# megatron/core/transformer/moe/token_dispatcher.py), one read and one write each, on top of
+# the permute / unpermute every dispatcher does.
+MOE_SORT_ELEMENTS = 4
+
+
 def unfused_attention_times(s: ModelShape, lay: Layout, hw: Hardware) -> tuple[float, float]:
     """(forward, backward) seconds of attention without a fused kernel (Megatron's local spec
     and the pre-FlashAttention Megatron-LM of 2022): QK^T and AV as batched GEMMs over the
@@ -161,6 +179,8 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
     per_token += routed * (3 if s.gated else 2) * width / tp
     if s.moe:
         per_token += 4 * s.top_k * s.hidden / sp_split
+        if lay.ep > 1 and s.experts // lay.ep > 1:
+            per_token += MOE_SORT_ELEMENTS * s.top_k * s.hidden / sp_split
     elem_fwd = tokens * per_token * e / stream
     return LayerCompute(gemm_fwd=fwd, gemm_bwd=bwd, attention_fwd=attn_fwd,
                         attention_bwd=attn_bwd, elementwise_fwd=elem_fwd,
@@ -172,5 +192,5 @@ def logits_time(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
     on the last pipeline stage, one micro-batch."""
     tokens = lay.micro_batch * shape.seq / lay.cp
     f, b = linear_times(tokens, shape.hidden, shape.vocab / lay.tp, hw, lay.dtype)
-    ce = 3 * tokens * shape.vocab / lay.tp * 4 / (hw.hbm_bytes_s * hw.hbm_fraction)
+    ce = tokens * shape.vocab / lay.tp * CROSS_ENTROPY_BYTES / (hw.hbm_bytes_s * hw.hbm_fraction)
     return f + b + ce
