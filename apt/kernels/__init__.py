@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Union
 
-from ._build import KernelUnavailable, available, load, refuse_if_disabled
+from importlib import import_module
 
 # Compiled from kernels/<name>/ (python -m apt.kernels builds these).
 BUILT = ("rmsnorm", "rope", "swiglu", "linear_cross_entropy")
@@ -54,6 +54,7 @@ def resolve(setting: KernelSetting, device_type: str) -> tuple[str, ...]:
         raise ValueError(f"model.kernels {problem}")
     if setting == "none":
         return ()
+    from ._build import KernelUnavailable
     wanted = KERNELS if setting == "auto" else tuple(dict.fromkeys(setting))
     chosen = []
     for name in wanted:
@@ -72,6 +73,7 @@ def resolve(setting: KernelSetting, device_type: str) -> tuple[str, ...]:
 
 def _check_usable(name: str, device_type: str) -> None:
     """Build (or find) kernel ``name`` for ``device_type``; raises ``KernelUnavailable``."""
+    from ._build import KernelUnavailable, load, refuse_if_disabled
     if name != "linear":
         load(name, device_type)
         return
@@ -83,3 +85,16 @@ def _check_usable(name: str, device_type: str) -> None:
 
 
 __all__ = ["BUILT", "KERNELS", "KernelUnavailable", "available", "check_setting", "load", "resolve"]
+
+
+# The builder's names load on first use (PEP 562): config validation (check_setting) runs in
+# every command, `trainops plan` included, and must not import torch for it.
+_BUILD_NAMES = ("KernelUnavailable", "available", "load", "refuse_if_disabled")
+
+
+def __getattr__(name: str):
+    if name not in _BUILD_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module("._build", __name__), name)
+    globals()[name] = value
+    return value

@@ -6,7 +6,8 @@ output tiles padded to the kernel's tile (128 x 256) and spread over the SMs in 
 flash-attention fraction of the peak (fused), or unfused (Megatron's local spec, CPU, and
 pre-FlashAttention Megatron-LM) as batched GEMMs over the full score square at the roofline plus
 the softmax/dropout passes over the scores. Element-wise work (norms, activations, residuals,
-RoPE, dropout, MoE permutation) streams HBM.
+RoPE, dropout, MoE permutation and the all-to-all dispatcher's sort by local expert) streams
+HBM, and so does the loss, counted as Megatron-core's default unfused cross-entropy.
 Backward GEMMs are the two transposed products (input gradient, weight gradient).
 """
 from __future__ import annotations
@@ -69,6 +70,24 @@ def batched_gemm_time(batch: float, m: float, n: float, k: float, hw: Hardware,
 # 2as^2b dropout output), the reason their selective recompute redoes this part.
 UNFUSED_SOFTMAX_PASSES = (2, 3)          # (forward, backward) element reads/writes
 UNFUSED_DROPOUT_PASSES = (2, 2)          # plus the 1-byte mask once each way
+
+
+# Bytes per logit element the loss moves, forward + backward, as Megatron-core's vocabulary-
+# parallel cross-entropy does by default (cross_entropy_loss_fusion=False in
+# megatron/core/model_parallel_config.py; megatron/core/tensor_parallel/cross_entropy.py):
+# forward: .float() (read bf16 2, write fp32 4), max (read 4), subtract the max in place
+# (4 + 4), exp in place (4 + 4), sum (4), divide in place (4 + 4) = 38; backward: scale the
+# softmax by the incoming gradient in place (4 + 4) and .float()'s backward back to bf16
+# (4 + 2) = 14. The earlier model counted 3 fp32 passes (12 bytes), a fused loss.
+CROSS_ENTROPY_BYTES = 52
+
+# Element reads + writes per routed token-copy (x hidden) that Megatron-core's all-to-all token
+# dispatcher adds when a rank holds more than one expert: after the all-to-all it sorts the
+# received tokens by local expert and unsorts them before the combine (sort_chunks_by_idxs in
+# MoEAlltoAllTokenDispatcher.dispatch_postprocess / combine_preprocess,
+# megatron/core/transformer/moe/token_dispatcher.py), one read and one write each, on top of
+# the permute / unpermute every dispatcher does.
+MOE_SORT_ELEMENTS = 4
 
 
 def unfused_attention_times(s: ModelShape, lay: Layout, hw: Hardware) -> tuple[float, float]:
@@ -161,6 +180,8 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
     per_token += routed * (3 if s.gated else 2) * width / tp
     if s.moe:
         per_token += 4 * s.top_k * s.hidden / sp_split
+        if lay.ep > 1 and s.experts // lay.ep > 1:
+            per_token += MOE_SORT_ELEMENTS * s.top_k * s.hidden / sp_split
     elem_fwd = tokens * per_token * e / stream
     return LayerCompute(gemm_fwd=fwd, gemm_bwd=bwd, attention_fwd=attn_fwd,
                         attention_bwd=attn_bwd, elementwise_fwd=elem_fwd,
@@ -172,5 +193,5 @@ def logits_time(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
     on the last pipeline stage, one micro-batch."""
     tokens = lay.micro_batch * shape.seq / lay.cp
     f, b = linear_times(tokens, shape.hidden, shape.vocab / lay.tp, hw, lay.dtype)
-    ce = 3 * tokens * shape.vocab / lay.tp * 4 / (hw.hbm_bytes_s * hw.hbm_fraction)
+    ce = tokens * shape.vocab / lay.tp * CROSS_ENTROPY_BYTES / (hw.hbm_bytes_s * hw.hbm_fraction)
     return f + b + ce
