@@ -30,6 +30,8 @@ LAYERS = [
     # trainops' services, bottom-up; each imports only what sits under it
     ["apt.trainops.distributed"],         # runtime (process groups), plan, memory, watchdog
     ["apt.trainops.checkpoints"],
+    ["apt.trainops.reliability"],         # preflight, doctor, lifetime, watchdog, faults, anomaly,
+    #                                       run control: over the runtime and checkpoints, under the engines
     ["apt.trainops.interop"],             # HF import/export, from_pretrained: above model + I/O
     ["apt.trainops.perf"],                # the performance model over the plan
     ["apt.trainops.callbacks"],           # the loop's hook protocol, implemented above
@@ -41,7 +43,6 @@ LAYERS = [
     ["apt.trainops.eval"],
     ["apt.trainops.monitoring"],          # MFU from eval/flops.py
     ["apt.trainops.rl"],
-    ["apt.trainops.reliability"],         # preflight, doctor, lifetime, watchdog, run control
     ["apt.trainops.engine"],              # the trainers
     ["apt.cli"],
     ["apt.__main__"],

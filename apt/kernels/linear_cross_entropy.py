@@ -29,7 +29,7 @@ from megatron.core import tensor_parallel
 
 from ._build import KernelUnavailable, load
 from .linear import onednn_linear, supported as onednn_supported
-from apt.core.logit_blocks import _BLOCK_LOGITS, _ROWS, block_shape  # noqa: F401  (re-exported)
+from .logit_blocks import _BLOCK_LOGITS, _ROWS, block_shape  # noqa: F401  (re-exported)
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -156,7 +156,7 @@ def estimate_memory(counts: ParamCounts, *, hidden: int, ffn: int, kv_dim: int, 
     interleave = 1 + (pp - 1) / (pp * vp) if vp > 1 else 1
     logits = 4 * s * b * vocab / tp
     if fused_loss:
-        from apt.core.logit_blocks import block_shape
+        from apt.kernels.logit_blocks import block_shape
         rows, cols = block_shape(int(s * b), math.ceil(vocab / tp), device_type)
         logits = min(logits, 4 * rows * cols + 16 * s * b)
     activations = per_layer * layers_per_stage * in_flight * interleave + logits

@@ -1,7 +1,7 @@
 """Block sizes of the fused output projection + cross-entropy (apt/kernels/linear_cross_entropy.py).
 
 Plain arithmetic without torch, so the memory estimate (``trainops plan``) can size the
-logits block without importing the kernels package (torch, Megatron-core).
+logits block without importing torch or Megatron-core (apt/kernels/__init__.py loads its kernels lazily).
 """
 from __future__ import annotations
 
