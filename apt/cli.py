@@ -86,7 +86,7 @@ def _preprocess(args) -> int:
 def _benchmark(args) -> int:
     from apt.core.logging import configure_logging
     from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.eval.benchmark import run_benchmark
+    from apt.trainops.trainers.benchmark import run_benchmark
     configure_logging()
     cfg = load_profile(args.profile, args.overrides)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from apt.trainops.engine.schedule import warmup_cosine
+from apt.trainops.trainers.schedule import warmup_cosine
 
 
 def plain_adamw(model: torch.nn.Module, t) -> tuple[torch.optim.Optimizer, object]:

@@ -34,7 +34,7 @@ from apt.core.config import load_profile, with_overrides  # noqa: E402
 from apt.trainops.checkpoints import load_model_weights  # noqa: E402
 from apt.trainops.checkpoints.optimizer_state import load_optimizer_state  # noqa: E402
 from apt.trainops.distributed.engines import build_engine  # noqa: E402
-from apt.trainops.engine import Trainer  # noqa: E402
+from apt.trainops.trainers import Trainer  # noqa: E402
 
 MIB = 2 ** 20
 

@@ -32,7 +32,7 @@ configure_logging()
 
 from apt.core.config import load_profile  # noqa: E402
 from apt.model.moe_routing import routers  # noqa: E402
-from apt.trainops.engine import trainer_for  # noqa: E402
+from apt.trainops.trainers import trainer_for  # noqa: E402
 
 SHAPE = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4",
          "model.num_query_groups=2", "model.max_seq_len=64", "data.seq_length=64",

@@ -47,8 +47,8 @@ from apt.core.config import load_profile  # noqa: E402
 from apt.trainops.data import create_dataloader  # noqa: E402
 from apt.trainops.data.build import build_datasets  # noqa: E402
 from apt.trainops.distributed.runtime import shutdown_distributed  # noqa: E402
-from apt.trainops.engine import Trainer  # noqa: E402
-from apt.trainops.eval.benchmark import benchmark_config  # noqa: E402
+from apt.trainops.trainers import Trainer  # noqa: E402
+from apt.trainops.trainers.benchmark import benchmark_config  # noqa: E402
 from bench._plain_optimizer import plain_adamw  # noqa: E402
 
 # name: (hidden, layers, heads, kv groups, ffn, vocab, seq, batch, steps, warm-up)

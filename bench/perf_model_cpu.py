@@ -37,8 +37,8 @@ def worker(args) -> None:
     import torch.distributed as dist
     from apt.core.config import load_profile
     from apt.core.logging import configure_logging
-    from apt.trainops.engine import Trainer
-    from apt.trainops.eval.benchmark import benchmark_config, benchmark_summary
+    from apt.trainops.trainers import Trainer
+    from apt.trainops.trainers.benchmark import benchmark_config, benchmark_summary
     from apt.trainops.eval.flops import measure_matmul_flops
     configure_logging()
     cfg = load_profile("tiny", MODEL + LAYOUTS[args.layout] + [f"output.dir={args.out}"])

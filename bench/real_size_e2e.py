@@ -129,7 +129,7 @@ def _overrides(work: Path, name: str, objective: str, lora: bool, steps: int,
 
 def phase_train(work: Path, objective: str, lora: bool, steps: int, args) -> None:
     from apt.core.config import load_profile
-    from apt.trainops.engine import trainer_for
+    from apt.trainops.trainers import trainer_for
     name = f"{objective}-{'lora' if lora else 'full'}"
     cfg = load_profile(PROFILE, _overrides(work, name, objective, lora, steps, args))
     trainer = trainer_for(cfg).from_config(cfg)
@@ -184,7 +184,7 @@ def _compare_greedy(cfg, apt_weights: Path, hf_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM
     from apt.model.architectures import APTModel
     from apt.trainops.data.tokenizers.tokenizer import build_tokenizer
-    from apt.trainops.engine import trainer_for
+    from apt.trainops.trainers import trainer_for
     tokenizer = build_tokenizer("byte")
     prompts = [[int(t) for t in tokenizer.encode(f"<|user|>\n{p}\n<|assistant|>\n")]
                for p in PROMPTS]

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         config = load_profile(args.profile, args.overrides)
         if config.data.corpus != "sft":
             raise ConfigError("scoring chats needs data.corpus 'sft'", key="data.corpus")
-        from apt.trainops.engine import Trainer
+        from apt.trainops.trainers import Trainer
         from apt.trainops.eval.generation import ChatScorer
         trainer = Trainer.from_config(config)
         scorer = ChatScorer.from_data(config.data, trainer.tokenizer, args.max_records)

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     configure_logging()
     try:
         config = load_profile(args.profile, args.overrides)
-        from apt.trainops.engine import trainer_for
-        from apt.trainops.eval.benchmark import (benchmark_config, benchmark_summary,
+        from apt.trainops.trainers import trainer_for
+        from apt.trainops.trainers.benchmark import (benchmark_config, benchmark_summary,
                                                  format_benchmark)
         if args.benchmark:
             config = benchmark_config(config, args.benchmark, args.warmup)

@@ -28,7 +28,7 @@ def arith_sft_bases(tmp_path_factory):
     10% of the held-out sums right, then resumed to the profile's 25% target. A list of
     (held-out exact-match, checkpoint directory), weakest first; trained once per session."""
     from apt.core.config import load_profile
-    from apt.trainops.engine import Finetuner
+    from apt.trainops.trainers import Finetuner
     root = tmp_path_factory.mktemp("arith-sft-base")
     bases = []
     for target in (0.10, 0.25):

@@ -23,7 +23,7 @@ def model():
 
 
 def _resume(manager, resume=None):
-    from apt.trainops.engine.checkpointing import resolve_resume
+    from apt.trainops.trainers.checkpointing import resolve_resume
     return resolve_resume(manager, resume, auto_resume=resume is None)
 
 
@@ -125,7 +125,7 @@ def test_only_this_lineages_temporary_directories_are_removed(tmp_path, model):
 def test_the_run_directory_comes_from_the_profile(tmp_path, caplog):
     from apt.core.config import load_profile
     from apt.trainops.checkpoints.verification import CheckpointState
-    from apt.trainops.engine.checkpointing import resumed_run_dir
+    from apt.trainops.trainers.checkpointing import resumed_run_dir
     cfg = load_profile("tiny", [f"output.dir={tmp_path / 'out'}"])
     own = tmp_path / "out" / "tiny-20260101-000000"
     elsewhere = tmp_path / "victim" / "tiny-20260101-000000"

@@ -160,7 +160,7 @@ def test_a_file_swapped_after_verification_is_never_loaded(saved, tmp_path):
     """Resume's order: verify the checkpoint, then load weights and rank files from it. The
     .metadata and an RNG file are replaced in between (manifest too): the load refuses them."""
     from apt.trainops.checkpoints import load_model_weights
-    from apt.trainops.engine.checkpointing import _checked_pt
+    from apt.trainops.trainers.checkpointing import _checked_pt
     from torch.distributed.checkpoint import FileSystemReader
     ckpt = _copy(saved, tmp_path)
     marker = tmp_path / "MARKER"

@@ -327,7 +327,7 @@ def test_crafted_checkpoint_is_refused_on_every_loading_path(base, runtime, tmp_
                                                              capsys, monkeypatch, caplog):
     from apt.model.architectures import APTModel
     from apt.trainops.checkpoints import load_model_weights
-    from apt.trainops.engine.checkpointing import resolve_resume
+    from apt.trainops.trainers.checkpointing import resolve_resume
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")   # torch's own guard off
     directory, marker = _crafted(base, tmp_path, craft)
     crafted, intact = directory / "checkpoint-4", directory / "checkpoint-2"
@@ -366,7 +366,7 @@ def test_the_intact_copy_loads_on_every_path(base, runtime, tmp_path, capsys):
     """The control for the refusals above: the unmodified checkpoint passes every path."""
     from apt.model.architectures import APTModel
     from apt.trainops.checkpoints import load_model_weights
-    from apt.trainops.engine.checkpointing import resolve_resume
+    from apt.trainops.trainers.checkpointing import resolve_resume
     directory = tmp_path / "ckpts"
     shutil.copytree(base, directory / "checkpoint-2")
     ckpt = directory / "checkpoint-2"
@@ -426,7 +426,7 @@ def test_retention_and_auto_resume_stay_in_the_runs_lineage(base, runtime, tmp_p
 
     # Auto-resume (the Trainer's own resolve_resume) takes the run's checkpoint-4: not the
     # symlink's step 100, nor the older run's 6; the next save continues the lineage.
-    from apt.trainops.engine.checkpointing import resolve_resume
+    from apt.trainops.trainers.checkpointing import resolve_resume
     manager = CheckpointManager(directory, keep_last_n=1)
     assert resolve_resume(manager, None, auto_resume=True).path == directory / "checkpoint-4"
     manager.save(model=_small_model(), step=5)
@@ -473,7 +473,7 @@ def test_checkpoints_written_before_lineage_ids_still_load(tmp_path, runtime):
 
 
 def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path, runtime):
-    from apt.trainops.engine.checkpointing import resolve_resume
+    from apt.trainops.trainers.checkpointing import resolve_resume
     (tmp_path / "a-file").write_text("")
     with pytest.raises(CheckpointError, match="cannot be written"):
         resolve_resume(CheckpointManager(tmp_path / "a-file" / "ckpts"), None, False)

@@ -23,7 +23,7 @@ from apt.core.config import load_profile
 from apt.model.architectures import APTModel
 from apt.trainops.checkpoints import CheckpointError, save_model_weights
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
-from apt.trainops.engine import ClaudeTrainer
+from apt.trainops.trainers import ClaudeTrainer
 from tests._launch import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]

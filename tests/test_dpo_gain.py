@@ -11,7 +11,7 @@ stops at step 450 with max_steps 1000, one thread; earlier bases: 0.336 -> 0.796
 offline and trains on CPU (about a minute on 2 idle cores).
 """
 from apt.core.config import load_profile
-from apt.trainops.engine import ClaudeTrainer
+from apt.trainops.trainers import ClaudeTrainer
 
 
 def test_dpo_raises_preference_accuracy_and_exact_match(arith_sft_checkpoint, tmp_path):

@@ -35,7 +35,7 @@ def model():
 
 def test_evaluator_equals_a_plain_forward(model):
     text = "".join(open(p).read() for p in ("apt/trainops/eval/evaluator.py",
-                                            "apt/trainops/eval/metrics.py"))
+                                            "apt/trainops/objectives/token_metrics.py"))
     dataset = TokenDataset(ByteTokenizer().encode(text), 32)
     result = Evaluator(model, dataset, metrics=["loss", "perplexity", "accuracy"],
                        micro_batch_size=4, max_batches=3).evaluate()

@@ -28,7 +28,7 @@ def test_pairs_left_out_by_whole_global_batches_the_batch_cap_and_truncation():
 
 
 def test_the_trainers_evaluation_records_how_many_it_scored(tmp_path):
-    from apt.trainops.engine import Finetuner
+    from apt.trainops.trainers import Finetuner
     chats = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(50)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats[:21]))

@@ -8,7 +8,7 @@ fraction of its steps. The reward of the sampled completions must rise, and so m
 accuracy on held-out sums, from both bases. Everything is made offline and trains on CPU.
 """
 from apt.core.config import load_profile
-from apt.trainops.engine import O1Trainer
+from apt.trainops.trainers import O1Trainer
 
 STEPS = 40
 

@@ -201,7 +201,7 @@ def test_export_of_a_trained_run_has_its_tokenizer_and_stops_at_eos(tmp_path):
     from apt.cli import main
     from apt.core.config import load_profile
     from apt.trainops.data import ByteTokenizer
-    from apt.trainops.engine import Trainer
+    from apt.trainops.trainers import Trainer
     sets = ["model.num_layers=2", "training.max_steps=2", "training.warmup_steps=1",
             "data.max_corpus_bytes=200000", "training.eval_batches=1", "output.sample_tokens=0",
             "monitoring.plots=false", f"output.dir={tmp_path}"]

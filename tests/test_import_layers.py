@@ -43,7 +43,8 @@ LAYERS = [
     ["apt.trainops.eval"],
     ["apt.trainops.monitoring"],          # MFU from eval/flops.py
     ["apt.trainops.rl"],
-    ["apt.trainops.engine"],              # the trainers
+    ["apt.trainops.trainers"],            # the trainers: the one loop and its variants
+    ["apt.trainops.engine"],              # the seed's import path for the trainers
     ["apt.cli"],
     ["apt.__main__"],
 ]
@@ -65,11 +66,6 @@ KNOWN_OFFENDERS = {
     # APTModel() starts a one-process group when none exists; the runtime sits above the model
     # (distributed/ also holds the plan, which counts the model's parameters).
     ("apt.model.architectures", "apt.trainops.distributed.runtime"),
-    # The benchmark runner runs a Trainer: it belongs with or above the trainers ("put the
-    # benchmark runner where it belongs").
-    ("apt.trainops.eval.benchmark", "apt.trainops.engine"),
-    # The LM objective reports the evaluator's token metrics; the Evaluator takes objectives.
-    ("apt.trainops.objectives.lm", "apt.trainops.eval.metrics"),
 }
 
 

@@ -24,7 +24,7 @@ from apt.trainops.checkpoints import save_model_weights
 from apt.trainops.distributed.engines.base import torch_optimizers
 from apt.trainops.distributed.plan import PlanError, make_plan
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
-from apt.trainops.engine import Trainer
+from apt.trainops.trainers import Trainer
 from apt.trainops.callbacks import Callback
 from tests.test_parallel_matrix import HYBRID, TOLERANCE, _common, _launch
 

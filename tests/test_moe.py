@@ -46,7 +46,7 @@ def test_profiles_carry_balancing_defaults():
 
 def _train(tmp_path, name, extra):
     from apt.model.moe_routing import routers
-    from apt.trainops.engine import trainer_for
+    from apt.trainops.trainers import trainer_for
     cfg = load_profile("tiny", MOE + [f"output.dir={tmp_path / name}"] + extra)
     trainer = trainer_for(cfg).from_config(cfg)
     trainer.train()
@@ -58,7 +58,7 @@ def test_accumulation_split_and_engines_step_the_router_alike(tmp_path):
     """micro 1 x 8 = micro 8 x 1 on the DeepSpeed engine and on Megatron's, aux + z losses and
     the expert bias on: DeepSpeed gets the aux-loss gradient scale and the bias update that
     Megatron's schedule gives (without them the 1 x 8 run's router gradient is 8x too big)."""
-    from apt.trainops.engine import GPT5Trainer
+    from apt.trainops.trainers import GPT5Trainer
     runs = {}
     for name, extra in (("deepspeed_1x8", ["training.micro_batch_size=1"]),
                         ("deepspeed_8x1", ["training.micro_batch_size=8"]),
@@ -98,7 +98,7 @@ def test_accumulation_split_and_engines_step_the_router_alike(tmp_path):
 def test_gpt5_trainer_router_arguments_and_token_dropping(tmp_path):
     """GPT5Trainer's keyword arguments set the router; a capacity drops the overflow, which the
     metrics count; a dense model is refused."""
-    from apt.trainops.engine import GPT5Trainer
+    from apt.trainops.trainers import GPT5Trainer
     dense = load_profile("tiny", SMALL + [f"output.dir={tmp_path}", "training.max_steps=2",
                                           "training.log_interval=2"])
     with pytest.raises(ConfigError, match="model.num_experts"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from apt.core.config import load_profile
-from apt.trainops.engine import Trainer
+from apt.trainops.trainers import Trainer
 
 STEPS = 6
 PERF_KEYS = {"loss", "lr", "grad_norm", "step_time", "tokens_per_s", "tokens_per_s_per_device",
@@ -129,7 +129,7 @@ def test_run_directory_artifacts(run):
 
 
 def test_benchmark_prints_one_summary_line(tmp_path, capsys):
-    from apt.trainops.eval.benchmark import run_benchmark
+    from apt.trainops.trainers.benchmark import run_benchmark
     cfg = load_profile("tiny", ["data.max_corpus_bytes=200000", "training.batch_size=4",
                                 f"output.dir={tmp_path}"])
     result = run_benchmark(cfg, steps=3, warmup=1)
@@ -140,7 +140,7 @@ def test_benchmark_prints_one_summary_line(tmp_path, capsys):
 
 
 def test_progress_plain_lines_off_terminal_and_quiet_elsewhere(capsys):
-    from apt.trainops.engine.progress import Progress
+    from apt.trainops.trainers.progress import Progress
     sink = []
     main = Progress(10, 0, enabled=True, sink=sink.append)    # pytest's stderr is no terminal
     assert main.bar is None

@@ -12,7 +12,7 @@ import torch
 from apt.core.config import load_profile
 from apt.trainops.data import LMBatch, SFTDataset
 from apt.trainops.data.tokenizers.tokenizer import ByteTokenizer
-from apt.trainops.engine import Trainer
+from apt.trainops.trainers import Trainer
 from apt.trainops.objectives import LanguageModelObjective, build_objective
 
 

@@ -24,7 +24,7 @@ from apt.core.config import load_profile
 from apt.model.architectures import APTModel
 from apt.trainops.checkpoints import save_model_weights
 from apt.trainops.distributed.runtime import seed_everything, setup_distributed
-from apt.trainops.engine import Trainer
+from apt.trainops.trainers import Trainer
 from apt.trainops.objectives.base import unwrap
 from tests._launch import run_distributed
 from pathlib import Path

@@ -61,7 +61,7 @@ def test_prompt_truncation_counts_what_each_prompt_loses():
 
 
 def test_grpo_start_line_names_the_limit_and_the_cut_prompts(tmp_path):
-    from apt.trainops.engine import O1Trainer
+    from apt.trainops.trainers import O1Trainer
     train = _jsonl(tmp_path / "p.jsonl", [{"prompt": "y" * n, "answer": "1"}
                                           for n in (2, 4, 40, 50, 3, 5, 6, 7)])
     val = _jsonl(tmp_path / "v.jsonl", [{"prompt": "z", "answer": "1"}] * 2)

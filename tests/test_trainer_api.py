@@ -8,7 +8,7 @@ from apt.core.config import ConfigError, load_profile
 from apt.model.architectures import APTLargeModel, APTModel
 from apt.trainops.data import create_dataloader
 from apt.trainops.data.build import build_datasets
-from apt.trainops.engine import Trainer
+from apt.trainops.trainers import Trainer
 
 SMALL = dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
              ffn_hidden_size=128, vocab_size=384, max_seq_len=64)

@@ -84,8 +84,8 @@ def probe_benchmark(args) -> dict:
     from apt.core.logging import configure_logging
     from apt.model.megatron_gpt import transformer_engine_installed
     from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.eval.benchmark import benchmark_config, benchmark_summary
-    from apt.trainops.engine import Trainer
+    from apt.trainops.trainers.benchmark import benchmark_config, benchmark_summary
+    from apt.trainops.trainers import Trainer
     configure_logging()
     config = benchmark_config(load_profile(args.profile, args.overrides), args.steps, args.warmup)
     try:

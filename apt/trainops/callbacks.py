@@ -4,8 +4,8 @@ the loop's own: it must act between backward and update, reliability/anomaly.py)
 Every rank calls every hook (a hook that writes files checks ``trainer.runtime.is_main``);
 hooks may add keys to the records they receive before those are written to metrics.jsonl.
 
-It sits under both the trainers (engine/) that call it and the monitoring backends that implement
-it, so neither package imports the other back (``from apt.trainops.engine import Callback``, the
+It sits under both the trainers (trainers/) that call it and the monitoring backends that implement
+it, so neither package imports the other back (``from apt.trainops.trainers import Callback``, the
 seed's path, still works).
 """
 from __future__ import annotations

@@ -51,7 +51,7 @@ def main() -> None:
     import torch.distributed as dist
     from apt.core.config import load_profile
     from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.engine import trainer_for
+    from apt.trainops.trainers import trainer_for
     from apt.trainops.reliability.anomaly import AnomalyStop
 
     spec = json.load(open(args.spec))

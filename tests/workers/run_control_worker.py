@@ -25,8 +25,8 @@ def _step(name, policy, preempt_rank, nan_rank, directory: Path) -> dict:
     from apt.trainops.checkpoints import CheckpointManager
     from apt.trainops.distributed.engines.base import StepResult
     from apt.trainops.distributed.plan import make_plan
-    from apt.trainops.engine.progress import Progress
-    from apt.trainops.engine.train_state import TrainState
+    from apt.trainops.trainers.progress import Progress
+    from apt.trainops.trainers.train_state import TrainState
     from apt.trainops.objectives import build_objective
     from apt.trainops.reliability.anomaly import AnomalyGuard
     from apt.trainops.reliability.run_control import RunControl

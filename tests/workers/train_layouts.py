@@ -57,7 +57,7 @@ def main() -> None:
     configure_logging()
     from apt.core.config import load_profile
     from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.engine import trainer_for
+    from apt.trainops.trainers import trainer_for
     from apt.trainops.objectives.base import unwrap
 
     spec = json.load(open(args.spec))

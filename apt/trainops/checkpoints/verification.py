@@ -6,7 +6,7 @@ run, before anything in the checkpoint is unpickled.
 3. Every pickle (safe_unpickle.py): nothing in it can run code.
 
 It runs once per load: the Trainer verifies on rank 0 and hands the result to every rank
-(engine/checkpointing.py); what follows (model and optimizer loading) reads the verified files
+(trainers/checkpointing.py); what follows (model and optimizer loading) reads the verified files
 without checking them again.
 """
 from __future__ import annotations

@@ -1,28 +1,8 @@
-"""Training engines. ``Trainer`` owns the loop; the seed's trainer family specialises the
-objective, the data and the defaults (never the loop)."""
-from apt.trainops.callbacks import Callback
-from .claude_trainer import ClaudeTrainer
-from .finetuner import Finetuner
-from .gpt5_trainer import GPT5Trainer
-from .o1_trainer import O1Trainer
-from .pretrainer import PreTrainer
-from .trainer import Trainer
+"""The seed's import path for the trainers: ``from apt.trainops.engine import Trainer``.
 
-
-
-def trainer_for(config) -> type[Trainer]:
-    """The trainer class a profile asks for (launch/train.py): preference pairs align
-    (training.objective dpo), SFT data fine-tunes (epochs, NEFTune, before/after scores),
-    anything else pretrains (an MoE model with GPT5Trainer); prompts with rewards learn by
-    reinforcement (grpo, O1Trainer)."""
-    if config.training.objective == "dpo":
-        return ClaudeTrainer
-    if config.training.objective == "grpo":
-        return O1Trainer
-    if config.data.corpus == "sft":
-        return Finetuner
-    return GPT5Trainer if config.model.num_experts else PreTrainer
-
-
-__all__ = ["Callback", "ClaudeTrainer", "Finetuner", "GPT5Trainer", "O1Trainer", "PreTrainer",
-           "Trainer", "trainer_for"]
+The trainers live in apt/trainops/trainers/; "engine" elsewhere means the DeepSpeed or
+Megatron-core engine that runs one step (apt/trainops/distributed/engines/). This package only
+keeps the seed API's path working.
+"""
+from apt.trainops.trainers import *  # noqa: F401,F403
+from apt.trainops.trainers import __all__  # noqa: F401

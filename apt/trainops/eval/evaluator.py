@@ -17,7 +17,7 @@ import torch.distributed as dist
 from apt.trainops.data.datasets.batches import LMBatch
 from apt.trainops.distributed.engines.forward_only import forward_only
 from .coverage import eval_coverage
-from .metrics import TOKEN_METRICS, per_token_loss
+from apt.trainops.objectives.token_metrics import TOKEN_METRICS, per_token_loss
 from .tasks import MultipleChoiceTask, choice_rows
 
 KNOWN_METRICS = TOKEN_METRICS + ("multiple_choice",)

@@ -23,7 +23,7 @@ def build_objective(spec="lm", config=None) -> Objective:
         return PreferenceObjective(config.training.dpo if config is not None else None)
     if spec == "grpo":
         raise ValueError("training.objective 'grpo' learns from rollouts the O1Trainer samples "
-                         "(apt.trainops.engine.O1Trainer; launch/train.py picks it)")
+                         "(apt.trainops.trainers.O1Trainer; launch/train.py picks it)")
     return OBJECTIVES[spec]()
 
 

@@ -11,7 +11,7 @@ from functools import partial
 import torch
 
 from apt.trainops.data.datasets.batches import LMBatch
-from apt.trainops.eval.metrics import TOKEN_METRICS, metrics_from_totals, token_totals
+from .token_metrics import TOKEN_METRICS, metrics_from_totals, token_totals
 from .base import Objective
 
 

@@ -28,7 +28,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class AnomalyConfig:
-    """The anomaly guard (apt/trainops/engine/anomaly.py): what a step whose loss or gradient
+    """The anomaly guard (apt/trainops/trainers/anomaly.py): what a step whose loss or gradient
     norm is not finite, or whose loss spikes, does. Every rank decides the same."""
     # off: no check; skip: the step's update is dropped (the step counter, learning rate and
     # data cursor move on); rewind: the update is dropped, the run reloads its last committed

@@ -67,13 +67,13 @@ class Trainer:
     - ``make_loader(dataset, train) -> loader``: how a dataset becomes the training loader
       (endless, continuing at ``self.consumed_samples``) or the held-out one;
     - ``training_batches() -> batch source``: the iterator each step's micro-batches are drawn
-      from (engine/batch_source.py: ``TimedBatches`` over the training loader by default;
+      from (trainers/batch_source.py: ``TimedBatches`` over the training loader by default;
       O1Trainer returns a ``RolloutSource`` that samples them);
     - ``start_lines()``: lines to say at the start of training;
     - ``rank_state()`` / ``load_rank_state(...)``: per-rank state a checkpoint must hold;
     - ``eval_before_training`` and ``chat_scorer`` (``profile_chat_scorer(own_data)`` builds
       the one for the profile's held-out chats); callbacks
-      (engine/callbacks.py) for per-step side effects (Finetuner's NEFTune noise);
+      (callbacks.py) for per-step side effects (Finetuner's NEFTune noise);
     - defaults and refusals in ``__init__`` before ``super().__init__`` (GPT5Trainer).
     """
 
@@ -173,7 +173,7 @@ class Trainer:
         return []
 
     def training_batches(self):
-        """Hook: the batch source (engine/batch_source.py) the engine draws each step's
+        """Hook: the batch source (trainers/batch_source.py) the engine draws each step's
         micro-batches from, built once when training starts (after a resume loaded its
         state): the training loader's batches, typed by the objective."""
         return TimedBatches(self.train_dataloader, self.objective.coerce, self.runtime.device)

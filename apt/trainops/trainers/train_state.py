@@ -1,5 +1,5 @@
 """What the loop carries from one step to the next: the part of a run a checkpoint saves and
-restores besides weights, optimizer state and RNGs (engine/checkpointing.py)."""
+restores besides weights, optimizer state and RNGs (trainers/checkpointing.py)."""
 from __future__ import annotations
 
 import dataclasses

@@ -55,7 +55,7 @@ def format_benchmark(trainer, result: dict) -> str:
 
 def run_benchmark(config: APTConfig, steps: int = 50, warmup: int = 10, **trainer_kwargs) -> dict:
     """Train ``warmup + steps`` steps, print the one-line summary on the main rank, return it."""
-    from apt.trainops.engine import Trainer
+    from apt.trainops.trainers import Trainer
     trainer = Trainer.from_config(benchmark_config(config, steps, warmup), **trainer_kwargs)
     trainer.train()
     result = benchmark_summary(trainer, warmup)
