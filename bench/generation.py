@@ -106,39 +106,49 @@ CATEGORIES = (("GEMMs", ("linear_pointwise", "aten::mm", "aten::addmm", "aten::b
               ("attention (SDPA)", ("scaled_dot_product",)))
 
 
-def op_times(fn) -> dict:
-    """{category: (self-time seconds, calls)} of one call of ``fn`` under torch's profiler;
-    every op outside CATEGORIES counts as "other torch ops" (norms, RoPE, activation, cache
-    copies, masks, the logits' softmax and arg-max, ...)."""
+def op_times(fn, repeats: int) -> dict:
+    """{category: (self-time seconds, calls)} per call of ``fn`` under torch's profiler
+    (``repeats`` calls), and "profiled wall-clock"; every op outside CATEGORIES counts as
+    "other torch ops" (norms, RoPE, activation, cache copies, masks, the logits' softmax and
+    arg-max, ...)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
+        wall = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        wall = time.perf_counter() - wall
     totals = {name: [0.0, 0] for name, _ in CATEGORIES}
     totals["other torch ops"] = [0.0, 0]
     for event in prof.key_averages():
         name = next((n for n, keys in CATEGORIES if any(k in event.key for k in keys)),
                     "other torch ops")
-        totals[name][0] += event.self_cpu_time_total / 1e6
-        totals[name][1] += event.count
+        totals[name][0] += event.self_cpu_time_total / 1e6 / repeats
+        totals[name][1] += event.count / repeats
+    totals["profiled wall-clock"] = [wall / repeats, None]
     return totals
 
 
 def breakdown(runs: dict, new: int, repeats: int = 5) -> None:
-    """Per decoding token, APT against HF: the wall-clock of ``new`` tokens minus that of one
-    (the prefill), over new - 1, split into the profiled op categories; the rest of the wall
-    clock is Python and dispatch (module calls, argument checks, the generation loop)."""
+    """Per decoding token, APT against HF: (the time of ``new`` tokens minus that of one, the
+    prefill) / (new - 1), under the profiler, split into the op categories; the rest of the
+    profiled wall-clock is Python and dispatch (module calls, argument checks, the generation
+    loop; inflated by the profiler's own cost per op). The last row: the same difference
+    without the profiler (medians of ``repeats``)."""
     per_token = {}
     for name, run in runs.items():
         wall = {n: statistics.median(timed(run, n)[1] for _ in range(repeats)) for n in (1, new)}
-        ops = {n: op_times(lambda: run(n)) for n in (1, new)}
+        ops = {n: op_times(lambda: run(n), repeats) for n in (1, new)}
         row = {cat: ((ops[new][cat][0] - ops[1][cat][0]) / (new - 1),
-                     (ops[new][cat][1] - ops[1][cat][1]) / (new - 1)) for cat in ops[new]}
-        total = (wall[new] - wall[1]) / (new - 1)
-        row["Python and dispatch (the rest)"] = (total - sum(t for t, _ in row.values()), None)
-        row["per token (wall-clock)"] = (total, None)
+                     None if ops[new][cat][1] is None
+                     else (ops[new][cat][1] - ops[1][cat][1]) / (new - 1)) for cat in ops[new]}
+        profiled = row.pop("profiled wall-clock")[0]
+        row["Python and dispatch (the rest)"] = (profiled - sum(t for t, _ in row.values()),
+                                                 None)
+        row["per token, profiled"] = (profiled, None)
+        row["per token, without the profiler"] = ((wall[new] - wall[1]) / (new - 1), None)
         per_token[name] = row
-    print(f"| per decoding token, {torch.get_num_threads()} thread(s) | APT ms (ops) | "
-          "HF generate ms (ops) |")
+    print(f"| per decoding token, {torch.get_num_threads()} thread(s) | APT ms (op calls) | "
+          "HF generate ms (op calls) |")
     print("|---|---|---|")
     for cat in per_token["apt"]:
         cells = [f"{per_token[n][cat][0] * 1e3:.2f}" + (
@@ -240,10 +250,6 @@ def main() -> None:
               f"{tokens / statistics.median(row['hf']):.0f} | x{statistics.median(ratios):.2f} "
               f"({' '.join(f'{x:.2f}' for x in ratios)}) | x{statistics.median(cpu_ratios):.2f} "
               f"| {statistics.median(row['others']):.1f} |")
-
-
-if __name__ == "__main__":
-    main()
     if args.breakdown:
         runs = {"apt": lambda n: apt_generate(model, prompts, replace(cached, max_new_tokens=n)),
                 "hf": lambda n: hf_generate(twin, prompts, n, valid_vocab)}
@@ -251,3 +257,7 @@ if __name__ == "__main__":
             torch.set_num_threads(threads)
             print(f"load average {os.getloadavg()[0]:.1f} (1 min)")
             breakdown(runs, args.new)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,9 +6,9 @@
 How a step runs on any layout: every new token is one forward pass. With pipeline stages it
 goes through Megatron's own forward-only schedule (apt/trainops/eval/forward_pass.py), so the
 stages pass activations as in training; with one stage the model is called directly (the
-schedule's per-pass set-up is all overhead there), and when this rank also holds the whole
-model (TP = EP = 1, no ZeRO-3) without the CPU layer's device remap, whose Python hook sees
-every torch call (``cpu_compat.remap_suspended``). The last stage gathers the
+schedule's per-pass set-up is all overhead there), and then, without expert parallelism or
+ZeRO-3, without the CPU layer's device remap, whose Python hook sees every torch call
+(``cpu_compat.remap_suspended``). The last stage gathers the
 vocabulary-parallel logits (TP), samples, and the tokens go back to every rank of the
 model-parallel group (a broadcast over TP, then over PP). Data-parallel ranks sample their own
 prompts independently; under ZeRO-3, whose forward passes gather parameters over the
@@ -179,9 +179,10 @@ class _Step:
         # One pipeline stage: call the model as the schedule's step would, without the
         # schedule's per-pass set-up (the same modules and collectives; TP > 1 included).
         self.direct = len(chunks) == 1 and roles.pp == 1
-        # The whole model on this rank and no ZeRO-3 gathers: the passes make no CUDA
-        # request, so the sampler runs without the CPU layer's device remap (cpu_compat).
-        self.bare = self.direct and roles.tp == 1 and roles.ep == 1 and not synchronised
+        # One stage, no expert dispatch and no ZeRO-3 gathers: the passes (TP's all-reduces
+        # and the logits' all-gather included) make no CUDA request, so the sampler runs
+        # without the CPU layer's device remap (cpu_compat; a CUDA request there raises).
+        self.bare = self.direct and roles.ep == 1 and not synchronised
         # Built once per generation, sliced per pass: every slot's position per row, and
         # which key slots are padding (a decoding pass's whole mask, [b, 1, 1, keys]).
         slots = torch.arange(params.max_length, device=device)
