@@ -166,6 +166,37 @@ def test_fused_path_is_taken(monkeypatch, dtype):
         swiglu(x.detach()[..., :63])                             # an odd width: eager
 
 
+def test_without_gradients_the_kernels_skip_autograd_with_the_same_bits(monkeypatch):
+    """Under no_grad (the RL sampler's passes) the forward is called without its autograd
+    Function, whose per-call cost is overhead there (apt/kernels/_autograd.py); the result is
+    bit for bit the autograd path's. With a gradient to compute the Function runs."""
+    import apt.kernels.linear as linear_mod
+    torch.manual_seed(0)
+    y = torch.randn(8, 3, 64)
+    w = torch.rand(32) + 0.5
+    lw = torch.randn(48, 32)
+    _, freqs = _rope_inputs(8, 3, 1, 48, 48, 1, torch.float32)
+
+    def forward(x):
+        h = rms_norm(swiglu(x), w, 1e-6)
+        return apply_rope(linear_mod.linear(h, lw).view(8, 3, 1, 48), freqs)
+
+    with_autograd = forward(y.clone().requires_grad_())
+    assert with_autograd.grad_fn is not None
+    for function in (rmsnorm_mod._FusedRMSNorm, rope_mod._FusedRope, swiglu_mod._FusedSwiGLU,
+                     linear_mod._OneDNNLinear):
+        monkeypatch.setattr(function, "apply", _no_autograd)
+    with torch.no_grad():
+        assert torch.equal(forward(y), with_autograd)
+    assert torch.equal(forward(y), with_autograd)   # grad mode on, no input requiring one
+    with pytest.raises(AssertionError, match="autograd Function ran"):
+        forward(y.clone().requires_grad_())
+
+
+def _no_autograd(*args, **kwargs):
+    raise AssertionError("the autograd Function ran without a gradient to compute")
+
+
 def test_bad_input_is_one_clear_line():
     ops = load("rmsnorm", "cpu")
     with pytest.raises(RuntimeError, match="x and weight must share a dtype"):

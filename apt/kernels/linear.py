@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+from ._autograd import needs_autograd
+
 
 @functools.cache
 def available(device_type: str = "cpu") -> bool:
@@ -87,6 +89,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            tp_group=None) -> torch.Tensor:
     """``x @ weight.T + bias`` through oneDNN, differentiable; ``tp_group``: all-reduce the
     input gradient over that group (None or a group of one: no all-reduce)."""
+    if not needs_autograd(x, weight, bias):
+        return onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(
+            *x.shape[:-1], weight.shape[0])
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     return _OneDNNLinear.apply(x, weight, bias, tp_group)

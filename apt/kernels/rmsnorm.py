@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autograd import needs_autograd
 from ._build import available, load
 
 # What the fused kernels take; anything else (mixed x / weight dtypes, fp16 on CPU, a weight
@@ -55,5 +56,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of ``x`` [..., h] with ``weight`` [h], differentiable in both. The fused kernel
     computes in fp32 and rounds once (eager rounds the normalised value before the weight)."""
     if fused_supported(x, weight):
+        if not needs_autograd(x, weight):
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            return load("rmsnorm", x.device.type).forward(
+                rows, weight.contiguous(), float(eps))[0].view(x.shape)
         return _FusedRMSNorm.apply(x, weight, eps)
     return eager_rms_norm(x, weight, eps)

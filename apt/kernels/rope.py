@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
+from ._autograd import needs_autograd
 from ._build import available, load
 
 # What the fused kernels take; anything else (fp16 on CPU, a freqs table that broadcasts over
@@ -62,5 +63,8 @@ def apply_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) 
     past ``d_rot`` pass through. The signature of Megatron's ``fused_apply_rotary_pos_emb``.
     The fused kernel computes in fp32 and rounds once (eager rounds cos/sin to t's dtype)."""
     if fused_supported(t, freqs):
+        if not needs_autograd(t):
+            return load("rope", t.device.type).apply(_last_dim_contiguous(t), freqs.contiguous(),
+                                                     bool(interleaved), False)
         return _FusedRope.apply(t, freqs, bool(interleaved))
     return eager_apply_rope(t, freqs, interleaved)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autograd import needs_autograd
 from ._build import available, load
 
 # What the fused kernels take; anything else (fp16 on CPU, an odd last dimension, double
@@ -49,6 +50,10 @@ def swiglu(y: torch.Tensor) -> torch.Tensor:
     """``silu(a) * b`` of ``y = [a | b]`` [..., 2f] -> [..., f], differentiable. The fused
     kernel computes in fp32 and rounds once per stored value."""
     if fused_supported(y):
+        if not needs_autograd(y):
+            rows = y.reshape(-1, y.shape[-1]).contiguous()
+            return load("swiglu", y.device.type).forward(rows).view(
+                *y.shape[:-1], y.shape[-1] // 2)
         return _FusedSwiGLU.apply(y)
     return eager_swiglu(y)
 

@@ -6,10 +6,10 @@
 How a step runs on any layout: every new token is one forward pass. With pipeline stages it
 goes through Megatron's own forward-only schedule
 (apt/trainops/distributed/engines/forward_only.py), so the stages pass activations as in
-training; with one stage the model is called directly (the
-schedule's per-pass set-up is all overhead there), and when this rank also holds the whole
-model (TP = EP = 1, no ZeRO-3) without the CPU layer's device remap, whose Python hook sees
-every torch call (``cpu_compat.remap_suspended``). The last stage gathers the
+training; with one stage the model is called directly (the schedule's per-pass set-up is all
+overhead there), and then, without expert parallelism or ZeRO-3, without the CPU layer's device
+remap, whose Python hook sees every torch call (``cpu_compat.remap_suspended``). The last stage
+gathers the
 vocabulary-parallel logits (TP), samples, and the tokens go back to every rank of the
 model-parallel group (a broadcast over TP, then over PP). Data-parallel ranks sample their own
 prompts independently; under ZeRO-3, whose forward passes gather parameters over the
@@ -173,27 +173,33 @@ class _Step:
         from megatron.core.inference.contexts import StaticInferenceContext
         self.chunks, self.params, self.device = chunks, params, device
         self.shifts = shifts.to(device)
-        self.padded = bool((shifts > 0).any())
+        self.shifts_max = int(shifts.max()) if len(shifts) else 0
+        self.padded = self.shifts_max > 0
         self.context = (StaticInferenceContext(rows, params.max_length) if params.kv_cache
                         else None)
         # One pipeline stage: call the model as the schedule's step would, without the
         # schedule's per-pass set-up (the same modules and collectives; TP > 1 included).
         self.direct = len(chunks) == 1 and roles.pp == 1
-        # The whole model on this rank and no ZeRO-3 gathers: the passes make no CUDA
-        # request, so they run without the CPU layer's device remap (cpu_compat).
-        self.bare = self.direct and roles.tp == 1 and roles.ep == 1 and not synchronised
+        # One stage, no expert dispatch and no ZeRO-3 gathers: the passes (TP's all-reduces
+        # and the logits' all-gather included) make no CUDA request, so the sampler runs
+        # without the CPU layer's device remap (cpu_compat; a CUDA request there raises).
+        self.bare = self.direct and roles.ep == 1 and not synchronised
+        # Built once per generation, sliced per pass: every slot's position per row, and
+        # which key slots are padding (a decoding pass's whole mask, [b, 1, 1, keys]).
+        slots = torch.arange(params.max_length, device=device)
+        self.positions = (slots[None, :] - self.shifts[:, None]).clamp(min=0)
+        self.padding = (slots[None, :] < self.shifts[:, None])[:, None, None, :]
+        self.kwargs = dict(runtime_gather_output=True)
+        if self.context is not None:
+            self.kwargs["inference_context"] = self.context
 
     def __call__(self, tokens: torch.Tensor, start: int, end: int):
         first = start if self.context is not None else 0
-        slots = torch.arange(first, end, device=self.device)
-        batch = _Slots(tokens[:, first:end], (slots[None, :] - self.shifts[:, None]).clamp(min=0),
-                       self._mask(slots, end) if self.padded else None)
-        kwargs = dict(runtime_gather_output=True)
-        if self.context is not None:
-            kwargs["inference_context"] = self.context
+        batch = _Slots(tokens[:, first:end], self.positions[:, first:end],
+                       self._mask(first, end) if self.padded else None)
+        kwargs = self.kwargs
         if self.direct:
-            with remap_suspended() if self.bare else contextlib.nullcontext():
-                logits = self.chunks[0](batch.tokens, batch.positions, batch.mask, **kwargs)
+            logits = self.chunks[0](batch.tokens, batch.positions, batch.mask, **kwargs)
             logits = logits[:, -1].float()
         else:
             def step_fn(model, b):
@@ -207,12 +213,16 @@ class _Step:
             self.context.enable_decode_mode()
         return logits
 
-    def _mask(self, slots: torch.Tensor, end: int) -> torch.Tensor:
-        """[b, 1, queries, keys 0..end-1], True = masked: the padding slots, but a slot's own."""
-        keys = torch.arange(end, device=self.device)
-        padding = keys[None, :] < self.shifts[:, None]                          # [b, keys]
-        own = keys[None, :] == slots[:, None]                                   # [q, keys]
-        return (padding[:, None, :] & ~own[None]).unsqueeze(1)
+    def _mask(self, first: int, end: int) -> torch.Tensor:
+        """[b, 1, queries first..end-1, keys 0..end-1], True = masked: the padding slots, but a
+        slot's own. A query past every row's padding (each decoding pass: the prompts end at
+        the same slot) has just the padding masked: a view of the table."""
+        padding = self.padding[..., :end]
+        if first >= self.shifts_max:
+            return padding.expand(-1, -1, end - first, -1)
+        own = (torch.arange(end, device=self.device)[None, :] ==
+               torch.arange(first, end, device=self.device)[:, None])           # [q, keys]
+        return padding & ~own
 
 
 @dataclass
@@ -273,13 +283,16 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
     for i, p in enumerate(prompts):
         tokens[i, int(shifts[i]):int(shifts[i]) + len(p)] = p.to(device)
     ends = (shifts + lengths).tolist()     # the slot after each prompt
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    # Greedy draws nothing: no generators to seed.
+    generators = None if params.greedy else [torch.Generator().manual_seed(int(s))
+                                             for s in seeds]
     out = Completions(tokens=[[] for _ in range(rows)], logps=[[] for _ in range(rows)],
                       stopped=[False] * rows)
     active = [True] * rows
+    stops = {params.eod_id, *params.stop_ids}
     step = _Step(chunks, params, rows, device, shifts, roles, sync_group is not None)
     position, start = width, 0
-    with inference_mode(chunks):
+    with inference_mode(chunks), remap_suspended() if step.bare else contextlib.nullcontext():
         while _any_active(active, sync_group, device):
             if position >= capacity:
                 break
@@ -291,9 +304,11 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
                 next_tokens, logps = choose(logits, params, generators)
                 chosen[0], chosen[1] = next_tokens.double(), logps.double()
             chosen = roles.share(chosen)
-            # Rows past their prompt feed the chosen token (a finished row's output is unread).
-            fed = torch.tensor([position >= end for end in ends], device=device)
-            tokens[:, position] = torch.where(fed, chosen[0].long(), tokens[:, position])
+            if aligned:   # every prompt has ended: every row feeds its chosen token
+                tokens[:, position] = chosen[0].long()
+            else:         # rows past their prompt feed the chosen token, the others their own
+                fed = torch.tensor([position >= end for end in ends], device=device)
+                tokens[:, position] = torch.where(fed, chosen[0].long(), tokens[:, position])
             picked, picked_logps = chosen.tolist()
             for i in range(rows):
                 if not active[i] or position < ends[i]:
@@ -301,8 +316,7 @@ def sample(chunks, prompts: list, params: SamplingParams, seeds: list[int],
                 token = int(picked[i])
                 out.tokens[i].append(token)
                 out.logps[i].append(picked_logps[i])
-                if token == params.eod_id or token in params.stop_ids or \
-                        _ends_with(out.tokens[i], params.stop_sequences):
+                if token in stops or _ends_with(out.tokens[i], params.stop_sequences):
                     active[i], out.stopped[i] = False, True
                 elif len(out.tokens[i]) >= params.max_new_tokens:
                     active[i] = False

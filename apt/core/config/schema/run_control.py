@@ -28,7 +28,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class AnomalyConfig:
-    """The anomaly guard (apt/trainops/trainers/anomaly.py): what a step whose loss or gradient
+    """The anomaly guard (apt/trainops/reliability/anomaly.py): what a step whose loss or gradient
     norm is not finite, or whose loss spikes, does. Every rank decides the same."""
     # off: no check; skip: the step's update is dropped (the step counter, learning rate and
     # data cursor move on); rewind: the update is dropped, the run reloads its last committed
@@ -45,7 +45,7 @@ class AnomalyConfig:
 
 @dataclass(frozen=True)
 class WatchdogConfig:
-    """The hang watchdog (apt/trainops/distributed/watchdog.py): a heartbeat thread per rank."""
+    """The hang watchdog (apt/trainops/reliability/watchdog.py): a heartbeat thread per rank."""
     # A phase (forward, backward, optimizer, checkpoint, evaluation, ...) lasting longer than
     # this is a hang: every rank that can reports who stopped answering, dumps its stacks and
     # exits (code 4) so the launcher can restart the job. 0: no watchdog.
