@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from apt.core.config import load_profile  # noqa: E402
 from apt.model.architectures import APTModel  # noqa: E402
 from apt.trainops.interop import hf_config, megatron_to_hf  # noqa: E402
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed  # noqa: E402
+from apt.trainops.runtime.process_groups import seed_everything, setup_distributed  # noqa: E402
 from apt.trainops.rl.sampling import SamplingParams, sample  # noqa: E402
 
 

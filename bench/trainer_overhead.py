@@ -30,7 +30,7 @@ from apt.core.config import load_profile  # noqa: E402
 from apt.model.architectures import APTModel  # noqa: E402
 from apt.trainops.data import create_dataloader  # noqa: E402
 from apt.trainops.data.build import build_datasets  # noqa: E402
-from apt.trainops.distributed.runtime import seed_everything, shutdown_distributed  # noqa: E402
+from apt.trainops.runtime.process_groups import seed_everything, shutdown_distributed  # noqa: E402
 from apt.trainops.trainers import Trainer  # noqa: E402
 from bench._plain_optimizer import plain_adamw  # noqa: E402
 

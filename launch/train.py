@@ -53,7 +53,7 @@ def main(argv=None) -> int:
                              "--set training.checkpoints.auto_resume=true takes the newest")
     args = parser.parse_args(argv)   # torch not imported yet: an argument error is instant
     from apt.trainops.checkpoints.manager import CheckpointError
-    from apt.trainops.distributed.runtime import RendezvousError
+    from apt.trainops.runtime.process_groups import RendezvousError
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     configure_logging()

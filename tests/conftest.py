@@ -11,7 +11,7 @@ def _leave_the_process_as_found():
     environment, so later tests neither hand WORLD_SIZE=1 to their launches (SLURM-style tasks
     in test_train_multiprocess.py) nor find a group without its environment."""
     from apt.trainops.distributed import shutdown_distributed
-    from apt.trainops.distributed.runtime import current_runtime
+    from apt.trainops.runtime.process_groups import current_runtime
     saved, had_runtime = dict(os.environ), current_runtime() is not None
     yield
     if not had_runtime and current_runtime() is not None:

@@ -16,7 +16,7 @@ from apt.trainops.checkpoints.manifest import MANIFEST, write_manifest
 @pytest.fixture(scope="module")
 def model():
     from apt.model.architectures import APTModel
-    from apt.trainops.distributed.runtime import ensure_runtime
+    from apt.trainops.runtime.process_groups import ensure_runtime
     ensure_runtime()
     return APTModel(hidden_size=32, num_layers=1, num_attention_heads=2, num_query_groups=1,
                     ffn_hidden_size=64, vocab_size=384, max_seq_len=16)

@@ -29,7 +29,7 @@ def _model():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from apt.trainops.distributed.runtime import ensure_runtime
+    from apt.trainops.runtime.process_groups import ensure_runtime
     ensure_runtime()
     directory = tmp_path_factory.mktemp("saved")
     CheckpointManager(directory).save(model=_model(), step=3)

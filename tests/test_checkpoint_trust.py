@@ -318,7 +318,7 @@ def _crafted(base, tmp_path, craft):
 
 @pytest.fixture(scope="module")
 def runtime():
-    from apt.trainops.distributed.runtime import ensure_runtime
+    from apt.trainops.runtime.process_groups import ensure_runtime
     return ensure_runtime()
 
 

@@ -211,7 +211,7 @@ OVERFLOWS = [False] * 5 + [True, False, True, True] + [False] * 7
 
 def _deepspeed_scaler():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
-    from apt.trainops.distributed.runtime import ensure_runtime
+    from apt.trainops.runtime.process_groups import ensure_runtime
     import deepspeed
     ensure_runtime()   # its overflow messages ask DeepSpeed's comm for the rank
     deepspeed.comm.init_distributed(dist_backend="gloo")
@@ -221,7 +221,7 @@ def _deepspeed_scaler():
 
 def _megatron_scaler():
     from megatron.core.optimizer.grad_scaler import DynamicGradScaler
-    from apt.trainops.distributed.runtime import ensure_runtime
+    from apt.trainops.runtime.process_groups import ensure_runtime
     ensure_runtime()   # its tensors ask for device="cuda": the CPU layer maps them
     return DynamicGradScaler(initial_scale=2.0 ** 16, min_scale=1.0, growth_factor=2.0,
                              backoff_factor=0.5, growth_interval=4, hysteresis=2)

@@ -17,7 +17,7 @@ from apt.core.config import load_profile
 from apt.model.architectures import APTModel
 from apt.trainops.data.datasets.batches import LMBatch, require_supported
 from apt.trainops.distributed.plan import make_plan
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
 from tests._launch import run_distributed
 from tests.workers.packed_documents_worker import (COMMON, LAYOUTS, SEQ, max_document_diff,
                                                    packed_case)

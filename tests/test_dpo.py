@@ -22,7 +22,7 @@ import pytest
 from apt.core.config import load_profile
 from apt.model.architectures import APTModel
 from apt.trainops.checkpoints import CheckpointError, save_model_weights
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
 from apt.trainops.trainers import ClaudeTrainer
 from tests._launch import run_distributed
 
@@ -213,7 +213,7 @@ def test_sigkill_after_mid_run_checkpoint_resumes_bit_identically(reference_runs
     """launch/train.py under torchrun (DP2 ZeRO-2): an uninterrupted run, and one SIGKILLed
     (with its process group) once its step-3 checkpoint is committed, then auto-resumed under
     the deepspeed launcher on the same layout: steps 4-6 are bit-identical."""
-    from apt.trainops.distributed.launcher_env import free_port
+    from apt.trainops.runtime.launcher_env import free_port
     tmp, _ = reference_runs
     steps = 6
     train = str(REPO / "launch" / "train.py")

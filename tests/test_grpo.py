@@ -22,7 +22,7 @@ from apt.core.config import ConfigError, load_profile
 from apt.model.architectures import APTModel
 from apt.trainops.checkpoints import CheckpointError, save_model_weights
 from apt.trainops.data.errors import DataError
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
 from apt.trainops.trainers import O1Trainer
 from tests._launch import run_distributed
 

@@ -26,9 +26,10 @@ LAYERS = [
     ["apt.trainops.data.datasets"],
     ["apt.trainops.data.loading"],
     ["apt.trainops.data"],
+    ["apt.trainops.runtime"],             # launcher env, process groups, seeds: APTModel() starts them
     ["apt.model"],                        # architectures, sizing (what the plan counts), HF I/O
     # trainops' services, bottom-up; each imports only what sits under it
-    ["apt.trainops.distributed"],         # runtime (process groups), plan, memory, watchdog
+    ["apt.trainops.distributed"],         # plan, memory, DDP wrapper (re-exports the runtime)
     ["apt.trainops.checkpoints"],
     ["apt.trainops.reliability"],         # preflight, doctor, lifetime, watchdog, faults, anomaly,
     #                                       run control: over the runtime and checkpoints, under the engines
@@ -62,10 +63,6 @@ KNOWN_OFFENDERS = {
     # APTModel.from_pretrained (the seed API, on the model class) delegates to the loaders,
     # which build on the model: the one call-time arrow from model/ up into interop/.
     ("apt.model.architectures", "apt.trainops.interop.pretrained"),
-    # Not yet owned (issue 28, in no helper's brief when this list was written):
-    # APTModel() starts a one-process group when none exists; the runtime sits above the model
-    # (distributed/ also holds the plan, which counts the model's parameters).
-    ("apt.model.architectures", "apt.trainops.distributed.runtime"),
 }
 
 

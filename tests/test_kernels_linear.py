@@ -60,7 +60,7 @@ def test_megatron_keeps_what_onednn_does_not_cover():
 
 def _tiny_model(tmp_path, kernels: str):
     from apt.model.architectures import APTModel
-    from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+    from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
     cfg = load_profile("tiny", [f"model.kernels={kernels}", "model.num_layers=2",
                                 f"output.dir={tmp_path}"])
     setup_distributed(plan=None)

@@ -23,7 +23,7 @@ from apt.model.sizing import count_lora_parameters
 from apt.trainops.checkpoints import save_model_weights
 from apt.trainops.distributed.engines.base import torch_optimizers
 from apt.trainops.distributed.plan import PlanError, make_plan
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
 from apt.trainops.trainers import Trainer
 from apt.trainops.callbacks import Callback
 from tests.test_parallel_matrix import HYBRID, TOLERANCE, _common, _launch

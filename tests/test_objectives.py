@@ -89,7 +89,7 @@ def test_packed_sft_equals_the_records_run_unpacked(sft_file):
     the document mask the records see each other and the sums differ."""
     from apt.model.architectures import APTModel
     from apt.trainops.data import create_dataloader
-    from apt.trainops.distributed.runtime import ensure_runtime, seed_everything
+    from apt.trainops.runtime.process_groups import ensure_runtime, seed_everything
     from apt.trainops.eval import Evaluator
 
     # Short records (one or two repetitions), so that several fit in a row.

@@ -23,7 +23,7 @@ import pytest
 from apt.core.config import load_profile
 from apt.model.architectures import APTModel
 from apt.trainops.checkpoints import save_model_weights
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
 from apt.trainops.trainers import Trainer
 from apt.trainops.objectives.base import unwrap
 from tests._launch import run_distributed

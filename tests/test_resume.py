@@ -177,7 +177,7 @@ def _initial_weights(directory):
     from apt.core.config import load_profile
     from apt.model.architectures import APTModel
     from apt.trainops.checkpoints import save_model_weights
-    from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+    from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
     cfg = load_profile("tiny", SMALL)
     setup_distributed(plan=None)
     seed_everything(cfg.training.seed)

@@ -87,7 +87,7 @@ def test_cpu_embedding_backward_is_bit_identical_with_threads():
     import torch
     from apt.core.config import load_profile
     from apt.model.architectures import APTModel
-    from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+    from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -7,7 +7,7 @@ import torch
 
 from apt.core.config import load_profile
 from apt.model.architectures import APTModel
-from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
 from apt.trainops.rl.sampling import SamplingParams, sample
 
 NEW = 7

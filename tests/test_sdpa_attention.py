@@ -9,7 +9,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from apt.model.megatron_gpt import layer_spec, make_transformer_config
 from apt.model.sdpa_attention import SDPAttention
 from apt.trainops.data.datasets.tokens import block_causal_mask
-from apt.trainops.distributed.runtime import ensure_runtime
+from apt.trainops.runtime.process_groups import ensure_runtime
 
 SEQ, BATCH, HEAD_DIM = 24, 3, 8
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from apt.trainops.distributed.launcher_env import free_port
+from apt.trainops.runtime.launcher_env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"

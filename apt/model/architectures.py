@@ -84,7 +84,7 @@ class APTModel(PackedDocumentsGPTModel):
 
     def __init__(self, config: ModelConfig | None = None, *, plan=None, vp_stage=None,
                  **overrides):
-        from apt.trainops.distributed.runtime import ensure_runtime
+        from apt.trainops.runtime.process_groups import ensure_runtime
         ensure_runtime()
         arch = resolve_model_config(config or self.default_config, overrides)
         bf16 = plan is not None and plan.precision == "bf16"

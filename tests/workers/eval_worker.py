@@ -26,7 +26,7 @@ def main() -> None:
 
     from apt.core.config import load_profile
     from apt.trainops.distributed.plan import make_plan
-    from apt.trainops.distributed.runtime import seed_everything, setup_distributed
+    from apt.trainops.runtime.process_groups import seed_everything, setup_distributed
     from apt.model.architectures import APTModel
     from apt.trainops.data import ByteTokenizer, TokenDataset
     from apt.trainops.eval import Evaluator

@@ -24,7 +24,7 @@ def main() -> None:
     from apt.trainops.checkpoints import save_model_weights
     from apt.trainops.distributed import shutdown_distributed
     from apt.trainops.distributed.plan import make_plan
-    from apt.trainops.distributed.runtime import setup_distributed
+    from apt.trainops.runtime.process_groups import setup_distributed
 
     cfg = load_profile("tiny", PROFILE)
     plan = make_plan(cfg, 2, 2, device_type="cpu")

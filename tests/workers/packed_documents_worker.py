@@ -132,7 +132,7 @@ def run_layout(overrides: list[str], weights: str) -> dict:
     from apt.model.architectures import APTModel
     from apt.trainops.checkpoints import load_model_weights
     from apt.trainops.distributed.plan import make_plan
-    from apt.trainops.distributed.runtime import setup_distributed
+    from apt.trainops.runtime.process_groups import setup_distributed
     from megatron.core import parallel_state as ps
 
     cfg = load_profile("tiny", COMMON + overrides)

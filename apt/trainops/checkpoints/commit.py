@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch.distributed.checkpoint.api import CheckpointException
 
-from apt.trainops.distributed.runtime import ranks_raising
+from apt.trainops.runtime.process_groups import ranks_raising
 from .background import PARTS, read_parts
 from .directory import NAME, record_commit, retain
 from .errors import CheckpointError

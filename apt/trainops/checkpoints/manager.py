@@ -128,7 +128,7 @@ class CheckpointManager:
         training engine (apt.trainops.distributed.engines) or a plain torch optimizer. With
         ``async_save`` the checkpoint appears at the returned path once ``wait()`` (or the next
         save) commits it. ``load(name, model=..., optimizer=...)`` reads it back."""
-        from apt.trainops.distributed.runtime import ensure_runtime
+        from apt.trainops.runtime.process_groups import ensure_runtime
         from .model_weights import _sharded_state
         from .optimizer_state import optimizer_sharded_state
         ensure_runtime()   # dist_checkpointing is collective: a one-process group in a script

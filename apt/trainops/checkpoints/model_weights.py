@@ -45,7 +45,7 @@ def _module_sharded_state(module: torch.nn.Module, prefix: str) -> dict:
     # Any other torch module: its state dict, each tensor whole and replicated over the
     # data-parallel ranks (Megatron's groups, a one-process one outside a launched run).
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-    from apt.trainops.distributed.runtime import ensure_runtime
+    from apt.trainops.runtime.process_groups import ensure_runtime
     ensure_runtime()
     sharded = make_sharded_tensors_for_checkpoint(module.state_dict(), prefix)
     return {key[len(prefix):]: value for key, value in sharded.items()}   # load_state_dict's

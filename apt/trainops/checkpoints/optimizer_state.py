@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from apt.trainops.distributed.runtime import collective_device
+from apt.trainops.runtime.process_groups import collective_device
 from .model_weights import _sharded_state, zero3_gathered
 from .checked_reader import checked_dist_dir, checked_load, part_files
 

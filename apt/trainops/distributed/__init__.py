@@ -6,10 +6,14 @@ would load torch and Megatron-core (about 6 s of CPU) for a command that does no
 """
 from importlib import import_module
 
-_EXPORTS = {"DDPWrapper": ".ddp_wrapper", "LaunchEnv": ".launcher_env",
-            "detect_launch_env": ".launcher_env", "Plan": ".plan", "PlanError": ".plan",
-            "make_plan": ".plan", "Runtime": ".runtime", "setup_distributed": ".runtime",
-            "shutdown_distributed": ".runtime"}
+# The runtime (launcher environment, process groups) lives below the model in
+# apt.trainops.runtime; these names are re-exported from there (an arrow down) for the seed API
+# `from apt.trainops.distributed import setup_distributed`.
+_RUNTIME = "apt.trainops.runtime.process_groups"
+_EXPORTS = {"DDPWrapper": ".ddp_wrapper", "LaunchEnv": "apt.trainops.runtime.launcher_env",
+            "detect_launch_env": "apt.trainops.runtime.launcher_env", "Plan": ".plan",
+            "PlanError": ".plan", "make_plan": ".plan", "Runtime": _RUNTIME,
+            "setup_distributed": _RUNTIME, "shutdown_distributed": _RUNTIME}
 
 __all__ = sorted(_EXPORTS)
 

@@ -27,7 +27,7 @@ from collections import deque
 
 import torch
 
-from apt.trainops.distributed.runtime import ranks_raising
+from apt.trainops.runtime.process_groups import ranks_raising
 
 
 class AnomalyStop(RuntimeError):

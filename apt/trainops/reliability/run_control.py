@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from apt.trainops.distributed.runtime import collective_device
+from apt.trainops.runtime.process_groups import collective_device
 from .anomaly import AnomalyGuard
 from .watchdog import Watchdog, set_phase
 

@@ -4,7 +4,7 @@ like a profile's, and the model chunks this rank trains."""
 from __future__ import annotations
 
 from apt.trainops.data import APTDataLoader
-from apt.trainops.distributed.runtime import seed_everything
+from apt.trainops.runtime.process_groups import seed_everything
 
 
 def model_chunks(model, cfg, plan, device) -> list:

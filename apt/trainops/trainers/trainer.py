@@ -20,9 +20,9 @@ from apt.trainops.data.build import build_datasets
 from apt.trainops.distributed.ddp_wrapper import unwrap_strategy_request
 from apt.trainops.distributed.engines import build_engine
 from apt.trainops.distributed.engines.forward_only import lockstep_group
-from apt.trainops.distributed.launcher_env import detect_launch_env
+from apt.trainops.runtime.launcher_env import detect_launch_env
 from apt.trainops.distributed.plan import make_plan
-from apt.trainops.distributed.runtime import setup_distributed
+from apt.trainops.runtime.process_groups import setup_distributed
 from apt.trainops.objectives import build_objective
 from apt.trainops.callbacks import Callback
 from apt.trainops.reliability.lifetime import die_with_launcher
