@@ -117,10 +117,12 @@ def _doctor(args) -> int:
 
 
 def _export_hf(args) -> int:
+    from apt.model.architectures import APTModel
     from apt.trainops.interop import export_hf, hf_eos_ids
     cfg = load_profile(args.profile, args.overrides)
     tokenizer, source = _trained_tokenizer(args.weights, cfg)
-    out = export_hf(args.weights, cfg.model, args.out, tokenizer=tokenizer)
+    out = export_hf(args.weights, cfg.model, args.out, tokenizer=tokenizer,
+                    model_class=APTModel)
     print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained loads it) with "
           f"{source} (AutoTokenizer.from_pretrained loads it; end of document = "
           f"{tokenizer.eod_id}, generate() stops at eos = {hf_eos_ids(tokenizer)}, "
@@ -142,8 +144,9 @@ def _trained_tokenizer(weights: str, cfg):
 
 def _import_hf(args) -> int:
     import yaml
+    from apt.model.architectures import APTModel
     from apt.trainops.interop import import_hf_to_weights, profile_model_fields
-    model = import_hf_to_weights(args.hf, args.out)
+    model = import_hf_to_weights(args.hf, args.out, APTModel)
     print(f"wrote {args.out}: start a run from it with --set training.init_from={args.out} "
           f"and this model section in the profile:")
     print(yaml.safe_dump({"model": profile_model_fields(model)}, sort_keys=False), end="")

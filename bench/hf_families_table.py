@@ -130,6 +130,7 @@ def family_row(family: str, work: Path, steps: int) -> dict[str, str]:
     import torch
     import transformers
     from tests.test_hf_families import COMMON, _apt_logits, _configs, _hf_logits, _hf_model
+    from apt.model.architectures import APTModel
     from apt.trainops.interop import export_hf, import_hf, import_hf_to_weights
     work = work / family
     config, _ = _configs()[family]
@@ -139,13 +140,13 @@ def family_row(family: str, work: Path, steps: int) -> dict[str, str]:
                            generator=torch.Generator().manual_seed(1))
     theirs = _hf_logits(hf, tokens)
     row = {}
-    cfg, model = import_hf(work / "hf")
+    cfg, model = import_hf(work / "hf", APTModel)
     ours = _apt_logits(model, tokens)
     row["import"] = f"{(ours - theirs).abs().max().item():.1e}"
     out = export_hf(model, cfg, work / "export")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     row["export"] = f"{(_hf_logits(reloaded, tokens) - ours).abs().max().item():.1e}"
-    import_hf_to_weights(work / "hf", work / "weights")
+    import_hf_to_weights(work / "hf", work / "weights", APTModel)
     launches = _launches(work, work / "weights", _model_sets(cfg), steps,
                          moe=bool(cfg.num_experts))
     results = {}

@@ -96,9 +96,10 @@ def phase_make_hf(work: Path, args) -> None:
 
 
 def phase_import(work: Path) -> None:
+    from apt.model.architectures import APTModel
     from apt.trainops.interop import import_hf_to_weights
     started = time.perf_counter()
-    model = import_hf_to_weights(work / "hf", work / "weights")
+    model = import_hf_to_weights(work / "hf", work / "weights", APTModel)
     _emit(phase="import", seconds=round(time.perf_counter() - started, 1),
           qkv_bias=model.qkv_bias, vocab_size=model.vocab_size)
 
@@ -155,6 +156,7 @@ def phase_train(work: Path, objective: str, lora: bool, steps: int, args) -> Non
 def phase_export_and_compare(work: Path, args) -> None:
     """Export the full-SFT weights; transformers' greedy tokens against APT's sampler's."""
     from apt.core.config import load_profile
+    from apt.model.architectures import APTModel
     from apt.trainops.interop import export_hf
     from apt.trainops.data.tokenizers.tokenizer import build_tokenizer
     run_dir = Path((work / "sft-full-run").read_text())
@@ -162,7 +164,7 @@ def phase_export_and_compare(work: Path, args) -> None:
                        + [f"training.init_from={run_dir / 'model' / 'dist'}"])
     started = time.perf_counter()
     export_hf(run_dir / "model" / "dist", cfg.model, work / "hf-out",
-              tokenizer=build_tokenizer("byte"))
+              tokenizer=build_tokenizer("byte"), model_class=APTModel)
     export_s = time.perf_counter() - started
     _emit(phase="export+greedy", export_s=round(export_s, 1),
           **_compare_greedy(cfg, run_dir, work / "hf-out"))

@@ -35,7 +35,7 @@ def test_extends_and_overrides_and_hash():
 
 
 def test_real_architecture_numbers():
-    from apt.model.sizing import count_parameters
+    from apt.core.config.sizing import count_parameters
     billions = {name: count_parameters(load_profile(name).model).total / 1e9
                 for name in ("1b", "7b", "13b", "70b", "moe")}
     assert billions["1b"] == pytest.approx(1.24, abs=0.01)     # Llama-3.2-1B

@@ -2,7 +2,7 @@
 import pytest
 
 from apt.core.config import load_profile
-from apt.model.sizing import matmul_parameters
+from apt.core.config.sizing import matmul_parameters
 from apt.trainops.eval.flops import (device_peak_flops, mfu, table_peak_flops,
                                      training_flops_per_token)
 

@@ -92,7 +92,7 @@ def test_family_imports_and_exports_with_transformers_logits(tmp_path, family):
                            generator=torch.Generator().manual_seed(1))
     theirs = _hf_logits(hf, tokens)
 
-    cfg, model = import_hf(tmp_path / "hf")
+    cfg, model = import_hf(tmp_path / "hf", APTModel)
     ours = _apt_logits(model, tokens)
     diff = (ours - theirs).abs().max().item()
     print(f"\n{family}: import max |logit diff| {diff:.2e}")
@@ -174,7 +174,7 @@ def test_bad_directories_are_one_line_before_allocating(tmp_path, capsys):
                                                   "num_hidden_layers": 4096}))
     (huge / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"needs about [\d,.]+ GiB .* GiB is available"):
-        import_hf(huge)
+        import_hf(huge, APTModel)
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

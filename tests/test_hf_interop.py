@@ -94,7 +94,7 @@ def test_import_llama_from_transformers(tmp_path, tied):
             if "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
     hf_model.save_pretrained(tmp_path / "hf")
-    cfg, model = import_hf(tmp_path / "hf")
+    cfg, model = import_hf(tmp_path / "hf", APTModel)
     assert (cfg.kv_heads, cfg.ffn_size, cfg.rope_base, cfg.norm_eps, cfg.tie_embeddings) == \
         (2, 96, 20000.0, 1e-5, tied)
     tokens = _tokens(384, seed=3)
@@ -115,7 +115,7 @@ def test_mixtral_export_and_import(tmp_path):
     _check("export mixtral", apt_logits, _hf_logits(hf_model, tokens))
     # And back: transformers' own save_pretrained of that model -> import -> same logits.
     hf_model.save_pretrained(tmp_path / "hf2")
-    cfg2, model2 = import_hf(tmp_path / "hf2")
+    cfg2, model2 = import_hf(tmp_path / "hf2", APTModel)
     assert (cfg2.num_experts, cfg2.moe_top_k) == (4, 2)
     _check("import mixtral (round trip)", _apt_logits(model2, tokens), apt_logits)
 
@@ -128,7 +128,8 @@ def test_export_from_weights_directory_and_import_to_weights(tmp_path):
     model = _perturbed_apt_model(cfg, seed=6)
     save_model_weights([model], tmp_path / "weights")
     # Small shards: the sharded layout (index.json) that large models get, both directions.
-    out = export_hf(tmp_path / "weights", cfg, tmp_path / "hf", max_shard_bytes=200_000)
+    out = export_hf(tmp_path / "weights", cfg, tmp_path / "hf", max_shard_bytes=200_000,
+                    model_class=APTModel)
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -136,7 +137,7 @@ def test_export_from_weights_directory_and_import_to_weights(tmp_path):
     apt_logits = _apt_logits(model, tokens)
     _check("export from weights dir", apt_logits, _hf_logits(hf_model, tokens))
 
-    imported_cfg = import_hf_to_weights(out, tmp_path / "imported")
+    imported_cfg = import_hf_to_weights(out, tmp_path / "imported", APTModel)
     assert imported_cfg.num_layers == cfg.num_layers
     fresh = APTModel(imported_cfg)
     load_model_weights([fresh], tmp_path / "imported")
@@ -188,7 +189,7 @@ def test_export_from_a_tp2_checkpoint(tmp_path):
                                 "--logits", str(tmp_path / "logits.pt")], timeout=120)
     saved = torch.load(tmp_path / "logits.pt", weights_only=True)
     cfg = load_profile("tiny", ["model.num_layers=2"]).model
-    out = export_hf(tmp_path / "weights", cfg, tmp_path / "hf")
+    out = export_hf(tmp_path / "weights", cfg, tmp_path / "hf", model_class=APTModel)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
     _check("export from TP2 checkpoint", saved["logits"].float(),
            _hf_logits(hf_model, saved["tokens"]))

@@ -19,7 +19,7 @@ from apt.core.config import ConfigError, load_profile
 from apt.model.architectures import APTModel
 from apt.trainops.interop import export_hf
 from apt.model.lora import adapters, apply_lora, merge_lora
-from apt.model.sizing import count_lora_parameters
+from apt.core.config.sizing import count_lora_parameters
 from apt.trainops.checkpoints import save_model_weights
 from apt.trainops.distributed.engines.base import torch_optimizers
 from apt.trainops.distributed.plan import PlanError, make_plan

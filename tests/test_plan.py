@@ -2,7 +2,7 @@
 import pytest
 
 from apt.core.config import load_profile
-from apt.model.sizing import count_parameters
+from apt.core.config.sizing import count_parameters
 from apt.trainops.distributed.memory import GIB
 from apt.trainops.distributed.plan import PlanError, make_plan
 
@@ -82,7 +82,7 @@ def test_moe_expert_parallel_and_zero3_refused():
 def test_moe_plan_counts_active_parameters_and_the_expert_all_to_all():
     """Memory holds every expert (split over EP), activations and FLOPs follow the k experts
     a token passes through, and expert parallel adds its all-to-all traffic and buffers."""
-    from apt.model.sizing import matmul_parameters
+    from apt.core.config.sizing import matmul_parameters
     layout = ["training.distributed.strategy=hybrid", "training.distributed.tensor_parallel=2",
               "training.distributed.sequence_parallel=true"]
     ep1 = plan("moe", 16, overrides=layout)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from apt.core.config import load_profile
-from apt.model.sizing import count_parameters
+from apt.core.config.sizing import count_parameters
 from apt.trainops.distributed.memory import GIB
 from apt.trainops.distributed.plan import make_plan
 

@@ -25,7 +25,7 @@ def test_model_is_a_megatron_gpt_with_llama_parts():
     assert "output_layer.weight" not in names      # APTLargeModel ties (Llama-3.2-1B style)
     assert "output_layer.weight" in dict(APTModel(**SMALL).named_parameters())  # untied default
     assert model.config.normalization == "RMSNorm" and model.config.gated_linear_unit
-    from apt.model.sizing import count_parameters
+    from apt.core.config.sizing import count_parameters
     assert model.num_parameters() == count_parameters(model.arch).total
 
 

@@ -6,33 +6,18 @@ started on first use, so ``APTLargeModel(hidden_size=2048, num_layers=32)`` just
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from megatron.core import parallel_state
 
 from apt.core.config import ConfigError, ModelConfig
 from apt.kernels import KernelUnavailable
-from apt.core.config.schema import cross_checks, APTConfig
+from apt.core.config.model_resolution import resolve_model_config
 from .moe_routing import router_settings
 from .megatron_gpt import (
     RopeScaling, check_tensor_parallel_marks, gpt_model_kwargs, make_transformer_config,
     scale_rope, transformer_engine_spec,
 )
 from .packed_documents import PackedDocumentsGPTModel
-
-
-def resolve_model_config(base: ModelConfig, overrides: dict) -> ModelConfig:
-    """Apply keyword overrides with the same checks a profile gets."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ConfigError(f"unknown model argument(s) {', '.join(unknown)}", key="model")
-    config = dataclasses.replace(base, **overrides)
-    for key, message in cross_checks(APTConfig(model=config)):
-        if key.startswith("model."):
-            raise ConfigError(message, key=key)
-    return config
 
 
 def rope_scaling(arch: ModelConfig) -> RopeScaling | None:
@@ -125,8 +110,7 @@ class APTModel(PackedDocumentsGPTModel):
         """A one-process fp32 model holding the weights at ``path``: a training run directory,
         a dist_checkpointing weights directory, or a Hugging Face Llama / Mistral / Mixtral /
         Qwen2 / Qwen3 / Qwen3-MoE directory (apt/trainops/interop/pretrained.py says how each is
-        recognised). The one import from model/ up: loading saved weights needs checkpoint I/O
-        and the HF importer, which build on this class; the seed API keeps it on the class."""
+        recognised). Interop and checkpoint I/O sit below the model: the class passes itself."""
         from apt.trainops.interop.pretrained import load_pretrained
         return load_pretrained(cls, path)
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from apt.model.sizing import ParamCounts
+from apt.core.config.sizing import ParamCounts
 
 GIB = 1024 ** 3
 REDUCE_BUCKET_ELEMENTS = 50_000_000  # the bucket size APT configures for DeepSpeed/Megatron DDP

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from apt.core.config import APTConfig, ConfigError
-from apt.model.sizing import (attention_widths, count_lora_parameters, count_parameters,
+from apt.core.config.sizing import (attention_widths, count_lora_parameters, count_parameters,
                               expert_ffn_size)
 from .memory import (GIB, MemoryEstimate, estimate_memory, expert_all_to_all_bytes,
                      generation_memory)

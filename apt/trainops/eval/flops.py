@@ -24,7 +24,7 @@ import time
 import torch
 
 from apt.core.config import ModelConfig
-from apt.model.sizing import attention_widths, matmul_parameters
+from apt.core.config.sizing import attention_widths, matmul_parameters
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets, by precision.
 # fp32 means TF32 tensor cores (what torch uses for fp32 matmuls when allowed). Matched by

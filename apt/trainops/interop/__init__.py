@@ -2,9 +2,12 @@
 (a run directory, a dist_checkpointing weights directory, a Hugging Face directory) and the
 Hugging Face export and import.
 
-A layer above both the model definition (``apt/model``) and checkpoint I/O
-(``apt/trainops/checkpoints``): it builds models and reads and writes their weights, and
-neither of those imports it (``APTModel.from_pretrained`` delegates here at call time).
+A layer above checkpoint I/O (``apt/trainops/checkpoints``) and below the model definition
+(``apt/model``), which imports it: ``APTModel.from_pretrained`` delegates to ``load_pretrained``.
+Nothing here imports ``apt/model``; what builds a model takes its class from the caller
+(``import_hf(path, APTModel)``, ``export_hf(weights_dir, ..., model_class=APTModel)``), and the
+config logic it shares with the model lives in ``apt/core/config`` (``model_resolution``,
+``sizing``).
 
 - ``pretrained.py``: what a path holds, recognised by its files, loaded into a model;
 - ``hf_families.py``: which HF family holds a ModelConfig, and its transformers config;

@@ -48,7 +48,7 @@ def model_config_from_hf(hf: dict, where: str | Path = "config.json") -> ModelCo
         refuse(f"a malformed value ({type(err).__name__}: {err})")
     # The profile's own checks: types, value rules, and the model's cross-key rules.
     from apt.core.config.validate import _build
-    from apt.model.architectures import resolve_model_config
+    from apt.core.config.model_resolution import resolve_model_config
     try:
         cfg = _build(ModelConfig, fields, "model.", {})
         if cfg.head_dim == cfg.hidden_size // cfg.num_attention_heads:

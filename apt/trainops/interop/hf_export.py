@@ -20,21 +20,26 @@ from .hf_weights import megatron_to_hf
 
 def export_hf(source, model_config: ModelConfig, out_dir: str | Path, *,
               dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
-              tokenizer=None) -> Path:
+              tokenizer=None, model_class=None) -> Path:
     """Write ``out_dir`` (config.json + safetensors) for the Hugging Face family that holds
     ``model_config`` (``hf_family``: Llama, Mistral, Qwen2, Qwen3, Gemma, Mixtral or Qwen3-MoE).
 
     ``source``: an ``APTModel`` (or a one-element list of modules) built for one process, or a
-    ``dist_checkpointing`` weights directory from any layout. ``dtype`` defaults to the
-    weights' own dtype (the stored dtype for a directory). ``tokenizer`` (an
-    ``apt.trainops.data`` tokenizer, the one the model was trained with): its files for
+    ``dist_checkpointing`` weights directory from any layout, put back together in a
+    one-process ``model_class`` (``APTModel``, from the caller: interop sits below
+    ``apt/model``). ``dtype`` defaults to the weights' own dtype (the stored dtype for a
+    directory). ``tokenizer`` (an ``apt.trainops.data`` tokenizer, the one the model was
+    trained with): its files for
     ``AutoTokenizer`` and its end-of-document / pad ids in config.json and
     generation_config.json, with every id APT stops at as eos (``hf_eos_ids``: the chat
     template's end of turn too), so that ``generate()`` stops where APT's sampler does. Without
     one, no special-token ids are written (not Llama's defaults, which mean other tokens)."""
     hf_family(model_config)   # refuse what no family holds before reading any weights
     if isinstance(source, (str, Path)):
-        state, stored_dtype = _load_weights_dir(source, model_config)
+        if model_class is None:
+            raise ValueError("export_hf from a weights directory needs model_class (APTModel): "
+                             "the shards are put back together in a one-process model")
+        state, stored_dtype = _load_weights_dir(source, model_config, model_class)
     else:
         state, stored_dtype = _unsharded_state(source)
     dtype = dtype or stored_dtype
@@ -92,16 +97,15 @@ def _unsharded_state(source) -> tuple[dict, torch.dtype]:
     return state, state["embedding.word_embeddings.weight"].dtype
 
 
-def _load_weights_dir(directory, cfg: ModelConfig) -> tuple[dict, torch.dtype]:
+def _load_weights_dir(directory, cfg: ModelConfig, model_class) -> tuple[dict, torch.dtype]:
     """Reshard a weights directory from any layout into a one-process TP1 model."""
-    from apt.model.architectures import APTModel
     from apt.trainops.checkpoints import load_model_weights
     from apt.trainops.checkpoints.verification import check_weights_dir
     directory = find_weights_dir(directory)
     # Checked before anything unpickles it; the stored dtype comes from the checked metadata.
     metadata = check_weights_dir(directory)
     meta = metadata.state_dict_metadata.get("embedding.word_embeddings.weight")
-    model = APTModel(cfg)
+    model = model_class(cfg)
     load_model_weights([model], directory, verified=True)
     state, _ = _unsharded_state(model)
     return state, getattr(getattr(meta, "properties", None), "dtype", torch.float32)

@@ -34,7 +34,7 @@ def load_pretrained(model_class, path):
     path = Path(path)
     if (path / "config.json").is_file():
         from .hf_import import import_hf
-        return import_hf(path, model_class=model_class)[1]
+        return import_hf(path, model_class)[1]
     if (path / "config.yaml").is_file() and (path / "model" / "dist" / "metadata.json").is_file():
         return _from_weights(model_class, path / "model" / "dist",
                              _run_model_config(path / "config.yaml"))
@@ -73,7 +73,7 @@ def _run_model_config(path: Path) -> ModelConfig:
 def model_config_from_dict(data: dict, where) -> ModelConfig:
     """The saved ``model`` fields, checked as a profile's are (unknown keys refused)."""
     from apt.core.config import ConfigError
-    from apt.model.architectures import resolve_model_config
+    from apt.core.config.model_resolution import resolve_model_config
     try:
         return resolve_model_config(ModelConfig(), data)
     except ConfigError as exc:
