@@ -151,6 +151,7 @@ class Trainer:
         self.callbacks = build_callbacks(cfg, extra=callbacks or [])
         self.engine = None
         self.history: list[dict] = []
+        self.eval_coverage = None   # what the last evaluation scored (evaluate sets it)
         self.anomalies = AnomalyGuard(cfg.training.anomaly, fp16=self.plan.precision == "fp16")
         self.control = RunControl(cfg, self.plan, self.objective, self.checkpoints,
                                   self.anomalies, world_size=self.runtime.world_size,
@@ -353,7 +354,7 @@ class Trainer:
 
     def _log_eval(self) -> dict:
         set_phase("evaluation")
-        return self.run_log.evaluation(self.evaluate(), self.step, getattr(self, "eval_coverage", None))
+        return self.run_log.evaluation(self.evaluate(), self.step, self.eval_coverage)
 
     def _emit(self, hook: str, *args) -> None:
         for callback in self.callbacks:
