@@ -210,3 +210,37 @@ def test_loss_passes_and_moe_sort_follow_megatron_cores_code():
                          H100).elementwise_fwd == pytest.approx(
         layer_compute(single, Layout(ep=1, micro_batch=1, gpus_per_node=8),
                       H100).elementwise_fwd)
+
+
+def test_attention_kernel_generation_and_fsdp_reduce_dtype():
+    from apt.core.config import ConfigError
+    from apt.trainops.perf.compute import layer_compute
+    # FlashAttention-1-era kernels (llm-foundry's attn_impl: triton of 2023) run at the GPU's
+    # flash1_fraction: the causal half of 4 x tokens x keys x q_dim, backward 2.5x forward
+    mpt = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, ffn=16384,
+                     vocab=50368, seq=2048, gated=False)
+    lay = Layout(dp=8, zero=3, micro_batch=6, attention="flash1", gpus_per_node=8)
+    flops = 4.0 * 6 * 2048 * 1024 * 4096
+    for gpu, frac in (("h100-sxm", 0.134), ("a100-80g", 0.264)):
+        hw = load_hardware(gpu)
+        c = layer_compute(mpt, lay, hw)
+        assert c.attention_fwd == pytest.approx(flops / (hw.peak("bf16") * frac))
+        assert c.attention_bwd == pytest.approx(2.5 * c.attention_fwd)
+        flash = layer_compute(mpt, replace(lay, attention="flash"), hw)
+        assert c.attention_fwd == pytest.approx(flash.attention_fwd * 0.58 / frac)
+    # no published FlashAttention-1 figure for B200, and an unknown kernel name: one clear error
+    with pytest.raises(ConfigError, match="flash1_fraction"):
+        layer_compute(mpt, lay, load_hardware("b200"))
+    with pytest.raises(ConfigError, match="not one of"):
+        layer_compute(mpt, replace(lay, attention="flash-1"), H100)
+    # Composer's FSDP DEFAULT mixed precision reduce-scatters fp32 gradients: with grad_bytes 4
+    # the per-micro-batch FSDP traffic is 2 + 2 + 4 bytes per parameter instead of 2 + 2 + 2
+    bf16 = predict(mpt, lay, H100)
+    fp32 = predict(mpt, replace(lay, grad_bytes=4), H100)
+    total = lambda p: (p.breakdown["dp/zero comm exposed"]          # noqa: E731
+                       + p.overlapped.get("dp/zero comm exposed", 0.0))
+    assert total(fp32) / total(bf16) == pytest.approx(8 / 6, rel=0.02)
+    # the published MPT rows name the kernel (all) and the reduce dtype (DEFAULT rows)
+    rows = {r["id"]: r for r in load_runs()}
+    assert all(r["layout"]["attention"] == "flash1" for k, r in rows.items() if "mpt" in k)
+    assert rows["mpt-7b-h100-8"]["layout"]["grad_bytes"] == 4

@@ -15,8 +15,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from apt.core.config import ConfigError
 from .hardware import Hardware
 from .shape import Layout, ModelShape
+
+# Attention implementations a layout can name: fused FlashAttention-2/3 ("flash"), the
+# FlashAttention-1 generation ("flash1": FA1 and its Triton port, e.g. llm-foundry's
+# attn_impl: triton of 2023), or none ("unfused": batched GEMMs + softmax passes).
+ATTENTION_KERNELS = ("flash", "flash1", "unfused")
 
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "tf32": 4, "fp32": 4}
 
@@ -160,11 +166,17 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
             fwd, bwd = fwd + f, bwd + b
 
     # Attention core: QK^T and AV, 4 x queries x keys x head_dim x heads (FlashAttention's
-    # count); its backward does 2.5x the forward's work (it recomputes the scores).
+    # count, the causal half skipped); its backward does 2.5x the forward's work (it recomputes
+    # the scores), the convention of flash-attention's benchmark (fwd + bwd = 3.5 x fwd FLOPs).
+    # The kernel generation sets the rate: FlashAttention-1-era kernels use Ampere's mma.sync and
+    # reach a smaller fraction of the peak, much smaller on Hopper (hardware.yaml).
     stream = hw.hbm_bytes_s * hw.hbm_fraction
-    if fused_attention and lay.attention == "flash":
+    if lay.attention not in ATTENTION_KERNELS:
+        raise ConfigError(f"layout attention '{lay.attention}' is not one of "
+                          f"{', '.join(ATTENTION_KERNELS)}")
+    if fused_attention and lay.attention != "unfused":
         attn_flops = 4.0 * tokens * s.mean_keys() * s.q_dim / tp
-        attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_fraction)
+        attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_rate_fraction(lay.attention))
         attn_bwd = 2.5 * attn_fwd
     else:
         attn_fwd, attn_bwd = unfused_attention_times(s, lay, hw)

@@ -35,6 +35,18 @@ class Hardware:
     comm_sms: int = 0               # SMs a running collective occupies (overlap contention)
     memory_gib: float = 80.0
     source: str = ""
+    flash1_fraction: float | None = None   # FlashAttention-1-era kernels; None: no figure
+
+    def attention_rate_fraction(self, kernel: str) -> float:
+        """Fraction of the dense peak a fused attention kernel of this generation reaches:
+        "flash" (FlashAttention-2/3, today's kernels) or "flash1" (FlashAttention-1 and its
+        Triton port, as 2022-23 software ran them)."""
+        if kernel == "flash":
+            return self.attention_fraction
+        if self.flash1_fraction is None:
+            raise ConfigError(f"{self.name} has no flash1_fraction in {DATA_FILE.name} (no "
+                              f"published FlashAttention-1 figure for it)")
+        return self.flash1_fraction
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -75,7 +87,7 @@ def load_hardware(name: str) -> Hardware:
         attention_fraction=k["attention_fraction"], hbm_fraction=k["hbm_fraction"],
         collective_fraction=k["collective_fraction"], latency_s=dict(k["collective_latency_s"]),
         gemm_tile=tuple(k["gemm_tile"]), comm_sms=k["comm_sms"], memory_gib=g["memory_gib"],
-        source=g["source"])
+        source=g["source"], flash1_fraction=g.get("flash1_fraction"))
 
 
 def gpu_for_device_name(device_name: str) -> str | None:

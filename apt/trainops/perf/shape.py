@@ -100,7 +100,7 @@ class Layout:
     tp_overlap: bool = False      # TP collectives hidden behind GEMMs (TE userbuffers)
     dp_overlap: bool = True       # gradient reduce / parameter gather overlapped with compute
     grad_bytes: int = 2           # bytes per gradient element on the wire
-    attention: str = "flash"      # flash (fused kernel) | unfused (batched GEMMs + softmax)
+    attention: str = "flash"      # flash (FA2/3) | flash1 (FA1 era) | unfused (GEMMs + softmax)
     p2p_split: bool = False       # Megatron-LM 2021 scatter/gather: 1/TP of a p2p each rank
 
     @property
