@@ -244,3 +244,22 @@ def test_attention_kernel_generation_and_fsdp_reduce_dtype():
     rows = {r["id"]: r for r in load_runs()}
     assert all(r["layout"]["attention"] == "flash1" for k, r in rows.items() if "mpt" in k)
     assert rows["mpt-7b-h100-8"]["layout"]["grad_bytes"] == 4
+
+
+def test_host_framework_time_adds_on_a_cpu_and_hides_behind_a_gpus_queue():
+    lay = Layout(tp=8, pp=2, dp=4, sp=True, grad_accum=4)
+    base = predict(SHAPE, lay, H100)
+    per_mb = sum(v for k, v in base.breakdown.items() if k not in (
+        "pp bubble", "pp p2p", "dp/zero comm exposed", "optimizer step", "overlap contention",
+        "host step overhead")) / lay.grad_accum
+    # a GPU: host time under the device's own time per micro-batch changes nothing ...
+    hidden = replace(H100, host_layer_s=0.5 * per_mb / 40)
+    assert predict(SHAPE, lay, hidden).step_s == pytest.approx(base.step_s)
+    # ... and shows only by what exceeds it; a CPU (host_serial) pays all of it
+    over = replace(H100, host_layer_s=2 * per_mb / 40, host_step_s=0.25)
+    slow = predict(SHAPE, lay, over)
+    assert slow.breakdown["host framework"] == pytest.approx(per_mb * lay.grad_accum)
+    serial = predict(SHAPE, lay, replace(over, host_serial=True))
+    assert serial.breakdown["host framework"] == pytest.approx(2 * per_mb * lay.grad_accum)
+    assert serial.breakdown["host step overhead"] == 0.25
+    assert serial.step_s > slow.step_s > base.step_s

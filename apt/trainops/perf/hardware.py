@@ -33,6 +33,13 @@ class Hardware:
     latency_s: dict = field(default_factory=lambda: {"nvlink": 0.0, "network": 0.0})
     gemm_tile: tuple = (128, 256)
     comm_sms: int = 0               # SMs a running collective occupies (overlap contention)
+    # Framework time on the host (Python, autograd, Megatron's module code, op dispatch), per
+    # layer and micro-batch (forward + backward) and per step (loop, optimizer calls, logging).
+    # A GPU runs it ahead of the device, asynchronously: it costs only where it exceeds the
+    # device's time. A CPU is its own device: the two add up (host_serial).
+    host_layer_s: float = 0.0
+    host_step_s: float = 0.0
+    host_serial: bool = False
     memory_gib: float = 80.0
     source: str = ""
     flash1_fraction: float | None = None   # FlashAttention-1-era kernels; None: no figure
