@@ -6,7 +6,10 @@ One step on the slowest (last) pipeline stage:
                  + logits (last stage)
   pipeline     = (m + (PP-1)/VP) x micro-batch     (1F1B; the bubble is (PP-1)/VP of them)
   step         = pipeline + exposed p2p + exposed DP/ZeRO communication + optimizer step
-                 + overlap contention
+                 + overlap contention + the host's per-step overhead
+The host's framework time (Python, autograd, op dispatch) is a Hardware property: measured on a
+CPU, where it adds to the compute; on a GPU it runs ahead of the device and shows only where a
+layer's host time exceeds its device time.
 Overlap rules: TP collectives hide behind the layer's GEMMs only with tp_overlap (Transformer
 Engine's userbuffers); CP's KV ring hides behind attention; the gradient reduce-scatter /
 all-reduce hides behind the last micro-batch's backward and the parameter all-gather behind the
@@ -92,6 +95,10 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
               "tp comm exposed": layers * (tp_layer - tp_hidden),
               "cp comm exposed": layers * (cp_layer - cp_hidden),
               "ep all-to-all": layers * ep_layer}
+    # The host's framework time per layer: serial on a CPU (the host is the device), hidden
+    # behind the device's queue on a GPU except where it exceeds the device's own time.
+    host = layers * hw.host_layer_s
+    per_mb["host framework"] = host if hw.host_serial else max(0.0, host - sum(per_mb.values()))
     t_mb = sum(per_mb.values())
     bubble = (pp - 1) / lay.vp * t_mb
     breakdown = {k: v * m for k, v in per_mb.items()}
@@ -163,6 +170,7 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     breakdown["overlap contention"] = (hidden_comm * hw.comm_sms / hw.sms
                                        if hw.sms and hw.comm_sms else 0.0)
 
+    breakdown["host step overhead"] = hw.host_step_s
     step = sum(breakdown.values())
     tokens_per_s = lay.global_batch * shape.seq / step / lay.world
     mfu = tokens_per_s * shape.model_flops_per_token() / hw.peak(lay.dtype)
