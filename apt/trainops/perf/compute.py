@@ -6,8 +6,9 @@ output tiles padded to the kernel's tile (128 x 256) and spread over the SMs in 
 flash-attention fraction of the peak (fused), or unfused (Megatron's local spec, CPU, and
 pre-FlashAttention Megatron-LM) as batched GEMMs over the full score square at the roofline plus
 the softmax/dropout passes over the scores. Element-wise work (norms, activations, residuals,
-RoPE, dropout, MoE permutation and the all-to-all dispatcher's sort by local expert) streams
-HBM, and so does the loss, counted as Megatron-core's default unfused cross-entropy.
+RoPE, dropout, MoE permutation and the all-to-all dispatcher's sort by local expert, GPT-OSS's
+eager GLU clamp and expert bias) streams HBM, and so does the loss: Megatron-core's default
+unfused cross-entropy, or TE's fused kernel where the run turns it on.
 Backward GEMMs are the two transposed products (input gradient, weight gradient).
 """
 from __future__ import annotations
