@@ -263,3 +263,40 @@ def test_host_framework_time_adds_on_a_cpu_and_hides_behind_a_gpus_queue():
     assert serial.breakdown["host framework"] == pytest.approx(2 * per_mb * lay.grad_accum)
     assert serial.breakdown["host step overhead"] == 0.25
     assert serial.step_s > slow.step_s > base.step_s
+
+
+def test_fused_loss_clamped_glu_expert_bias_and_recompute_modules_follow_the_code():
+    from apt.trainops.perf.compute import layer_compute, linear_times, logits_time
+    from apt.trainops.perf.published import ConfigError
+    stream = H100.hbm_bytes_s * H100.hbm_fraction
+    # TE's fused cross-entropy: 5 passes over the bf16 logits (2 bytes), not 52 bytes
+    lay = Layout(tp=8, micro_batch=2, gpus_per_node=8, loss_fusion=True)
+    f, b = linear_times(2 * 8192, 8192, 128256 / 8, H100, "bf16")
+    assert logits_time(SHAPE, lay, H100) - f - b == pytest.approx(
+        2 * 8192 * 128256 / 8 * 10 / stream)
+    # GPT-OSS's clamp before the fused GLU (8 x width forward, 10 backward per routed token)
+    # and the experts' eager output bias (6 x hidden forward, 8 backward), bf16
+    oss = ModelShape(hidden=2880, layers=36, heads=64, kv_heads=8, head_dim=64, ffn=2880,
+                     vocab=201088, seq=4096, experts=128, top_k=4)
+    ep8 = Layout(ep=8, dp=8, micro_batch=1, gpus_per_node=8)
+    base = layer_compute(oss, ep8, H100)
+    clamp = layer_compute(replace(oss, glu_clamp=True), ep8, H100)
+    bias = layer_compute(replace(oss, linear_bias=True), ep8, H100)
+    routed = 4096 * 4 * 2 / stream                       # routed tokens x bf16 bytes / HBM
+    assert clamp.elementwise_fwd - base.elementwise_fwd == pytest.approx(8 * 2880 * routed)
+    assert clamp.elementwise_bwd - base.elementwise_bwd == pytest.approx(10 * 2880 * routed)
+    assert bias.elementwise_fwd - base.elementwise_fwd == pytest.approx(6 * 2880 * routed)
+    assert bias.elementwise_bwd - base.elementwise_bwd == pytest.approx(8 * 2880 * routed)
+    # recompute modules: layernorm redoes the MoE layer's pre-MLP norm (read + write), moe_act
+    # the activation (read 2 x width, write width) with the clamp; selective is core_attn
+    run = lambda rc: predict(replace(oss, glu_clamp=True),  # noqa: E731
+                             replace(ep8, recompute=rc), H100).breakdown["recompute"]
+    per = 36 * 4096 * 2 / stream                          # layers x tokens x bf16 / HBM
+    assert run("layernorm") == pytest.approx(2 * 2880 * per)
+    assert run("moe_act") == pytest.approx(4 * (3 + 8) * 2880 * per)
+    assert run("layernorm+moe_act") == pytest.approx(run("layernorm") + run("moe_act"))
+    assert run("core_attn") > 0 and run("selective") == pytest.approx(run("core_attn"))
+    row = copy.deepcopy(next(r for r in load_runs() if r["id"] == "gpt-oss-120b-h100-64"))
+    row["layout"]["recompute"] = "layernorm+mlp"
+    with pytest.raises(ConfigError, match="recompute 'layernorm\\+mlp'"):
+        compare(row)

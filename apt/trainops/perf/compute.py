@@ -6,8 +6,9 @@ output tiles padded to the kernel's tile (128 x 256) and spread over the SMs in 
 flash-attention fraction of the peak (fused), or unfused (Megatron's local spec, CPU, and
 pre-FlashAttention Megatron-LM) as batched GEMMs over the full score square at the roofline plus
 the softmax/dropout passes over the scores. Element-wise work (norms, activations, residuals,
-RoPE, dropout, MoE permutation and the all-to-all dispatcher's sort by local expert) streams
-HBM, and so does the loss, counted as Megatron-core's default unfused cross-entropy.
+RoPE, dropout, MoE permutation and the all-to-all dispatcher's sort by local expert, GPT-OSS's
+eager GLU clamp and expert bias) streams HBM, and so does the loss: Megatron-core's default
+unfused cross-entropy, or TE's fused kernel where the run turns it on.
 Backward GEMMs are the two transposed products (input gradient, weight gradient).
 """
 from __future__ import annotations
@@ -95,6 +96,28 @@ CROSS_ENTROPY_BYTES = 52
 # the permute / unpermute every dispatcher does.
 MOE_SORT_ELEMENTS = 4
 
+# TE's fused cross-entropy (cross_entropy_loss_fusion with cross_entropy_fusion_impl="te", as
+# Megatron-Bridge's performance scripts set; transformer_engine/pytorch/triton/cross_entropy.py):
+# the online-softmax pass reads the logits, the loss kernel reads them again and writes the
+# gradient in place, the backward scales it by the per-token gradient in place (read, write):
+# 5 passes over the logits in their own 16-bit dtype, against the unfused loss's 52 bytes.
+FUSED_CROSS_ENTROPY_PASSES = 5
+
+# GPT-OSS's clamped GLU (activation_func_clamp_value): before the fused quick-GEGLU kernel,
+# Megatron-core clamps the two halves and concatenates them in eager ops
+# (weighted_bias_quick_geglu_impl, megatron/core/fusions/fused_bias_geglu.py, core 0.15/0.16):
+# forward: two clamps (read + write each half) and the cat (read + write both) = 8 x width
+# elements per routed token; backward: each clamp's backward (gradient and input read, write)
+# and the chunk's backward cat (read + write both) = 10 x width.
+GLU_CLAMP_ELEMENTS = (8, 10)
+
+# Expert output bias (add_bias_linear with grouped GEMM): TEGroupedMLP._apply_bias
+# (megatron/core/transformer/moe/experts.py) adds bias x routing prob expert by expert in eager
+# ops: b * p (write), t + b*p (two reads, write), cat (read, write) = 6 x hidden elements per
+# routed token forward; backward: the gradients of b and p (grad x p, grad x b: read, write,
+# read for the sum, each) and split's backward cat (read, write) = 8 x hidden.
+EXPERT_BIAS_ELEMENTS = (6, 8)
+
 
 def unfused_attention_times(s: ModelShape, lay: Layout, hw: Hardware) -> tuple[float, float]:
     """(forward, backward) seconds of attention without a fused kernel (Megatron's local spec
@@ -131,6 +154,9 @@ class LayerCompute:
     attention_bwd: float
     elementwise_fwd: float
     elementwise_bwd: float
+    # the parts of elementwise_fwd that Megatron's selective recompute modules redo
+    norm_fwd: float = 0.0         # "layernorm": the MoE layer's pre-MLP norm
+    moe_act_fwd: float = 0.0      # "moe_act": the experts' activation (and GPT-OSS's clamp)
 
     @property
     def forward(self) -> float:
@@ -189,21 +215,33 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
     if s.dropout:
         per_token += 2 * s.hidden * (2 + 1 / e) / sp_split
     routed = s.top_k if s.moe else 1
-    per_token += routed * (3 if s.gated else 2) * width / tp
+    activation = routed * (3 if s.gated else 2) * width / tp
+    per_token += activation
     if s.moe:
         per_token += 4 * s.top_k * s.hidden / sp_split
         if lay.ep > 1 and s.experts // lay.ep > 1:
             per_token += MOE_SORT_ELEMENTS * s.top_k * s.hidden / sp_split
-    elem_fwd = tokens * per_token * e / stream
+    # Eager passes whose backward is counted from the code, not as twice the forward.
+    clamp_f, clamp_b = ((n * routed * width / tp for n in GLU_CLAMP_ELEMENTS)
+                        if s.glu_clamp else (0.0, 0.0))
+    bias_f, bias_b = ((n * s.top_k * s.hidden / sp_split for n in EXPERT_BIAS_ELEMENTS)
+                      if s.moe and s.linear_bias else (0.0, 0.0))
+    per_byte = tokens * e / stream
     return LayerCompute(gemm_fwd=fwd, gemm_bwd=bwd, attention_fwd=attn_fwd,
-                        attention_bwd=attn_bwd, elementwise_fwd=elem_fwd,
-                        elementwise_bwd=2 * elem_fwd)
+                        attention_bwd=attn_bwd,
+                        elementwise_fwd=(per_token + clamp_f + bias_f) * per_byte,
+                        elementwise_bwd=(2 * per_token + clamp_b + bias_b) * per_byte,
+                        norm_fwd=2 * s.hidden / sp_split * per_byte if s.moe else 0.0,
+                        moe_act_fwd=(activation + clamp_f) * per_byte if s.moe else 0.0)
 
 
 def logits_time(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
-    """Output projection forward + backward and the cross-entropy's passes over fp32 logits
-    on the last pipeline stage, one micro-batch."""
+    """Output projection forward + backward and the cross-entropy's passes over the logits
+    (unfused: Megatron-core's default; fused: TE's kernel) on the last pipeline stage, one
+    micro-batch."""
     tokens = lay.micro_batch * shape.seq / lay.cp
     f, b = linear_times(tokens, shape.hidden, shape.vocab / lay.tp, hw, lay.dtype)
-    ce = tokens * shape.vocab / lay.tp * CROSS_ENTROPY_BYTES / (hw.hbm_bytes_s * hw.hbm_fraction)
+    per_logit = (FUSED_CROSS_ENTROPY_PASSES * ELEMENT_BYTES[lay.dtype] if lay.loss_fusion
+                 else CROSS_ENTROPY_BYTES)
+    ce = tokens * shape.vocab / lay.tp * per_logit / (hw.hbm_bytes_s * hw.hbm_fraction)
     return f + b + ce

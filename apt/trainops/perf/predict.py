@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import comms
-from .compute import ELEMENT_BYTES, layer_compute, logits_time
+from .compute import ELEMENT_BYTES, LayerCompute, layer_compute, logits_time
 from .hardware import Hardware
 from .shape import Layout, ModelShape
 
@@ -62,6 +62,17 @@ def _dp_params(shape: ModelShape, lay: Layout) -> tuple[float, float]:
     return dense, expert
 
 
+def _recompute_time(c: LayerCompute, recompute: str) -> float:
+    """Forward work redone in the backward, per layer and micro-batch: the whole forward
+    (full), or the selective modules (Megatron-core recompute_modules; "selective" alone is
+    its default, core_attn)."""
+    if recompute in ("none", "full"):
+        return c.forward if recompute == "full" else 0.0
+    modules = {"core_attn"} if recompute == "selective" else set(recompute.split("+"))
+    return (c.attention_fwd * ("core_attn" in modules) + c.norm_fwd * ("layernorm" in modules)
+            + c.moe_act_fwd * ("moe_act" in modules))
+
+
 def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool = True
             ) -> Prediction:
     gpn, tp, cp, pp, m = lay.gpus_per_node, lay.tp, lay.cp, lay.pp, lay.grad_accum
@@ -84,7 +95,7 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     if shape.moe and lay.ep > 1:
         routed = tokens / (tp if lay.sp else 1) * shape.top_k * shape.hidden * e
         ep_layer = 4 * comms.all_to_all(routed, lay.ep, tp * cp, hw, gpn)
-    recompute = {"full": c.forward, "selective": c.attention_fwd}.get(lay.recompute, 0.0)
+    recompute = _recompute_time(c, lay.recompute)
 
     layers = shape.layers / pp
     per_mb = {"gemm": layers * (c.gemm_fwd + c.gemm_bwd),

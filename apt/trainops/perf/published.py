@@ -82,7 +82,10 @@ def _build(cls, values: dict, where: str):
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def compare(row: dict) -> Comparison:

@@ -27,6 +27,8 @@ class ModelShape:
     sliding_window: int = 0       # 0: every layer attends to the whole (causal) sequence
     sliding_fraction: float = 1.0  # share of layers using the window (GPT-OSS alternates: 0.5)
     dropout: bool = False         # attention + hidden dropout (Megatron-core's default 0.1)
+    glu_clamp: bool = False       # GPT-OSS: GLU halves clamped (activation_func_clamp_value)
+    linear_bias: bool = False     # add_bias_linear: experts add their output bias in eager ops
 
     @property
     def q_dim(self) -> int:
@@ -82,6 +84,10 @@ class ModelShape:
         return 6.0 * weights + 12.0 * self.layers * self.mean_keys() * self.q_dim
 
 
+# Megatron-core recompute_modules the performance model prices (compute.LayerCompute)
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe_act")
+
+
 @dataclass(frozen=True)
 class Layout:
     tp: int = 1
@@ -94,7 +100,9 @@ class Layout:
     zero: int = 1                 # 0 DDP all-reduce, 1/2 sharded optimizer, 3 FSDP / ZeRO-3
     micro_batch: int = 1
     grad_accum: int = 1
-    recompute: str = "none"       # none | selective | full
+    # none | full | selective (Megatron's default module, core_attn) | modules joined by "+"
+    # from Megatron-core's recompute_modules the model prices: core_attn, layernorm, moe_act
+    recompute: str = "none"
     dtype: str = "bf16"
     gpus_per_node: int = 8
     tp_overlap: bool = False      # TP collectives hidden behind GEMMs (TE userbuffers)
@@ -102,6 +110,13 @@ class Layout:
     grad_bytes: int = 2           # bytes per gradient element on the wire
     attention: str = "flash"      # flash (FA2/3) | flash1 (FA1 era) | unfused (GEMMs + softmax)
     p2p_split: bool = False       # Megatron-LM 2021 scatter/gather: 1/TP of a p2p each rank
+    loss_fusion: bool = False     # cross_entropy_loss_fusion with TE's kernel (Megatron-Bridge)
+
+    def __post_init__(self):
+        if self.recompute not in ("none", "full", "selective") and (
+                set(self.recompute.split("+")) - set(RECOMPUTE_MODULES)):
+            raise ValueError(f"recompute {self.recompute!r}: none, full, selective or "
+                             f"'+'-joined modules of {', '.join(RECOMPUTE_MODULES)}")
 
     @property
     def world(self) -> int:
