@@ -241,3 +241,11 @@ def test_unfused_grad_accumulation_and_optimizer_passes_follow_megatrons_code():
     assert optimizer_bytes_per_param(Layout(dtype="fp16", grad_bytes=2)) == 52
     assert optimizer_bytes_per_param(Layout(dtype="tf32", grad_bytes=4)) == 32
     assert p.breakdown["optimizer step"] == pytest.approx(dense * 52 / stream)
+    # sequence parallelism keeps the sequence shard of each column-parallel input and
+    # all-gathers it again in the backward (Korthikanti et al. 2022, section 4.2.2): five
+    # all-reduces' bytes per layer instead of four
+    tp8 = Layout(tp=8, micro_batch=4, grad_accum=1, gpus_per_node=8)
+    one = comms.all_reduce(4 * 2048 * 8192 * 2, 8, 1, a100, 8)
+    plain = predict(gpt, tp8, a100).breakdown["tp comm exposed"]
+    seq = predict(gpt, replace(tp8, sp=True), a100).breakdown["tp comm exposed"]
+    assert plain == pytest.approx(48 * 4 * one) and seq == pytest.approx(48 * 5 * one)

@@ -84,10 +84,14 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     tokens = lay.micro_batch * shape.seq / cp
 
     # Tensor parallel: per layer 2 all-reduces forward and 2 backward (SP: all-gather +
-    # reduce-scatter pairs, the same bytes); full recompute repeats the forward's.
+    # reduce-scatter pairs, the same bytes); full recompute repeats the forward's. SP keeps
+    # only its sequence shard of each column-parallel layer's input for the backward and
+    # all-gathers it again there (Korthikanti et al. 2022, section 4.2.2; Megatron's
+    # LinearWithGradAccumulationAndAsyncCommunication.backward, Transformer Engine's
+    # LayerNormLinear likewise): two more all-gathers per layer, one all-reduce's bytes.
     act = tokens * shape.hidden * e
     tp_one = comms.all_reduce(act, tp, 1, hw, gpn)
-    tp_layer = tp_one * (4 + (2 if lay.recompute == "full" else 0))
+    tp_layer = tp_one * (4 + (2 if lay.recompute == "full" else 0) + (1 if lay.sp else 0))
     tp_hidden = min(tp_layer, c.gemm_fwd + c.gemm_bwd) if lay.tp_overlap else 0.0
     # Context parallel ring: (CP-1) K/V blocks forward, K/V and their gradients backward.
     kv = tokens * 2 * shape.kv_dim / tp * e
