@@ -300,3 +300,42 @@ def test_fused_loss_clamped_glu_expert_bias_and_recompute_modules_follow_the_cod
     row["layout"]["recompute"] = "layernorm+mlp"
     with pytest.raises(ConfigError, match="recompute 'layernorm\\+mlp'"):
         compare(row)
+
+
+def test_unfused_grad_accumulation_and_optimizer_passes_follow_megatrons_code():
+    from apt.trainops.perf.predict import _dp_params, optimizer_bytes_per_param
+    a100 = load_hardware("a100-80g")
+    stream = a100.hbm_bytes_s * a100.hbm_fraction
+    gpt = ModelShape(hidden=8192, layers=48, heads=64, kv_heads=64, head_dim=128, ffn=32768,
+                     vocab=51200, seq=2048, gated=False, dropout=True)
+    # Megatron-LM 2021 (fp16, no fusion): autograd adds each later micro-batch's weight
+    # gradient to .grad: read the new gradient, read and write the accumulator, per parameter
+    lay = Layout(tp=8, pp=2, dp=32, micro_batch=4, grad_accum=12, zero=0, recompute="full",
+                 dtype="fp16", grad_bytes=2, grad_accum_fusion=False, gpus_per_node=8)
+    dense, expert = _dp_params(gpt, lay)
+    p = predict(gpt, lay, a100)
+    assert p.breakdown["grad accumulation"] == pytest.approx(11 * dense * (2 + 2 * 2) / stream)
+    fused = predict(gpt, replace(lay, grad_accum_fusion=True), a100)
+    assert fused.breakdown["grad accumulation"] == 0
+    # it is per micro-batch work of the stage, so the pipeline bubble grows with it too
+    assert p.breakdown["pp bubble"] > fused.breakdown["pp bubble"]
+    assert predict(gpt, replace(lay, grad_accum=1), a100).breakdown["grad accumulation"] == 0
+    # ZeRO-3 accumulates the reduce-scattered shard only
+    shard = predict(gpt, replace(lay, pp=1, zero=3), a100).breakdown["grad accumulation"]
+    assert shard == pytest.approx(11 * _dp_params(gpt, replace(lay, pp=1))[0] / 32 * 6 / stream)
+
+    # optimizer passes (Float16OptimizerWithFloat16Params.step): Adam 28 + grad norm 4, the
+    # master -> 16-bit copy 4 + e, 16-bit grads cast to fp32 first, fp16 unscale + inf check
+    assert optimizer_bytes_per_param(Layout(dtype="bf16", grad_bytes=4)) == 38
+    assert optimizer_bytes_per_param(Layout(dtype="bf16", grad_bytes=2)) == 44
+    assert optimizer_bytes_per_param(Layout(dtype="fp16", grad_bytes=2)) == 52
+    assert optimizer_bytes_per_param(Layout(dtype="tf32", grad_bytes=4)) == 32
+    assert p.breakdown["optimizer step"] == pytest.approx(dense * 52 / stream)
+    # sequence parallelism keeps the sequence shard of each column-parallel input and
+    # all-gathers it again in the backward (Korthikanti et al. 2022, section 4.2.2): five
+    # all-reduces' bytes per layer instead of four
+    tp8 = Layout(tp=8, micro_batch=4, grad_accum=1, gpus_per_node=8)
+    one = comms.all_reduce(4 * 2048 * 8192 * 2, 8, 1, a100, 8)
+    plain = predict(gpt, tp8, a100).breakdown["tp comm exposed"]
+    seq = predict(gpt, replace(tp8, sp=True), a100).breakdown["tp comm exposed"]
+    assert plain == pytest.approx(48 * 4 * one) and seq == pytest.approx(48 * 5 * one)

@@ -27,8 +27,25 @@ from .compute import ELEMENT_BYTES, LayerCompute, layer_compute, logits_time
 from .hardware import Hardware
 from .shape import Layout, ModelShape
 
-OPTIMIZER_BYTES_PER_PARAM = 34   # Adam: fp32 param, grad, m, v read; param, m, v written;
-#                                  the 16-bit copy written; the grad norm read again
+
+def optimizer_bytes_per_param(lay: Layout) -> float:
+    """HBM bytes the optimizer step moves per parameter it owns, pass by pass as Megatron's
+    mixed-precision optimizers run them (Float16OptimizerWithFloat16Params.step in
+    megatron/optimizer/optimizer.py of 2021-22, MixedPrecisionOptimizer.step in
+    megatron/core/optimizer/optimizer.py): fused Adam reads the fp32 param, grad, m and v
+    and writes param, m and v (28); the gradient norm reads the grads again (4); a 16-bit
+    model's weights are copied back from the fp32 master (read 4, write 2 or 1); 16-bit
+    gradients are first cast to fp32 main grads (``.float()``: read, write 4); fp16 unscales
+    the main grads and checks them for inf/nan (read and write 4: bf16 has no loss scale)."""
+    e = ELEMENT_BYTES[lay.dtype]
+    total = 28 + 4
+    if e < 4:
+        total += 4 + e
+        if lay.grad_bytes < 4:
+            total += lay.grad_bytes + 4
+    if lay.dtype == "fp16":
+        total += 8
+    return total
 
 
 @dataclass(frozen=True)
@@ -81,10 +98,14 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     tokens = lay.micro_batch * shape.seq / cp
 
     # Tensor parallel: per layer 2 all-reduces forward and 2 backward (SP: all-gather +
-    # reduce-scatter pairs, the same bytes); full recompute repeats the forward's.
+    # reduce-scatter pairs, the same bytes); full recompute repeats the forward's. SP keeps
+    # only its sequence shard of each column-parallel layer's input for the backward and
+    # all-gathers it again there (Korthikanti et al. 2022, section 4.2.2; Megatron's
+    # LinearWithGradAccumulationAndAsyncCommunication.backward, Transformer Engine's
+    # LayerNormLinear likewise): two more all-gathers per layer, one all-reduce's bytes.
     act = tokens * shape.hidden * e
     tp_one = comms.all_reduce(act, tp, 1, hw, gpn)
-    tp_layer = tp_one * (4 + (2 if lay.recompute == "full" else 0))
+    tp_layer = tp_one * (4 + (2 if lay.recompute == "full" else 0) + (1 if lay.sp else 0))
     tp_hidden = min(tp_layer, c.gemm_fwd + c.gemm_bwd) if lay.tp_overlap else 0.0
     # Context parallel ring: (CP-1) K/V blocks forward, K/V and their gradients backward.
     kv = tokens * 2 * shape.kv_dim / tp * e
@@ -96,6 +117,18 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
         routed = tokens / (tp if lay.sp else 1) * shape.top_k * shape.hidden * e
         ep_layer = 4 * comms.all_to_all(routed, lay.ep, tp * cp, hw, gpn)
     recompute = _recompute_time(c, lay.recompute)
+    # Without gradient-accumulation fusion the weight-gradient GEMM writes a fresh gradient
+    # and a separate kernel adds it to the accumulator, every micro-batch after the first
+    # (autograd's AccumulateGrad into .grad, or Megatron-LM's main_grad hook): read the new
+    # gradient, read and write the accumulator (in the dtype gradients are reduced in), for
+    # every parameter the GPU holds (its shard with ZeRO-2/3).
+    dense, expert = _dp_params(shape, lay)
+    group, edp = lay.dp * cp, max(1, lay.dp * cp // lay.ep)
+    held = (dense / group + expert / edp) if lay.zero >= 2 else dense + expert
+    accumulate = 0.0
+    if not lay.grad_accum_fusion and m > 1:
+        accumulate = ((m - 1) / m * held * (e + 2 * lay.grad_bytes)
+                      / (hw.hbm_bytes_s * hw.hbm_fraction))
 
     layers = shape.layers / pp
     per_mb = {"gemm": layers * (c.gemm_fwd + c.gemm_bwd),
@@ -105,7 +138,8 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
               "logits + loss": logits_time(shape, lay, hw),
               "tp comm exposed": layers * (tp_layer - tp_hidden),
               "cp comm exposed": layers * (cp_layer - cp_hidden),
-              "ep all-to-all": layers * ep_layer}
+              "ep all-to-all": layers * ep_layer,
+              "grad accumulation": accumulate}
     # The host's framework time per layer: serial on a CPU (the host is the device), hidden
     # behind the device's queue on a GPU except where it exceeds the device's own time.
     host = layers * hw.host_layer_s
@@ -132,12 +166,10 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
         breakdown["pp p2p"] = sends * one
 
     # Data parallel / ZeRO over DP x CP ranks (CP ranks hold the same weights).
-    dense, expert = _dp_params(shape, lay)
     # Expert weights are replicated over the expert-data-parallel group: the ranks holding
     # the same experts, EP ranks apart (Megatron-core's expert rank order tp-ep-dp-pp), so with
     # EP filling a node that group crosses nodes even where the dense DP group does not.
-    group, stride = lay.dp * cp, tp
-    edp, estride = max(1, group // lay.ep), tp * lay.ep
+    stride, estride = tp, tp * lay.ep
     groups = ((dense, group, stride), (expert, edp, estride))
     grads = lambda n, g: lay.grad_bytes * n     # noqa: E731  (bytes of n gradients)
     if lay.zero >= 3:
@@ -170,7 +202,7 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
 
     sharded = lambda n, g: n / g if lay.zero >= 1 else n   # noqa: E731
     opt_params = sharded(dense, group) + sharded(expert, edp)
-    breakdown["optimizer step"] = (opt_params * OPTIMIZER_BYTES_PER_PARAM
+    breakdown["optimizer step"] = (opt_params * optimizer_bytes_per_param(lay)
                                    / (hw.hbm_bytes_s * hw.hbm_fraction))
 
     # Overlap is not free: while a collective runs beside compute its kernels hold SMs the

@@ -108,6 +108,9 @@ class Layout:
     tp_overlap: bool = False      # TP collectives hidden behind GEMMs (TE userbuffers)
     dp_overlap: bool = True       # gradient reduce / parameter gather overlapped with compute
     grad_bytes: int = 2           # bytes per gradient element on the wire
+    grad_accum_fusion: bool = True  # micro-batch gradients summed inside the weight-gradient
+    #                                 GEMM (Megatron-core gradient_accumulation_fusion);
+    #                                 False: a separate add per micro-batch (autograd)
     attention: str = "flash"      # flash (FA2/3) | flash1 (FA1 era) | unfused (GEMMs + softmax)
     p2p_split: bool = False       # Megatron-LM 2021 scatter/gather: 1/TP of a p2p each rank
     loss_fusion: bool = False     # cross_entropy_loss_fusion with TE's kernel (Megatron-Bridge)
