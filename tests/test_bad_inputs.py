@@ -14,6 +14,7 @@ import torch.distributed as dist
 from apt.core.config import ConfigError, load_profile
 from apt.trainops.distributed.plan import make_plan
 from apt.trainops.reliability.preflight import FAIL, OK, WARN, checkpoint_dir_check, memory_check
+from tests._profiles import AUTO_LAYOUT_70B
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("apt_launch_train", REPO / "launch" / "train.py")
@@ -94,13 +95,16 @@ def test_checkpoint_disk_without_room_for_one_checkpoint():
 
 
 def test_plan_too_big_for_this_machine_unless_overridden():
-    cfg = load_profile("70b")
+    # 70b's own layout (TP4 PP4 CP2) is refused on one process before memory is looked at
+    # (tests/test_config.py): give it back `strategy: auto` to reach the host-memory check
+    cfg = load_profile("70b", list(AUTO_LAYOUT_70B))
     plan = make_plan(cfg, 1, 1, device_type="cpu")
     refused = memory_check(cfg, plan, processes_per_node=1)
     need = plan.memory.total / 2**30
     assert refused.status == FAIL and f"needs {need:.1f} GiB" in refused.detail, refused
     assert "available" in refused.detail and "hardware.memory_check=false" in refused.detail
-    overridden = memory_check(load_profile("70b", ["hardware.memory_check=false"]), plan, 1)
+    unchecked = load_profile("70b", [*AUTO_LAYOUT_70B, "hardware.memory_check=false"])
+    overridden = memory_check(unchecked, plan, 1)
     assert overridden.status == WARN and "starting anyway" in overridden.detail
     tiny = load_profile("tiny")
     assert memory_check(tiny, make_plan(tiny, 1, 1, device_type="cpu"), 1).status == OK

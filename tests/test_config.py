@@ -129,11 +129,17 @@ def test_launcher_refuses_bad_profile_before_any_process_group():
     assert "process group" not in result.stdout + result.stderr
 
 
-def test_plan_cli_70b_and_refused_layout():
+def test_plan_cli_70b_and_refused_layout(capsys):
     ok = subprocess.run([sys.executable, "-m", "apt", "plan", "--profile", "70b", "--nodes", "8",
                          "--gpus-per-node", "8"], capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
-    assert "TP=8" in ok.stdout and "memory/GPU" in ok.stdout and "optimizer" in ok.stdout
+    assert "hybrid: TP=4 PP=4 DP=2 CP=2 SP" in ok.stdout        # the profile's searched layout
+    assert "memory/GPU" in ok.stdout and "optimizer" in ok.stdout
+    # 48 GPUs do not hold that layout's 32-GPU model-parallel groups: one line naming the key
+    assert apt_main(["plan", "--profile", "70b", "--nodes", "6", "--gpus-per-node", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("apt: error: training.distributed.tensor_parallel: TP x PP x CP = 4 x 4 x 2 = "
+                   "32 does not divide the world size 48"), err
     refused = subprocess.run([sys.executable, "-m", "apt", "plan", "--profile", "70b", "--nodes",
                               "1", "--gpus-per-node", "8", "--set",
                               "training.distributed.pipeline_parallel=3"],

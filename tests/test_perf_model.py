@@ -102,11 +102,12 @@ def test_plan_gpu_prints_breakdown_goodput_and_search(capsys):
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
-    assert main(["plan", "--profile", "70b", "--search"]) == 2
+    assert main(["plan", "--profile", "70b", "--nodes", "8", "--gpus-per-node", "8",
+                 "--search"]) == 2
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"sections": {"environment": {"gpu": "NVIDIA H100"}}}))
-    assert main(["plan", "--profile", "70b", "--gpu", "h100-sxm", "--calibration",
-                 str(bad)]) == 2
+    assert main(["plan", "--profile", "70b", "--nodes", "8", "--gpus-per-node", "8", "--gpu",
+                 "h100-sxm", "--calibration", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--gpu" in err[0] and "matmul" in err[1]
 

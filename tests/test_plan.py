@@ -5,6 +5,10 @@ from apt.core.config import load_profile
 from apt.core.config.sizing import count_parameters
 from apt.trainops.distributed.memory import GIB
 from apt.trainops.distributed.plan import PlanError, make_plan
+from apt.trainops.perf.hardware import load_hardware
+from apt.trainops.perf.search import search
+from apt.trainops.perf.shape import layout_from_plan
+from tests._profiles import AUTO_LAYOUT_70B
 
 
 def plan(profile, world, gpus=8, device="cuda", overrides=()):
@@ -17,10 +21,22 @@ def test_seed_size_table():
     assert (p1b.strategy, p1b.zero_stage, p1b.engine) == ("fsdp", 3, "deepspeed")
     p13 = plan("13b", 64)
     assert p13.strategy == "hybrid" and p13.pp > 1 and p13.tp == 1 and p13.distributed_optimizer
-    p70 = plan("70b", 64)
+    p70 = plan("70b", 64, overrides=AUTO_LAYOUT_70B)   # the profile sets its layout itself
     assert (p70.tp, p70.sequence_parallel, p70.engine) == (8, True, "megatron")
     assert p70.tp * p70.pp * p70.dp == 64
-    assert p70.memory.total < 80 * GIB        # the search picked a layout that fits
+    assert p70.memory.total < 80 * GIB        # the table's layout fits an 80 GB GPU
+
+
+def test_70b_profile_carries_the_searchs_first_pick():
+    """profiles/70b.yaml's layout is what `trainops plan --profile 70b --gpu h100-sxm --nodes 8
+    --gpus-per-node 8 --search` ranks first: if the performance model or the profile changes,
+    this fails instead of the profile drifting from the tool that picked it. Fields, not
+    tokens/s: the model's numbers may move as long as the winner does not."""
+    cfg = load_profile("70b")
+    (first,), _, _ = search(cfg, 64, 8, load_hardware("h100-sxm"), top=1)
+    picked, profile = layout_from_plan(first.plan), layout_from_plan(make_plan(cfg, 64, 8))
+    assert profile == picked, f"profile {profile.describe()}, search {picked.describe()}"
+    assert first.plan.strategy == cfg.training.distributed.strategy == "hybrid"
 
 
 def test_one_fp32_data_parallel_rank_needs_no_zero1():
@@ -38,6 +54,7 @@ def test_batch_arithmetic_and_explicit_layout():
                                    "training.distributed.tensor_parallel=8",
                                    "training.distributed.pipeline_parallel=4",
                                    "training.distributed.virtual_pipeline_stages=2",
+                                   "training.distributed.context_parallel=1",
                                    "training.eval_batches=8"])
     assert (p.tp, p.pp, p.vp, p.dp) == (8, 4, 2, 2)
     assert p.global_batch == p.micro_batch * p.grad_accum * p.dp == 1024

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+from tests._profiles import AUTO_LAYOUT_70B
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
 
@@ -62,7 +64,10 @@ def test_start_up_sigterm_rendezvous_timeout_and_too_small_machine(tmp_path):
     term_run = subprocess.Popen([sys.executable, TRAIN, *common],
                                 env=_env(**rank0, MASTER_PORT=str(stopped)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    big_run = subprocess.Popen([sys.executable, TRAIN, "--profile", "70b", "--set",
+    # 70b's own layout (TP4 PP4 CP2) is refused on one process before memory is looked at;
+    # with `strategy: auto` back it reaches the host-memory refusal this guards
+    auto_layout = [arg for item in AUTO_LAYOUT_70B for arg in ("--set", item)]
+    big_run = subprocess.Popen([sys.executable, TRAIN, "--profile", "70b", *auto_layout, "--set",
                                 f"output.dir={tmp_path}"], env=_env(), preexec_fn=_limit_memory,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
