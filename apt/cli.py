@@ -54,11 +54,19 @@ def _plan(args) -> int:
     from apt.trainops.distributed.plan import make_plan
     cfg = load_profile(args.profile, args.overrides)
     gpus = args.gpus_per_node or cfg.hardware.gpus_per_node
-    plan = make_plan(cfg, args.nodes * gpus, gpus, device_type=args.device)
+    from apt.trainops.perf.report import performance_lines, searched_plan
+    try:
+        plan, searched = make_plan(cfg, args.nodes * gpus, gpus, device_type=args.device), None
+    except ConfigError as exc:
+        # --search answers "which layout at this scale": a profile whose own layout is for
+        # another scale (profiles/70b.yaml's is for 64 GPUs) still gets the ranking, shown
+        # with the first pick as the plan, and the reason the profile's layout was refused.
+        if not args.search:
+            raise
+        plan, searched = searched_plan(cfg, args.nodes * gpus, gpus, args, exc)
     print(f"profile      {cfg.name} ({' <- '.join(reversed(cfg.sources))}), hash {cfg.config_hash}")
     print(plan.describe())
-    from apt.trainops.perf.report import performance_lines
-    for line in performance_lines(cfg, plan, args):
+    for line in performance_lines(cfg, plan, args, searched):
         print(line)
     if args.memory_table:
         from apt.trainops.distributed.memory_table import format_memory_table, memory_table

@@ -340,3 +340,16 @@ def test_unfused_grad_accumulation_and_optimizer_passes_follow_megatrons_code():
     plain = predict(gpt, tp8, a100).breakdown["tp comm exposed"]
     seq = predict(gpt, replace(tp8, sp=True), a100).breakdown["tp comm exposed"]
     assert plain == pytest.approx(48 * 4 * one) and seq == pytest.approx(48 * 5 * one)
+
+
+def test_search_ranks_layouts_at_a_scale_the_profiles_own_layout_does_not_fit(capsys):
+    # profiles/70b.yaml carries a 64-GPU layout (TP4 PP4 CP2): on 16 GPUs the plan alone is
+    # refused in one line, while --search still ranks what runs there
+    assert main(["plan", "--profile", "70b", "--nodes", "2", "--gpus-per-node", "8"]) == 2
+    assert "does not divide the world size 16" in capsys.readouterr().err
+    assert main(["plan", "--profile", "70b", "--gpu", "h100-sxm", "--nodes", "2",
+                 "--gpus-per-node", "8", "--search"]) == 0
+    out = capsys.readouterr().out
+    assert "the profile's layout does not run here" in out and "world        16" in out
+    first = next(line for line in out.splitlines() if line.startswith("  1. "))
+    assert first.split("  1. ")[1].split()[0] in out.split("strategy     hybrid: ")[1]

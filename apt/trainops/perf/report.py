@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from apt.core.config import ConfigError
 from .hardware import gpu_names, load_hardware
 
 
@@ -26,17 +27,39 @@ def add_arguments(parser) -> None:
                              "model's error on its measured step")
 
 
-def performance_lines(cfg, plan, args) -> list[str]:
+def _check_search_args(args) -> None:
     if args.search and not args.gpu:
-        from apt.core.config import ConfigError
         raise ConfigError("--search needs --gpu (which GPU to rank the layouts for)")
+
+
+def _ranked(cfg, world: int, gpn: int, hw) -> tuple[list, str]:
+    from .search import search
+    start = time.perf_counter()
+    top, tried, fit = search(cfg, world, gpn, hw)
+    return top, (f"search       {tried} layouts tried, {fit} fit in {hw.memory_gib:g} GiB "
+                 f"({time.perf_counter() - start:.1f} s); top {len(top)}:")
+
+
+def searched_plan(cfg, world: int, gpn: int, args, refused: ConfigError):
+    """(the search's first pick, the search) for a profile whose own layout cannot run at
+    this scale; refused again (the same error) when no layout fits either."""
+    _check_search_args(args)
+    searched = _ranked(cfg, world, gpn, load_hardware(args.gpu))
+    if not searched[0]:
+        raise refused
+    print(f"note         the profile's layout does not run here ({refused}); the plan below "
+          f"is the search's first pick")
+    return searched[0][0].plan, searched
+
+
+def performance_lines(cfg, plan, args, searched=None) -> list[str]:
+    _check_search_args(args)
     if not args.gpu:
         return []
     # imported here: the parser is built for every trainops command, these only for --gpu
     from .calibration import calibrate
     from .goodput import goodput
     from .predict import predict
-    from .search import search
     from .shape import layout_from_plan, shape_from_config
     hw = load_hardware(args.gpu)
     lines = []
@@ -58,9 +81,7 @@ def performance_lines(cfg, plan, args) -> list[str]:
     lines += [f"tokens       {tokens:,.0f} (checkpoint {plan.checkpoint_bytes / 1e9:,.0f} GB)",
               g.describe()]
     if args.search:
-        start = time.perf_counter()
-        top, tried, fit = search(cfg, plan.world_size, plan.gpus_per_node, hw)
-        lines.append(f"search       {tried} layouts tried, {fit} fit in {hw.memory_gib:g} GiB "
-                     f"({time.perf_counter() - start:.1f} s); top {len(top)}:")
+        top, header = searched or _ranked(cfg, plan.world_size, plan.gpus_per_node, hw)
+        lines.append(header)
         lines += [f"  {i + 1}. {c.line()}" for i, c in enumerate(top)]
     return lines
