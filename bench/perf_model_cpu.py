@@ -78,13 +78,18 @@ def worker(args) -> None:
     # seconds, and a linear's backward runs two more products of other shapes (dX through
     # oneDNN, dW = dY^T X through aten::mm, the slower of the three here). The rate the model
     # is given is timed like the step: the mean over ~1 s of this model's own MLP linear
-    # (one micro-batch's tokens x hidden -> the gated MLP width), forward and backward, through
-    # the op the linears use on CPU (apt/kernels/linear.py).
+    # (one micro-batch's tokens x hidden -> this rank's share of the gated MLP width), forward
+    # and backward, through the op the layout's linears run on CPU: oneDNN's linear
+    # (apt/kernels/linear.py), or with sequence parallelism Megatron's own
+    # LinearWithGradAccumulationAndAsyncCommunication, i.e. torch.matmul against the
+    # transposed weight (aten::mm, several times slower per FLOP here).
     from apt.kernels.linear import linear
+    d = cfg.training.distributed
     x = torch.randn(2 * 256, 512, requires_grad=True)
-    w = torch.randn(2 * 1408, 512, requires_grad=True)
+    w = torch.randn(2 * 1408 // d.tensor_parallel, 512, requires_grad=True)
+    op = (lambda: torch.matmul(x, w.t())) if d.sequence_parallel else (lambda: linear(x, w))
     gemm_mean = 3 * 2 * x.shape[0] * w.shape[0] * x.shape[1] / mean_seconds(
-        lambda: linear(x, w).sum().backward())
+        lambda: op().sum().backward())
     # Attention runs torch's SDPA (its CPU flash kernel), forward and backward; its rate in
     # the model's own count (4 x queries x mean keys x q_dim forward, 2.5x that backward)
     # becomes the attention fraction of the GEMM rate.
