@@ -7,7 +7,8 @@ flash-attention fraction of the peak (fused), or unfused (Megatron's local spec,
 pre-FlashAttention Megatron-LM) as batched GEMMs over the full score square at the roofline plus
 the softmax/dropout passes over the scores. Element-wise work (norms, activations, residuals,
 RoPE, dropout, MoE permutation and the all-to-all dispatcher's sort by local expert) streams
-HBM, and so does the loss, counted as Megatron-core's default unfused cross-entropy.
+HBM, and so does the loss: Megatron-core's default unfused cross-entropy, or a fused kernel
+(flash-attention's xentropy) where the row's software used one.
 Backward GEMMs are the two transposed products (input gradient, weight gradient).
 """
 from __future__ import annotations
@@ -86,6 +87,13 @@ UNFUSED_DROPOUT_PASSES = (2, 2)          # plus the 1-byte mask once each way
 # softmax by the incoming gradient in place (4 + 4) and .float()'s backward back to bf16
 # (4 + 2) = 14. The earlier model counted 3 fp32 passes (12 bytes), a fused loss.
 CROSS_ENTROPY_BYTES = 52
+# A fused loss kernel instead (a layout's `loss: xentropy`): flash-attention's
+# xentropy_cuda_lib (csrc/xentropy/xentropy_kernel.cu, v1.0.x; llm-foundry's default
+# loss_fn: fused_crossentropy) reads the 16-bit logits twice forward (max with the sum, then the
+# sum of exponentials: two ilpReduce passes in cunn_SoftMaxXEntropyForward) and once backward,
+# writing the gradient once: 4 element passes at the logits' width.
+XENTROPY_PASSES = 4
+LOSSES = ("unfused", "xentropy")
 
 # Element reads + writes per routed token-copy (x hidden) that Megatron-core's all-to-all token
 # dispatcher adds when a rank holds more than one expert: after the all-to-all it sorts the
@@ -176,16 +184,19 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
                           f"{', '.join(ATTENTION_KERNELS)}")
     if fused_attention and lay.attention != "unfused":
         attn_flops = 4.0 * tokens * s.mean_keys() * s.q_dim / tp
-        attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_rate_fraction(lay.attention))
+        attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_rate_fraction(
+            lay.attention, s.head_dim, s.seq))
         attn_bwd = 2.5 * attn_fwd
     else:
         attn_fwd, attn_bwd = unfused_attention_times(s, lay, hw)
 
     # Element-wise bytes per token, forward: two norms (read + write h), two residual adds
-    # (2 reads + 1 write), RoPE on q and k, the MLP activation, MoE permute/unpermute; with
-    # dropout, two hidden dropouts (read, write, 1-byte mask each).
+    # (2 reads + 1 write), RoPE on q and k (where the model has it), the MLP activation, MoE
+    # permute/unpermute; with dropout, two hidden dropouts (read, write, 1-byte mask each).
     sp_split = tp if lay.sp else 1
-    per_token = (4 * s.hidden + 6 * s.hidden) / sp_split + 2 * (s.q_dim + s.kv_dim) / tp
+    per_token = (4 * s.hidden + 6 * s.hidden) / sp_split
+    if s.rope:
+        per_token += 2 * (s.q_dim + s.kv_dim) / tp
     if s.dropout:
         per_token += 2 * s.hidden * (2 + 1 / e) / sp_split
     routed = s.top_k if s.moe else 1
@@ -205,5 +216,9 @@ def logits_time(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
     on the last pipeline stage, one micro-batch."""
     tokens = lay.micro_batch * shape.seq / lay.cp
     f, b = linear_times(tokens, shape.hidden, shape.vocab / lay.tp, hw, lay.dtype)
-    ce = tokens * shape.vocab / lay.tp * CROSS_ENTROPY_BYTES / (hw.hbm_bytes_s * hw.hbm_fraction)
+    if lay.loss not in LOSSES:
+        raise ConfigError(f"layout loss '{lay.loss}' is not one of {', '.join(LOSSES)}")
+    per_logit = (CROSS_ENTROPY_BYTES if lay.loss == "unfused"
+                 else XENTROPY_PASSES * ELEMENT_BYTES[lay.dtype])
+    ce = tokens * shape.vocab / lay.tp * per_logit / (hw.hbm_bytes_s * hw.hbm_fraction)
     return f + b + ce

@@ -27,6 +27,7 @@ class ModelShape:
     sliding_window: int = 0       # 0: every layer attends to the whole (causal) sequence
     sliding_fraction: float = 1.0  # share of layers using the window (GPT-OSS alternates: 0.5)
     dropout: bool = False         # attention + hidden dropout (Megatron-core's default 0.1)
+    rope: bool = True             # rotary position embedding on q and k (False: learned/ALiBi)
 
     @property
     def q_dim(self) -> int:
@@ -102,6 +103,9 @@ class Layout:
     grad_bytes: int = 2           # bytes per gradient element on the wire
     attention: str = "flash"      # flash (FA2/3) | flash1 (FA1 era) | unfused (GEMMs + softmax)
     p2p_split: bool = False       # Megatron-LM 2021 scatter/gather: 1/TP of a p2p each rank
+    optimizer: str = "fused_adam"  # fused_adam | decoupled_adamw (predict.OPTIMIZER_BYTES)
+    loss: str = "unfused"         # unfused (Megatron-core's default) | xentropy (compute.py)
+    fsdp1: bool = False           # ZeRO-3 as torch FSDP1's FlatParameter (predict.py)
 
     @property
     def world(self) -> int:
