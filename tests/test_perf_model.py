@@ -216,21 +216,36 @@ def test_loss_passes_and_moe_sort_follow_megatron_cores_code():
 def test_attention_kernel_generation_and_fsdp_reduce_dtype():
     from apt.core.config import ConfigError
     from apt.trainops.perf.compute import layer_compute
-    # FlashAttention-1-era kernels (llm-foundry's attn_impl: triton of 2023) run at the GPU's
-    # flash1_fraction: the causal half of 4 x tokens x keys x q_dim, backward 2.5x forward
+    # FlashAttention-1-era kernels (llm-foundry's attn_impl: triton of 2023) run at the
+    # FlashAttention-2 figure's FlashAttention (v1) bar for the row's own setting (causal, head
+    # dim 128, 2k tokens: 108 TFLOP/s on H100, 69 on A100): the causal half of
+    # 4 x tokens x keys x q_dim, backward 2.5x forward
     mpt = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, ffn=16384,
                      vocab=50368, seq=2048, gated=False)
     lay = Layout(dp=8, zero=3, micro_batch=6, attention="flash1", gpus_per_node=8)
     flops = 4.0 * 6 * 2048 * 1024 * 4096
-    for gpu, frac in (("h100-sxm", 0.134), ("a100-80g", 0.264)):
+    for gpu, tflops in (("h100-sxm", 108), ("a100-80g", 69)):
         hw = load_hardware(gpu)
         c = layer_compute(mpt, lay, hw)
-        assert c.attention_fwd == pytest.approx(flops / (hw.peak("bf16") * frac))
+        assert c.attention_fwd == pytest.approx(flops / (tflops * 1e12))
         assert c.attention_bwd == pytest.approx(2.5 * c.attention_fwd)
         flash = layer_compute(mpt, replace(lay, attention="flash"), hw)
-        assert c.attention_fwd == pytest.approx(flash.attention_fwd * 0.58 / frac)
+        assert c.attention_fwd == pytest.approx(
+            flash.attention_fwd * 0.58 * hw.peak("bf16") / (tflops * 1e12))
+    # other settings: 4k tokens is its own bar, 3k between 2k and 4k in log2(seq), head dim
+    # 112 runs the 128 kernel (the block pads the head) and keeps 112/128 of its FLOP/s, head
+    # dim 64 its own panel; lengths past the figure hold its last bar
+    a100 = load_hardware("a100-80g")
+    assert a100.flash1_causal_tflops_at(128, 4096) == 76
+    assert a100.flash1_causal_tflops_at(128, 3072) == pytest.approx(
+        69 + 7 * (math.log2(3072) - 11))
+    assert a100.flash1_causal_tflops_at(112, 2048) == pytest.approx(69 * 112 / 128)
+    assert a100.flash1_causal_tflops_at(64, 2048) == 77
+    assert a100.flash1_causal_tflops_at(128, 65536) == 83
+    with pytest.raises(ConfigError, match="head_dim 256"):
+        a100.flash1_causal_tflops_at(256, 2048)
     # no published FlashAttention-1 figure for B200, and an unknown kernel name: one clear error
-    with pytest.raises(ConfigError, match="flash1_fraction"):
+    with pytest.raises(ConfigError, match="flash1_causal_tflops"):
         layer_compute(mpt, lay, load_hardware("b200"))
     with pytest.raises(ConfigError, match="not one of"):
         layer_compute(mpt, replace(lay, attention="flash-1"), H100)
@@ -271,7 +286,7 @@ def test_fused_loss_clamped_glu_expert_bias_and_recompute_modules_follow_the_cod
     from apt.trainops.perf.published import ConfigError
     stream = H100.hbm_bytes_s * H100.hbm_fraction
     # TE's fused cross-entropy: 5 passes over the bf16 logits (2 bytes), not 52 bytes
-    lay = Layout(tp=8, micro_batch=2, gpus_per_node=8, loss_fusion=True)
+    lay = Layout(tp=8, micro_batch=2, gpus_per_node=8, loss="te")
     f, b = linear_times(2 * 8192, 8192, 128256 / 8, H100, "bf16")
     assert logits_time(SHAPE, lay, H100) - f - b == pytest.approx(
         2 * 8192 * 128256 / 8 * 10 / stream)
@@ -353,3 +368,61 @@ def test_search_ranks_layouts_at_a_scale_the_profiles_own_layout_does_not_fit(ca
     assert "the profile's layout does not run here" in out and "world        16" in out
     first = next(line for line in out.splitlines() if line.startswith("  1. "))
     assert first.split("  1. ")[1].split()[0] in out.split("strategy     hybrid: ")[1]
+
+
+def test_mpt_software_optimizer_fsdp1_gradient_path_loss_and_positions():
+    from apt.core.config import ConfigError
+    from apt.trainops.perf.compute import layer_compute, linear_times, logits_time
+    from apt.trainops.perf.predict import fsdp1_gradient_bytes
+    stream = H100.hbm_bytes_s * H100.hbm_fraction
+    mpt = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128, ffn=16384,
+                     vocab=50368, seq=2048, gated=False)
+    lay = Layout(dp=8, zero=3, micro_batch=6, attention="flash1", gpus_per_node=8,
+                 grad_bytes=4)
+    base = predict(mpt, lay, H100)
+    # Composer's DecoupledAdamW (unfused, per tensor) + FSDP's clip_grad_norm_: 92 bytes per
+    # sharded parameter against Megatron's fused Adam's 38 (bf16, fp32 gradients); nothing
+    # else moves
+    from apt.trainops.perf.predict import optimizer_bytes_per_param
+    assert optimizer_bytes_per_param(lay) == 38
+    adamw = predict(mpt, replace(lay, optimizer="decoupled_adamw"), H100)
+    assert adamw.breakdown["optimizer step"] == pytest.approx(
+        base.breakdown["optimizer step"] * 92 / 38)
+    assert adamw.step_s - base.step_s == pytest.approx(
+        adamw.breakdown["optimizer step"] - base.breakdown["optimizer step"])
+    # torch FSDP1's gradient path per micro-batch, bytes per parameter: the SplitWithSizes
+    # backward's cat (bf16 read + write 4), the cast to the fp32 reduce dtype (2 + 4), the
+    # pre-division by 4 of 8 ranks (fp32 read + write 8) on the unsharded gradient; the
+    # post-division by 2 (8) and two low-precision casts of the fp32 shard (2 x 6) on the shard
+    assert fsdp1_gradient_bytes(1.0, 8, lay) == pytest.approx(4 + 6 + 8 + (8 + 12) / 8)
+    assert fsdp1_gradient_bytes(1.0, 8, replace(lay, grad_bytes=2)) == pytest.approx(
+        4 + 4 + (4 + 12) / 8)                     # PURE: no cast, bf16 divisions
+    two = replace(lay, grad_accum=2)
+    f1, f2 = (predict(mpt, replace(x, fsdp1=True), H100) for x in (lay, two))
+    assert "fsdp1 grad copies" not in base.breakdown
+    assert f2.breakdown["fsdp1 grad copies"] == pytest.approx(
+        2 * f1.breakdown["fsdp1 grad copies"])    # once per micro-batch
+    params = mpt.layers * (mpt.attention_params + mpt.expert_params + 2 * 4096) \
+        + 2 * 50368 * 4096
+    assert f1.breakdown["fsdp1 grad copies"] == pytest.approx(
+        fsdp1_gradient_bytes(params, 8, lay) / stream)
+    assert f1.step_s - base.step_s == pytest.approx(f1.breakdown["fsdp1 grad copies"])
+    # the fused xentropy loss: 4 passes of 2 bytes per logit instead of Megatron's 52
+    f, b = linear_times(6 * 2048, 4096, 50368, H100, "bf16")
+    assert logits_time(mpt, replace(lay, loss="xentropy"), H100) - f - b == pytest.approx(
+        6 * 2048 * 50368 * 8 / stream)
+    # learned positions (MPT): no RoPE pass over q and k (2 x 2 x 4096 elements per token)
+    rope = layer_compute(mpt, lay, H100).elementwise_fwd
+    learned = layer_compute(replace(mpt, rope=False), lay, H100).elementwise_fwd
+    assert rope - learned == pytest.approx(6 * 2048 * 4 * 4096 * 2 / stream)
+    for bad, match in ((replace(lay, optimizer="sgd"), "optimizer 'sgd'"),
+                       (replace(lay, loss="fused"), "loss 'fused'")):
+        with pytest.raises(ConfigError, match=match):
+            predict(mpt, bad, H100)
+    # the published MPT rows name what llm-foundry ran: all seven
+    mpt_rows = [r for r in load_runs() if r["id"].startswith("mpt")]
+    assert len(mpt_rows) == 7 and all(
+        r["layout"]["optimizer"] == "decoupled_adamw" and r["layout"]["loss"] == "xentropy"
+        and r["layout"]["fsdp1"] and r["model"]["rope"] is False for r in mpt_rows)
+    seven = {r["id"]: compare(r).error for r in mpt_rows}
+    assert 0.10 < seven["mpt-7b-h100-8"] < 0.20, seven

@@ -8,7 +8,8 @@ pre-FlashAttention Megatron-LM) as batched GEMMs over the full score square at t
 the softmax/dropout passes over the scores. Element-wise work (norms, activations, residuals,
 RoPE, dropout, MoE permutation and the all-to-all dispatcher's sort by local expert, GPT-OSS's
 eager GLU clamp and expert bias) streams HBM, and so does the loss: Megatron-core's default
-unfused cross-entropy, or TE's fused kernel where the run turns it on.
+unfused cross-entropy, or the fused kernel the row's software ran (TE's, flash-attention's
+xentropy).
 Backward GEMMs are the two transposed products (input gradient, weight gradient).
 """
 from __future__ import annotations
@@ -87,6 +88,13 @@ UNFUSED_DROPOUT_PASSES = (2, 2)          # plus the 1-byte mask once each way
 # softmax by the incoming gradient in place (4 + 4) and .float()'s backward back to bf16
 # (4 + 2) = 14. The earlier model counted 3 fp32 passes (12 bytes), a fused loss.
 CROSS_ENTROPY_BYTES = 52
+# A fused loss kernel instead (a layout's `loss: xentropy`): flash-attention's
+# xentropy_cuda_lib (csrc/xentropy/xentropy_kernel.cu, v1.0.x; llm-foundry's default
+# loss_fn: fused_crossentropy) reads the 16-bit logits twice forward (max with the sum, then the
+# sum of exponentials: two ilpReduce passes in cunn_SoftMaxXEntropyForward) and once backward,
+# writing the gradient once: 4 element passes at the logits' width.
+XENTROPY_PASSES = 4
+LOSSES = ("unfused", "te", "xentropy")
 
 # Element reads + writes per routed token-copy (x hidden) that Megatron-core's all-to-all token
 # dispatcher adds when a rank holds more than one expert: after the all-to-all it sorts the
@@ -96,7 +104,7 @@ CROSS_ENTROPY_BYTES = 52
 # the permute / unpermute every dispatcher does.
 MOE_SORT_ELEMENTS = 4
 
-# TE's fused cross-entropy (cross_entropy_loss_fusion with cross_entropy_fusion_impl="te", as
+# TE's fused cross-entropy (`loss: te`; cross_entropy_loss_fusion with cross_entropy_fusion_impl="te", as
 # Megatron-Bridge's performance scripts set; transformer_engine/pytorch/triton/cross_entropy.py):
 # the online-softmax pass reads the logits, the loss kernel reads them again and writes the
 # gradient in place, the backward scales it by the per-token gradient in place (read, write):
@@ -202,16 +210,19 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
                           f"{', '.join(ATTENTION_KERNELS)}")
     if fused_attention and lay.attention != "unfused":
         attn_flops = 4.0 * tokens * s.mean_keys() * s.q_dim / tp
-        attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_rate_fraction(lay.attention))
+        attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_rate_fraction(
+            lay.attention, s.head_dim, s.seq))
         attn_bwd = 2.5 * attn_fwd
     else:
         attn_fwd, attn_bwd = unfused_attention_times(s, lay, hw)
 
     # Element-wise bytes per token, forward: two norms (read + write h), two residual adds
-    # (2 reads + 1 write), RoPE on q and k, the MLP activation, MoE permute/unpermute; with
-    # dropout, two hidden dropouts (read, write, 1-byte mask each).
+    # (2 reads + 1 write), RoPE on q and k (where the model has it), the MLP activation, MoE
+    # permute/unpermute; with dropout, two hidden dropouts (read, write, 1-byte mask each).
     sp_split = tp if lay.sp else 1
-    per_token = (4 * s.hidden + 6 * s.hidden) / sp_split + 2 * (s.q_dim + s.kv_dim) / tp
+    per_token = (4 * s.hidden + 6 * s.hidden) / sp_split
+    if s.rope:
+        per_token += 2 * (s.q_dim + s.kv_dim) / tp
     if s.dropout:
         per_token += 2 * s.hidden * (2 + 1 / e) / sp_split
     routed = s.top_k if s.moe else 1
@@ -237,11 +248,14 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
 
 def logits_time(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
     """Output projection forward + backward and the cross-entropy's passes over the logits
-    (unfused: Megatron-core's default; fused: TE's kernel) on the last pipeline stage, one
-    micro-batch."""
+    (unfused: Megatron-core's default; te / xentropy: the fused kernels) on the last pipeline
+    stage, one micro-batch."""
     tokens = lay.micro_batch * shape.seq / lay.cp
     f, b = linear_times(tokens, shape.hidden, shape.vocab / lay.tp, hw, lay.dtype)
-    per_logit = (FUSED_CROSS_ENTROPY_PASSES * ELEMENT_BYTES[lay.dtype] if lay.loss_fusion
-                 else CROSS_ENTROPY_BYTES)
+    if lay.loss not in LOSSES:
+        raise ConfigError(f"layout loss '{lay.loss}' is not one of {', '.join(LOSSES)}")
+    per_logit = {"unfused": CROSS_ENTROPY_BYTES,
+                 "te": FUSED_CROSS_ENTROPY_PASSES * ELEMENT_BYTES[lay.dtype],
+                 "xentropy": XENTROPY_PASSES * ELEMENT_BYTES[lay.dtype]}[lay.loss]
     ce = tokens * shape.vocab / lay.tp * per_logit / (hw.hbm_bytes_s * hw.hbm_fraction)
     return f + b + ce

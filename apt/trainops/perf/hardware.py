@@ -6,6 +6,7 @@ rates instead: the same model then predicts what was measured.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -42,18 +43,40 @@ class Hardware:
     host_serial: bool = False
     memory_gib: float = 80.0
     source: str = ""
-    flash1_fraction: float | None = None   # FlashAttention-1-era kernels; None: no figure
+    # FlashAttention-1-era kernels, causal: {head_dim: [TFLOP/s at each of flash1_seqs]};
+    # None: no published figure for this GPU
+    flash1_causal_tflops: dict | None = None
+    flash1_seqs: tuple = ()
 
-    def attention_rate_fraction(self, kernel: str) -> float:
+    def attention_rate_fraction(self, kernel: str, head_dim: int = 128, seq: int = 2048
+                                ) -> float:
         """Fraction of the dense peak a fused attention kernel of this generation reaches:
         "flash" (FlashAttention-2/3, today's kernels) or "flash1" (FlashAttention-1 and its
-        Triton port, as 2022-23 software ran them)."""
+        Triton port, as 2022-23 software ran them, measured at the row's own setting)."""
         if kernel == "flash":
             return self.attention_fraction
-        if self.flash1_fraction is None:
-            raise ConfigError(f"{self.name} has no flash1_fraction in {DATA_FILE.name} (no "
-                              f"published FlashAttention-1 figure for it)")
-        return self.flash1_fraction
+        if not self.flash1_causal_tflops:
+            raise ConfigError(f"{self.name} has no flash1_causal_tflops in {DATA_FILE.name} "
+                              f"(no published FlashAttention-1 figure for it)")
+        return self.flash1_causal_tflops_at(head_dim, seq) * 1e12 / self.peak("bf16")
+
+    def flash1_causal_tflops_at(self, head_dim: int, seq: int) -> float:
+        """Useful TFLOP/s of a FlashAttention-1-era causal kernel: the figure's bars at the
+        smallest measured head dimension that holds ``head_dim`` (both kernels pad the head to
+        their block, 64 or 128: flash_attn_triton.py's BLOCK_HEADDIM = next power of 2; so
+        head_dim 112 runs the 128 kernel and keeps 112/128 of its FLOP/s), interpolated in
+        log2(seq) between the measured lengths and held at the ends."""
+        dims = sorted(int(d) for d in self.flash1_causal_tflops)
+        block = next((d for d in dims if d >= head_dim), None)
+        if block is None:
+            raise ConfigError(f"head_dim {head_dim} is over FlashAttention-1's largest "
+                              f"({dims[-1]}) in {DATA_FILE.name}")
+        bars = self.flash1_causal_tflops[block]
+        x = [math.log2(s) for s in self.flash1_seqs]
+        t = min(max(math.log2(seq), x[0]), x[-1])
+        i = max(0, min(len(x) - 2, next(j for j in range(len(x) - 1) if t <= x[j + 1])))
+        rate = bars[i] + (bars[i + 1] - bars[i]) * (t - x[i]) / (x[i + 1] - x[i])
+        return rate * head_dim / block
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -94,7 +117,8 @@ def load_hardware(name: str) -> Hardware:
         attention_fraction=k["attention_fraction"], hbm_fraction=k["hbm_fraction"],
         collective_fraction=k["collective_fraction"], latency_s=dict(k["collective_latency_s"]),
         gemm_tile=tuple(k["gemm_tile"]), comm_sms=k["comm_sms"], memory_gib=g["memory_gib"],
-        source=g["source"], flash1_fraction=g.get("flash1_fraction"))
+        source=g["source"], flash1_causal_tflops=g.get("flash1_causal_tflops"),
+        flash1_seqs=tuple(k["flash1_seqs"]))
 
 
 def gpu_for_device_name(device_name: str) -> str | None:

@@ -22,10 +22,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from apt.core.config import ConfigError
+
 from . import comms
 from .compute import ELEMENT_BYTES, LayerCompute, layer_compute, logits_time
 from .hardware import Hardware
 from .shape import Layout, ModelShape
+
+
+# Composer's DecoupledAdamW (a layout's `optimizer: decoupled_adamw`; composer/optim/
+# decoupled_weight_decay.py, the same ops in v0.13.4 and v0.16), one parameter tensor at a time
+# with unfused in-place ops on fp32 tensors, weight_decay 0 (llm-foundry's MPT yamls; otherwise
+# param.mul_ adds 8): exp_avg.mul_ (r4 w4) .add_(grad) (r8 w4); exp_avg_sq.mul_ (r4 w4)
+# .addcmul_(grad, grad) (r8 w4); denom = exp_avg_sq.sqrt() (r4 w4) / sqrt(bc2) (r4 w4)
+# .add_(eps) (r4 w4); param.addcdiv_(exp_avg, denom) (r12 w4): 80; plus Composer's
+# gradient_clipping (norm), which calls FSDP's clip_grad_norm_ (torch 2.1): a vector_norm per
+# gradient (r4) and grad.mul_(clip_coef) (r4 w4): 12. Total 92.
+DECOUPLED_ADAMW_BYTES = 92
+# fused_adam: Megatron's mixed-precision optimizer with fused Adam, counted pass by pass below
+OPTIMIZERS = ("fused_adam", "decoupled_adamw")
 
 
 def optimizer_bytes_per_param(lay: Layout) -> float:
@@ -37,6 +52,11 @@ def optimizer_bytes_per_param(lay: Layout) -> float:
     model's weights are copied back from the fp32 master (read 4, write 2 or 1); 16-bit
     gradients are first cast to fp32 main grads (``.float()``: read, write 4); fp16 unscales
     the main grads and checks them for inf/nan (read and write 4: bf16 has no loss scale)."""
+    if lay.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"layout optimizer '{lay.optimizer}' is not one of "
+                          f"{', '.join(OPTIMIZERS)}")
+    if lay.optimizer == "decoupled_adamw":
+        return DECOUPLED_ADAMW_BYTES
     e = ELEMENT_BYTES[lay.dtype]
     total = 28 + 4
     if e < 4:
@@ -46,6 +66,36 @@ def optimizer_bytes_per_param(lay: Layout) -> float:
     if lay.dtype == "fp16":
         total += 8
     return total
+
+
+def _predivide_factor(world: int) -> int:
+    """torch FSDP's gradient pre-division factor (default_hooks.DefaultState.
+    _get_gradient_predivide_factor): the power of 2 nearest sqrt(world) from below; the rest
+    of 1/world is divided after the reduce-scatter."""
+    factor = 1
+    while world % factor == 0 and world / factor > factor:
+        factor *= 2
+    return factor
+
+
+def fsdp1_gradient_bytes(params: float, group: int, lay: Layout) -> float:
+    """HBM bytes one GPU moves per micro-batch on torch FSDP1's gradient path, besides the
+    collectives, for ``params`` parameters (this GPU's layers, unsharded) sharded over
+    ``group`` ranks (torch 2.1, torch/distributed/fsdp):
+    - the FlatParameter's views are torch.split slices of it (flat_param.py
+      _get_unflat_views_aligned), so autograd's SplitWithSizesBackward cats every weight
+      gradient into one flat gradient: read + write at the compute dtype;
+    - _post_backward_hook casts that unsharded gradient to the reduce dtype when they differ
+      (mixed precision with reduce fp32, Composer's DEFAULT): read e, write grad_bytes;
+    - _reduce_grad divides it in place by the pre-divide factor before the reduce-scatter
+      (read + write at grad_bytes) and the shard by the post-divide factor after;
+    - each unshard (forward and backward) first casts the fp32 local shard to the compute
+      dtype (_use_low_precision_shard): read 4, write e, on the shard."""
+    e, g = ELEMENT_BYTES[lay.dtype], lay.grad_bytes
+    pre = _predivide_factor(group)
+    unsharded = 2 * e + (e + g if g != e else 0) + (2 * g if pre > 1 else 0)
+    sharded = (2 * g if group / pre > 1 else 0) + 2 * (4 + e)
+    return params * (unsharded + sharded / group)
 
 
 @dataclass(frozen=True)
@@ -200,10 +250,19 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     breakdown["dp/zero comm exposed"] = dp_total - dp_hidden
     overlapped["dp/zero comm exposed"] = dp_hidden
 
+    stream = hw.hbm_bytes_s * hw.hbm_fraction
+    # torch FSDP1's copies and casts of each micro-batch's gradients. The cat runs in the
+    # backward on the compute stream; the cast and the divisions on FSDP's post-backward stream
+    # beside the next layer's backward. Those are HBM-bound kernels that need the SMs and the
+    # bandwidth they stream with while they run, so they are counted at their streaming time,
+    # not hidden like a collective (which holds only comm_sms).
+    if lay.fsdp1 and lay.zero >= 3:
+        breakdown["fsdp1 grad copies"] = m * sum(
+            fsdp1_gradient_bytes(n, g, lay) for n, g, _ in groups if n) / stream
+
     sharded = lambda n, g: n / g if lay.zero >= 1 else n   # noqa: E731
     opt_params = sharded(dense, group) + sharded(expert, edp)
-    breakdown["optimizer step"] = (opt_params * optimizer_bytes_per_param(lay)
-                                   / (hw.hbm_bytes_s * hw.hbm_fraction))
+    breakdown["optimizer step"] = opt_params * optimizer_bytes_per_param(lay) / stream
 
     # Overlap is not free: while a collective runs beside compute its kernels hold SMs the
     # GEMMs cannot use. DeepSeek-V3 (arXiv 2412.19437, section 3.2.2) needed 20 SMs of an

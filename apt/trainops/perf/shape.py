@@ -29,6 +29,7 @@ class ModelShape:
     dropout: bool = False         # attention + hidden dropout (Megatron-core's default 0.1)
     glu_clamp: bool = False       # GPT-OSS: GLU halves clamped (activation_func_clamp_value)
     linear_bias: bool = False     # add_bias_linear: experts add their output bias in eager ops
+    rope: bool = True             # rotary position embedding on q and k (False: learned/ALiBi)
 
     @property
     def q_dim(self) -> int:
@@ -113,7 +114,9 @@ class Layout:
     #                                 False: a separate add per micro-batch (autograd)
     attention: str = "flash"      # flash (FA2/3) | flash1 (FA1 era) | unfused (GEMMs + softmax)
     p2p_split: bool = False       # Megatron-LM 2021 scatter/gather: 1/TP of a p2p each rank
-    loss_fusion: bool = False     # cross_entropy_loss_fusion with TE's kernel (Megatron-Bridge)
+    optimizer: str = "fused_adam"  # fused_adam (Megatron's) | decoupled_adamw (predict.py)
+    loss: str = "unfused"         # unfused (Megatron-core's default) | te | xentropy (compute.py)
+    fsdp1: bool = False           # ZeRO-3 as torch FSDP1's FlatParameter (predict.py)
 
     def __post_init__(self):
         if self.recompute not in ("none", "full", "selective") and (
