@@ -50,6 +50,8 @@ def test_dry_run_fills_every_section(tmp_path):
 
     env_ = sections["environment"]
     assert env_["torch"] and env_["python"] and env_["matmul"]["tflops"] > 0
+    # the rates calibration takes besides the GEMM (apt/trainops/perf/calibration.py)
+    assert env_["hbm"]["gbs"] > 0 and env_["attention"]["tflops"] > 0
     assert env_["versions"]["megatron-core"] and env_["versions"]["deepspeed"]
 
     train = sections["train_125m"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from apt.cli import main
+from apt.core.config import ConfigError
 from apt.trainops.perf import comms
 from apt.trainops.perf.calibration import calibrate
 from apt.trainops.perf.compute import gemm_shape_efficiency, gemm_time
@@ -426,3 +427,23 @@ def test_mpt_software_optimizer_fsdp1_gradient_path_loss_and_positions():
         and r["layout"]["fsdp1"] and r["model"]["rope"] is False for r in mpt_rows)
     seven = {r["id"]: compare(r).error for r in mpt_rows}
     assert 0.10 < seven["mpt-7b-h100-8"] < 0.20, seven
+
+
+def test_calibration_takes_the_measured_hbm_copy_and_attention_rates(tmp_path):
+    report = json.loads((DATA / "gpu_check_calibration.json").read_text())
+    env = report["sections"]["environment"]
+    env["hbm"] = {"bytes": 2 << 30, "gbs": 3000.0}
+    env["attention"] = {"batch": 4, "heads": 16, "seq": 4096, "head_dim": 128,
+                        "dtype": "bfloat16", "tflops": 450.0}
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(report))
+    cal = calibrate(path)
+    assert cal.hardware.hbm_fraction == pytest.approx(3000e9 / 3.35e12)
+    assert cal.hardware.attention_fraction == pytest.approx(450e12 / 989.4e12)
+    # the copy rate enters the step (element-wise work, the loss, the optimizer stream HBM)
+    assert cal.prediction.step_s != calibrate(DATA / "gpu_check_calibration.json").prediction.step_s
+    assert "HBM copy 3,000 GB/s" in cal.describe()
+    env["hbm"]["gbs"] = -1
+    path.write_text(json.dumps(report))
+    with pytest.raises(ConfigError, match=r"environment\.hbm\.gbs: needs a number > 0"):
+        calibrate(path)

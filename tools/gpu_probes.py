@@ -73,7 +73,45 @@ def probe_environment(_args) -> dict:
     _sync(torch)
     out["matmul"] = {"n": n, "dtype": str(dtype).replace("torch.", ""),
                      "tflops": round(2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12, 4)}
+    out["hbm"], out["attention"] = _hbm_copy(torch, device), _attention_rate(torch, device, dtype)
     return out
+
+
+def _timed(torch, fn, reps: int) -> float:
+    """Mean seconds of ``fn`` over ``reps`` calls after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    _sync(torch)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(torch)
+    return (time.perf_counter() - start) / reps
+
+
+def _hbm_copy(torch, device: str) -> dict:
+    """Device-memory bandwidth of a large copy (read + write), what the performance model's
+    element-wise and optimizer terms stream at (its hbm_fraction, apt/trainops/perf)."""
+    numel = (1 << 30 if device == "cuda" else 1 << 26) // 4
+    a = torch.empty(numel, device=device)
+    b = torch.empty_like(a)
+    seconds = _timed(torch, lambda: b.copy_(a), 10)
+    return {"bytes": 2 * 4 * numel, "gbs": round(2 * 4 * numel / seconds / 1e9, 1)}
+
+
+def _attention_rate(torch, device: str, dtype) -> dict:
+    """Causal scaled-dot-product attention, forward + backward, in the performance model's
+    FLOP count (4 x tokens x mean keys x q_dim forward, 2.5x that backward: 3.5x in all), the
+    rate its attention_fraction stands for (apt/trainops/perf/compute.py)."""
+    import torch.nn.functional as F
+    b, h, s, d = (4, 16, 4096, 128) if device == "cuda" else (1, 4, 512, 64)
+    q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    seconds = _timed(torch, lambda: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True).sum().backward(), 5)
+    flops = 3.5 * 4 * b * s * (s / 2) * h * d
+    return {"batch": b, "heads": h, "seq": s, "head_dim": d,
+            "dtype": str(dtype).replace("torch.", ""), "tflops": round(flops / seconds / 1e12, 4)}
 
 
 def probe_benchmark(args) -> dict:
