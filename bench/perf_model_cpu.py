@@ -95,8 +95,9 @@ def worker(args) -> None:
     # becomes the attention fraction of the GEMM rate.
     q, k, v = (torch.randn(2, 8, 256, 64, requires_grad=True) for _ in range(3))
     attn_flops = 3.5 * 4 * 2 * 256 * (256 / 2) * 8 * 64
-    attention_rate = attn_flops / mean_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True).sum().backward())
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    attention_rate = attn_flops / mean_seconds(
+        lambda: sdpa(q, k, v, is_causal=True).sum().backward())
     a = torch.empty(16 * 2**20 // 4)
     start = time.perf_counter()
     for _ in range(5):

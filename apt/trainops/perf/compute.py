@@ -104,8 +104,9 @@ LOSSES = ("unfused", "te", "xentropy")
 # the permute / unpermute every dispatcher does.
 MOE_SORT_ELEMENTS = 4
 
-# TE's fused cross-entropy (`loss: te`; cross_entropy_loss_fusion with cross_entropy_fusion_impl="te", as
-# Megatron-Bridge's performance scripts set; transformer_engine/pytorch/triton/cross_entropy.py):
+# TE's fused cross-entropy (`loss: te`; cross_entropy_loss_fusion with
+# cross_entropy_fusion_impl="te", as Megatron-Bridge's performance scripts set;
+# transformer_engine/pytorch/triton/cross_entropy.py):
 # the online-softmax pass reads the logits, the loss kernel reads them again and writes the
 # gradient in place, the backward scales it by the per-token gradient in place (read, write):
 # 5 passes over the logits in their own 16-bit dtype, against the unfused loss's 52 bytes.
