@@ -54,7 +54,8 @@ def _plan(args) -> int:
     from apt.trainops.distributed.plan import make_plan
     cfg = load_profile(args.profile, args.overrides)
     gpus = args.gpus_per_node or cfg.hardware.gpus_per_node
-    from apt.trainops.perf.report import performance_lines, searched_plan
+    from apt.trainops.perf.report import check_arguments, performance_lines, searched_plan
+    check_arguments(args)          # bad --gpu options refused before anything is printed
     try:
         plan, searched = make_plan(cfg, args.nodes * gpus, gpus, device_type=args.device), None
     except ConfigError as exc:

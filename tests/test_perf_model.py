@@ -447,3 +447,24 @@ def test_calibration_takes_the_measured_hbm_copy_and_attention_rates(tmp_path):
     path.write_text(json.dumps(report))
     with pytest.raises(ConfigError, match=r"environment\.hbm\.gbs: needs a number > 0"):
         calibrate(path)
+
+
+def test_the_clusters_network_is_an_input_and_bad_values_stop_before_any_output(capsys):
+    plan = ["plan", "--profile", "70b", "--gpu", "h100-sxm", "--nodes", "8",
+            "--gpus-per-node", "8"]
+
+    def step(*extra):
+        assert main(plan + list(extra)) == 0
+        out = capsys.readouterr().out
+        network = next(line for line in out.splitlines() if line.startswith("network"))
+        return float(out.split("step ")[1].split(" s,")[0]), network
+    base, line = step()
+    assert "NVLink 450 GB/s" in line and "400 Gb/s per GPU between nodes" in line
+    # half the NIC: the cross-node p2p and DP traffic of this 8-node layout take longer
+    slow, line = step("--network-gbps", "200")
+    assert slow > base and "200 Gb/s per GPU between nodes" in line
+    # a slower NVLink slows the TP collectives inside the node
+    assert step("--nvlink-gbs", "100")[0] > base
+    assert main(plan + ["--network-gbps", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--network-gbps: needs a number > 0" in captured.err

@@ -3,6 +3,7 @@ search, goodput and calibration, as the lines the command prints."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from apt.core.config import ConfigError
 from .hardware import gpu_names, load_hardware
@@ -22,14 +23,41 @@ def add_arguments(parser) -> None:
                         help="checkpoint storage bandwidth, GB/s (default: Llama 3's 2,000)")
     parser.add_argument("--restart-min", type=float, default=10.0,
                         help="minutes from a failure to loading the checkpoint (default 10)")
+    parser.add_argument("--network-gbps", type=float, default=None,
+                        help="scale-out bandwidth per GPU between nodes, Gb/s (its InfiniBand "
+                             "or RoCE NIC; default: the GPU's DGX/HGX datasheet, 400 for H100)")
+    parser.add_argument("--nvlink-gbs", type=float, default=None,
+                        help="NVLink bandwidth per GPU inside a node, GB/s one way (default: "
+                             "the datasheet's, 450 for H100 SXM)")
     parser.add_argument("--calibration", default=None, metavar="FILE",
                         help="tools/gpu_check.py's gpu_check.json: GEMM rate from it, and the "
                              "model's error on its measured step")
 
 
-def _check_search_args(args) -> None:
+def check_arguments(args) -> None:
     if args.search and not args.gpu:
         raise ConfigError("--search needs --gpu (which GPU to rank the layouts for)")
+    for flag in ("tokens", "failures_per_gpu_day", "storage_gbs", "restart_min",
+                 "network_gbps", "nvlink_gbs"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: needs a number > 0, got {value:g}")
+
+
+def _with_network(hw, args):
+    """The GPU with the cluster's own links where the command gives them."""
+    links = {}
+    if args.network_gbps:
+        links["network_bytes_s"] = args.network_gbps / 8 * 1e9
+    if args.nvlink_gbs:
+        links["nvlink_bytes_s"] = args.nvlink_gbs * 1e9
+    return replace(hw, **links) if links else hw
+
+
+def _network_line(hw) -> str:
+    return (f"network      NVLink {hw.nvlink_bytes_s / 1e9:,.0f} GB/s per GPU in {hw.nvlink_domain}"
+            f"-GPU domains, {hw.network_bytes_s * 8 / 1e9:,.0f} Gb/s per GPU between nodes "
+            f"(--nvlink-gbs, --network-gbps)")
 
 
 def _ranked(cfg, world: int, gpn: int, hw) -> tuple[list, str]:
@@ -43,8 +71,8 @@ def _ranked(cfg, world: int, gpn: int, hw) -> tuple[list, str]:
 def searched_plan(cfg, world: int, gpn: int, args, refused: ConfigError):
     """(the search's first pick, the search) for a profile whose own layout cannot run at
     this scale; refused again (the same error) when no layout fits either."""
-    _check_search_args(args)
-    searched = _ranked(cfg, world, gpn, load_hardware(args.gpu))
+    check_arguments(args)
+    searched = _ranked(cfg, world, gpn, _with_network(load_hardware(args.gpu), args))
     if not searched[0]:
         raise refused
     print(f"note         the profile's layout does not run here ({refused}); the plan below "
@@ -53,7 +81,7 @@ def searched_plan(cfg, world: int, gpn: int, args, refused: ConfigError):
 
 
 def performance_lines(cfg, plan, args, searched=None) -> list[str]:
-    _check_search_args(args)
+    check_arguments(args)
     if not args.gpu:
         return []
     # imported here: the parser is built for every trainops command, these only for --gpu
@@ -68,9 +96,11 @@ def performance_lines(cfg, plan, args, searched=None) -> list[str]:
         lines.append(cal.describe())
         if cal.hardware.name == hw.name:
             hw = cal.hardware
+    hw = _with_network(hw, args)
     shape = shape_from_config(cfg.model, cfg.data.seq_length)
     pred = predict(shape, layout_from_plan(plan), hw)
     lines += [f"performance  {hw.name} x {plan.world_size} ({hw.source.split(';')[0]})",
+              _network_line(hw),
               pred.describe()]
     tokens = args.tokens or cfg.training.max_steps * plan.tokens_per_step
     train_s = tokens / (pred.tokens_per_s_per_gpu * plan.world_size)
