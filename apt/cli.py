@@ -54,8 +54,10 @@ def _plan(args) -> int:
     from apt.trainops.distributed.plan import make_plan
     cfg = load_profile(args.profile, args.overrides)
     gpus = args.gpus_per_node or cfg.hardware.gpus_per_node
-    from apt.trainops.perf.report import check_arguments, performance_lines, searched_plan
+    from apt.trainops.perf.report import (check_arguments, machine, performance_lines,
+                                          searched_plan)
     check_arguments(args)          # bad --gpu options refused before anything is printed
+    hw, calibrated = machine(args) if args.gpu else (None, None)
     try:
         plan, searched = make_plan(cfg, args.nodes * gpus, gpus, device_type=args.device), None
     except ConfigError as exc:
@@ -64,10 +66,11 @@ def _plan(args) -> int:
         # with the first pick as the plan, and the reason the profile's layout was refused.
         if not args.search:
             raise
-        plan, searched = searched_plan(cfg, args.nodes * gpus, gpus, args, exc)
+        plan, searched, note = searched_plan(cfg, args.nodes * gpus, gpus, hw, exc)
+        print(note)
     print(f"profile      {cfg.name} ({' <- '.join(reversed(cfg.sources))}), hash {cfg.config_hash}")
     print(plan.describe())
-    for line in performance_lines(cfg, plan, args, searched):
+    for line in performance_lines(cfg, plan, args, hw, calibrated, searched):
         print(line)
     if args.memory_table:
         from apt.trainops.distributed.memory_table import format_memory_table, memory_table

@@ -122,14 +122,13 @@ def worker(args) -> None:
                                       "gloo_latency_s": latency}), flush=True)
 
 
-def cpu_hardware(measured: dict, gemm_key: str = "gemm_mean_flops", host_layer_s: float = 0.0,
-                 host_step_s: float = 0.0):
+def cpu_hardware(measured: dict, host_layer_s: float = 0.0, host_step_s: float = 0.0):
     from apt.trainops.perf import Hardware
-    return Hardware(name="this CPU", peak_flops={"tf32": measured[gemm_key]},
+    return Hardware(name="this CPU", peak_flops={"tf32": measured["gemm_mean_flops"]},
                     hbm_bytes_s=measured["copy_bytes_s"], nvlink_bytes_s=measured["gloo_bytes_s"],
                     network_bytes_s=measured["gloo_bytes_s"], nvlink_domain=2, sms=None,
                     gemm_fraction=1.0, hbm_fraction=1.0,
-                    attention_fraction=measured["attention_flops"] / measured[gemm_key],
+                    attention_fraction=measured["attention_flops"] / measured["gemm_mean_flops"],
                     collective_fraction=1.0, latency_s={"nvlink": measured["gloo_latency_s"],
                                                         "network": measured["gloo_latency_s"]},
                     host_layer_s=host_layer_s, host_step_s=host_step_s, host_serial=True)

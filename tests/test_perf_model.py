@@ -416,10 +416,10 @@ def test_mpt_software_optimizer_fsdp1_gradient_path_loss_and_positions():
     rope = layer_compute(mpt, lay, H100).elementwise_fwd
     learned = layer_compute(replace(mpt, rope=False), lay, H100).elementwise_fwd
     assert rope - learned == pytest.approx(6 * 2048 * 4 * 4096 * 2 / stream)
-    for bad, match in ((replace(lay, optimizer="sgd"), "optimizer 'sgd'"),
-                       (replace(lay, loss="fused"), "loss 'fused'")):
+    for change, match in (({"optimizer": "sgd"}, "optimizer 'sgd'"),
+                          ({"loss": "fused"}, "loss 'fused'")):
         with pytest.raises(ConfigError, match=match):
-            predict(mpt, bad, H100)
+            predict(mpt, replace(lay, **change), H100)
     # the published MPT rows name what llm-foundry ran: all seven
     mpt_rows = [r for r in load_runs() if r["id"].startswith("mpt")]
     assert len(mpt_rows) == 7 and all(

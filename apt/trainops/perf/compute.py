@@ -17,14 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from apt.core.config import ConfigError
 from .hardware import Hardware
 from .shape import Layout, ModelShape
-
-# Attention implementations a layout can name: fused FlashAttention-2/3 ("flash"), the
-# FlashAttention-1 generation ("flash1": FA1 and its Triton port, e.g. llm-foundry's
-# attn_impl: triton of 2023), or none ("unfused": batched GEMMs + softmax passes).
-ATTENTION_KERNELS = ("flash", "flash1", "unfused")
 
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "tf32": 4, "fp32": 4}
 
@@ -94,7 +88,6 @@ CROSS_ENTROPY_BYTES = 52
 # sum of exponentials: two ilpReduce passes in cunn_SoftMaxXEntropyForward) and once backward,
 # writing the gradient once: 4 element passes at the logits' width.
 XENTROPY_PASSES = 4
-LOSSES = ("unfused", "te", "xentropy")
 
 # Element reads + writes per routed token-copy (x hidden) that Megatron-core's all-to-all token
 # dispatcher adds when a rank holds more than one expert: after the all-to-all it sorts the
@@ -206,9 +199,6 @@ def layer_compute(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention:
     # The kernel generation sets the rate: FlashAttention-1-era kernels use Ampere's mma.sync and
     # reach a smaller fraction of the peak, much smaller on Hopper (hardware.yaml).
     stream = hw.hbm_bytes_s * hw.hbm_fraction
-    if lay.attention not in ATTENTION_KERNELS:
-        raise ConfigError(f"layout attention '{lay.attention}' is not one of "
-                          f"{', '.join(ATTENTION_KERNELS)}")
     if fused_attention and lay.attention != "unfused":
         attn_flops = 4.0 * tokens * s.mean_keys() * s.q_dim / tp
         attn_fwd = attn_flops / (hw.peak(dt) * hw.attention_rate_fraction(
@@ -253,8 +243,6 @@ def logits_time(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
     stage, one micro-batch."""
     tokens = lay.micro_batch * shape.seq / lay.cp
     f, b = linear_times(tokens, shape.hidden, shape.vocab / lay.tp, hw, lay.dtype)
-    if lay.loss not in LOSSES:
-        raise ConfigError(f"layout loss '{lay.loss}' is not one of {', '.join(LOSSES)}")
     per_logit = {"unfused": CROSS_ENTROPY_BYTES,
                  "te": FUSED_CROSS_ENTROPY_PASSES * ELEMENT_BYTES[lay.dtype],
                  "xentropy": XENTROPY_PASSES * ELEMENT_BYTES[lay.dtype]}[lay.loss]

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from apt.core.config import ConfigError
-
 from . import comms
 from .compute import ELEMENT_BYTES, LayerCompute, layer_compute, logits_time
 from .hardware import Hardware
@@ -39,8 +37,6 @@ from .shape import Layout, ModelShape
 # gradient_clipping (norm), which calls FSDP's clip_grad_norm_ (torch 2.1): a vector_norm per
 # gradient (r4) and grad.mul_(clip_coef) (r4 w4): 12. Total 92.
 DECOUPLED_ADAMW_BYTES = 92
-# fused_adam: Megatron's mixed-precision optimizer with fused Adam, counted pass by pass below
-OPTIMIZERS = ("fused_adam", "decoupled_adamw")
 
 
 def optimizer_bytes_per_param(lay: Layout) -> float:
@@ -52,9 +48,6 @@ def optimizer_bytes_per_param(lay: Layout) -> float:
     model's weights are copied back from the fp32 master (read 4, write 2 or 1); 16-bit
     gradients are first cast to fp32 main grads (``.float()``: read, write 4); fp16 unscales
     the main grads and checks them for inf/nan (read and write 4: bf16 has no loss scale)."""
-    if lay.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"layout optimizer '{lay.optimizer}' is not one of "
-                          f"{', '.join(OPTIMIZERS)}")
     if lay.optimizer == "decoupled_adamw":
         return DECOUPLED_ADAMW_BYTES
     e = ELEMENT_BYTES[lay.dtype]
@@ -167,18 +160,23 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
         routed = tokens / (tp if lay.sp else 1) * shape.top_k * shape.hidden * e
         ep_layer = 4 * comms.all_to_all(routed, lay.ep, tp * cp, hw, gpn)
     recompute = _recompute_time(c, lay.recompute)
+    stream = hw.hbm_bytes_s * hw.hbm_fraction
+
+    # Data parallel / ZeRO over DP x CP ranks (CP ranks hold the same weights). Expert weights
+    # are replicated over the expert-data-parallel group: the ranks holding the same experts,
+    # EP ranks apart (Megatron-core's expert rank order tp-ep-dp-pp), so with EP filling a node
+    # that group crosses nodes even where the dense DP group does not.
+    dense, expert = _dp_params(shape, lay)
+    group, edp = lay.dp * cp, max(1, lay.dp * cp // lay.ep)
     # Without gradient-accumulation fusion the weight-gradient GEMM writes a fresh gradient
     # and a separate kernel adds it to the accumulator, every micro-batch after the first
     # (autograd's AccumulateGrad into .grad, or Megatron-LM's main_grad hook): read the new
     # gradient, read and write the accumulator (in the dtype gradients are reduced in), for
     # every parameter the GPU holds (its shard with ZeRO-2/3).
-    dense, expert = _dp_params(shape, lay)
-    group, edp = lay.dp * cp, max(1, lay.dp * cp // lay.ep)
     held = (dense / group + expert / edp) if lay.zero >= 2 else dense + expert
     accumulate = 0.0
     if not lay.grad_accum_fusion and m > 1:
-        accumulate = ((m - 1) / m * held * (e + 2 * lay.grad_bytes)
-                      / (hw.hbm_bytes_s * hw.hbm_fraction))
+        accumulate = (m - 1) / m * held * (e + 2 * lay.grad_bytes) / stream
 
     layers = shape.layers / pp
     per_mb = {"gemm": layers * (c.gemm_fwd + c.gemm_bwd),
@@ -215,10 +213,7 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
         sends = 2 * m * lay.vp
         breakdown["pp p2p"] = sends * one
 
-    # Data parallel / ZeRO over DP x CP ranks (CP ranks hold the same weights).
-    # Expert weights are replicated over the expert-data-parallel group: the ranks holding
-    # the same experts, EP ranks apart (Megatron-core's expert rank order tp-ep-dp-pp), so with
-    # EP filling a node that group crosses nodes even where the dense DP group does not.
+    # Data parallel / ZeRO: the groups above, their ranks TP (dense) and TP x EP (expert) apart.
     stride, estride = tp, tp * lay.ep
     groups = ((dense, group, stride), (expert, edp, estride))
     grads = lambda n, g: lay.grad_bytes * n     # noqa: E731  (bytes of n gradients)
@@ -250,7 +245,6 @@ def predict(shape: ModelShape, lay: Layout, hw: Hardware, fused_attention: bool 
     breakdown["dp/zero comm exposed"] = dp_total - dp_hidden
     overlapped["dp/zero comm exposed"] = dp_hidden
 
-    stream = hw.hbm_bytes_s * hw.hbm_fraction
     # torch FSDP1's copies and casts of each micro-batch's gradients. The cat runs in the
     # backward on the compute stream; the cast and the divisions on FSDP's post-backward stream
     # beside the next layer's backward. Those are HBM-bound kernels that need the SMs and the

@@ -68,35 +68,40 @@ def _ranked(cfg, world: int, gpn: int, hw) -> tuple[list, str]:
                  f"({time.perf_counter() - start:.1f} s); top {len(top)}:")
 
 
-def searched_plan(cfg, world: int, gpn: int, args, refused: ConfigError):
-    """(the search's first pick, the search) for a profile whose own layout cannot run at
-    this scale; refused again (the same error) when no layout fits either."""
-    check_arguments(args)
-    searched = _ranked(cfg, world, gpn, _with_network(load_hardware(args.gpu), args))
+def machine(args) -> tuple:
+    """(the GPU the command predicts for, the calibration's line or None): the data file's
+    GPU, with a calibration report's measured rates where it is the same GPU, and the
+    command's links. Built once per command, for the plan's prediction and the search alike."""
+    from .calibration import calibrate      # here: the parser is built for every command
+    hw, line = load_hardware(args.gpu), None
+    if args.calibration:
+        cal = calibrate(args.calibration)
+        line = cal.describe()
+        if cal.hardware.name == hw.name:
+            hw = cal.hardware
+    return _with_network(hw, args), line
+
+
+def searched_plan(cfg, world: int, gpn: int, hw, refused: ConfigError) -> tuple:
+    """(the search's first pick, the search, the note saying why) for a profile whose own
+    layout cannot run at this scale; refused again (the same error) when none fits either."""
+    searched = _ranked(cfg, world, gpn, hw)
     if not searched[0]:
         raise refused
-    print(f"note         the profile's layout does not run here ({refused}); the plan below "
-          f"is the search's first pick")
-    return searched[0][0].plan, searched
+    note = (f"note         the profile's layout does not run here ({refused}); the plan below "
+            f"is the search's first pick")
+    return searched[0][0].plan, searched, note
 
 
-def performance_lines(cfg, plan, args, searched=None) -> list[str]:
-    check_arguments(args)
+def performance_lines(cfg, plan, args, hw, calibrated, searched=None) -> list[str]:
+    """What `plan --gpu` prints after the plan, on ``hw`` (``machine(args)``); the caller
+    has checked the options (``check_arguments``)."""
     if not args.gpu:
         return []
-    # imported here: the parser is built for every trainops command, these only for --gpu
-    from .calibration import calibrate
     from .goodput import goodput
     from .predict import predict
     from .shape import layout_from_plan, shape_from_config
-    hw = load_hardware(args.gpu)
-    lines = []
-    if args.calibration:
-        cal = calibrate(args.calibration)
-        lines.append(cal.describe())
-        if cal.hardware.name == hw.name:
-            hw = cal.hardware
-    hw = _with_network(hw, args)
+    lines = [calibrated] if calibrated else []
     shape = shape_from_config(cfg.model, cfg.data.seq_length)
     pred = predict(shape, layout_from_plan(plan), hw)
     lines += [f"performance  {hw.name} x {plan.world_size} ({hw.source.split(';')[0]})",

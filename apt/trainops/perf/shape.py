@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apt.core.config import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -87,6 +89,16 @@ class ModelShape:
 
 # Megatron-core recompute_modules the performance model prices (compute.LayerCompute)
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe_act")
+# The software a layout can name, each priced where it runs:
+# - attention (compute.py): fused FlashAttention-2/3 ("flash"), the FlashAttention-1 generation
+#   ("flash1": FA1 and its Triton port, e.g. llm-foundry's attn_impl: triton of 2023), or none
+#   ("unfused": batched GEMMs + softmax passes);
+# - loss (compute.py): Megatron-core's default unfused cross-entropy, TE's fused kernel, or
+#   flash-attention's xentropy;
+# - optimizer (predict.py): Megatron's mixed-precision fused Adam, or Composer's DecoupledAdamW.
+ATTENTION_KERNELS = ("flash", "flash1", "unfused")
+LOSSES = ("unfused", "te", "xentropy")
+OPTIMIZERS = ("fused_adam", "decoupled_adamw")
 
 
 @dataclass(frozen=True)
@@ -119,10 +131,17 @@ class Layout:
     fsdp1: bool = False           # ZeRO-3 as torch FSDP1's FlatParameter (predict.py)
 
     def __post_init__(self):
+        """The names this model prices, checked once where a layout is made (a row, a plan,
+        a search candidate), not where each is used."""
         if self.recompute not in ("none", "full", "selective") and (
                 set(self.recompute.split("+")) - set(RECOMPUTE_MODULES)):
-            raise ValueError(f"recompute {self.recompute!r}: none, full, selective or "
-                             f"'+'-joined modules of {', '.join(RECOMPUTE_MODULES)}")
+            raise ConfigError(f"recompute {self.recompute!r}: none, full, selective or "
+                              f"'+'-joined modules of {', '.join(RECOMPUTE_MODULES)}")
+        for name, known in (("attention", ATTENTION_KERNELS), ("loss", LOSSES),
+                            ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in known:
+                raise ConfigError(f"layout {name} '{getattr(self, name)}' is not one of "
+                                  f"{', '.join(known)}")
 
     @property
     def world(self) -> int:
