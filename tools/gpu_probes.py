@@ -64,15 +64,8 @@ def probe_environment(_args) -> dict:
         device, dtype, n = "cpu", torch.float32, 512
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(torch)
-    start, reps = time.perf_counter(), 10
-    for _ in range(reps):
-        a @ b
-    _sync(torch)
     out["matmul"] = {"n": n, "dtype": str(dtype).replace("torch.", ""),
-                     "tflops": round(2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12, 4)}
+                     "tflops": round(2 * n ** 3 / _timed(torch, lambda: a @ b, 10) / 1e12, 4)}
     out["hbm"], out["attention"] = _hbm_copy(torch, device), _attention_rate(torch, device, dtype)
     return out
 
